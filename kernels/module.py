@@ -1,0 +1,84 @@
+"""``ClipRDLoss``: the loss as an ``nn.Module`` owning the learnable multipliers and student->teacher projections."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import spec
+from .functional import clip_rd_loss
+
+
+class ClipRDLoss(nn.Module):
+    """CLIP-KD / CLIP-RD distillation loss returning a dict of named terms, like open_clip's losses.
+
+    Owns lam_img, lam_txt, kappa (raw multipliers initialised at ln(1/0.07), as the published CLIP-RD code; with
+    ``exp_multipliers`` the parameters hold logs and the multiplier is their exp) and, when ``student_dim`` differs
+    from ``teacher_dim``, two bias-free linear maps from the student to the teacher width used by every
+    teacher-student term. The task term always uses the student's own normalised embeddings.
+    """
+
+    def __init__(
+        self,
+        weights: spec.WeightsArg = "clip-rd",
+        student_dim: Optional[int] = None,
+        teacher_dim: Optional[int] = None,
+        exp_multipliers: bool = False,
+        init_multiplier: float = spec.DEFAULT_MULTIPLIER,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if backend not in spec.BACKENDS:
+            raise ValueError(f"backend: unknown backend {backend!r}; expected one of {list(spec.BACKENDS)}")
+        self.weights = spec.resolve_weights(weights)
+        self.backend = backend
+        self.exp_multipliers = exp_multipliers
+        init = torch.tensor(float(init_multiplier))
+        if exp_multipliers:
+            if init_multiplier <= 0:
+                raise ValueError(f"init_multiplier: must be > 0 with exp_multipliers, got {init_multiplier}")
+            init = init.log()
+        self.lam_img = nn.Parameter(init.clone())
+        self.lam_txt = nn.Parameter(init.clone())
+        self.kappa = nn.Parameter(init.clone())
+        projected = student_dim is not None and teacher_dim is not None and student_dim != teacher_dim
+        self.image_projection = nn.Linear(student_dim, teacher_dim, bias=False) if projected else None
+        self.text_projection = nn.Linear(student_dim, teacher_dim, bias=False) if projected else None
+
+    def multipliers(self) -> dict[str, torch.Tensor]:
+        """The effective multipliers (exp of the parameters when exp-parametrised)."""
+        values = {"lam_img": self.lam_img, "lam_txt": self.lam_txt, "kappa": self.kappa}
+        return {key: value.exp() if self.exp_multipliers else value for key, value in values.items()}
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        dist_image_features: torch.Tensor,
+        dist_text_features: torch.Tensor,
+        dist_logit_scale: torch.Tensor,
+        row_start: int = 0,
+        row_stop: Optional[int] = None,
+    ) -> dict[str, torch.Tensor]:
+        """Student (N, D_s) and teacher (N, D_t) features, exponentiated logit scales -> {"total", terms...}."""
+        s_img, s_txt = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
+        t_img, t_txt = F.normalize(dist_image_features, dim=-1), F.normalize(dist_text_features, dim=-1)
+        common = dict(
+            teacher_scale=dist_logit_scale, row_start=row_start, row_stop=row_stop, backend=self.backend,
+            **self.multipliers(),
+        )
+        if self.image_projection is None:
+            return clip_rd_loss(s_img, s_txt, t_img, t_txt, student_scale=logit_scale, weights=self.weights, **common)
+
+        # Widths differ: the task term on the student's own embeddings, every other term on the projected ones.
+        task_only = {key: 0.0 for key in spec.WEIGHT_KEYS}
+        task_only["task"] = self.weights["task"]
+        teacher_terms = dict(self.weights, task=0.0)
+        task = clip_rd_loss(s_img, s_txt, s_img, s_txt, student_scale=logit_scale, weights=task_only, **common)
+        p_img = F.normalize(self.image_projection(image_features), dim=-1)
+        p_txt = F.normalize(self.text_projection(text_features), dim=-1)
+        rest = clip_rd_loss(p_img, p_txt, t_img, t_txt, student_scale=logit_scale, weights=teacher_terms, **common)
+        return {"total": task["total"] + rest["total"], **{k: v for k, v in {**task, **rest}.items() if k != "total"}}

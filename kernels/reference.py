@@ -1,0 +1,136 @@
+"""Plain PyTorch distillation objective: the ground truth every other backend is tested against.
+
+Written for clarity, term by term as in shared LOSSES.md: it materialises every rows x N logit matrix and lets
+autograd differentiate it. It deliberately does not read the View/Use table of ``spec.py``, so the tests compare
+two independent transcriptions of the maths. Everything is computed in fp32.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .spec import active_terms, TERM_WEIGHT
+
+
+def cross_entropy(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """CE(A) = mean_i (lse(A)[i] - A[i, pos(i)]) for logits (rows, N) and positive columns pos (rows,)."""
+    return F.cross_entropy(logits, pos)
+
+
+def kl_distill(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """KD(A ; G) = mean_i KL(P(G)_i || P(A)_i), G detached (scale included); masked (-inf) columns contribute 0."""
+    log_p_target = F.log_softmax(target.detach(), dim=1)
+    log_p = F.log_softmax(logits, dim=1)
+    p_target = log_p_target.exp()
+    pointwise = torch.where(p_target > 0, p_target * (log_p_target - log_p), torch.zeros_like(log_p))
+    return pointwise.sum(dim=1).mean()
+
+
+def feature_distillation(s_img, s_txt, t_img, t_txt, row_start: int, row_stop: int) -> torch.Tensor:
+    """fd = MSE(S_I, T_I) + MSE(S_T, T_T) over the owned rows (mean over elements)."""
+    rows = slice(row_start, row_stop)
+    return F.mse_loss(s_img[rows].float(), t_img[rows].float().detach()) + F.mse_loss(
+        s_txt[rows].float(), t_txt[rows].float().detach()
+    )
+
+
+def reference_loss(
+    s_img: torch.Tensor,
+    s_txt: torch.Tensor,
+    t_img: torch.Tensor,
+    t_txt: torch.Tensor,
+    student_scale: torch.Tensor,
+    teacher_scale: torch.Tensor,
+    lam_img: torch.Tensor,
+    lam_txt: torch.Tensor,
+    kappa: torch.Tensor,
+    weights: Mapping[str, float],
+    row_start: int,
+    row_stop: int,
+) -> dict[str, torch.Tensor]:
+    """Every term of LOSSES.md with a non-zero weight, plus "total"; all differentiable, all fp32.
+
+    Inputs are (N, D); anchors are rows [row_start, row_stop) of each anchor matrix, candidates all N rows,
+    and the positive of local row i is column row_start + i.
+    """
+    S_I, S_T = s_img.float(), s_txt.float()
+    T_I, T_T = t_img.float().detach(), t_txt.float().detach()
+    tau_s, tau_t = student_scale, teacher_scale.detach()
+    rows = slice(row_start, row_stop)
+    pos = torch.arange(row_start, row_stop, device=S_I.device)  # (rows,) positive column of each anchor row
+    local = torch.arange(row_stop - row_start, device=S_I.device)
+
+    def logits(scale, anchors, candidates, mask_self=False):
+        """scale * anchors[rows] @ candidates^T, (rows, N); mask_self puts -inf on each row's own pair."""
+        out = scale * anchors[rows] @ candidates.T
+        if mask_self:
+            out = out.index_put((local, pos), torch.tensor(float("-inf"), device=out.device))
+        return out
+
+    CE = lambda a: cross_entropy(a, pos)  # noqa: E731
+    KD = kl_distill
+    terms: dict[str, torch.Tensor] = {}
+    wanted = set(active_terms(weights))
+
+    if "task" in wanted:
+        terms["task"] = 0.5 * (CE(logits(tau_s, S_I, S_T)) + CE(logits(tau_s, S_T, S_I)))
+    if "fd" in wanted:
+        terms["fd"] = feature_distillation(S_I, S_T, T_I, T_T, row_start, row_stop)
+    if "icl" in wanted:
+        terms["icl"] = 0.5 * (CE(logits(kappa, S_I, T_T)) + CE(logits(kappa, S_T, T_I)))
+    if "hrd" in wanted:
+        terms["hrd"] = 0.5 * (
+            KD(logits(tau_s, S_I, S_T), logits(tau_t, T_I, T_T))
+            + KD(logits(tau_s, S_T, S_I), logits(tau_t, T_T, T_I))
+        )
+    if "vrd" in wanted:
+        terms["vrd"] = 0.5 * (
+            KD(logits(lam_img, T_I, S_I), logits(lam_txt, T_T, S_T))
+            + KD(logits(lam_img, S_I, T_I), logits(lam_txt, S_T, T_T))
+        )
+        terms["vrd_ce_img"] = 0.5 * (CE(logits(lam_img, T_I, S_I)) + CE(logits(lam_img, S_I, T_I)))
+        terms["vrd_ce_txt"] = 0.5 * (CE(logits(lam_txt, T_T, S_T)) + CE(logits(lam_txt, S_T, T_T)))
+    if "xrd" in wanted:
+        terms["xrd"] = 0.25 * (
+            KD(logits(kappa, T_I, S_T), logits(kappa, T_T, S_I))
+            + KD(logits(kappa, T_T, S_I), logits(kappa, T_I, S_T))
+            + KD(logits(kappa, S_T, T_I), logits(kappa, S_I, T_T))
+            + KD(logits(kappa, S_I, T_T), logits(kappa, S_T, T_I))
+        )
+    if "intra" in wanted:
+        terms["intra"] = 0.5 * (
+            KD(logits(tau_s, S_I, S_I, True), logits(tau_t, T_I, T_I, True))
+            + KD(logits(tau_s, S_T, S_T, True), logits(tau_t, T_T, T_T, True))
+        )
+    if "gd" in wanted:
+        terms["gd"] = sum(
+            gradient_distillation(X_s, Y_s, tau_s, X_t, Y_t, tau_t, row_start, row_stop)
+            for X_s, Y_s, X_t, Y_t in ((S_I, S_T, T_I, T_T), (S_T, S_I, T_T, T_I))
+        )
+
+    total = sum(weights[TERM_WEIGHT[key]] * value for key, value in terms.items())
+    if not terms:
+        total = S_I.new_zeros(())
+    return {"total": total, **terms}
+
+
+def contrastive_gradients(X, Y, scale, row_start: int, row_stop: int):
+    """Closed-form gradient of mean_i CE(scale X[rows] Y^T) w.r.t. the anchors and candidates.
+
+    R = P(scale X Y^T) - I_pos (rows, N); gX = scale R Y / rows (rows, D), gY = scale R^T X[rows] / rows (N, D).
+    """
+    anchors = X[row_start:row_stop]
+    n_rows = anchors.shape[0]
+    residual = torch.softmax(scale * anchors @ Y.T, dim=1)
+    residual = residual - F.one_hot(torch.arange(row_start, row_stop, device=X.device), Y.shape[0]).to(residual.dtype)
+    return scale * residual @ Y / n_rows, scale * residual.T @ anchors / n_rows
+
+
+def gradient_distillation(X_s, Y_s, scale_s, X_t, Y_t, scale_t, row_start: int, row_stop: int) -> torch.Tensor:
+    """One direction of gd: 1/2 [MSE(gX_s, gX_t) + MSE(gY_s, gY_t)], teacher side detached."""
+    gX_s, gY_s = contrastive_gradients(X_s, Y_s, scale_s, row_start, row_stop)
+    with torch.no_grad():
+        gX_t, gY_t = contrastive_gradients(X_t, Y_t, scale_t, row_start, row_stop)
+    return 0.5 * (F.mse_loss(gX_s, gX_t) + F.mse_loss(gY_s, gY_t))

@@ -1,0 +1,189 @@
+"""The distillation objective as data: presets, weights, input checks, and the table of logit views.
+
+Every backend reads this module, so the objective is written down once (see shared LOSSES.md). A *view* is one
+logit matrix ``scale * X[rows] @ Y^T`` (anchors X, candidates Y); a *use* is one CE or KD of a view that
+contributes to a named term with a fixed share (the 1/2 and 1/4 factors of LOSSES.md).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Optional, Union
+
+import torch
+
+# ln(1/0.07): CLIP's initial logit scale, and CLIP-RD's initial raw multiplier.
+DEFAULT_MULTIPLIER = math.log(1 / 0.07)
+
+WEIGHT_KEYS = ("task", "fd", "icl", "hrd", "vrd", "xrd", "intra", "gd")
+# Output keys in reporting order; "vrd" weight also scales vrd_ce_img and vrd_ce_txt.
+TERM_KEYS = ("task", "fd", "icl", "hrd", "vrd", "vrd_ce_img", "vrd_ce_txt", "xrd", "intra", "gd")
+TERM_WEIGHT = {key: ("vrd" if key.startswith("vrd") else key) for key in TERM_KEYS}
+
+PRESETS: dict[str, dict[str, float]] = {
+    "clip-rd": {"task": 1.0, "fd": 2000.0, "icl": 1.0, "hrd": 1.0, "vrd": 1.0, "xrd": 1.0},
+    "clip-kd": {"task": 1.0, "fd": 2000.0, "icl": 1.0, "hrd": 1.0},
+    "intra-kd": {"task": 1.0, "fd": 2000.0, "icl": 1.0, "hrd": 1.0, "intra": 1.0},
+    "baseline": {"task": 1.0},
+}
+
+BACKENDS = ("reference", "chunked", "triton", "auto")
+
+# Input names as used in views: student/teacher x image/text.
+INPUTS = ("s_img", "s_txt", "t_img", "t_txt")
+STUDENT_INPUTS = ("s_img", "s_txt")
+# Scale names: student tau_s, teacher tau_t, the learnable multipliers.
+SCALES = ("student", "teacher", "lam_img", "lam_txt", "kappa")
+
+WeightsArg = Union[str, Mapping[str, float], None]
+
+
+def resolve_weights(weights: WeightsArg) -> dict[str, float]:
+    """A preset name or a partial mapping -> every weight key as a float ("task" defaults to 1, others to 0)."""
+    if weights is None:
+        weights = "clip-rd"
+    if isinstance(weights, str):
+        if weights not in PRESETS:
+            raise ValueError(f"weights: unknown preset {weights!r}; expected one of {sorted(PRESETS)}")
+        weights = PRESETS[weights]
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"weights: expected a preset name or a mapping, got {type(weights).__name__}")
+    unknown = sorted(set(weights) - set(WEIGHT_KEYS))
+    if unknown:
+        raise ValueError(f"weights: unknown key(s) {unknown}; expected a subset of {list(WEIGHT_KEYS)}")
+    resolved = {key: 0.0 for key in WEIGHT_KEYS}
+    resolved["task"] = 1.0
+    for key, value in weights.items():
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"weights[{key!r}] must be finite, got {value}")
+        resolved[key] = value
+    return resolved
+
+
+@dataclass(frozen=True)
+class View:
+    """The logit matrix ``scale * anchor[rows] @ candidate^T`` (rows x N); ``masked`` sets column pos(i) to -inf."""
+
+    anchor: str
+    candidate: str
+    scale: str
+    masked: bool = False
+
+
+@dataclass(frozen=True)
+class Use:
+    """``share * CE(view)`` (target None) or ``share * KD(view ; target)`` inside term ``term``."""
+
+    term: str
+    share: float
+    view: View
+    target: Optional[View] = None
+
+
+def _v(anchor: str, candidate: str, scale: str, masked: bool = False) -> View:
+    return View(anchor, candidate, scale, masked)
+
+
+# Every row-softmax use of LOSSES.md, term by term. fd and gd are not row-softmax uses; backends handle them apart.
+_USES: dict[str, tuple[Use, ...]] = {
+    "task": (
+        Use("task", 0.5, _v("s_img", "s_txt", "student")),
+        Use("task", 0.5, _v("s_txt", "s_img", "student")),
+    ),
+    "icl": (
+        Use("icl", 0.5, _v("s_img", "t_txt", "kappa")),
+        Use("icl", 0.5, _v("s_txt", "t_img", "kappa")),
+    ),
+    "hrd": (
+        Use("hrd", 0.5, _v("s_img", "s_txt", "student"), _v("t_img", "t_txt", "teacher")),
+        Use("hrd", 0.5, _v("s_txt", "s_img", "student"), _v("t_txt", "t_img", "teacher")),
+    ),
+    "vrd": (
+        Use("vrd", 0.5, _v("t_img", "s_img", "lam_img"), _v("t_txt", "s_txt", "lam_txt")),
+        Use("vrd", 0.5, _v("s_img", "t_img", "lam_img"), _v("s_txt", "t_txt", "lam_txt")),
+        Use("vrd_ce_img", 0.5, _v("t_img", "s_img", "lam_img")),
+        Use("vrd_ce_img", 0.5, _v("s_img", "t_img", "lam_img")),
+        Use("vrd_ce_txt", 0.5, _v("t_txt", "s_txt", "lam_txt")),
+        Use("vrd_ce_txt", 0.5, _v("s_txt", "t_txt", "lam_txt")),
+    ),
+    "xrd": (
+        Use("xrd", 0.25, _v("t_img", "s_txt", "kappa"), _v("t_txt", "s_img", "kappa")),
+        Use("xrd", 0.25, _v("t_txt", "s_img", "kappa"), _v("t_img", "s_txt", "kappa")),
+        Use("xrd", 0.25, _v("s_txt", "t_img", "kappa"), _v("s_img", "t_txt", "kappa")),
+        Use("xrd", 0.25, _v("s_img", "t_txt", "kappa"), _v("s_txt", "t_img", "kappa")),
+    ),
+    "intra": (
+        Use("intra", 0.5, _v("s_img", "s_img", "student", True), _v("t_img", "t_img", "teacher", True)),
+        Use("intra", 0.5, _v("s_txt", "s_txt", "student", True), _v("t_txt", "t_txt", "teacher", True)),
+    ),
+}
+
+
+def active_uses(weights: Mapping[str, float]) -> list[Use]:
+    """The row-softmax uses of every term whose weight is non-zero (a zero-weight term costs nothing)."""
+    return [use for key, uses in _USES.items() if weights[key] != 0.0 for use in uses]
+
+
+def active_terms(weights: Mapping[str, float]) -> list[str]:
+    """Output keys computed for these weights, in reporting order."""
+    return [key for key in TERM_KEYS if weights[TERM_WEIGHT[key]] != 0.0]
+
+
+def validate_inputs(
+    s_img: torch.Tensor,
+    s_txt: torch.Tensor,
+    t_img: torch.Tensor,
+    t_txt: torch.Tensor,
+    row_start: int,
+    row_stop: Optional[int],
+    weights: Mapping[str, float],
+) -> tuple[int, int]:
+    """Check the four embedding matrices and the owned row range; return the range as (start, stop)."""
+    named = {"s_img": s_img, "s_txt": s_txt, "t_img": t_img, "t_txt": t_txt}
+    for name, tensor in named.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D (N, D) tensor, got shape {tuple(tensor.shape)}")
+        if not tensor.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point dtype, got {tensor.dtype}")
+    shape = tuple(s_img.shape)
+    for name, tensor in named.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"{name}: shape {tuple(tensor.shape)} does not match s_img {shape}; all four inputs must be (N, D) "
+                "with the same N and width D (project the student to the teacher width first)"
+            )
+        if tensor.device != s_img.device:
+            raise ValueError(f"{name}: on device {tensor.device} but s_img is on {s_img.device}")
+    if s_txt.dtype != s_img.dtype:
+        raise TypeError(f"s_txt: dtype {s_txt.dtype} differs from s_img {s_img.dtype}")
+    if t_txt.dtype != t_img.dtype:
+        raise TypeError(f"t_txt: dtype {t_txt.dtype} differs from t_img {t_img.dtype}")
+    n = shape[0]
+    if n == 0 or shape[1] == 0:
+        raise ValueError(f"s_img: empty input of shape {shape}")
+    if isinstance(row_start, bool) or not isinstance(row_start, int):
+        raise TypeError(f"row_start: expected an int, got {type(row_start).__name__}")
+    stop = n if row_stop is None else row_stop
+    if isinstance(stop, bool) or not isinstance(stop, int):
+        raise TypeError(f"row_stop: expected an int or None, got {type(row_stop).__name__}")
+    if not 0 <= row_start < stop <= n:
+        raise ValueError(f"row_start/row_stop: empty or out-of-range row range [{row_start}, {stop}) for N = {n}")
+    if weights["intra"] != 0.0 and n < 2:
+        raise ValueError("weights['intra']: intra-modal distillation needs N >= 2 (the self pair is masked out)")
+    return row_start, stop
+
+
+def as_scale(value, name: str, device: torch.device) -> torch.Tensor:
+    """A float or 0-dim tensor -> 0-dim fp32 tensor on ``device`` (gradient kept if it requires one)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dim() > 1:
+            raise ValueError(f"{name}: expected a scalar (0-dim tensor or float), got shape {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{name}: on device {value.device} but the embeddings are on {device}")
+        return value.reshape(()).float()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float32, device=device)
+    raise TypeError(f"{name}: expected a float or a 0-dim tensor, got {type(value).__name__}")
