@@ -1,0 +1,235 @@
+"""Streamed PyTorch backend: the whole objective over blocks of anchor rows, never holding an N x N matrix.
+
+Each block holds complete rows (``block_rows x N``), so per-row statistics are exact without online rescaling,
+and the gradient of the scalar loss is computed in the same pass and only scaled by ``grad_output`` in backward
+(as Liger-Kernel does for cross-entropy). That is one product per view plus one per student side of each view:
+the matmul floor. Recomputing tiles in backward from saved log-sum-exps (flash-attention style) would cost one
+extra product per view; measured on CPU it is slower (see the README), so it is not used here.
+
+Peak extra memory: O((N + rows) * D) for fp32 copies and gradients, plus O(block_rows * N * views) for a block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from .spec import INPUTS, SCALES, STUDENT_INPUTS, TERM_WEIGHT, Use, View, active_terms, active_uses
+
+# Elements of one (block_rows x N) fp32 tile: 1 MiB, so a block's working set stays cache-friendly.
+TILE_ELEMENTS = 1 << 18
+MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 16, 512
+
+
+def block_rows_for(n_columns: int, n_rows: int) -> int:
+    """Anchor rows per block: about TILE_ELEMENTS / N, a multiple of 16, at most the number of rows."""
+    rows = TILE_ELEMENTS // max(n_columns, 1)
+    rows = max(MIN_BLOCK_ROWS, min(MAX_BLOCK_ROWS, rows - rows % 16))
+    return min(rows, n_rows)
+
+
+@dataclass
+class _Plan:
+    """What one call computes: the uses, the distinct views, and which views feed gradients."""
+
+    uses: list[Use]
+    terms: list[str]
+    weights: Mapping[str, float]
+    gd: bool
+    views: list[View] = field(init=False)
+    graded_views: list[View] = field(init=False)  # views that are the student-side input of at least one use
+
+    def __post_init__(self):
+        seen: dict[View, None] = {}
+        for use in self.uses:
+            seen[use.view] = None
+            if use.target is not None:
+                seen[use.target] = None
+        self.views = list(seen)
+        self.graded_views = list(dict.fromkeys(use.view for use in self.uses))
+
+
+def chunked_relational_loss(inputs, scales, weights, row_start: int, row_stop: int):
+    """Backend entry point: (total, {term: detached value}) for the active row-softmax terms and gd."""
+    plan = _Plan(active_uses(weights), [t for t in active_terms(weights) if t != "fd"], weights, weights["gd"] != 0)
+    if not plan.terms:
+        return inputs["s_img"].new_zeros((), dtype=torch.float32), {}
+    tensors = [inputs[name] for name in INPUTS] + [scales[name] for name in SCALES]
+    total, values = _ChunkedLoss.apply(plan, row_start, row_stop, *tensors)
+    return total, {term: values[i] for i, term in enumerate(plan.terms)}
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: _Plan, row_start: int, row_stop: int, *tensors):
+        embeddings = dict(zip(INPUTS, tensors[:4]))
+        scales = dict(zip(SCALES, tensors[4:]))
+        want = dict(zip(INPUTS + SCALES, ctx.needs_input_grad[3:]))
+        values, grads = _forward_and_gradients(plan, embeddings, scales, want, row_start, row_stop)
+        total = sum(plan.weights[TERM_WEIGHT[t]] * values[t] for t in plan.terms)
+        ctx.grad_names = [name for name in INPUTS + SCALES if want[name]]
+        ctx.save_for_backward(*[grads[name] for name in ctx.grad_names])
+        term_values = torch.stack([values[t] for t in plan.terms])
+        ctx.mark_non_differentiable(term_values)
+        return total, term_values
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_terms):
+        saved = dict(zip(ctx.grad_names, ctx.saved_tensors))
+        grads = [saved[name] * grad_total.to(saved[name].dtype) if name in saved else None for name in INPUTS + SCALES]
+        return (None, None, None, *grads)
+
+
+def _forward_and_gradients(plan: _Plan, embeddings, scales, want, row_start: int, row_stop: int):
+    """Loss values of every term and, where wanted, d(total)/d(input) for every input; all in fp32."""
+    X = {name: tensor.detach().float().contiguous() for name, tensor in embeddings.items()}
+    s = {name: float(value) for name, value in scales.items()}
+    n = X["s_img"].shape[0]
+    n_rows = row_stop - row_start
+    grads_on = {name for name in STUDENT_INPUTS if want[name]}
+    scale_grads_on = any(want[name] for name in SCALES)
+    need_grad = bool(grads_on) or scale_grads_on
+    dX = {name: torch.zeros_like(X[name]) for name in grads_on}
+    device = X["s_img"].device
+    dscale = {name: torch.zeros((), dtype=torch.float64, device=device) for name in SCALES}
+    sums = {term: torch.zeros((), dtype=torch.float64, device=device) for term in plan.terms}
+    # Coefficient of each use in the total: weight * share / rows (the row mean).
+    coef = {use: plan.weights[TERM_WEIGHT[use.term]] * use.share / n_rows for use in plan.uses}
+
+    block = block_rows_for(n, n_rows)
+    for start in range(row_start, row_stop, block):
+        stop = min(start + block, row_stop)
+        local = torch.arange(stop - start, device=device)
+        pos = torch.arange(start, stop, device=device)  # (block,) positive column of each anchor row
+        anchors = {name: X[name][start:stop] for name in INPUTS}
+
+        # Unscaled products Z = X[block] @ Y^T, one per distinct (anchor, candidate) pair: (block, N).
+        products: dict[tuple[str, str], torch.Tensor] = {}
+        for view in plan.views:
+            key = (view.anchor, view.candidate)
+            if key not in products:
+                products[key] = anchors[view.anchor] @ X[view.candidate].T
+        Z = {view: products[(view.anchor, view.candidate)] for view in plan.views}
+
+        # Row softmax P and log-sum-exp of every view; the self pair is excluded for masked (intra) views.
+        P, lse = {}, {}
+        for view in plan.views:
+            logits = Z[view] * s[view.scale]
+            if view.masked:
+                logits[local, pos] = float("-inf")
+            row_max = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()
+            row_sum = probs.sum(dim=1, keepdim=True)
+            P[view] = probs.div_(row_sum)
+            lse[view] = (row_max + row_sum.log()).squeeze(1)
+
+        # Loss sums. KL(P(g)||P(a)) = sum_j P(g)_j (g_j - a_j) - lse(g) + lse(a); P(g) is 0 where masked.
+        for use in plan.uses:
+            view = use.view
+            if use.target is None:
+                row_loss = lse[view] - s[view.scale] * Z[view][local, pos]
+            else:
+                target = use.target
+                g_dot_target = _row_dot(P[target], Z[target]) * s[target.scale]
+                g_dot_view = _row_dot(P[target], Z[view]) * s[view.scale]
+                row_loss = g_dot_target - g_dot_view - lse[target] + lse[view]
+            sums[use.term] += use.share * row_loss.double().sum()
+
+        if not need_grad:
+            continue
+        # dtotal/dA for each graded view: sum over its uses of coef * (P(a) - onehot(pos) or P(g)).
+        for view in plan.graded_views:
+            view_uses = [use for use in plan.uses if use.view == view]
+            dA = P[view] * sum(coef[use] for use in view_uses)
+            for use in view_uses:
+                if use.target is None:
+                    dA[local, pos] -= coef[use]
+                else:
+                    dA.sub_(P[use.target], alpha=coef[use])
+            dscale[view.scale] += torch.vdot(dA.view(-1), Z[view].view(-1)).double()
+            scale = s[view.scale]
+            if view.anchor in grads_on:
+                dX[view.anchor][start:stop].addmm_(dA, X[view.candidate], alpha=scale)
+            if view.candidate in grads_on:
+                dX[view.candidate].addmm_(dA.T, anchors[view.anchor], alpha=scale)
+
+    values = {term: (sums[term] / n_rows).float() for term in plan.terms if term != "gd"}
+    if plan.gd:
+        values["gd"] = _gradient_distillation(plan.weights["gd"], X, s, dX, dscale, need_grad, row_start, row_stop)
+    grads = {name: dX[name].to(embeddings[name].dtype) for name in grads_on}
+    grads.update({name: dscale[name].float() for name in SCALES if want[name]})
+    return values, grads
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product of two (rows, N) matrices without a (rows, N) temporary: (rows,)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _gradient_distillation(weight, X, s, dX, dscale, need_grad, row_start, row_stop) -> torch.Tensor:
+    """gd over both directions, streamed in two passes (the gY sums need every anchor block before any gradient).
+
+    Adds weight * d(gd)/d(input) into dX and dscale in place; returns the gd value.
+    """
+    device = X["s_img"].device
+    value = torch.zeros((), dtype=torch.float64, device=device)
+    for anchor, candidate, t_anchor, t_candidate in (
+        ("s_img", "s_txt", "t_img", "t_txt"),
+        ("s_txt", "s_img", "t_txt", "t_img"),
+    ):
+        Xs, Ys, Xt, Yt = X[anchor], X[candidate], X[t_anchor], X[t_candidate]
+        n_rows, n, d = row_stop - row_start, Ys.shape[0], Ys.shape[1]
+        # Pass 1: RY = R Y / rows (rows, D) and RtX = R^T X / rows (N, D), so that gX = s * RY and gY = s * RtX.
+        RY_s, RtX_s, lse_s = _residual_products(Xs, Ys, s["student"], row_start, row_stop)
+        RY_t, RtX_t, _ = _residual_products(Xt, Yt, s["teacher"], row_start, row_stop)
+        diff_x = s["student"] * RY_s - s["teacher"] * RY_t
+        diff_y = s["student"] * RtX_s - s["teacher"] * RtX_t
+        mse_x, mse_y = diff_x.pow(2).mean(), diff_y.pow(2).mean()
+        value += 0.5 * (mse_x.double() + mse_y.double())
+        if not need_grad:
+            continue
+        # dL/dgX and dL/dgY of weight * 1/2 [MSE(gX) + MSE(gY)].
+        EX = diff_x * (weight / (n_rows * d))
+        EY = diff_y * (weight / (n * d))
+        dscale["student"] += (torch.vdot(EX.view(-1), RY_s.view(-1)) + torch.vdot(EY.view(-1), RtX_s.view(-1))).double()
+        # Pass 2: through R = P - I: dL/dR = (s / rows)(EX Y^T + X EY^T); softmax backward gives dL/dA.
+        scale, rows_scale = s["student"], s["student"] / n_rows
+        block = block_rows_for(n, n_rows)
+        for start in range(row_start, row_stop, block):
+            stop = min(start + block, row_stop)
+            local, pos = torch.arange(stop - start, device=device), torch.arange(start, stop, device=device)
+            Xb, EXb = Xs[start:stop], EX[start - row_start : stop - row_start]
+            Z = Xb @ Ys.T
+            P = (Z * scale).sub_(lse_s[start - row_start : stop - row_start, None]).exp_()
+            H = torch.addmm(Xb @ EY.T, EXb, Ys.T).mul_(rows_scale)
+            dA = (H - _row_dot(P, H)[:, None]).mul_(P)
+            R = P
+            R[local, pos] -= 1.0
+            dscale["student"] += torch.vdot(dA.view(-1), Z.view(-1)).double()
+            if anchor in dX:
+                dX[anchor][start:stop].addmm_(dA, Ys, alpha=scale).addmm_(R, EY, alpha=rows_scale)
+            if candidate in dX:
+                dX[candidate].addmm_(dA.T, Xb, alpha=scale).addmm_(R.T, EXb, alpha=rows_scale)
+    return value.float()
+
+
+def _residual_products(X, Y, scale: float, row_start: int, row_stop: int):
+    """R = P(scale X[rows] Y^T) - I_pos streamed by row blocks: (R Y / rows, R^T X[rows] / rows, lse per row)."""
+    n_rows, n = row_stop - row_start, Y.shape[0]
+    RY = Y.new_empty(n_rows, Y.shape[1])
+    RtX = torch.zeros_like(Y)
+    lse = Y.new_empty(n_rows)
+    block = block_rows_for(n, n_rows)
+    for start in range(row_start, row_stop, block):
+        stop = min(start + block, row_stop)
+        local = torch.arange(stop - start, device=Y.device)
+        pos = torch.arange(start, stop, device=Y.device)
+        rows = slice(start - row_start, stop - row_start)
+        logits = (X[start:stop] @ Y.T).mul_(scale)
+        lse[rows] = torch.logsumexp(logits, dim=1)
+        R = logits.sub_(lse[rows, None]).exp_()
+        R[local, pos] -= 1.0
+        RY[rows] = (R @ Y).div_(n_rows)
+        RtX.addmm_(R.T, X[start:stop], alpha=1.0 / n_rows)
+    return RY, RtX, lse
