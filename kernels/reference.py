@@ -2,7 +2,8 @@
 
 Written for clarity, term by term as in shared LOSSES.md: it materialises every rows x N logit matrix and lets
 autograd differentiate it. It deliberately does not read the View/Use table of ``spec.py``, so the tests compare
-two independent transcriptions of the maths. Everything is computed in fp32.
+two independent transcriptions of the maths. Everything is computed in fp32 (fp64 for fp64 inputs, which the tests
+use as ground truth).
 """
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from .spec import active_terms, TERM_WEIGHT
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16/fp32 -> fp32, fp64 stays fp64."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def cross_entropy(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -31,8 +37,8 @@ def kl_distill(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def feature_distillation(s_img, s_txt, t_img, t_txt, row_start: int, row_stop: int) -> torch.Tensor:
     """fd = MSE(S_I, T_I) + MSE(S_T, T_T) over the owned rows (mean over elements)."""
     rows = slice(row_start, row_stop)
-    return F.mse_loss(s_img[rows].float(), t_img[rows].float().detach()) + F.mse_loss(
-        s_txt[rows].float(), t_txt[rows].float().detach()
+    return F.mse_loss(upcast(s_img[rows]), upcast(t_img[rows]).detach()) + F.mse_loss(
+        upcast(s_txt[rows]), upcast(t_txt[rows]).detach()
     )
 
 
@@ -55,8 +61,8 @@ def reference_loss(
     Inputs are (N, D); anchors are rows [row_start, row_stop) of each anchor matrix, candidates all N rows,
     and the positive of local row i is column row_start + i.
     """
-    S_I, S_T = s_img.float(), s_txt.float()
-    T_I, T_T = t_img.float().detach(), t_txt.float().detach()
+    S_I, S_T = upcast(s_img), upcast(s_txt)
+    T_I, T_T = upcast(t_img).detach(), upcast(t_txt).detach()
     tau_s, tau_t = student_scale, teacher_scale.detach()
     rows = slice(row_start, row_stop)
     pos = torch.arange(row_start, row_stop, device=S_I.device)  # (rows,) positive column of each anchor row
@@ -66,7 +72,7 @@ def reference_loss(
         """scale * anchors[rows] @ candidates^T, (rows, N); mask_self puts -inf on each row's own pair."""
         out = scale * anchors[rows] @ candidates.T
         if mask_self:
-            out = out.index_put((local, pos), torch.tensor(float("-inf"), device=out.device))
+            out = out.index_put((local, pos), out.new_tensor(float("-inf")))
         return out
 
     CE = lambda a: cross_entropy(a, pos)  # noqa: E731

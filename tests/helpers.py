@@ -1,0 +1,94 @@
+"""Shared test inputs: random L2-normalised embeddings, learnable scalars, and a comparison of two backends."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels import clip_rd_loss, resolve_weights
+from kernels.reference import reference_loss
+
+# Per-dtype tolerances on losses and gradients against the fp64 reference on the same (rounded) inputs, relative to
+# the largest magnitude of the compared tensor. Low-precision inputs are upcast before any arithmetic, so their
+# error comes from rounding the returned gradients (and, in Triton, from tl.dot on low-precision tiles).
+TOLERANCES = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+SCALARS = ("student_scale", "lam_img", "lam_txt", "kappa")
+
+
+def make_inputs(n: int, d: int, dtype=torch.float32, seed: int = 0, device="cpu", related: bool = True):
+    """Four (n, d) unit-norm embeddings (student ones require grad) and the scalar arguments of clip_rd_loss.
+
+    With ``related`` the teacher and the two modalities share a component, so softmaxes are peaked as in training.
+    """
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, d, generator=g)
+    mix = 0.8 if related else 0.0
+    raw = [mix * base + torch.randn(n, d, generator=g) for _ in range(4)]
+    s_img, s_txt, t_img, t_txt = [F.normalize(r, dim=1).to(device=device, dtype=dtype) for r in raw]
+    s_img.requires_grad_(True)
+    s_txt.requires_grad_(True)
+    scalars = {
+        name: torch.tensor(value, device=device, requires_grad=True)
+        for name, value in zip(SCALARS, (14.3, 2.66, 3.1, 2.2))
+    }
+    return (s_img, s_txt, t_img, t_txt), scalars
+
+
+def run(backend, embeddings, scalars, weights, row_start=0, row_stop=None, grad_output=1.0):
+    """Loss values and gradients w.r.t. s_img, s_txt and the four learnable scalars.
+
+    backend "reference" is the ground truth: the reference objective evaluated in fp64.
+    """
+    as_double = backend == "reference"
+    embeddings = [
+        (e.detach().double() if as_double else e.detach().clone()).requires_grad_(e.requires_grad) for e in embeddings
+    ]
+    scalars = {k: (v.detach().double() if as_double else v.detach().clone()).requires_grad_(True)
+               for k, v in scalars.items()}
+    if as_double:
+        terms = reference_loss(
+            *embeddings, scalars["student_scale"], torch.tensor(40.0, dtype=torch.float64), scalars["lam_img"],
+            scalars["lam_txt"], scalars["kappa"], resolve_weights(weights), row_start,
+            embeddings[0].shape[0] if row_stop is None else row_stop,
+        )
+    else:
+        terms = clip_rd_loss(
+            *embeddings, teacher_scale=40.0, weights=weights, row_start=row_start, row_stop=row_stop,
+            backend=backend, **scalars,
+        )
+    (terms["total"] * grad_output).backward()
+    grads = {"s_img": embeddings[0].grad, "s_txt": embeddings[1].grad}
+    grads.update({k: v.grad for k, v in scalars.items()})
+    return {k: v.detach() for k, v in terms.items()}, grads
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str, floor: float = 1e-3):
+    """max |actual - expected| <= tol * max(max |expected|, floor)."""
+    if expected is None:
+        assert actual is None or not actual.abs().any(), f"{what}: expected no gradient"
+        return
+    assert actual is not None, f"{what}: missing gradient"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    actual, expected = actual.double(), expected.double()
+    scale = max(expected.abs().max().item(), floor)
+    err = (actual - expected).abs().max().item() / scale
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def compare_backends(backend, n, d, weights, dtype=torch.float32, row_start=0, row_stop=None, grad_output=1.0):
+    """Values and gradients of ``backend`` against the reference on the same (rounded) inputs."""
+    embeddings, scalars = make_inputs(n, d, dtype)
+    ref_terms, ref_grads = run("reference", embeddings, scalars, weights, row_start, row_stop, grad_output)
+    terms, grads = run(backend, embeddings, scalars, weights, row_start, row_stop, grad_output)
+    assert set(terms) == set(ref_terms), f"term keys {sorted(terms)} != {sorted(ref_terms)}"
+    tol = TOLERANCES[dtype]
+    for key in ref_terms:
+        assert terms[key].dtype == torch.float32 and terms[key].dim() == 0, f"{key}: {terms[key].dtype} {terms[key].shape}"
+        # Losses are O(1): a KL near 0 is a difference of O(scale) numbers, so compare on an absolute footing.
+        assert_close(terms[key], ref_terms[key], tol, f"term {key}", floor=1.0)
+    for key in ref_grads:
+        assert_close(grads[key], ref_grads[key], tol, f"grad {key}")
+        if grads[key] is not None and not key.startswith("s_"):
+            assert grads[key].dtype == torch.float32, f"grad {key}: dtype {grads[key].dtype}"
+        if grads[key] is not None and key.startswith("s_"):
+            assert grads[key].dtype == dtype, f"grad {key}: dtype {grads[key].dtype} != {dtype}"
+    return ref_terms, ref_grads
