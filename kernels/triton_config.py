@@ -39,12 +39,13 @@ def block_config(width: int, dtype: torch.dtype) -> BlockConfig:
             f"triton backend: embedding width D = {width} exceeds the supported maximum {MAX_WIDTH}; "
             "use backend='chunked'"
         )
-    # tl.dot needs every dimension >= 16; fp32 operands are twice as wide, so their K chunk is half as long.
-    max_k = 32 if dtype == torch.float32 else 64
-    block_k = min(max_k, max(16, _next_power_of_2(width)))
-    # The gradient tile (block_m x block_d fp32, 64 registers a thread at 8 warps) stays in registers; a wider D is
+    # tl.dot needs every dimension >= 16. Sizes are the largest that compile without register spills on sm_80 and
+    # sm_90 (tests/test_triton_compile.py); fp32 operands go through 3-pass TF32, which needs about twice the
+    # registers, hence smaller tiles. The gradient tile (rows x block_d fp32) stays in registers, so a wider D is
     # split over a backward grid axis, each split recomputing the logit tiles.
-    block_d = min(256, max(16, _next_power_of_2(width)))
-    return BlockConfig(
-        block_m=64, block_n=64, block_k=block_k, block_d=block_d, forward_warps=4, backward_warps=8, num_stages=2
-    )
+    covering = max(16, _next_power_of_2(width))
+    if dtype == torch.float32:
+        return BlockConfig(block_m=32, block_n=32, block_k=16, block_d=min(32, covering),
+                           forward_warps=4, backward_warps=4, num_stages=1)
+    return BlockConfig(block_m=64, block_n=64, block_k=min(64, covering), block_d=min(64, covering),
+                       forward_warps=8, backward_warps=8, num_stages=2)

@@ -1,0 +1,560 @@
+"""Fused Triton backend of the row-softmax terms of the distillation objective (see shared LOSSES.md, kernels/spec.py).
+
+Every KD use couples a view with its target at the same (row, column), so the views are grouped into *pairs*
+(P, Q): a view and its KD partner (e.g. S_I S_T^T with T_I T_T^T for hrd; T_I S_T^T with T_T S_I^T for xrd, each the
+other's target). A CE-only view is a pair without Q. One pair table row describes both views and the uses among
+them (CE on P, CE on Q, KD(P ; Q), KD(Q ; P)); the active pairs are built from ``spec.active_uses``, so a
+zero-weight term has no pair and costs nothing.
+
+Kernels (flash-attention style, no rows x N matrix is ever stored):
+- forward, grid (row blocks, pairs): each program streams column tiles; both logit tiles of its pair are computed
+  once per tile and feed every use (online max, sum of exp, and for KD the sum of e^(g - m_g) (g - a)); it writes
+  the per-row log-sum-exps for the backward and the per-row CE / KL values that the host averages into terms.
+- backward rows, grid (row blocks, student anchor, D blocks): dX[rows] = sum over views anchored on that student
+  input of s * dA @ Y, plus per-row partial sums of dA * (X Y^T) for the scale gradients (student-anchored views).
+- backward columns, grid (column blocks, student candidate, D blocks): dY[cols] = sum of s * dA^T @ X, plus the
+  scale-gradient partial sums of teacher-anchored views. Both recompute the logit tiles from the saved lse; every
+  program owns its output rows, so there are no atomics; partial sums are reduced on the host.
+dA = P(view) - onehot(pos) for CE and P(view) - P(target) for KD, times share * weight / rows (the target and its
+scale get nothing).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import spec
+from .triton_config import block_config
+
+# Read once: Triton decides at import time whether @triton.jit kernels run on the interpreter.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Stacked embedding order: inputs[k] is slab k of the (4, N, D) tensor; slabs 0 and 1 take gradients.
+_SLABS = spec.INPUTS  # ("s_img", "s_txt", "t_img", "t_txt")
+_STUDENT_SLABS = tl.constexpr(2)
+# Pair table columns (int32): anchor/candidate slab and scale index of P and Q, has Q, masked, use flags.
+_PAIR_COLUMNS = ("anchor_p", "cand_p", "scale_p", "anchor_q", "cand_q", "scale_q",
+                 "has_q", "masked", "ce_p", "ce_q", "kd_pq", "kd_qp")
+_USE_SLOTS = ("ce_p", "ce_q", "kd_pq", "kd_qp")  # per-row loss columns, in this order
+_NUM_USES = len(_USE_SLOTS)
+
+
+# ----------------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _load_pair(pair_ptr, pair):
+    """One pair-table row (12 int32 scalars, order of _PAIR_COLUMNS)."""
+    row = pair_ptr + pair * 12
+    return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
+            tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), tl.load(row + 9),
+            tl.load(row + 10), tl.load(row + 11))
+
+
+@triton.jit
+def _dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ b with fp32 accumulation; DOT_FP32 upcasts bf16 operands (Triton 3.8 interpreter bf16 dot bug)."""
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _slab_rows(emb_ptr, slab, first_row, n_cols, width):
+    """Scalar pointer to row ``first_row`` of slab ``slab`` of the (4, N, D) embeddings; int64 so 4 N D may
+    exceed 2^31, while offsets inside a tile (< BLOCK x D) stay int32."""
+    return emb_ptr + (slab.to(tl.int64) * n_cols + first_row) * width
+
+
+@triton.jit
+def _logit_tile(x_ptr, y_ptr, row_ok, col_ok, width,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """Unscaled logits X @ Y^T, (BLOCK_M, BLOCK_N) fp32, for the BLOCK_M rows at x_ptr and BLOCK_N rows at y_ptr.
+
+    D is walked in BLOCK_K chunks, so any width up to 1024 fits the same registers."""
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, width, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < width
+        x = tl.load(x_ptr + r[:, None] * width + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        y_t = tl.load(y_ptr + c[None, :] * width + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += _dot(x, y_t, DOT_FP32, PRECISION)  # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N)
+    return acc
+
+
+@triton.jit
+def _positive_logit(x_ptr, y_ptr, row_ok, width, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Unscaled <x_i, y_i> for the BLOCK_M rows at x_ptr and at y_ptr (row i's positive column), (BLOCK_M,) fp32."""
+    r = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, width, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = row_ok[:, None] & (k < width)[None, :]
+        x = tl.load(x_ptr + r[:, None] * width + k[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + r[:, None] * width + k[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(x * y, axis=1)
+    return acc
+
+
+@triton.jit
+def _on_positive(row0, col0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) mask of the positive pair: tile entry (i, j) is slab row row0 + i against column col0 + j."""
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_N)
+    return (c[None, :] - r[:, None]) == (row0 - col0)
+
+
+@triton.jit(do_not_specialize=["n_cols", "row_start", "n_rows"])
+def _relational_fwd_kernel(
+    emb_ptr,       # (4, N, D) stacked s_img, s_txt, t_img, t_txt (student dtype)
+    pair_ptr,      # (n_pairs, 12) int32 pair table
+    scale_ptr,     # (5,) fp32 scales, spec.SCALES order
+    lse_ptr,       # out (n_pairs, 2, rows) fp32: lse of P and Q per anchor row
+    row_loss_ptr,  # out (n_pairs, 4, rows) fp32: CE(P), CE(Q), KL(P;Q), KL(Q;P) per anchor row
+    n_cols, width, row_start, n_rows,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    block = tl.program_id(0)
+    pair = tl.program_id(1)
+    anchor_p, cand_p, scale_p, anchor_q, cand_q, scale_q, has_q, masked, ce_p, ce_q, kd_pq, kd_qp = \
+        _load_pair(pair_ptr, pair)
+    s_p = tl.load(scale_ptr + scale_p)
+    s_q = tl.load(scale_ptr + scale_q)
+    local = block * BLOCK_M + tl.arange(0, BLOCK_M)  # anchor rows within [0, rows)
+    row_ok = local < n_rows
+    row0 = row_start + block * BLOCK_M  # slab row of the first anchor = its positive column
+    x_p = _slab_rows(emb_ptr, anchor_p, row0, n_cols, width)
+    x_q = _slab_rows(emb_ptr, anchor_q, row0, n_cols, width)
+
+    # Online row statistics: running max, sum of exp, and for KD(a ; g) the sum of e^(g - m_g) (g - a).
+    m_p = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_p = tl.zeros((BLOCK_M,), tl.float32)
+    m_q = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_q = tl.zeros((BLOCK_M,), tl.float32)
+    t_pq = tl.zeros((BLOCK_M,), tl.float32)  # KD(P ; Q): target Q
+    t_qp = tl.zeros((BLOCK_M,), tl.float32)  # KD(Q ; P): target P
+    for col0 in range(0, n_cols, BLOCK_N):
+        col_ok = col0 + tl.arange(0, BLOCK_N) < n_cols
+        # Padding columns, and the self pair of a masked (intra) view, are -inf in both views.
+        valid = col_ok[None, :] & ~((masked != 0) & _on_positive(row0, col0, BLOCK_M, BLOCK_N))
+        # p, q stay finite (for the KD differences); e_p, e_q are 0 where the logit is -inf.
+        p = s_p * _logit_tile(x_p, _slab_rows(emb_ptr, cand_p, col0, n_cols, width), row_ok, col_ok, width,
+                              BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
+        p_for_softmax = tl.where(valid, p, float("-inf"))
+        m_p_new = tl.maximum(m_p, tl.max(p_for_softmax, axis=1))
+        alpha_p = tl.exp(m_p - m_p_new)
+        e_p = tl.exp(p_for_softmax - m_p_new[:, None])
+        l_p = l_p * alpha_p + tl.sum(e_p, axis=1)
+        if has_q != 0:
+            q = s_q * _logit_tile(x_q, _slab_rows(emb_ptr, cand_q, col0, n_cols, width), row_ok, col_ok, width,
+                                  BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
+            q_for_softmax = tl.where(valid, q, float("-inf"))
+            m_q_new = tl.maximum(m_q, tl.max(q_for_softmax, axis=1))
+            alpha_q = tl.exp(m_q - m_q_new)
+            e_q = tl.exp(q_for_softmax - m_q_new[:, None])
+            l_q = l_q * alpha_q + tl.sum(e_q, axis=1)
+            if kd_pq != 0:
+                t_pq = t_pq * alpha_q + tl.sum(e_q * (q - p), axis=1)
+            if kd_qp != 0:
+                t_qp = t_qp * alpha_p + tl.sum(e_p * (p - q), axis=1)
+            m_q = m_q_new
+        m_p = m_p_new
+
+    lse_p = m_p + tl.log(l_p)
+    lse_q = tl.zeros((BLOCK_M,), tl.float32)
+    if has_q != 0:
+        lse_q = m_q + tl.log(l_q)
+    # KL(P(g) || P(a)) = (sum_j e^(g_j - m_g) (g_j - a_j)) / Z_g - lse(g) + lse(a); CE = lse - logit at pos.
+    ce_p_row = tl.zeros((BLOCK_M,), tl.float32)
+    ce_q_row = tl.zeros((BLOCK_M,), tl.float32)
+    kl_pq_row = tl.zeros((BLOCK_M,), tl.float32)
+    kl_qp_row = tl.zeros((BLOCK_M,), tl.float32)
+    if ce_p != 0:
+        y_pos = _slab_rows(emb_ptr, cand_p, row0, n_cols, width)
+        ce_p_row = lse_p - s_p * _positive_logit(x_p, y_pos, row_ok, width, BLOCK_M, BLOCK_K)
+    if ce_q != 0:
+        y_pos = _slab_rows(emb_ptr, cand_q, row0, n_cols, width)
+        ce_q_row = lse_q - s_q * _positive_logit(x_q, y_pos, row_ok, width, BLOCK_M, BLOCK_K)
+    if kd_pq != 0:
+        kl_pq_row = t_pq / l_q - lse_q + lse_p
+    if kd_qp != 0:
+        kl_qp_row = t_qp / l_p - lse_p + lse_q
+
+    lse_row = lse_ptr + pair.to(tl.int64) * 2 * n_rows + local
+    tl.store(lse_row, lse_p, mask=row_ok)
+    tl.store(lse_row + n_rows, lse_q, mask=row_ok & (has_q != 0))
+    loss_row = row_loss_ptr + pair.to(tl.int64) * 4 * n_rows + local
+    tl.store(loss_row, ce_p_row, mask=row_ok)
+    tl.store(loss_row + n_rows, ce_q_row, mask=row_ok)
+    tl.store(loss_row + 2 * n_rows, kl_pq_row, mask=row_ok)
+    tl.store(loss_row + 3 * n_rows, kl_qp_row, mask=row_ok)
+
+
+@triton.jit
+def _grad_logits(prob_view, prob_target, onehot, c_ce, c_kd):
+    """d loss / d logits of one view, in the pair's unit: c_ce (P - onehot) + c_kd (P - P(target))."""
+    return (c_ce + c_kd) * prob_view - c_ce * onehot - c_kd * prob_target
+
+
+@triton.jit
+def _pair_probabilities(x_p, y_p, x_q, y_q, s_p, s_q, lse_p, lse_q, has_q, masked, row0, col0, row_ok, col_ok,
+                        width, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """Recomputed tile of a pair from the saved lse: raw logits and softmax of P and Q, and the positive one-hot.
+
+    All (BLOCK_M, BLOCK_N) fp32; zero outside valid rows and columns and on a masked view's self pair."""
+    on_pos = _on_positive(row0, col0, BLOCK_M, BLOCK_N)
+    valid = row_ok[:, None] & col_ok[None, :] & ~((masked != 0) & on_pos)
+    onehot = tl.where(valid & on_pos, 1.0, 0.0)
+    p_raw = _logit_tile(x_p, y_p, row_ok, col_ok, width, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
+    prob_p = tl.exp(tl.where(valid, s_p * p_raw, float("-inf")) - lse_p[:, None])
+    q_raw = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    prob_q = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if has_q != 0:
+        q_raw = _logit_tile(x_q, y_q, row_ok, col_ok, width, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
+        prob_q = tl.exp(tl.where(valid, s_q * q_raw, float("-inf")) - lse_q[:, None])
+    return p_raw, prob_p, q_raw, prob_q, onehot
+
+
+@triton.jit(do_not_specialize=["n_cols", "row_start", "n_rows", "n_pairs"])
+def _relational_bwd_rows_kernel(
+    emb_ptr,        # (4, N, D) stacked embeddings
+    pair_ptr,       # (n_pairs, 12) int32 pair table
+    coef_ptr,       # (n_pairs, 5) fp32: unit coefficients of ce_p, ce_q, kd_pq, kd_qp; gradient scale of the pair
+    scale_ptr,      # (5,) fp32 scales
+    lse_ptr,        # (n_pairs, 2, rows) fp32 from the forward
+    grad_ptr,       # out (2, rows, D) fp32: gradient of the owned anchor rows of s_img, s_txt
+    dscale_ptr,     # out (row blocks, 2, n_pairs, 2) fp32: partial sums of dA * (X Y^T) for P and Q
+    n_cols, width, row_start, n_rows, n_pairs,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    block = tl.program_id(0)
+    slot = tl.program_id(1)  # student slab whose anchor rows this program owns (0 = s_img, 1 = s_txt)
+    d_block = tl.program_id(2)
+    local = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = local < n_rows
+    row0 = row_start + block * BLOCK_M
+    c = tl.arange(0, BLOCK_N)
+    dims = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
+    dim_ok = dims < width
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # dX[rows, dims]
+    for pair in range(n_pairs):
+        anchor_p, cand_p, scale_p, anchor_q, cand_q, scale_q, has_q, masked, ce_p, ce_q, kd_pq, kd_qp = \
+            _load_pair(pair_ptr, pair)
+        want_p = (ce_p + kd_pq > 0) & (anchor_p == slot)
+        want_q = (has_q != 0) & (ce_q + kd_qp > 0) & (anchor_q == slot)
+        if want_p | want_q:
+            coef = coef_ptr + pair * 5
+            c_ce_p, c_ce_q, c_kd_pq, c_kd_qp = tl.load(coef), tl.load(coef + 1), tl.load(coef + 2), tl.load(coef + 3)
+            g = tl.load(coef + 4)
+            s_p = tl.load(scale_ptr + scale_p)
+            s_q = tl.load(scale_ptr + scale_q)
+            lse_row = lse_ptr + tl.cast(pair, tl.int64) * 2 * n_rows + local
+            lse_p = tl.load(lse_row, mask=row_ok, other=0.0)
+            lse_q = tl.load(lse_row + n_rows, mask=row_ok & (has_q != 0), other=0.0)
+            x_p = _slab_rows(emb_ptr, anchor_p, row0, n_cols, width)
+            x_q = _slab_rows(emb_ptr, anchor_q, row0, n_cols, width)
+            ds_p = tl.zeros((BLOCK_M,), tl.float32)
+            ds_q = tl.zeros((BLOCK_M,), tl.float32)
+            for col0 in range(0, n_cols, BLOCK_N):
+                col_ok = col0 + c < n_cols
+                y_p = _slab_rows(emb_ptr, cand_p, col0, n_cols, width)
+                y_q = _slab_rows(emb_ptr, cand_q, col0, n_cols, width)
+                p_raw, prob_p, q_raw, prob_q, onehot = _pair_probabilities(
+                    x_p, y_p, x_q, y_q, s_p, s_q, lse_p, lse_q, has_q, masked, row0, col0, row_ok, col_ok, width,
+                    BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
+                y_mask = col_ok[:, None] & dim_ok[None, :]
+                if want_p:
+                    d_p = _grad_logits(prob_p, prob_q, onehot, c_ce_p, c_kd_pq)
+                    ds_p += tl.sum(d_p * p_raw, axis=1)
+                    y = tl.load(y_p + c[:, None] * width + dims[None, :], mask=y_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+                    acc += _dot(d_p.to(y.dtype), y, DOT_FP32, PRECISION) * (g * s_p)
+                if want_q:
+                    d_q = _grad_logits(prob_q, prob_p, onehot, c_ce_q, c_kd_qp)
+                    ds_q += tl.sum(d_q * q_raw, axis=1)
+                    y = tl.load(y_q + c[:, None] * width + dims[None, :], mask=y_mask, other=0.0)
+                    acc += _dot(d_q.to(y.dtype), y, DOT_FP32, PRECISION) * (g * s_q)
+            if d_block == 0:  # scale gradients once, not once per D block
+                ds_out = dscale_ptr + ((block.to(tl.int64) * _STUDENT_SLABS + slot) * n_pairs + pair) * 2
+                tl.store(ds_out, tl.where(want_p, g * tl.sum(ds_p, axis=0), 0.0))
+                tl.store(ds_out + 1, tl.where(want_q, g * tl.sum(ds_q, axis=0), 0.0))
+    out = grad_ptr + (slot.to(tl.int64) * n_rows + block * BLOCK_M) * width
+    r = tl.arange(0, BLOCK_M)
+    tl.store(out + r[:, None] * width + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["n_cols", "row_start", "n_rows", "n_pairs"])
+def _relational_bwd_cols_kernel(
+    emb_ptr,        # (4, N, D) stacked embeddings
+    pair_ptr,       # (n_pairs, 12) int32 pair table
+    coef_ptr,       # (n_pairs, 5) fp32 coefficients (as in the row pass)
+    scale_ptr,      # (5,) fp32 scales
+    lse_ptr,        # (n_pairs, 2, rows) fp32 from the forward
+    grad_ptr,       # out (2, N, D) fp32: gradient of every row of s_img, s_txt as a candidate
+    dscale_ptr,     # out (column blocks, 2, n_pairs, 2) fp32: scale-gradient partial sums, teacher-anchored views
+    n_cols, width, row_start, n_rows, n_pairs,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    block = tl.program_id(0)
+    slot = tl.program_id(1)  # student slab whose candidate rows this program owns
+    d_block = tl.program_id(2)
+    col0 = block * BLOCK_N
+    col_ok = col0 + tl.arange(0, BLOCK_N) < n_cols
+    r = tl.arange(0, BLOCK_M)
+    dims = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
+    dim_ok = dims < width
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)  # dY[cols, dims]
+    for pair in range(n_pairs):
+        anchor_p, cand_p, scale_p, anchor_q, cand_q, scale_q, has_q, masked, ce_p, ce_q, kd_pq, kd_qp = \
+            _load_pair(pair_ptr, pair)
+        want_p = (ce_p + kd_pq > 0) & (cand_p == slot)
+        want_q = (has_q != 0) & (ce_q + kd_qp > 0) & (cand_q == slot)
+        if want_p | want_q:
+            coef = coef_ptr + pair * 5
+            c_ce_p, c_ce_q, c_kd_pq, c_kd_qp = tl.load(coef), tl.load(coef + 1), tl.load(coef + 2), tl.load(coef + 3)
+            g = tl.load(coef + 4)
+            s_p = tl.load(scale_ptr + scale_p)
+            s_q = tl.load(scale_ptr + scale_q)
+            y_p = _slab_rows(emb_ptr, cand_p, col0, n_cols, width)
+            y_q = _slab_rows(emb_ptr, cand_q, col0, n_cols, width)
+            ds_p = tl.zeros((BLOCK_N,), tl.float32)
+            ds_q = tl.zeros((BLOCK_N,), tl.float32)
+            for start in range(0, n_rows, BLOCK_M):
+                local = start + r
+                row_ok = local < n_rows
+                row0 = row_start + start
+                lse_row = lse_ptr + tl.cast(pair, tl.int64) * 2 * n_rows + local
+                lse_p = tl.load(lse_row, mask=row_ok, other=0.0)
+                lse_q = tl.load(lse_row + n_rows, mask=row_ok & (has_q != 0), other=0.0)
+                x_p = _slab_rows(emb_ptr, anchor_p, row0, n_cols, width)
+                x_q = _slab_rows(emb_ptr, anchor_q, row0, n_cols, width)
+                p_raw, prob_p, q_raw, prob_q, onehot = _pair_probabilities(
+                    x_p, y_p, x_q, y_q, s_p, s_q, lse_p, lse_q, has_q, masked, row0, col0, row_ok, col_ok, width,
+                    BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
+                x_mask = row_ok[:, None] & dim_ok[None, :]
+                if want_p:
+                    d_p = _grad_logits(prob_p, prob_q, onehot, c_ce_p, c_kd_pq)
+                    ds_p += tl.sum(d_p * p_raw, axis=0)
+                    x = tl.load(x_p + r[:, None] * width + dims[None, :], mask=x_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+                    acc += _dot(tl.trans(d_p.to(x.dtype)), x, DOT_FP32, PRECISION) * (g * s_p)
+                if want_q:
+                    d_q = _grad_logits(prob_q, prob_p, onehot, c_ce_q, c_kd_qp)
+                    ds_q += tl.sum(d_q * q_raw, axis=0)
+                    x = tl.load(x_q + r[:, None] * width + dims[None, :], mask=x_mask, other=0.0)
+                    acc += _dot(tl.trans(d_q.to(x.dtype)), x, DOT_FP32, PRECISION) * (g * s_q)
+            if d_block == 0:  # student-anchored views already gave their scale gradient in the row pass
+                ds_out = dscale_ptr + ((block.to(tl.int64) * _STUDENT_SLABS + slot) * n_pairs + pair) * 2
+                tl.store(ds_out, tl.where(want_p & (anchor_p >= _STUDENT_SLABS), g * tl.sum(ds_p, axis=0), 0.0))
+                tl.store(ds_out + 1, tl.where(want_q & (anchor_q >= _STUDENT_SLABS), g * tl.sum(ds_q, axis=0), 0.0))
+    out = grad_ptr + (slot.to(tl.int64) * n_cols + col0) * width
+    c = tl.arange(0, BLOCK_N)
+    tl.store(out + c[:, None] * width + dims[None, :], acc, mask=col_ok[:, None] & dim_ok[None, :])
+
+
+# ------------------------------------------------------------------------------------------------ pair planning
+
+
+@dataclass
+class _Pair:
+    p: spec.View
+    q: Optional[spec.View] = None
+    uses: list = field(default_factory=list)  # (slot: index into _USE_SLOTS, Use)
+
+
+def _build_pairs(weights: dict[str, float]) -> list[_Pair]:
+    """Group the active uses into pairs: a KD view with its target, and each CE-only view on its own."""
+    uses = spec.active_uses(weights)
+    pairs: list[_Pair] = []
+    home: dict[spec.View, tuple[int, int]] = {}  # view -> (pair index, 0 for P / 1 for Q)
+    for use in (u for u in uses if u.target is not None):
+        if use.view.masked != use.target.masked:
+            raise RuntimeError(f"spec: KD view {use.view} and target {use.target} disagree on masking")
+        if use.view not in home and use.target not in home:
+            home[use.view], home[use.target] = (len(pairs), 0), (len(pairs), 1)
+            pairs.append(_Pair(use.view, use.target))
+        index, side = home.get(use.view, (None, None))
+        partner = None if index is None else (pairs[index].q if side == 0 else pairs[index].p)
+        if partner != use.target:
+            raise RuntimeError(f"spec: view {use.view} is the KD partner of two different views")
+    for use in uses:
+        if use.view not in home:
+            home[use.view] = (len(pairs), 0)
+            pairs.append(_Pair(use.view))
+        index, side = home[use.view]
+        slot = side if use.target is None else 2 + side  # ce_p / ce_q, or kd_pq / kd_qp
+        pairs[index].uses.append((slot, use))
+    return pairs
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Device tensors describing the active pairs, their uses, and how per-row losses combine into terms."""
+
+    terms: tuple[str, ...]         # active row-softmax terms, reporting order
+    table: torch.Tensor            # (n_pairs, 12) int32, columns _PAIR_COLUMNS
+    weighted: torch.Tensor         # (n_pairs, 4) fp32: sum of weight * share of the uses in each slot
+    unit: torch.Tensor             # (n_pairs, 4) fp32: weighted / norm, O(1) so fp16 gradient tiles do not underflow
+    norm: torch.Tensor             # (n_pairs,) fp32: largest |weighted| of each pair
+    term_shares: torch.Tensor      # (n_terms, n_pairs * 4) fp32: share of each slot's mean in each term
+    scale_index: torch.Tensor      # (n_pairs * 2,) int64: scale of P and Q, for the scale-gradient reduction
+
+
+@functools.lru_cache(maxsize=32)
+def _plan(weight_items: tuple[tuple[str, float], ...], device: torch.device) -> _Plan:
+    """The pair plan of resolved weights (as sorted items, to be hashable) on ``device``; cached per call site."""
+    weights = dict(weight_items)
+    pairs = _build_pairs(weights)
+    terms = tuple(k for k in spec.active_terms(weights) if k not in ("fd", "gd"))
+    table, weighted, shares, scale_index = [], [], {k: [] for k in terms}, []
+    for pair in pairs:
+        q = pair.q if pair.q is not None else pair.p  # stand-in indices; has_q = 0 keeps them unused
+        flags = [0, 0, 0, 0]
+        slot_weight = [0.0] * 4
+        slot_share = {k: [0.0] * 4 for k in terms}
+        for slot, use in pair.uses:
+            flags[slot] = 1
+            slot_weight[slot] += weights[spec.TERM_WEIGHT[use.term]] * use.share
+            slot_share[use.term][slot] += use.share
+        scale_p, scale_q = spec.SCALES.index(pair.p.scale), spec.SCALES.index(q.scale)
+        table.append([_SLABS.index(pair.p.anchor), _SLABS.index(pair.p.candidate), scale_p,
+                      _SLABS.index(q.anchor), _SLABS.index(q.candidate), scale_q,
+                      int(pair.q is not None), int(pair.p.masked), *flags])
+        weighted.append(slot_weight)
+        for k in terms:
+            shares[k].extend(slot_share[k])
+        scale_index += [scale_p, scale_q]
+    weighted_t = torch.tensor(weighted, dtype=torch.float32).reshape(len(pairs), _NUM_USES)
+    norm = weighted_t.abs().amax(dim=1) if pairs else torch.zeros(0)
+    return _Plan(
+        terms=terms,
+        table=torch.tensor(table, dtype=torch.int32, device=device).reshape(len(pairs), len(_PAIR_COLUMNS)),
+        weighted=weighted_t.to(device),
+        unit=(weighted_t / norm[:, None]).to(device),
+        norm=norm.to(device),
+        term_shares=torch.tensor([shares[k] for k in terms], dtype=torch.float32, device=device),
+        scale_index=torch.tensor(scale_index, dtype=torch.int64, device=device),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ host wrappers
+
+
+def _kernel_options(cfg, dtype: torch.dtype) -> dict:
+    """Constexprs shared by every kernel: tile sizes and how tl.dot treats this dtype."""
+    return dict(
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        DOT_FP32=_INTERPRETING and dtype == torch.bfloat16,
+        # fp32 inputs: 3-pass TF32 keeps fp32 accuracy on tensor cores (plain TF32 loses 3 digits of the logits).
+        PRECISION="tf32x3" if dtype == torch.float32 else "ieee",
+    )
+
+
+def _relational_forward(emb: torch.Tensor, plan: _Plan, scales: torch.Tensor, row_start: int, n_rows: int):
+    """emb (4, N, D), scales (5,) fp32 -> lse (n_pairs, 2, rows), row_loss (n_pairs, 4, rows), both fp32."""
+    n_pairs, n_cols, width = plan.table.shape[0], emb.shape[1], emb.shape[2]
+    cfg = block_config(width, emb.dtype)
+    lse = torch.empty((n_pairs, 2, n_rows), dtype=torch.float32, device=emb.device)
+    row_loss = torch.empty((n_pairs, _NUM_USES, n_rows), dtype=torch.float32, device=emb.device)
+    grid = (triton.cdiv(n_rows, cfg.block_m), n_pairs)
+    _relational_fwd_kernel[grid](
+        emb, plan.table, scales, lse, row_loss, n_cols, width, row_start, n_rows,
+        num_warps=cfg.forward_warps, num_stages=cfg.num_stages, **_kernel_options(cfg, emb.dtype),
+    )
+    return lse, row_loss
+
+
+def _relational_backward(emb: torch.Tensor, plan: _Plan, coef: torch.Tensor, scales: torch.Tensor,
+                         lse: torch.Tensor, row_start: int, n_rows: int):
+    """-> grad of s_img/s_txt (2, N, D) fp32 and of the scales (5,) fp32; coef (n_pairs, 5) as the kernels read it."""
+    n_pairs, n_cols, width = plan.table.shape[0], emb.shape[1], emb.shape[2]
+    cfg = block_config(width, emb.dtype)
+    options = dict(BLOCK_D=cfg.block_d, num_warps=cfg.backward_warps, num_stages=cfg.num_stages,
+                   **_kernel_options(cfg, emb.dtype))
+    d_blocks = triton.cdiv(width, cfg.block_d)
+    row_blocks, col_blocks = triton.cdiv(n_rows, cfg.block_m), triton.cdiv(n_cols, cfg.block_n)
+    grad_rows = torch.empty((_STUDENT_SLABS, n_rows, width), dtype=torch.float32, device=emb.device)
+    grad_cols = torch.empty((_STUDENT_SLABS, n_cols, width), dtype=torch.float32, device=emb.device)
+    # Pairs a program skips leave their partial sums untouched: start from zero.
+    ds_rows = torch.zeros((row_blocks * _STUDENT_SLABS, n_pairs * 2), dtype=torch.float32, device=emb.device)
+    ds_cols = torch.zeros((col_blocks * _STUDENT_SLABS, n_pairs * 2), dtype=torch.float32, device=emb.device)
+    args = (emb, plan.table, coef, scales, lse)
+    sizes = (n_cols, width, row_start, n_rows, n_pairs)
+    _relational_bwd_rows_kernel[(row_blocks, _STUDENT_SLABS, d_blocks)](*args, grad_rows, ds_rows, *sizes, **options)
+    _relational_bwd_cols_kernel[(col_blocks, _STUDENT_SLABS, d_blocks)](*args, grad_cols, ds_cols, *sizes, **options)
+    grad_cols[:, row_start:row_start + n_rows] += grad_rows
+    grad_scales = torch.zeros(len(spec.SCALES), dtype=torch.float32, device=emb.device)
+    grad_scales.index_add_(0, plan.scale_index, ds_rows.sum(0) + ds_cols.sum(0))
+    return grad_cols, grad_scales
+
+
+# ------------------------------------------------------------------------------------------------ autograd
+
+
+class _RelationalLoss(torch.autograd.Function):
+    """(s_img, s_txt, t_img, t_txt, scales (5,)) -> total (0-dim) and the detached term values (n_terms,)."""
+
+    @staticmethod
+    def forward(ctx, s_img, s_txt, t_img, t_txt, scales, plan: _Plan, row_start: int, n_rows: int):
+        # One (4, N, D) slab in the student dtype: kernels address any input by its slab index.
+        emb = torch.stack((s_img, s_txt, t_img.to(s_img.dtype), t_txt.to(s_img.dtype)))
+        lse, row_loss = _relational_forward(emb, plan, scales, row_start, n_rows)
+        slot_mean = row_loss.sum(dim=2) / n_rows  # (n_pairs, 4): mean over the owned rows of each use
+        terms = plan.term_shares @ slot_mean.reshape(-1)
+        total = (plan.weighted * slot_mean).sum()
+        ctx.save_for_backward(emb, scales, lse)
+        ctx.plan, ctx.row_start, ctx.n_rows = plan, row_start, n_rows
+        ctx.mark_non_differentiable(terms)
+        return total, terms
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_terms):
+        emb, scales, lse = ctx.saved_tensors
+        plan = ctx.plan
+        # d total / d logits of a pair = gscale * (unit coefficients combination of P - onehot, P - P(target)).
+        gscale = plan.norm * (grad_total.float() / ctx.n_rows)
+        coef = torch.cat((plan.unit, gscale[:, None]), dim=1).contiguous()
+        grad_emb, grad_scales = _relational_backward(emb, plan, coef, scales, lse, ctx.row_start, ctx.n_rows)
+        dtype = emb.dtype
+        return grad_emb[0].to(dtype), grad_emb[1].to(dtype), None, None, grad_scales, None, None, None
+
+
+# ------------------------------------------------------------------------------------------------ backend entry
+
+
+def triton_relational_loss(inputs, scales, weights, row_start, row_stop):
+    """Row-softmax terms of the objective with the fused Triton kernels (contract in INTERFACES.md).
+
+    inputs: {"s_img","s_txt","t_img","t_txt"} -> (N, D); scales: spec.SCALES -> 0-dim fp32; weights resolved.
+    Returns (total, {term: detached 0-dim fp32}) for the active terms among task, icl, hrd, vrd, vrd_ce_img,
+    vrd_ce_txt, xrd, intra; anchors are rows [row_start, row_stop), columns all N."""
+    if weights.get("gd", 0.0) != 0.0:
+        raise ValueError("gd is not implemented in the triton backend; use backend='chunked' or 'reference'")
+    s_img = inputs["s_img"]
+    if not s_img.is_cuda and not _INTERPRETING:
+        raise RuntimeError(
+            "triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before kernels.triton_fused is imported "
+            f"to run on {s_img.device} tensors; use backend='chunked' on CPU"
+        )
+    n_cols, width = s_img.shape
+    block_config(width, s_img.dtype)  # unsupported width or dtype: a clear error before any launch
+    row_stop = n_cols if row_stop is None else row_stop
+    plan = _plan(tuple(sorted(weights.items())), s_img.device)
+    if not plan.terms:
+        return torch.zeros((), dtype=torch.float32, device=s_img.device), {}
+    scale_vec = torch.stack([scales[name].reshape(()).float() for name in spec.SCALES])
+    total, terms = _RelationalLoss.apply(inputs["s_img"], inputs["s_txt"], inputs["t_img"], inputs["t_txt"],
+                                         scale_vec, plan, row_start, row_stop - row_start)
+    return total, dict(zip(plan.terms, terms.unbind(0)))
