@@ -1,0 +1,191 @@
+"""What one benchmark case runs: inputs, a backend's forward and backward, and the three timed modes.
+
+A case is (backend, preset, N, D, dtype, device). Loss backends call ``kernels.clip_rd_loss`` as a training step
+does: student embeddings and the learnable scales require gradients, the teacher embeddings do not. ``compiled`` is
+``torch.compile`` of the reference call. ``floor`` runs only the matrix multiplications the objective cannot avoid
+(``bench.flops.products``), column-tiled so that it never holds an N x N matrix itself.
+
+Modes: ``forward`` = the loss with autograd recording, as in training (the chunked backend computes its gradients
+here); ``backward`` = ``total.backward()`` after an untimed forward; ``forward+backward`` = both.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kernels import clip_rd_loss, spec
+
+from .flops import mode_products
+
+SCALE_NAMES = ("student_scale", "teacher_scale", "lam_img", "lam_txt", "kappa")
+# Elements of the floor's (rows x columns) product tile: 16 Mi on CPU (64 MiB fp32), 64 Mi on GPU.
+FLOOR_TILE_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 26}
+
+
+def make_inputs(n: int, d: int, dtype: torch.dtype, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Four L2-normalised (N, D) embeddings (teacher ones correlated with the student's) and the five scales."""
+    gen = torch.Generator().manual_seed(seed)
+    s_img = torch.randn(n, d, generator=gen)
+    s_txt = s_img + 0.8 * torch.randn(n, d, generator=gen)  # paired captions: positives are the likeliest columns
+    t_img = s_img + 0.5 * torch.randn(n, d, generator=gen)
+    t_txt = s_txt + 0.5 * torch.randn(n, d, generator=gen)
+    out = {}
+    for name, value in (("s_img", s_img), ("s_txt", s_txt), ("t_img", t_img), ("t_txt", t_txt)):
+        out[name] = F.normalize(value, dim=1).to(device=device, dtype=dtype).requires_grad_(name.startswith("s_"))
+    scale = lambda v, grad: torch.tensor(v, dtype=torch.float32, device=device, requires_grad=grad)  # noqa: E731
+    out["student_scale"] = scale(1 / 0.07, True)
+    out["teacher_scale"] = scale(100.0, False)
+    for name in ("lam_img", "lam_txt", "kappa"):
+        out[name] = scale(spec.DEFAULT_MULTIPLIER, True)
+    return out
+
+
+def _loss_total(backend: str, preset: str) -> Callable[..., torch.Tensor]:
+    def total(s_img, s_txt, t_img, t_txt, student_scale, teacher_scale, lam_img, lam_txt, kappa):
+        return clip_rd_loss(
+            s_img, s_txt, t_img, t_txt, student_scale=student_scale, teacher_scale=teacher_scale,
+            lam_img=lam_img, lam_txt=lam_txt, kappa=kappa, weights=preset, backend=backend,
+        )["total"]
+
+    return total
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_reference(preset: str) -> Callable[..., torch.Tensor]:
+    """``torch.compile`` of the reference objective, one compiled function per preset (shapes recompile lazily)."""
+    if preset not in _COMPILED:
+        _COMPILED[preset] = torch.compile(_loss_total("reference", preset))
+    return _COMPILED[preset]
+
+
+class LossCase:
+    """One backend of ``clip_rd_loss``: forward returns the differentiable total, backward fills the gradients."""
+
+    def __init__(self, backend: str, preset: str, inputs: dict[str, torch.Tensor]):
+        self.inputs = inputs
+        self.args = [inputs[k] for k in ("s_img", "s_txt", "t_img", "t_txt", *SCALE_NAMES)]
+        self.fn = compiled_reference(preset) if backend == "compiled" else _loss_total(backend, preset)
+        self.leaves = [t for t in self.args if t.requires_grad]
+
+    def zero_grad(self):
+        for tensor in self.leaves:
+            tensor.grad = None
+
+    def forward(self) -> torch.Tensor:
+        return self.fn(*self.args)
+
+    def backward(self, total: torch.Tensor):
+        total.backward()
+
+
+class FloorCase:
+    """Only the unavoidable products: forward (rows x D)@(D x N) logits; backward G@Y and G^T@X per student side.
+
+    Tiled over column blocks into one reused buffer (its contents stand in for the logits / their gradients), so
+    the floor's memory stays O((N + tile) * D) and its time is the matmuls alone.
+    """
+
+    def __init__(self, preset: str, inputs: dict[str, torch.Tensor]):
+        x = {name: inputs[name].detach() for name in spec.INPUTS}
+        self.x = x
+        n = x["s_img"].shape[0]
+        device = x["s_img"].device
+        self.columns = max(1, min(n, FLOOR_TILE_ELEMENTS[device.type] // n))
+        self.buffer = torch.randn(n * self.columns, device=device).to(x["s_img"].dtype) * 1e-3
+        self.grads = {name: torch.zeros_like(x[name]) for name in spec.STUDENT_INPUTS}
+        self.forward_products = mode_products(preset, "forward")
+        self.gradient_products = mode_products(preset, "backward")
+
+    def zero_grad(self):
+        for grad in self.grads.values():
+            grad.zero_()
+
+    def _tiles(self):
+        n = self.x["s_img"].shape[0]
+        for start in range(0, n, self.columns):
+            stop = min(start + self.columns, n)
+            yield start, stop, self.buffer[: n * (stop - start)].view(n, stop - start)
+
+    def forward(self):
+        for product in self.forward_products:
+            anchors, candidates = self.x[product.anchor], self.x[product.candidate]
+            for start, stop, tile in self._tiles():
+                torch.mm(anchors, candidates[start:stop].T, out=tile)
+        return None
+
+    def backward(self, _state):
+        for product in self.gradient_products:
+            anchors, candidates = self.x[product.anchor], self.x[product.candidate]
+            for start, stop, tile in self._tiles():
+                if product.kind == "grad_anchor":  # dX[rows] += G[:, tile] @ Y[tile]
+                    self.grads[product.anchor].addmm_(tile, candidates[start:stop])
+                else:  # dY[tile] = G[:, tile]^T @ X[rows]
+                    torch.mm(tile.T, anchors, out=self.grads[product.candidate][start:stop])
+
+
+def build_case(backend: str, preset: str, inputs: dict[str, torch.Tensor]):
+    if backend == "floor":
+        return FloorCase(preset, inputs)
+    return LossCase(backend, preset, inputs)
+
+
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def mode_functions(case, mode: str, device: str):
+    """(setup, target) for ``benchmark.pedantic``: setup is untimed and returns (args, kwargs) for target."""
+    if mode == "forward":
+        def setup():
+            case.zero_grad()
+            _sync(device)
+            return (), {}
+
+        def target():
+            case.forward()
+            _sync(device)
+    elif mode == "backward":
+        def setup():
+            case.zero_grad()
+            state = case.forward()
+            _sync(device)
+            return (state,), {}
+
+        def target(state):
+            case.backward(state)
+            _sync(device)
+    elif mode == "forward+backward":
+        def setup():
+            case.zero_grad()
+            _sync(device)
+            return (), {}
+
+        def target():
+            case.backward(case.forward())
+            _sync(device)
+    else:
+        raise ValueError(f"mode: unknown mode {mode!r}")
+    return setup, target
+
+
+def run_once(case, mode: str, device: str) -> float:
+    """Run a mode once (setup untimed); return the seconds its timed part took."""
+    setup, target = mode_functions(case, mode, device)
+    args, kwargs = setup()
+    start = time.perf_counter()
+    target(*args, **kwargs)
+    return time.perf_counter() - start
+
+
+def rounds_for(seconds_per_call: float, case_seconds: float, max_rounds: int) -> int:
+    """As many rounds as fit in ``case_seconds`` (at least 1, at most ``max_rounds``)."""
+    if seconds_per_call <= 0 or case_seconds <= 0:
+        return 1
+    return max(1, min(max_rounds, math.floor(case_seconds / seconds_per_call)))

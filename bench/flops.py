@@ -1,0 +1,84 @@
+"""Explicit work counts of the objective, from the View/Use table of ``kernels.spec``.
+
+Each distinct logit view ``X[rows] @ Y^T`` is one (rows x D) @ (D x N) product, 2 * rows * N * D FLOPs, in the
+forward pass; in the backward pass a view that is the student side of some use (not only a KD target) needs one
+more product of the same size per student operand: dX[rows] = G @ Y (anchor) and dY = G^T @ X[rows] (candidate).
+For ``clip-rd`` that is 12 forward + 12 gradient products, for ``clip-kd`` 6 + 6. Elementwise work (exp, softmax,
+the O(N D) fd term) is not counted: GFLOP/s here is useful matmul throughput, the same count for every backend.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kernels import spec
+
+STUDENT = set(spec.STUDENT_INPUTS)
+
+
+@dataclass(frozen=True)
+class Product:
+    """One (rows x D) @ (D x N)-sized product: a view's forward logits or one of its gradient products."""
+
+    anchor: str
+    candidate: str
+    kind: str  # "forward", "grad_anchor" (G @ candidate -> anchor rows), "grad_candidate" (G^T @ anchor -> candidate)
+
+
+def products(preset: str) -> list[Product]:
+    """The products the objective cannot avoid for this preset (views deduplicated by operands, scale ignored)."""
+    uses = spec.active_uses(spec.resolve_weights(preset))
+    views, graded = {}, {}
+    for use in uses:
+        key = (use.view.anchor, use.view.candidate)
+        views[key] = graded[key] = None
+        if use.target is not None:
+            views.setdefault((use.target.anchor, use.target.candidate), None)
+    out = [Product(a, c, "forward") for a, c in views]
+    for a, c in graded:
+        if a in STUDENT:
+            out.append(Product(a, c, "grad_anchor"))
+        if c in STUDENT:
+            out.append(Product(a, c, "grad_candidate"))
+    return out
+
+
+def mode_products(preset: str, mode: str) -> list[Product]:
+    """Products timed by a mode: forward -> forward products, backward -> gradient products, both -> all."""
+    every = products(preset)
+    if mode == "forward":
+        return [p for p in every if p.kind == "forward"]
+    if mode == "backward":
+        return [p for p in every if p.kind != "forward"]
+    if mode == "forward+backward":
+        return every
+    raise ValueError(f"mode: unknown mode {mode!r}; expected forward, backward or forward+backward")
+
+
+def flop_count(preset: str, mode: str, rows: int, n: int, d: int) -> int:
+    """Matmul FLOPs of the objective in this mode: 2 * rows * N * D per product."""
+    return 2 * rows * n * d * len(mode_products(preset, mode))
+
+
+def bytes_min(mode: str, rows: int, n: int, d: int, itemsize: int) -> int:
+    """Compulsory memory traffic of a streaming implementation: every input read once, every gradient written once.
+
+    forward reads the four (N, D) inputs (anchor rows included); backward reads them again and writes the two
+    student gradients. A backend that stores logits moves ``bytes_logits`` more.
+    """
+    inputs = 4 * n * d * itemsize
+    if mode == "forward":
+        return inputs
+    backward = inputs + 2 * n * d * itemsize
+    return backward if mode == "backward" else inputs + backward
+
+
+def bytes_logits(preset: str, mode: str, rows: int, n: int) -> int:
+    """Traffic a materialising backend adds at the very least: each rows x N fp32 matrix written once, read once.
+
+    One logit matrix per forward product and one gradient matrix per graded view in backward.
+    """
+    forward_views = sum(1 for p in products(preset) if p.kind == "forward")
+    graded_views = len({(p.anchor, p.candidate) for p in products(preset) if p.kind != "forward"})
+    per_matrix = 2 * 4 * rows * n
+    count = {"forward": forward_views, "backward": graded_views, "forward+backward": forward_views + graded_views}
+    return per_matrix * count[mode]

@@ -1,0 +1,128 @@
+"""Loss benchmarks: every backend of ``clip_rd_loss`` and the matmul floor, over mode x preset x N.
+
+One benchmark group per (preset, mode, N), so pytest-benchmark's table compares backends at one size. Next to the
+time each case records in ``extra_info``: peak extra memory (bench.memory), FLOPs and GFLOP/s (bench.flops),
+bytes moved, and on a GPU the share of the device's peak. Sizes the machine cannot afford are skipped with the
+estimate that ruled them out (see ``pytest -rs`` or the summary at the end of the run).
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from . import flops, memory
+from .cases import build_case, make_inputs, mode_functions, rounds_for, run_once
+from .config import LOSS_BACKENDS, profile
+
+PROFILE = profile()
+# Order: one group after another, backends together inside a group.
+BACKEND_ORDER = {name: i for i, name in enumerate(("floor",) + LOSS_BACKENDS)}
+
+
+def _cases():
+    cases = []
+    for preset in PROFILE.presets:
+        for mode in PROFILE.modes:
+            for n in PROFILE.all_ns():
+                for backend in sorted(PROFILE.backends, key=BACKEND_ORDER.get):
+                    if backend == "compiled" and preset not in PROFILE.compiled_presets:
+                        continue
+                    if n in PROFILE.sweep(backend, mode):
+                        cases.append(pytest.param(backend, preset, mode, n, id=f"{preset}-{mode}-N{n}-{backend}"))
+    return cases
+
+
+# The current size's inputs, shared by every backend of a group (regenerating them costs little, holding many
+# sizes costs memory).
+_INPUTS: dict[int, dict] = {}
+# CUDA: measured peaks and call times per (backend, preset, mode) -> {n: value}, to foresee the next size.
+_CUDA_PEAKS: dict[tuple, dict[int, int]] = {}
+_CUDA_SECONDS: dict[tuple, dict[int, float]] = {}
+_COMPILE_FAILED: dict[str, str] = {}
+
+
+def _inputs(n: int) -> dict:
+    if n not in _INPUTS:
+        _INPUTS.clear()
+        gc.collect()
+        _INPUTS[n] = make_inputs(n, PROFILE.d, PROFILE.dtype, PROFILE.device)
+    return _INPUTS[n]
+
+
+def _cpu_memory(backend, preset, mode, n) -> dict:
+    sweep = {m: PROFILE.sweep(backend, m) for m in PROFILE.modes}
+    record = memory.cpu_peak(
+        backend, preset, n, mode, sweep, PROFILE.d, PROFILE.dtype, PROFILE.mem_fraction, PROFILE.max_call_seconds
+    )
+    if record["status"] in ("skipped", "killed"):
+        pytest.skip(record["reason"])
+    if record["status"] != "ok":
+        pytest.fail(record["reason"])
+    return record
+
+
+@pytest.mark.parametrize("backend,preset,mode,n", _cases())
+def test_loss(benchmark, backend, preset, mode, n):
+    device, dtype, d = PROFILE.device, PROFILE.dtype, PROFILE.d
+    rows = n  # single device: every row is an anchor
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    benchmark.group = f"{preset} | {mode} | N={n}"
+    if backend == "compiled" and preset in _COMPILE_FAILED:
+        pytest.skip(_COMPILE_FAILED[preset])
+
+    probe = None
+    if device == "cpu":
+        probe = _cpu_memory(backend, preset, mode, n)
+    else:
+        key = (backend, preset, mode)
+        reason = memory.limit_reason(
+            backend, preset, mode, n, d, itemsize, _CUDA_PEAKS.get(key, {}), _CUDA_SECONDS.get(key, {}),
+            int(memory.available_bytes(device) * PROFILE.mem_fraction), PROFILE.max_call_seconds,
+        )
+        if reason:
+            pytest.skip(reason)
+
+    case = build_case(backend, preset, _inputs(n))
+    try:
+        # Warm-up: compiles (torch.compile, Triton) and measures one call to choose the number of rounds.
+        seconds = run_once(case, mode, device)
+        if backend in ("compiled", "triton") or seconds < PROFILE.case_seconds:
+            seconds = run_once(case, mode, device)
+        peak = probe["peak_extra_bytes"] if probe else memory.cuda_peak(case, mode, device)
+    except torch.OutOfMemoryError as exc:
+        pytest.skip(f"{backend} at N={n} ran out of device memory: {str(exc).splitlines()[0]}")
+    except Exception as exc:
+        if backend != "compiled":
+            raise
+        _COMPILE_FAILED[preset] = f"torch.compile of the reference failed here: {type(exc).__name__}: {exc}"[:600]
+        pytest.skip(_COMPILE_FAILED[preset])
+    if device != "cpu":
+        _CUDA_PEAKS.setdefault((backend, preset, mode), {})[n] = peak
+        _CUDA_SECONDS.setdefault((backend, preset, mode), {})[n] = seconds
+
+    setup, target = mode_functions(case, mode, device)
+    rounds = rounds_for(seconds, PROFILE.case_seconds, PROFILE.max_rounds)
+    benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=0, iterations=1)
+
+    flop = flops.flop_count(preset, mode, rows, n, d)
+    # With --benchmark-disable pytest-benchmark runs the target once and keeps no statistics.
+    median = benchmark.stats.stats.median if benchmark.stats else seconds
+    peak_flops = None
+    if device == "cuda":
+        from .config import device_peak_flops
+
+        peak_flops = device_peak_flops(device, dtype)
+    benchmark.extra_info.update({
+        "backend": backend, "preset": preset, "mode": mode, "n": n, "rows": rows, "d": d,
+        "dtype": str(dtype).removeprefix("torch."), "device": device, "profile": PROFILE.name,
+        "peak_extra_bytes": int(peak),
+        "memory_source": "subprocess peak RSS (VmHWM - VmRSS before)" if probe else "torch.cuda.max_memory_allocated",
+        "flops": flop, "gflops_per_s": flop / median / 1e9,
+        "bytes_min": flops.bytes_min(mode, rows, n, d, itemsize),
+        "bytes_logits": flops.bytes_logits(preset, mode, rows, n) if backend in ("reference", "compiled") else 0,
+        "device_peak_flops": peak_flops,
+        "peak_share": (flop / median / peak_flops) if peak_flops else None,
+        "probe_seconds": probe["seconds"] if probe else None,
+    })

@@ -1,0 +1,143 @@
+"""The benchmark suite's own checks: FLOP counts, memory probe, size limits, report, and a quick run end to end."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import flops, memory, report
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_clip_rd_counts_24_products_by_hand():
+    # Views of LOSSES.md's table in both directions: 6 pairs x 2 = 12 forward products; gradient products:
+    # S_I S_T^T and S_T S_I^T have two student operands (4), the four teacher-student pairs one each in both
+    # directions (8), T_I T_T^T is a KD target only (0).
+    products = flops.products("clip-rd")
+    assert sum(p.kind == "forward" for p in products) == 12
+    assert sum(p.kind != "forward" for p in products) == 12
+    assert ("t_img", "t_txt") in {(p.anchor, p.candidate) for p in products if p.kind == "forward"}
+    assert not [p for p in products if p.kind != "forward" and {p.anchor, p.candidate} == {"t_img", "t_txt"}]
+    assert flops.flop_count("clip-rd", "forward+backward", 37, 129, 24) == 24 * 2 * 37 * 129 * 24
+    assert flops.flop_count("clip-rd", "backward", 5, 7, 3) == 12 * 2 * 5 * 7 * 3
+
+
+def test_clip_kd_and_baseline_counts():
+    # clip-kd: task/hrd views S_I S_T^T both ways (2 student operands each), icl S_I T_T^T and S_T T_I^T (1 each),
+    # hrd targets T_I T_T^T both ways (forward only).
+    assert len(flops.mode_products("clip-kd", "forward")) == 6
+    assert len(flops.mode_products("clip-kd", "backward")) == 6
+    assert len(flops.mode_products("baseline", "forward")) == 2
+    assert len(flops.mode_products("baseline", "backward")) == 4
+    with pytest.raises(ValueError, match="mode"):
+        flops.mode_products("clip-kd", "sideways")
+
+
+def test_bytes_figures():
+    assert flops.bytes_min("forward", 8, 8, 4, 4) == 4 * 8 * 4 * 4
+    assert flops.bytes_min("forward+backward", 8, 8, 4, 2) == (4 + 6) * 8 * 4 * 2
+    assert flops.bytes_logits("clip-kd", "forward", 3, 5) == 6 * 2 * 4 * 3 * 5
+
+
+@pytest.mark.parametrize("exponent", [1.0, 2.0, 1.5])
+def test_fit_exponent_recovers_power_law(exponent):
+    points = {n: 3.0 * n**exponent for n in (256, 512, 1024, 2048, 4096)}
+    assert report.fit_exponent(points) == pytest.approx(exponent, abs=1e-9)
+    assert report.fit_exponent({256: 1.0}) is None
+
+
+def test_limit_reason_memory_then_time():
+    gib = 1 << 30
+    reason = memory.limit_reason("reference", "clip-rd", "forward", 8192, 512, 4, {4096: 3 * gib}, {}, 8 * gib, 0)
+    assert reason and "12.0 GiB" in reason and "out of memory" in reason
+    reason = memory.limit_reason("chunked", "clip-rd", "forward", 8192, 512, 4, {4096: 1 << 20}, {4096: 10.0},
+                                 8 * gib, 25.0)
+    assert reason and "40 s per call" in reason
+    assert memory.limit_reason("chunked", "clip-rd", "forward", 8192, 512, 4, {4096: 1 << 20}, {4096: 1.0},
+                               8 * gib, 25.0) is None
+
+
+def test_probe_sees_quadratic_reference_and_small_chunked():
+    budget_fraction = 0.5
+    ref = memory.probe_cpu("reference", "clip-kd", [512, 1024], ["forward+backward"], 32, torch.float32,
+                           budget_fraction, 0)
+    chunked = memory.probe_cpu("chunked", "clip-kd", [1024], ["forward+backward"], 32, torch.float32,
+                               budget_fraction, 0)
+    small, large = ref[(512, "forward+backward")], ref[(1024, "forward+backward")]
+    streamed = chunked[(1024, "forward+backward")]
+    assert small["status"] == large["status"] == streamed["status"] == "ok", (ref, chunked)
+    matrix = 1024 * 1024 * 4  # one fp32 N x N matrix; the reference holds many at once
+    assert large["peak_extra_bytes"] > 4 * matrix
+    assert large["peak_extra_bytes"] > 2.5 * small["peak_extra_bytes"]  # ~4x when N doubles
+    assert streamed["peak_extra_bytes"] < large["peak_extra_bytes"] / 1.5  # one row block of tiles vs all matrices
+
+
+def _fake_benchmark(backend, n, seconds, peak, mode="forward+backward"):
+    return {
+        "name": f"test_loss[{backend}-{n}]", "group": f"clip-rd | {mode} | N={n}",
+        "stats": {"median": seconds, "mean": seconds, "min": seconds, "stddev": 0.0, "rounds": 3},
+        "extra_info": {"backend": backend, "preset": "clip-rd", "mode": mode, "n": n, "rows": n, "d": 512,
+                       "dtype": "float32", "device": "cpu", "profile": "cpu", "peak_extra_bytes": peak,
+                       "flops": flops.flop_count("clip-rd", mode, n, n, 512),
+                       "gflops_per_s": flops.flop_count("clip-rd", mode, n, n, 512) / seconds / 1e9},
+    }
+
+
+def test_report_on_known_figures(tmp_path):
+    ns = (512, 1024, 2048, 4096)
+    benches = []
+    for n in ns:
+        k = (n / 512) ** 2
+        benches.append(_fake_benchmark("floor", n, 0.01 * k, 1))
+        benches.append(_fake_benchmark("reference", n, 0.08 * k, int(64 * k) << 20))
+        if n < 4096:
+            benches.append(_fake_benchmark("chunked", n, 0.02 * k, (n // 512) << 20))
+    data = {"benchmarks": benches, "datetime": "2026-01-01T00:00:00",
+            "machine_info": {"bench_machine": {"cpu_model": "Test CPU", "cpu_cores": 2, "memory_gib": 24.0}}}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    report.main([str(path), "--out", str(out)])
+    text = (out / "report.md").read_text()
+    assert "Test CPU, 2 cores" in text
+    # Largest N both ran is 2048: chunked 0.02*16 s vs reference 0.08*16 s, 4 MiB vs 1024 MiB.
+    assert "N = 2048** (largest N both ran): chunked 320.0 ms vs reference 1280.0 ms (**x0.25** time)" in text
+    assert "4.0 MiB vs 1024.0 MiB (**x0.004**)" in text
+    assert "| clip-rd | forward+backward | reference | 2.00 | 2.00 |" in text
+    assert "| clip-rd | forward+backward | chunked | 1.00 | 2.00 |" in text
+    assert "| 2048 | chunked | 320.00 | 3 | 4.0 |" in text and "| 2.00 |" in text  # 2x the floor
+    summary = json.loads((out / "summary.json").read_text())
+    assert {r["backend"] for r in summary["ratios"]} == {"chunked"}
+    png = out / "clip-rd.png"
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quick_suite_and_report_run(tmp_path):
+    """A slice of ``pytest bench/ --bench-quick`` runs, records memory and FLOPs, and the report reads it."""
+    result_json = tmp_path / "quick.json"
+    env = {**os.environ, "BENCH_QUICK": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "pytest", "bench/test_loss.py", "-q", "-p", "no:cacheprovider", "--bench-quick",
+           "-k", "clip-kd-forward+backward-N128 and not compiled", f"--benchmark-json={result_json}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "bench summary" in proc.stdout
+    records, machine, _ = report.load(result_json)
+    assert {r["backend"] for r in records} == {"floor", "reference", "chunked"}
+    assert machine["cpu_cores"] == os.cpu_count()
+    for r in records:
+        assert r["flops"] == flops.flop_count("clip-kd", "forward+backward", 128, 128, 32)
+        assert r["gflops_per_s"] > 0 and r["median_s"] > 0
+        if r["backend"] != "floor":
+            assert r["peak_extra_bytes"] > 0
+    out = tmp_path / "report"
+    subprocess.run([sys.executable, "-m", "bench.report", str(result_json), "--out", str(out)], cwd=REPO,
+                   check=True, capture_output=True, timeout=300)
+    assert "clip-kd, forward+backward" in (out / "report.md").read_text()
+    assert (out / "clip-kd.png").exists()
