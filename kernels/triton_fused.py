@@ -10,11 +10,26 @@ Kernels (flash-attention style, no rows x N matrix is ever stored):
 - forward, grid (row blocks, pairs): each program streams column tiles; both logit tiles of its pair are computed
   once per tile and feed every use (online max, sum of exp, and for KD the sum of e^(g - m_g) (g - a)); it writes
   the per-row log-sum-exps for the backward and the per-row CE / KL values that the host averages into terms.
-- backward rows, grid (row blocks, student anchor, D blocks): dX[rows] = sum over views anchored on that student
-  input of s * dA @ Y, plus per-row partial sums of dA * (X Y^T) for the scale gradients (student-anchored views).
-- backward columns, grid (column blocks, student candidate, D blocks): dY[cols] = sum of s * dA^T @ X, plus the
-  scale-gradient partial sums of teacher-anchored views. Both recompute the logit tiles from the saved lse; every
-  program owns its output rows, so there are no atomics; partial sums are reduced on the host.
+- backward rows, grid (row blocks, student anchor, column splits): dX[rows] = sum over views anchored on that
+  student input of s * dA @ Y, plus per-row partial sums of dA * (X Y^T) for the scale gradients.
+- backward columns, grid (column blocks, student candidate, row splits): dY[cols] = sum of s * dA^T @ X, plus the
+  scale-gradient partial sums of teacher-anchored views.
+Both backward passes recompute each logit tile once from the saved lse (a full-D dot), form dA, and add
+dA @ Y (dA^T @ X) to the program's own fp32 gradient rows in global memory, BLOCK_D columns at a time
+(read-modify-write; no atomics, as no other program touches those rows). A pass with few owned blocks (few
+local-loss rows) splits its streamed axis over a third grid axis, each split into its own fp32 slab; the host sums
+the slabs and the scale partial sums, and casts to the input dtype.
+
+Why global read-modify-write rather than a gradient tile in registers. Per (row block, column tile, pair), with
+U = 2 BM BN D flops: the logits of P and Q cost 2U and the gradient product U. Keeping the gradient in registers
+caps its width (a (64, D) fp32 tile is D / 4 registers per thread at 256 threads: 128 at D = 512, 256 at D = 1024,
+on top of ~100 for the logit tiles), so D had to be a grid axis of BLOCK_D chunks, each recomputing the logits:
+(2 D / BLOCK_D + 1) U = 17 U at D = 512 bf16 (BLOCK_D 64), 33 U at D = 1024 bf16 or D = 512 fp32 (BLOCK_D 32).
+Now it is 3 U (2 U for a CE-only pair): 5.7x, 11x and 22x fewer backward flops (fp32 at D = 1024). The price is
+the accumulator traffic, 2 BM D x 4 bytes per tile: at bf16, 64 x 64 tiles, the tile reads 4 (BM + BN) D = 512 D
+bytes of operands for the logits and 128 D for the product, and moves 512 D bytes of accumulator, 1152 D bytes in
+all against 4224 D before at D = 512 (3.7x less). The accumulator rows (BM x D fp32, 128-256 KiB) are private to
+one program and reused every column tile, so they stay in L2 (50 MiB on H100).
 dA = P(view) - onehot(pos) for CE and P(view) - P(target) for KD, times share * weight / rows (the target and its
 scale get nothing).
 """
@@ -30,7 +45,7 @@ import triton
 import triton.language as tl
 
 from . import spec
-from .triton_config import block_config
+from .triton_config import block_config, stream_split
 
 # Read once: Triton decides at import time whether @triton.jit kernels run on the interpreter.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -227,29 +242,54 @@ def _pair_probabilities(x_p, y_p, x_q, y_q, s_p, s_q, lse_p, lse_q, has_q, maske
     return p_raw, prob_p, q_raw, prob_q, onehot
 
 
-@triton.jit(do_not_specialize=["n_cols", "row_start", "n_rows", "n_pairs"])
+@triton.jit
+def _add_product(out_ptr, grad_logits, operand_ptr, factor, out_ok, operand_ok, width,
+                 OUT_ROWS: tl.constexpr, INNER: tl.constexpr, BLOCK_D: tl.constexpr,
+                 DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """out[:, :D] += factor * grad_logits @ operand[:, :D], D walked in BLOCK_D chunks (one dA tile, any width).
+
+    out_ptr: OUT_ROWS fp32 rows of width D owned by this program alone (read-modify-write without atomics);
+    grad_logits: (OUT_ROWS, INNER) fp32; operand_ptr: INNER rows of the embeddings; out_ok / operand_ok mask rows."""
+    o = tl.arange(0, OUT_ROWS)
+    i = tl.arange(0, INNER)
+    a = grad_logits.to(operand_ptr.dtype.element_ty)  # tensor-core operand in the embedding dtype
+    for d0 in range(0, width, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        dim_ok = dims < width
+        operand = tl.load(operand_ptr + i[:, None] * width + dims[None, :],
+                          mask=operand_ok[:, None] & dim_ok[None, :], other=0.0)  # (INNER, BLOCK_D)
+        out = out_ptr + o[:, None] * width + dims[None, :]
+        out_mask = out_ok[:, None] & dim_ok[None, :]
+        partial = tl.load(out, mask=out_mask, other=0.0)  # (OUT_ROWS, BLOCK_D) fp32
+        tl.store(out, partial + factor * _dot(a, operand, DOT_FP32, PRECISION), mask=out_mask)
+    # The next call re-reads these rows, possibly on other threads: order the stores before those loads.
+    tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["n_cols", "row_start", "n_rows", "n_pairs", "split_cols"])
 def _relational_bwd_rows_kernel(
     emb_ptr,        # (4, N, D) stacked embeddings
     pair_ptr,       # (n_pairs, 12) int32 pair table
     coef_ptr,       # (n_pairs, 5) fp32: unit coefficients of ce_p, ce_q, kd_pq, kd_qp; gradient scale of the pair
     scale_ptr,      # (5,) fp32 scales
     lse_ptr,        # (n_pairs, 2, rows) fp32 from the forward
-    grad_ptr,       # out (2, rows, D) fp32: gradient of the owned anchor rows of s_img, s_txt
-    dscale_ptr,     # out (row blocks, 2, n_pairs, 2) fp32: partial sums of dA * (X Y^T) for P and Q
-    n_cols, width, row_start, n_rows, n_pairs,
+    grad_ptr,       # in/out (splits, 2, rows, D) fp32, zero-filled: dX of the owned anchor rows, one slab per split
+    dscale_ptr,     # out (row blocks, 2, splits, n_pairs, 2) fp32: partial sums of dA * (X Y^T) for P and Q
+    n_cols, width, row_start, n_rows, n_pairs, split_cols,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     block = tl.program_id(0)
     slot = tl.program_id(1)  # student slab whose anchor rows this program owns (0 = s_img, 1 = s_txt)
-    d_block = tl.program_id(2)
+    split = tl.program_id(2)  # columns [split * split_cols, (split + 1) * split_cols), whole tiles
     local = block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = local < n_rows
     row0 = row_start + block * BLOCK_M
     c = tl.arange(0, BLOCK_N)
-    dims = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
-    dim_ok = dims < width
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # dX[rows, dims]
+    col_begin = split * split_cols
+    col_end = tl.minimum(col_begin + split_cols, n_cols)
+    out = grad_ptr + ((split.to(tl.int64) * _STUDENT_SLABS + slot) * n_rows + block * BLOCK_M) * width
+    program = (block * _STUDENT_SLABS + slot) * tl.num_programs(2) + split
     for pair in range(n_pairs):
         anchor_p, cand_p, scale_p, anchor_q, cand_q, scale_q, has_q, masked, ce_p, ce_q, kd_pq, kd_qp = \
             _load_pair(pair_ptr, pair)
@@ -268,55 +308,51 @@ def _relational_bwd_rows_kernel(
             x_q = _slab_rows(emb_ptr, anchor_q, row0, n_cols, width)
             ds_p = tl.zeros((BLOCK_M,), tl.float32)
             ds_q = tl.zeros((BLOCK_M,), tl.float32)
-            for col0 in range(0, n_cols, BLOCK_N):
+            for col0 in range(col_begin, col_end, BLOCK_N):
                 col_ok = col0 + c < n_cols
                 y_p = _slab_rows(emb_ptr, cand_p, col0, n_cols, width)
                 y_q = _slab_rows(emb_ptr, cand_q, col0, n_cols, width)
                 p_raw, prob_p, q_raw, prob_q, onehot = _pair_probabilities(
                     x_p, y_p, x_q, y_q, s_p, s_q, lse_p, lse_q, has_q, masked, row0, col0, row_ok, col_ok, width,
                     BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
-                y_mask = col_ok[:, None] & dim_ok[None, :]
                 if want_p:
-                    d_p = _grad_logits(prob_p, prob_q, onehot, c_ce_p, c_kd_pq)
+                    d_p = _grad_logits(prob_p, prob_q, onehot, c_ce_p, c_kd_pq)  # (BLOCK_M, BLOCK_N)
                     ds_p += tl.sum(d_p * p_raw, axis=1)
-                    y = tl.load(y_p + c[:, None] * width + dims[None, :], mask=y_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-                    acc += _dot(d_p.to(y.dtype), y, DOT_FP32, PRECISION) * (g * s_p)
+                    _add_product(out, d_p, y_p, g * s_p, row_ok, col_ok, width,
+                                 BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PRECISION)
                 if want_q:
                     d_q = _grad_logits(prob_q, prob_p, onehot, c_ce_q, c_kd_qp)
                     ds_q += tl.sum(d_q * q_raw, axis=1)
-                    y = tl.load(y_q + c[:, None] * width + dims[None, :], mask=y_mask, other=0.0)
-                    acc += _dot(d_q.to(y.dtype), y, DOT_FP32, PRECISION) * (g * s_q)
-            if d_block == 0:  # scale gradients once, not once per D block
-                ds_out = dscale_ptr + ((block.to(tl.int64) * _STUDENT_SLABS + slot) * n_pairs + pair) * 2
-                tl.store(ds_out, tl.where(want_p, g * tl.sum(ds_p, axis=0), 0.0))
-                tl.store(ds_out + 1, tl.where(want_q, g * tl.sum(ds_q, axis=0), 0.0))
-    out = grad_ptr + (slot.to(tl.int64) * n_rows + block * BLOCK_M) * width
-    r = tl.arange(0, BLOCK_M)
-    tl.store(out + r[:, None] * width + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
+                    _add_product(out, d_q, y_q, g * s_q, row_ok, col_ok, width,
+                                 BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PRECISION)
+            ds_out = dscale_ptr + (program.to(tl.int64) * n_pairs + pair) * 2
+            tl.store(ds_out, tl.where(want_p, g * tl.sum(ds_p, axis=0), 0.0))
+            tl.store(ds_out + 1, tl.where(want_q, g * tl.sum(ds_q, axis=0), 0.0))
 
 
-@triton.jit(do_not_specialize=["n_cols", "row_start", "n_rows", "n_pairs"])
+@triton.jit(do_not_specialize=["n_cols", "row_start", "n_rows", "n_pairs", "split_rows"])
 def _relational_bwd_cols_kernel(
     emb_ptr,        # (4, N, D) stacked embeddings
     pair_ptr,       # (n_pairs, 12) int32 pair table
     coef_ptr,       # (n_pairs, 5) fp32 coefficients (as in the row pass)
     scale_ptr,      # (5,) fp32 scales
     lse_ptr,        # (n_pairs, 2, rows) fp32 from the forward
-    grad_ptr,       # out (2, N, D) fp32: gradient of every row of s_img, s_txt as a candidate
-    dscale_ptr,     # out (column blocks, 2, n_pairs, 2) fp32: scale-gradient partial sums, teacher-anchored views
-    n_cols, width, row_start, n_rows, n_pairs,
+    grad_ptr,       # in/out (splits, 2, N, D) fp32, zero-filled: dY of every row of s_img, s_txt, one slab per split
+    dscale_ptr,     # out (column blocks, 2, splits, n_pairs, 2) fp32: scale-gradient partial sums, teacher anchors
+    n_cols, width, row_start, n_rows, n_pairs, split_rows,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     block = tl.program_id(0)
     slot = tl.program_id(1)  # student slab whose candidate rows this program owns
-    d_block = tl.program_id(2)
+    split = tl.program_id(2)  # anchor rows [split * split_rows, (split + 1) * split_rows), whole tiles
     col0 = block * BLOCK_N
     col_ok = col0 + tl.arange(0, BLOCK_N) < n_cols
     r = tl.arange(0, BLOCK_M)
-    dims = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
-    dim_ok = dims < width
-    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)  # dY[cols, dims]
+    row_begin = split * split_rows
+    row_end = tl.minimum(row_begin + split_rows, n_rows)
+    out = grad_ptr + ((split.to(tl.int64) * _STUDENT_SLABS + slot) * n_cols + col0) * width
+    program = (block * _STUDENT_SLABS + slot) * tl.num_programs(2) + split
     for pair in range(n_pairs):
         anchor_p, cand_p, scale_p, anchor_q, cand_q, scale_q, has_q, masked, ce_p, ce_q, kd_pq, kd_qp = \
             _load_pair(pair_ptr, pair)
@@ -332,7 +368,7 @@ def _relational_bwd_cols_kernel(
             y_q = _slab_rows(emb_ptr, cand_q, col0, n_cols, width)
             ds_p = tl.zeros((BLOCK_N,), tl.float32)
             ds_q = tl.zeros((BLOCK_N,), tl.float32)
-            for start in range(0, n_rows, BLOCK_M):
+            for start in range(row_begin, row_end, BLOCK_M):
                 local = start + r
                 row_ok = local < n_rows
                 row0 = row_start + start
@@ -344,24 +380,20 @@ def _relational_bwd_cols_kernel(
                 p_raw, prob_p, q_raw, prob_q, onehot = _pair_probabilities(
                     x_p, y_p, x_q, y_q, s_p, s_q, lse_p, lse_q, has_q, masked, row0, col0, row_ok, col_ok, width,
                     BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
-                x_mask = row_ok[:, None] & dim_ok[None, :]
                 if want_p:
-                    d_p = _grad_logits(prob_p, prob_q, onehot, c_ce_p, c_kd_pq)
+                    d_p = _grad_logits(prob_p, prob_q, onehot, c_ce_p, c_kd_pq)  # (BLOCK_M, BLOCK_N)
                     ds_p += tl.sum(d_p * p_raw, axis=0)
-                    x = tl.load(x_p + r[:, None] * width + dims[None, :], mask=x_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
-                    acc += _dot(tl.trans(d_p.to(x.dtype)), x, DOT_FP32, PRECISION) * (g * s_p)
+                    _add_product(out, tl.trans(d_p), x_p, g * s_p, col_ok, row_ok, width,
+                                 BLOCK_N, BLOCK_M, BLOCK_D, DOT_FP32, PRECISION)
                 if want_q:
                     d_q = _grad_logits(prob_q, prob_p, onehot, c_ce_q, c_kd_qp)
                     ds_q += tl.sum(d_q * q_raw, axis=0)
-                    x = tl.load(x_q + r[:, None] * width + dims[None, :], mask=x_mask, other=0.0)
-                    acc += _dot(tl.trans(d_q.to(x.dtype)), x, DOT_FP32, PRECISION) * (g * s_q)
-            if d_block == 0:  # student-anchored views already gave their scale gradient in the row pass
-                ds_out = dscale_ptr + ((block.to(tl.int64) * _STUDENT_SLABS + slot) * n_pairs + pair) * 2
-                tl.store(ds_out, tl.where(want_p & (anchor_p >= _STUDENT_SLABS), g * tl.sum(ds_p, axis=0), 0.0))
-                tl.store(ds_out + 1, tl.where(want_q & (anchor_q >= _STUDENT_SLABS), g * tl.sum(ds_q, axis=0), 0.0))
-    out = grad_ptr + (slot.to(tl.int64) * n_cols + col0) * width
-    c = tl.arange(0, BLOCK_N)
-    tl.store(out + c[:, None] * width + dims[None, :], acc, mask=col_ok[:, None] & dim_ok[None, :])
+                    _add_product(out, tl.trans(d_q), x_q, g * s_q, col_ok, row_ok, width,
+                                 BLOCK_N, BLOCK_M, BLOCK_D, DOT_FP32, PRECISION)
+            # Student-anchored views already gave their scale gradient in the row pass.
+            ds_out = dscale_ptr + (program.to(tl.int64) * n_pairs + pair) * 2
+            tl.store(ds_out, tl.where(want_p & (anchor_p >= _STUDENT_SLABS), g * tl.sum(ds_p, axis=0), 0.0))
+            tl.store(ds_out + 1, tl.where(want_q & (anchor_q >= _STUDENT_SLABS), g * tl.sum(ds_q, axis=0), 0.0))
 
 
 # ------------------------------------------------------------------------------------------------ pair planning
@@ -483,21 +515,28 @@ def _relational_backward(emb: torch.Tensor, plan: _Plan, coef: torch.Tensor, sca
     cfg = block_config(width, emb.dtype)
     options = dict(BLOCK_D=cfg.block_d, num_warps=cfg.backward_warps, num_stages=cfg.num_stages,
                    **_kernel_options(cfg, emb.dtype))
-    d_blocks = triton.cdiv(width, cfg.block_d)
     row_blocks, col_blocks = triton.cdiv(n_rows, cfg.block_m), triton.cdiv(n_cols, cfg.block_n)
-    grad_rows = torch.empty((_STUDENT_SLABS, n_rows, width), dtype=torch.float32, device=emb.device)
-    grad_cols = torch.empty((_STUDENT_SLABS, n_cols, width), dtype=torch.float32, device=emb.device)
-    # Pairs a program skips leave their partial sums untouched: start from zero.
-    ds_rows = torch.zeros((row_blocks * _STUDENT_SLABS, n_pairs * 2), dtype=torch.float32, device=emb.device)
-    ds_cols = torch.zeros((col_blocks * _STUDENT_SLABS, n_pairs * 2), dtype=torch.float32, device=emb.device)
+    # Each pass owns its output blocks and streams the other axis, split so the pass fills the GPU.
+    row_splits, split_cols = stream_split(row_blocks * _STUDENT_SLABS, col_blocks, cfg.block_n)
+    col_splits, split_rows = stream_split(col_blocks * _STUDENT_SLABS, row_blocks, cfg.block_m)
+    # The kernels accumulate into their own rows of these (read-modify-write): start from zero, and so do the
+    # scale-gradient partial sums of pairs a program skips.
+    f32 = dict(dtype=torch.float32, device=emb.device)
+    grad_rows = torch.zeros((row_splits, _STUDENT_SLABS, n_rows, width), **f32)
+    grad_cols = torch.zeros((col_splits, _STUDENT_SLABS, n_cols, width), **f32)
+    ds_rows = torch.zeros((row_blocks * _STUDENT_SLABS * row_splits, n_pairs * 2), **f32)
+    ds_cols = torch.zeros((col_blocks * _STUDENT_SLABS * col_splits, n_pairs * 2), **f32)
     args = (emb, plan.table, coef, scales, lse)
     sizes = (n_cols, width, row_start, n_rows, n_pairs)
-    _relational_bwd_rows_kernel[(row_blocks, _STUDENT_SLABS, d_blocks)](*args, grad_rows, ds_rows, *sizes, **options)
-    _relational_bwd_cols_kernel[(col_blocks, _STUDENT_SLABS, d_blocks)](*args, grad_cols, ds_cols, *sizes, **options)
-    grad_cols[:, row_start:row_start + n_rows] += grad_rows
+    _relational_bwd_rows_kernel[(row_blocks, _STUDENT_SLABS, row_splits)](
+        *args, grad_rows, ds_rows, *sizes, split_cols, **options)
+    _relational_bwd_cols_kernel[(col_blocks, _STUDENT_SLABS, col_splits)](
+        *args, grad_cols, ds_cols, *sizes, split_rows, **options)
+    grad = grad_cols.sum(0) if col_splits > 1 else grad_cols[0]
+    grad[:, row_start:row_start + n_rows] += grad_rows.sum(0)
     grad_scales = torch.zeros(len(spec.SCALES), dtype=torch.float32, device=emb.device)
     grad_scales.index_add_(0, plan.scale_index, ds_rows.sum(0) + ds_cols.sum(0))
-    return grad_cols, grad_scales
+    return grad, grad_scales
 
 
 # ------------------------------------------------------------------------------------------------ autograd

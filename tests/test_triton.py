@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import kernels.triton_config as triton_config
 import kernels.triton_fused as triton_fused
 from kernels import PRESETS, clip_rd_loss, resolve_weights
 from kernels.triton_config import BlockConfig, block_config
@@ -53,6 +54,25 @@ def test_single_terms_match_reference(small_tiles, weights, n, d):
 @pytest.mark.parametrize("rows", [(5, 19), (0, 1), (36, 37)])
 def test_local_rows_match_reference(small_tiles, preset, rows):
     compare_backends("triton", 37, 24, preset, row_start=rows[0], row_stop=rows[1])
+
+
+@pytest.mark.parametrize("preset,rows", [("clip-rd", (5, 60)), ("intra-kd", (0, 69))])
+def test_many_width_chunks_and_stream_splits(small_tiles, monkeypatch, preset, rows):
+    """D = 130 is nine 16-wide read-modify-write chunks (the last ragged); a small program target splits both
+    backward passes' streamed axes into runs of several tiles (the last shorter), each into its own slab."""
+    monkeypatch.setattr(triton_config, "TARGET_PROGRAMS", 12)
+    assert triton_config.stream_split(2 * 4, 3, 32) == (2, 64)  # row pass of (5, 60): 4 row blocks, 3 col tiles
+    assert triton_config.stream_split(2 * 3, 5, 16) == (2, 48)  # column pass of (0, 69): 5 row blocks
+    compare_backends("triton", 69, 130, preset, row_start=rows[0], row_stop=rows[1])
+
+
+def test_stream_split_covers_the_axis_with_whole_tiles():
+    for owned in (1, 2, 7, 255, 256, 1000):
+        for streamed in (1, 2, 3, 37, 512):
+            splits, per_split = triton_config.stream_split(owned, streamed, 32)
+            tiles = per_split // 32
+            assert per_split % 32 == 0 and (splits - 1) * tiles < streamed <= splits * tiles  # no empty split
+            assert owned * splits >= min(triton_config.TARGET_PROGRAMS, owned * streamed) or splits == streamed
 
 
 def test_local_rows_default_tiles():

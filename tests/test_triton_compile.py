@@ -16,7 +16,7 @@ import tempfile
 
 TARGETS = (80, 90)
 DTYPES = ("float32", "bfloat16", "float16")
-WIDTHS = (8, 1024)  # smallest and largest tile variants (block_k, block_d grow with the width up to 1024)
+WIDTHS = (8, 64, 512, 1024)  # smallest tiles, full tiles, and several / the most backward D chunks (ViT-B, ViT-H)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -68,7 +68,7 @@ def compile_report() -> list[dict]:
     from kernels.triton_config import block_config
 
     assert not tf._INTERPRETING, "compile_report must run without TRITON_INTERPRET=1"
-    ints = ("n_cols", "width", "row_start", "n_rows", "n_pairs")
+    ints = ("n_cols", "width", "row_start", "n_rows", "n_pairs", "split_cols", "split_rows")
     rows = []
     for dtype_name in DTYPES:
         dtype = getattr(torch, dtype_name)
