@@ -1,0 +1,138 @@
+"""The run configuration: one dataclass (saved in every checkpoint) and its open_clip-style command line."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+from kernels import PRESETS, WEIGHT_KEYS
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    # data (None: the embedded procedural dataset, generated once into the cache)
+    train_data: Optional[str] = None
+    val_data: Optional[str] = None
+    cache_dir: Optional[str] = None
+    workers: int = 0
+    shuffle_buffer: int = 1000
+    # models
+    model: str = "tiny-vit-student"
+    teacher: str = "tiny-vit-teacher"
+    teacher_pretrained: Optional[str] = None  # open_clip tag or checkpoint file; None: the default cached teacher
+    teacher_store: Optional[str] = None  # None: the cache's store for (teacher, data)
+    online_teacher: bool = False
+    # loss
+    preset: str = "clip-rd"
+    weights: dict = field(default_factory=dict)  # per-term overrides of the preset
+    mfd_mask_ratio: float = 0.0
+    fused: bool = False
+    # optimisation (open_clip names)
+    batch_size: int = 256
+    epochs: int = 4
+    lr: float = 2e-3
+    wd: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup: int = 30
+    precision: str = "fp32"
+    grad_clip_norm: Optional[float] = 1.0
+    seed: int = 0
+    # distributed (open_clip names; see engine.distributed)
+    local_loss: bool = False
+    gather_with_grad: bool = False
+    # logging and checkpoints
+    logs: str = "./logs"
+    name: Optional[str] = None
+    resume: Optional[str] = None
+    save_frequency: int = 1
+    log_every_n_steps: int = 10
+    eval: bool = True
+    progress: bool = True
+    # internal, for tests: stop (checkpointed) after this many steps; poison the loss input at this step
+    stop_after_steps: Optional[int] = None
+    inject_nan_step: Optional[int] = None
+
+    @property
+    def backend(self) -> str:
+        return "auto" if self.fused else "reference"
+
+    def loss_weights(self) -> dict:
+        weights = dict(PRESETS[self.preset])
+        weights.update(self.weights)
+        return weights
+
+    def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset: unknown preset {self.preset!r}; expected one of {sorted(PRESETS)}")
+        unknown = sorted(set(self.weights) - set(WEIGHT_KEYS))
+        if unknown:
+            raise ValueError(f"weights: unknown term(s) {unknown}; expected {list(WEIGHT_KEYS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision: {self.precision!r} is not one of {PRECISIONS}")
+        if not 0.0 <= self.mfd_mask_ratio < 1.0:
+            raise ValueError(f"--mfd-mask-ratio: must be in [0, 1), got {self.mfd_mask_ratio}")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ValueError(f"--batch-size and --epochs must be >= 1 (got {self.batch_size}, {self.epochs})")
+
+
+def parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m engine.train",
+        description="Distil a student CLIP from precomputed teacher embeddings (CLIP-RD / CLIP-KD losses). "
+                    "With no arguments: the embedded procedural dataset, the default teacher (trained once and "
+                    "cached), its embedding store, a clip-rd student run and its evaluation.")
+    a = p.add_argument
+    a("--train-data", default=None, help="webdataset shards, brace-expandable, '::'-separated (default: embedded)")
+    a("--val-data", default=None, help="held-out shards for evaluation (default: embedded validation split)")
+    a("--cache-dir", default=None, help="cache for the embedded data/teacher/store (default $CLIP_RD_CACHE or ~/.cache/clip_rd)")
+    a("--workers", type=int, default=d.workers, help="DataLoader worker processes")
+    a("--shuffle-buffer", type=int, default=d.shuffle_buffer)
+    a("--model", default=d.model, help="student open_clip model name")
+    a("--teacher", default=d.teacher, help="teacher open_clip model name")
+    a("--teacher-pretrained", default=None, help="teacher weights: open_clip pretrained tag or checkpoint file")
+    a("--teacher-store", default=None, help="teacher embedding store directory (engine.precompute)")
+    a("--online-teacher", action="store_true", help="run the teacher on every batch instead of reading the store")
+    a("--preset", default=d.preset, help=f"loss preset: {', '.join(PRESETS)}")
+    for key in WEIGHT_KEYS:
+        a(f"--{key}-weight", type=float, default=None, help=f"weight of the {key} term (overrides the preset)")
+    a("--mfd-mask-ratio", type=float, default=d.mfd_mask_ratio,
+      help="masked feature distillation: share of student image patches dropped (teacher sees the full image)")
+    a("--fused", action="store_true", help="fused loss backend ('auto': Triton on GPU, chunked on CPU); else 'reference'")
+    a("--batch-size", type=int, default=d.batch_size, help="per-process batch size")
+    a("--epochs", type=int, default=d.epochs)
+    a("--lr", type=float, default=d.lr)
+    a("--wd", type=float, default=d.wd)
+    a("--beta1", type=float, default=d.beta1)
+    a("--beta2", type=float, default=d.beta2)
+    a("--eps", type=float, default=d.eps)
+    a("--warmup", type=int, default=d.warmup, help="linear warmup steps")
+    a("--precision", default=d.precision, choices=PRECISIONS, help="autocast dtype of the student forward")
+    a("--grad-clip-norm", type=float, default=d.grad_clip_norm)
+    a("--seed", type=int, default=d.seed)
+    a("--local-loss", action="store_true", help="distributed: loss over local anchor rows vs global columns")
+    a("--gather-with-grad", action="store_true", help="distributed: all-gather embeddings with gradient")
+    a("--logs", default=d.logs, help="root of logs/<name>/")
+    a("--name", default=None, help="run name (default: from model, preset and time)")
+    a("--resume", default=None, help="'latest' or a checkpoint path")
+    a("--save-frequency", type=int, default=d.save_frequency, help="save epoch_K.pt every this many epochs")
+    a("--log-every-n-steps", type=int, default=d.log_every_n_steps)
+    a("--no-eval", dest="eval", action="store_false", help="skip evaluation at the end")
+    a("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
+    a("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    a("--inject-nan-step", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv=None) -> TrainConfig:
+    args = vars(parser().parse_args(argv))
+    weights = {key: args.pop(f"{key}_weight") for key in WEIGHT_KEYS}
+    names = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in args.items() if k in names},
+                      weights={k: v for k, v in weights.items() if v is not None})
+    cfg.validate()
+    return cfg

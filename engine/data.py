@@ -1,0 +1,248 @@
+"""Streaming webdataset shards: shard lists and sizes, per-(rank, worker) splits, deterministic shuffling,
+exact mid-epoch resume, decoding and batching.
+
+One epoch's sample order is a pure function of (seed, epoch, rank, worker): shards are permuted with
+``Random((seed, epoch))`` and dealt to ranks then DataLoader workers; each worker reads its shards in order through
+a seeded shuffle buffer and cuts fixed-size batches (the last partial batch is dropped). PyTorch's DataLoader
+returns worker batches round-robin, so the first n batches of an epoch hold a computable number of batches from
+each worker: resume skips exactly those (before decoding) and continues with batch n.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import braceexpand
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+
+
+class ShardError(ValueError):
+    """A missing, unreadable or corrupt shard (the message names it)."""
+
+
+def expand_urls(pattern: str) -> list[str]:
+    """``a-{000..009}.tar::b.tar`` -> list of shard paths (open_clip's ``::`` separator); checks they exist."""
+    urls = [url for part in pattern.split("::") for url in braceexpand.braceexpand(part)]
+    if not urls:
+        raise ShardError(f"no shards in {pattern!r}")
+    missing = [url for url in urls if not os.path.isfile(url)]
+    if missing:
+        raise ShardError(f"missing shard(s): {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                         f"({len(missing)} of {len(urls)} in {pattern!r})")
+    return urls
+
+
+def shard_sizes(urls: list[str]) -> dict[str, int]:
+    """Samples per shard from the ``sizes.json`` next to the shards, else by listing each tar's members."""
+    sizes = {}
+    for url in urls:
+        sizes_file = Path(url).parent / "sizes.json"
+        known = json.loads(sizes_file.read_text()) if sizes_file.exists() else {}
+        if Path(url).name in known:
+            sizes[url] = int(known[Path(url).name])
+        else:
+            sizes[url] = len(shard_keys(url))
+    return sizes
+
+
+def shard_keys(url: str) -> list[str]:
+    """The ``__key__`` of every sample in a shard, in order (reads only the tar headers)."""
+    try:
+        with tarfile.open(url) as tar:
+            names = tar.getnames()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ShardError(f"corrupt shard {url}: {exc}") from exc
+    keys = []
+    for name in names:
+        match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)  # webdataset's base_plus_ext grouping
+        if match and (not keys or keys[-1] != match.group(1)):
+            keys.append(match.group(1))
+    return keys
+
+
+def epoch_shards(urls: list[str], seed: int, epoch: int, rank: int, world_size: int) -> list[str]:
+    """This rank's shards for an epoch: a (seed, epoch)-seeded permutation dealt round-robin to ranks."""
+    order = list(urls)
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[rank::world_size]
+
+
+def worker_batch_counts(urls: list[str], sizes: dict[str, int], batch_size: int, seed: int, epoch: int,
+                        rank: int, world_size: int, workers: int) -> list[int]:
+    """Full batches each DataLoader worker of this rank yields in an epoch (workers=0 counts as one)."""
+    mine = epoch_shards(urls, seed, epoch, rank, world_size)
+    return [sum(sizes[u] for u in mine[w::max(workers, 1)]) // batch_size for w in range(max(workers, 1))]
+
+
+def steps_per_epoch(urls, sizes, batch_size, seed, epoch, world_size, workers) -> int:
+    """Optimizer steps in an epoch: the smallest rank's batch count (every rank must take the same steps)."""
+    return min(sum(worker_batch_counts(urls, sizes, batch_size, seed, epoch, r, world_size, workers))
+               for r in range(world_size))
+
+
+def round_robin(counts: list[int]) -> list[int]:
+    """The worker of each batch in DataLoader order: cyclic over workers, skipping exhausted ones."""
+    return [w for r in range(max(counts, default=0)) for w, count in enumerate(counts) if r < count]
+
+
+def worker_skips(counts: list[int], batches_done: int) -> list[int]:
+    """Batches of each worker among the first ``batches_done`` of the DataLoader's round-robin order."""
+    order = round_robin(counts)[:batches_done]
+    return [order.count(w) for w in range(len(counts))]
+
+
+def next_worker(counts: list[int], batches_done: int) -> int:
+    """The worker whose batch comes after the first ``batches_done`` (0 when the epoch is over)."""
+    order = round_robin(counts)
+    return order[batches_done] if batches_done < len(order) else 0
+
+
+@dataclass
+class Codec:
+    """Turns one raw sample into tensors: ``images``/``texts`` map an output name to a transform/tokenizer."""
+
+    images: dict[str, Callable]
+    texts: dict[str, Callable]
+
+    def __call__(self, raw: dict) -> dict:
+        key, url = raw["__key__"], raw.get("__url__")
+        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        if image_ext is None or "txt" not in raw:
+            raise ShardError(f"corrupt shard {url}: sample {key!r} lacks an image ({'/'.join(IMAGE_EXTENSIONS)}) "
+                             f"or a .txt caption (has {sorted(k for k in raw if not k.startswith('__'))})")
+        try:
+            image = Image.open(io.BytesIO(raw[image_ext])).convert("RGB")
+            caption = raw["txt"].decode("utf-8")
+        except Exception as exc:  # PIL raises several types for damaged files
+            raise ShardError(f"corrupt shard {url}: sample {key!r} cannot be decoded: {exc}") from exc
+        out = {"key": key, "caption": caption}
+        for name, transform in self.images.items():
+            out[name] = transform(image)
+        for name, tokenizer in self.texts.items():
+            out[name] = tokenizer([caption])[0]
+        if "json" in raw:
+            label = json.loads(raw["json"]).get("label")
+            if label is not None:
+                out["label"] = int(label)
+        return out
+
+
+def collate(samples: list[dict]) -> dict:
+    batch = {}
+    for name, first in samples[0].items():
+        values = [s[name] for s in samples]
+        if isinstance(first, torch.Tensor):
+            batch[name] = torch.stack(values)
+        elif isinstance(first, int):
+            batch[name] = torch.tensor(values)
+        else:
+            batch[name] = values
+    return batch
+
+
+def _raise_shard_error(exc: Exception) -> bool:
+    where = [a for a in exc.args[1:] if isinstance(a, str)]
+    raise ShardError(f"corrupt shard {where[-1] if where else '?'}: {exc.args[0] if exc.args else exc!r}") from exc
+
+
+def read_shard(url: str, expected: Optional[int] = None) -> Iterator[dict]:
+    """Raw samples of one shard via webdataset's tar reader; a short read is reported as a corrupt shard."""
+    import webdataset as wds
+
+    count = 0
+    for sample in wds.tarfile_samples([{"url": url}], handler=_raise_shard_error):
+        count += 1
+        yield sample
+    if expected is not None and count != expected:
+        raise ShardError(f"corrupt shard {url}: read {count} samples, sizes file says {expected} (truncated?)")
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Batches of one epoch for one rank; call ``set_epoch(epoch, batches_done)`` before iterating."""
+
+    def __init__(self, pattern: str, codec: Codec, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, workers: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000):
+        self.urls = expand_urls(pattern)
+        self.sizes = shard_sizes(self.urls)
+        self.codec, self.batch_size, self.seed = codec, batch_size, seed
+        self.rank, self.world_size, self.workers = rank, world_size, workers
+        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
+        self.epoch, self.batches_done = 0, 0
+        total = sum(self.sizes.values())
+        if batch_size * world_size > total:
+            raise ValueError(f"batch size {batch_size} x {world_size} process(es) is larger than the dataset "
+                             f"({total} samples in {len(self.urls)} shard(s) of {pattern!r})")
+        if self.steps_per_epoch(0) == 0:
+            raise ValueError(f"batch size {batch_size}: no full batch per rank/worker "
+                             f"({len(self.urls)} shard(s), {world_size} rank(s), {workers} worker(s)); "
+                             "use a smaller --batch-size or fewer --workers")
+
+    def steps_per_epoch(self, epoch: int) -> int:
+        return steps_per_epoch(self.urls, self.sizes, self.batch_size, self.seed if self.shuffle else 0,
+                               epoch if self.shuffle else 0, self.world_size, self.workers)
+
+    def set_epoch(self, epoch: int, batches_done: int = 0) -> None:
+        self.epoch, self.batches_done = epoch, batches_done
+
+    def _order(self):
+        seed, epoch = (self.seed, self.epoch) if self.shuffle else (0, 0)
+        if self.shuffle:
+            return epoch_shards(self.urls, seed, epoch, self.rank, self.world_size)
+        return self.urls[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        loader_worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        counts = [sum(self.sizes[u] for u in self._order()[w::workers]) // self.batch_size for w in range(workers)]
+        # a new DataLoader starts its round-robin at worker 0: rotate roles so that it is the one due next
+        worker = (loader_worker + next_worker(counts, self.batches_done)) % workers
+        shards = self._order()[worker::workers]
+        skip = worker_skips(counts, self.batches_done)[worker] * self.batch_size
+        limit = self.steps_per_epoch(self.epoch)  # equal step counts on every rank
+        budget = worker_skips(counts, limit)[worker] * self.batch_size  # samples this worker may emit in total
+        raw = (s for url in shards for s in read_shard(url, self.sizes[url]))
+        if self.shuffle:
+            rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
+            raw = _shuffled(raw, self.shuffle_buffer, rng)
+        batch = []
+        for index, sample in enumerate(raw):
+            if index >= budget:
+                break
+            if index < skip:
+                continue
+            batch.append(self.codec(sample))
+            if len(batch) == self.batch_size:
+                yield collate(batch)
+                batch = []
+
+
+def _shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """A shuffle buffer: fill to ``size``, then emit a random element per new arrival; drain at the end."""
+    buffer = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(len(buffer))
+        buffer[index], sample = sample, buffer[index]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def make_loader(stream: ShardStream) -> torch.utils.data.DataLoader:
+    # own generator: creating an iterator then draws its base seed from it, not from the global RNG that a
+    # checkpoint restores (otherwise a resumed epoch would shift every later random draw)
+    generator = torch.Generator().manual_seed(stream.seed)
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=stream.workers, generator=generator,
+                                       persistent_workers=False, prefetch_factor=2 if stream.workers else None)

@@ -1,0 +1,128 @@
+"""Evaluation with clip_benchmark's metric names: zero-shot ``acc1``/``acc5`` (prompt-template ensembles) and
+``image_retrieval_recall@k`` (text query -> its image) / ``text_retrieval_recall@k`` (image query -> its text).
+
+Zero-shot needs labels (``label`` in each sample's .json) and a ``classnames.json`` (classnames + templates)
+next to the validation shards; retrieval works on any image-caption shards.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import data as data_lib
+
+
+@torch.no_grad()
+def encode_shards(model, preprocess, tokenizer, pattern: str, batch_size: int = 500,
+                  device: str | torch.device = "cpu") -> dict:
+    """Normalised image/text embeddings and labels (or None) of every sample, in shard order."""
+    codec = data_lib.Codec(images={"image": preprocess}, texts={"text": tokenizer})
+    urls = data_lib.expand_urls(pattern)
+    sizes = data_lib.shard_sizes(urls)
+    images, texts, labels = [], [], []
+    model.eval()
+    samples = (codec(raw) for url in urls for raw in data_lib.read_shard(url, sizes[url]))
+    chunk = []
+    for sample in list(samples) + [None]:
+        if sample is not None:
+            chunk.append(sample)
+        if chunk and (sample is None or len(chunk) == batch_size):
+            batch = data_lib.collate(chunk)
+            out = model(batch["image"].to(device), batch["text"].to(device))
+            images.append(F.normalize(out["image_features"].float(), dim=-1).cpu())
+            texts.append(F.normalize(out["text_features"].float(), dim=-1).cpu())
+            labels.append(batch.get("label"))
+            chunk = []
+    has_labels = all(label is not None for label in labels)
+    return {"image": torch.cat(images), "text": torch.cat(texts),
+            "labels": torch.cat(labels) if has_labels else None}
+
+
+@torch.no_grad()
+def zero_shot_classifier(model, tokenizer, classnames: list[str], templates: list[str],
+                         device: str | torch.device = "cpu") -> torch.Tensor:
+    """(D, C): per class, the normalised mean of its normalised prompt embeddings."""
+    weights = []
+    for classname in classnames:
+        tokens = tokenizer([t.format(c=classname) for t in templates]).to(device)
+        embedding = F.normalize(model.encode_text(tokens).float(), dim=-1).mean(dim=0)
+        weights.append(F.normalize(embedding, dim=0))
+    return torch.stack(weights, dim=1).cpu()
+
+
+def zero_shot_accuracy(image_features: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor,
+                       ks=(1, 5)) -> dict[str, float]:
+    logits = image_features @ classifier  # (N, C)
+    top = logits.topk(max(ks), dim=1).indices  # (N, kmax)
+    hits = top == labels[:, None]
+    return {f"acc{k}": hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+    """Pair i = (image i, text i). Recall@k: share of queries whose own pair ranks in the top k."""
+    scores = text_features @ image_features.T  # (texts, images)
+    target = torch.arange(scores.shape[0])
+    out = {}
+    for name, matrix in (("image_retrieval", scores), ("text_retrieval", scores.T)):
+        # rank of the positive = number of candidates scoring strictly higher
+        positive = matrix[target, target][:, None]
+        rank = (matrix > positive).sum(dim=1)
+        for k in ks:
+            out[f"{name}_recall@{k}"] = (rank < k).float().mean().item()
+    return out
+
+
+def load_classnames(pattern: str, classnames_file: Optional[str] = None) -> Optional[dict]:
+    path = Path(classnames_file) if classnames_file else Path(data_lib.expand_urls(pattern)[0]).parent / "classnames.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def evaluate(model, preprocess, tokenizer, pattern: str, batch_size: int = 500,
+             device: str | torch.device = "cpu", classnames_file: Optional[str] = None) -> dict[str, float]:
+    was_training = model.training
+    features = encode_shards(model, preprocess, tokenizer, pattern, batch_size, device)
+    metrics = retrieval_recall(features["image"], features["text"])
+    names = load_classnames(pattern, classnames_file)
+    if names is not None and features["labels"] is not None:
+        classifier = zero_shot_classifier(model, tokenizer, names["classnames"], names["templates"], device)
+        metrics = {**zero_shot_accuracy(features["image"], classifier, features["labels"]), **metrics}
+    model.train(was_training)
+    return metrics
+
+
+def main(argv=None) -> None:
+    import models
+
+    from .defaults import ensure_default_data, ensure_default_teacher
+    from .paths import default_cache_dir
+
+    parser = argparse.ArgumentParser(prog="python -m engine.eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny-vit-student")
+    parser.add_argument("--pretrained", default=None,
+                        help="checkpoint file (engine or open_clip) or open_clip tag; 'default-teacher' = cached teacher")
+    parser.add_argument("--val-data", default=None, help="validation shards (default: embedded validation split)")
+    parser.add_argument("--classnames", default=None, help="JSON with classnames and templates")
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--output", default=None, help="write the metrics as JSON here")
+    args = parser.parse_args(argv)
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    val = args.val_data or ensure_default_data(cache)["val"]
+    pretrained = args.pretrained
+    if pretrained == "default-teacher":
+        pretrained = str(ensure_default_teacher(cache))
+    model = models.create_model(args.model, pretrained)
+    metrics = evaluate(model, models.get_preprocess(model), models.get_tokenizer(args.model), val,
+                       args.batch_size, classnames_file=args.classnames)
+    print(json.dumps(metrics, indent=1))
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Run outputs under logs/<name>/: params.txt, out.log, metrics.jsonl, tensorboard/ (when installed), plots."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+
+def setup_logging(log_file: Path | None, is_main: bool = True) -> logging.Logger:
+    logger = logging.getLogger("engine")
+    logger.handlers.clear()
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    logger.propagate = False
+    formatter = logging.Formatter("%(asctime)s | %(levelname)s | %(message)s", "%Y-%m-%d,%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if log_file is not None:
+        handlers.append(logging.FileHandler(log_file))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    return logger
+
+
+def write_params(path: Path, cfg) -> None:
+    with open(path, "w") as handle:
+        for key, value in sorted(asdict(cfg).items()):
+            handle.write(f"{key}: {value}\n")
+
+
+class MetricsWriter:
+    """One JSON object per line (``kind`` = train | eval), mirrored to TensorBoard when it is installed."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tensorboard = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self.tensorboard = None
+
+    def write(self, kind: str, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(metrics_file: Path, out_file: Path) -> Path:
+    """PNG: each loss term over steps (left) and the evaluation metrics (right, bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_file)
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    skip = {"kind", "step", "epoch", "lr", "logit_scale", "samples_per_s", "step_s", "data_s"}
+    for key in sorted({k for r in train for k in r} - skip):
+        points = [(r["step"], r[key]) for r in train if key in r and r[key] > 0]
+        if points:
+            left.plot(*zip(*points), label=key)
+    left.set_yscale("log")
+    left.set_xlabel("step")
+    left.set_title("loss terms (weighted total and unweighted terms)")
+    left.legend(fontsize=7, ncol=2)
+    if evals:
+        last = evals[-1]
+        names = [k for k in last if k not in ("kind", "step", "epoch")]
+        right.bar(range(len(names)), [last[k] for k in names])
+        right.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=7)
+        right.set_ylim(0, 1)
+        right.set_title(f"evaluation at step {last['step']}")
+    else:
+        right.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(out_file, dpi=110)
+    plt.close(fig)
+    return out_file

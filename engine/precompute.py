@@ -1,0 +1,84 @@
+"""``python -m engine.precompute``: run the teacher once over the shards and write the embedding store.
+
+Resumable: shards already in the store are skipped (each part is written atomically). See engine.store for the
+layout and the augmentation decision.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import store as store_lib
+from .data import Codec, collate, expand_urls, read_shard, shard_sizes
+
+
+@torch.no_grad()
+def build_store(pattern: str, teacher_name: str, pretrained: str, root: str | Path, batch_size: int = 500,
+                progress: bool = True, device: str | torch.device | None = None) -> Path:
+    import models
+    from tqdm import tqdm
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    root = Path(root)
+    urls = expand_urls(pattern)
+    sizes = shard_sizes(urls)
+    teacher = models.create_teacher(teacher_name, pretrained, device=device)
+    teacher_info = {"model": teacher_name, "pretrained": str(pretrained),
+                    "fingerprint": store_lib.teacher_fingerprint(teacher_name, pretrained)}
+    manifest = store_lib.begin(root, teacher_info, teacher.logit_scale.exp().item(), models.embed_dim(teacher_name))
+    codec = Codec(images={"image": models.get_preprocess(teacher)}, texts={"text": models.get_tokenizer(teacher_name)})
+    todo = [u for u in urls if Path(u).name not in manifest["parts"]]
+    bar = tqdm(total=sum(sizes[u] for u in todo), desc="teacher embeddings", disable=not progress, leave=False)
+    for url in todo:
+        samples = [codec(raw) for raw in read_shard(url, sizes[url])]
+        keys, images, texts = [], [], []
+        for start in range(0, len(samples), batch_size):
+            batch = collate(samples[start:start + batch_size])
+            out = teacher(batch["image"].to(device), batch["text"].to(device))
+            keys += batch["key"]
+            images.append(F.normalize(out["image_features"].float(), dim=-1).cpu())
+            texts.append(F.normalize(out["text_features"].float(), dim=-1).cpu())
+            bar.update(len(batch["key"]))
+        store_lib.write_part(root, manifest, url, keys, torch.cat(images), torch.cat(texts))
+    bar.close()
+    store_lib.finish(root, manifest)
+    return root
+
+
+def main(argv=None) -> None:
+    import sys
+
+    from .defaults import DEFAULT_TEACHER, cache_root, default_store_dir, ensure_default_data, ensure_default_teacher
+
+    parser = argparse.ArgumentParser(prog="python -m engine.precompute", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train-data", default=None, help="shards (default: the embedded procedural dataset)")
+    parser.add_argument("--teacher", default=DEFAULT_TEACHER)
+    parser.add_argument("--teacher-pretrained", default=None, help="open_clip tag or checkpoint (default: cached teacher)")
+    parser.add_argument("--teacher-store", default=None, help="output directory (default: in the cache)")
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--cache-dir", default=None)
+    args = parser.parse_args(argv)
+    cache = cache_root(args.cache_dir)
+    train = args.train_data or ensure_default_data(cache)["train"]
+    pretrained = args.teacher_pretrained
+    if pretrained is None:
+        if args.teacher != DEFAULT_TEACHER:
+            sys.exit(f"error: --teacher {args.teacher}: pass --teacher-pretrained (open_clip tag or checkpoint file)")
+        pretrained = str(ensure_default_teacher(cache))
+    root = args.teacher_store or default_store_dir(cache, store_lib.teacher_fingerprint(args.teacher, pretrained), train)
+    start = time.time()
+    try:
+        build_store(train, args.teacher, pretrained, root, args.batch_size)
+    except (ValueError, FileNotFoundError) as exc:
+        sys.exit(f"error: {exc}")
+    manifest = store_lib.read_manifest(root)
+    print(f"teacher store {root}: {manifest['count']} samples, width {manifest['embed_dim']}, "
+          f"teacher {manifest['teacher']['fingerprint']} ({time.time() - start:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

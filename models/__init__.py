@@ -1,0 +1,20 @@
+"""Student and teacher CLIP models via open_clip (imports without the training extras)."""
+from .factory import (
+    MODEL_CONFIG_DIR,
+    WORD_TOKENIZER_MODELS,
+    create_model,
+    create_teacher,
+    describe,
+    embed_dim,
+    get_preprocess,
+    get_tokenizer,
+    list_models,
+    model_config,
+    register_model_configs,
+)
+from .tokenizer import WordTokenizer
+
+__all__ = [
+    "MODEL_CONFIG_DIR", "WORD_TOKENIZER_MODELS", "create_model", "create_teacher", "describe", "embed_dim",
+    "get_preprocess", "get_tokenizer", "list_models", "model_config", "register_model_configs", "WordTokenizer",
+]

@@ -1,0 +1,110 @@
+"""Students and teachers through open_clip's factory, with this project's extra configs registered.
+
+Extra configs (models/model_configs/*.json): CLIP-KD's ViT-T/16 student and the tiny 32x32 ViTs of the embedded
+default (``tiny-vit-student``, ``tiny-vit-teacher``). Teachers load from an open_clip pretrained tag or a local
+checkpoint file (open_clip state dict, or an engine checkpoint with a ``state_dict`` entry).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import open_clip
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+
+from .tokenizer import WordTokenizer
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+# Configs whose text tower is sized for models.tokenizer.WordTokenizer instead of open_clip's BPE tokenizer.
+WORD_TOKENIZER_MODELS = ("tiny-vit-student", "tiny-vit-teacher")
+# Preprocessing of the tiny models: the procedural images are already 32x32, so no resize, and mean/std 0.5.
+_TINY_PREPROCESS = {"size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resize_mode": "squash"}
+
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Add models/model_configs to open_clip's registry (idempotent)."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered = True
+
+
+def list_models() -> list[str]:
+    register_model_configs()
+    return open_clip.list_models()
+
+
+def model_config(name: str) -> dict:
+    """The architecture config of a registered model (raises ValueError naming the known models)."""
+    register_model_configs()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        close = difflib.get_close_matches(name, list_models(), n=5, cutoff=0.5)
+        raise ValueError(f"unknown model {name!r} (close matches: {close or 'none'}; see models.list_models())")
+    return cfg
+
+
+def _check_pretrained(name: str, pretrained: str) -> None:
+    if os.path.isfile(pretrained):
+        return
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ValueError(
+            f"pretrained {pretrained!r} for model {name!r} is neither an existing checkpoint file nor an "
+            f"open_clip pretrained tag (tags for {name}: {tags or 'none'})"
+        )
+
+
+def create_model(
+    name: str,
+    pretrained: Optional[str] = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> torch.nn.Module:
+    """An open_clip CLIP model returning dicts (image_features, text_features, logit_scale)."""
+    model_config(name)  # clear error for unknown names
+    if pretrained:
+        _check_pretrained(name, pretrained)
+    extra = {"force_preprocess_cfg": _TINY_PREPROCESS} if name in WORD_TOKENIZER_MODELS else {}
+    return open_clip.create_model(
+        name, pretrained=pretrained or None, device=device, precision=precision, output_dict=True, **extra
+    )
+
+
+def create_teacher(name: str, pretrained: Optional[str], device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A frozen teacher in eval mode (weights from an open_clip tag or a local checkpoint file)."""
+    if not pretrained:
+        raise ValueError(f"teacher {name!r}: need pretrained weights (an open_clip tag or a checkpoint file)")
+    teacher = create_model(name, pretrained, device=device)
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def get_tokenizer(name: str):
+    """open_clip's tokenizer for the model, or the word tokenizer for the tiny configs."""
+    cfg = model_config(name)
+    if name in WORD_TOKENIZER_MODELS:
+        return WordTokenizer(cfg["text_cfg"]["context_length"])
+    return open_clip.get_tokenizer(name)
+
+
+def get_preprocess(model: torch.nn.Module):
+    """The model's deterministic (evaluation) image transform: PIL image -> normalised float tensor."""
+    cfg = PreprocessCfg(**model.visual.preprocess_cfg)
+    return image_transform_v2(cfg, is_train=False)
+
+
+def embed_dim(name: str) -> int:
+    return int(model_config(name)["embed_dim"])
+
+
+def describe(name: str) -> str:
+    """One line with the architecture, for logs."""
+    cfg = model_config(name)
+    return json.dumps({k: cfg[k] for k in ("embed_dim", "vision_cfg", "text_cfg")}, sort_keys=True)

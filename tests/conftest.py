@@ -1,0 +1,33 @@
+"""Shared fixtures for the engine tests: a small procedural dataset and a random-weight teacher checkpoint."""
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    """96 training samples in 3 shards of 32, 32 validation samples: {"root", "train", "val"}."""
+    from engine import synthetic
+
+    root = tmp_path_factory.mktemp("synth")
+    spec = synthetic.SyntheticSpec(train_samples=96, val_samples=32, shard_size=32, seed=7)
+    return {"root": root, **synthetic.build(root, spec, progress=False)}
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory):
+    """A tiny-vit-teacher with seeded random weights saved as an open_clip-loadable checkpoint file."""
+    import models
+
+    torch.manual_seed(123)
+    teacher = models.create_model("tiny-vit-teacher")
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save({"state_dict": teacher.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def store_dir(tmp_path_factory, synth_data, teacher_ckpt):
+    from engine.precompute import build_store
+
+    root = tmp_path_factory.mktemp("store") / "store"
+    return build_store(synth_data["train"], "tiny-vit-teacher", str(teacher_ckpt), root, batch_size=40, progress=False)

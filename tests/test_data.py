@@ -1,0 +1,104 @@
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from engine import data as data_lib
+from engine import synthetic
+from models.tokenizer import WORDS
+
+
+def _stream(pattern, batch_size=16, workers=0, seed=0):
+    codec = data_lib.Codec(images={"image": lambda im: torch.from_numpy(np.asarray(im)[0, :4].copy())},
+                           texts={"text": lambda caps: torch.zeros(len(caps), 2)})
+    return data_lib.ShardStream(pattern, codec, batch_size, seed=seed, workers=workers, shuffle_buffer=20)
+
+
+def test_shards_layout_and_sizes(synth_data):
+    root = synth_data["root"]
+    sizes = json.loads((root / "sizes.json").read_text())
+    assert sizes == {"train-00000.tar": 32, "train-00001.tar": 32, "train-00002.tar": 32, "val-00000.tar": 32}
+    assert synth_data["train"].endswith("train-{00000..00002}.tar")
+    assert len(data_lib.expand_urls(synth_data["train"])) == 3
+    with tarfile.open(root / "train-00001.tar") as tar:
+        names = tar.getnames()
+        assert names[:3] == ["1000010000.png", "1000010000.txt", "1000010000.json"]
+        meta = json.loads(tar.extractfile("1000010000.json").read())
+        caption = tar.extractfile("1000010000.txt").read().decode()
+    assert meta["caption"] == caption and meta["colour"] in caption and meta["shape"] in caption
+    assert synthetic.CLASSNAMES[meta["label"]] == f"{meta['colour']} {meta['shape']}"
+
+
+def test_generation_is_deterministic(tmp_path, synth_data):
+    synthetic.write_shard(tmp_path / "again.tar", 1, 1, 32, seed=7)
+    assert (tmp_path / "again.tar").read_bytes() == (synth_data["root"] / "train-00001.tar").read_bytes()
+
+
+def test_all_caption_and_prompt_words_in_tokenizer_vocabulary():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    words = {w for _ in range(300) for w in synthetic.make_sample(rng)[1]["caption"].split()}
+    words |= {w.strip(".") for t in synthetic.PROMPT_TEMPLATES for c in synthetic.CLASSNAMES
+              for w in t.format(c=c).split()}
+    assert words <= set(WORDS), words - set(WORDS)
+
+
+def test_reuse_with_other_spec_refused(synth_data):
+    with pytest.raises(ValueError, match="holds a procedural dataset made with"):
+        synthetic.build(synth_data["root"], synthetic.SyntheticSpec(train_samples=10), progress=False)
+
+
+def test_missing_shard_named(synth_data):
+    pattern = str(synth_data["root"] / "train-{00000..00004}.tar")
+    with pytest.raises(data_lib.ShardError, match=r"missing shard\(s\).*train-00003.tar"):
+        data_lib.expand_urls(pattern)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_shard_named(tmp_path, synth_data, damage):
+    good = (synth_data["root"] / "train-00000.tar").read_bytes()
+    bad = tmp_path / "train-00000.tar"
+    bad.write_bytes(good[: len(good) // 2 + 100] if damage == "truncate" else b"not a tar file" * 100)
+    (tmp_path / "sizes.json").write_text(json.dumps({"train-00000.tar": 32}))
+    with pytest.raises(data_lib.ShardError, match="corrupt shard .*train-00000.tar"):
+        list(data_lib.read_shard(str(bad), 32))
+
+
+def test_epoch_covers_each_sample_once_and_reshuffles(synth_data):
+    stream = _stream(synth_data["train"])
+    assert stream.steps_per_epoch(0) == 6
+    keys0 = [k for b in stream for k in b["key"]]
+    stream.set_epoch(1)
+    keys1 = [k for b in stream for k in b["key"]]
+    assert len(keys0) == len(set(keys0)) == 96 and set(keys0) == set(keys1) and keys0 != keys1
+
+
+def test_worker_skips_round_robin():
+    assert data_lib.worker_skips([3, 1], 3) == [2, 1]
+    assert data_lib.worker_skips([3, 1], 4) == [3, 1]
+    assert data_lib.worker_skips([2, 2, 2], 4) == [2, 1, 1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mid_epoch_skip_equals_tail_of_full_epoch(synth_data, workers):
+    stream = _stream(synth_data["train"], workers=workers)
+    stream.set_epoch(3)
+    full = [b["key"] for b in data_lib.make_loader(stream)]
+    stream.set_epoch(3, batches_done=3)
+    tail = [b["key"] for b in data_lib.make_loader(stream)]
+    assert len(full) == stream.steps_per_epoch(3) and tail == full[3:]
+
+
+def test_batch_larger_than_dataset(synth_data):
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        _stream(synth_data["train"], batch_size=97)
+    with pytest.raises(ValueError, match="no full batch"):
+        _stream(synth_data["train"], batch_size=40, workers=3)
+
+
+def test_round_robin_order():
+    assert data_lib.round_robin([4, 2]) == [0, 1, 0, 1, 0, 0]
+    assert data_lib.next_worker([4, 2], 3) == 1 and data_lib.next_worker([4, 2], 6) == 0

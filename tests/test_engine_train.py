@@ -1,0 +1,148 @@
+import json
+import math
+
+import pytest
+import torch
+
+from engine import checkpoint as ckpt_lib
+from engine.config import TrainConfig, parse_args
+from engine.data import ShardError
+from engine.schedule import cosine_lr
+from engine.store import StoreError
+from engine.train import NonFiniteLossError, run
+
+
+def _cfg(tmp_path, synth_data, teacher_ckpt, store_dir, **overrides):
+    base = dict(train_data=synth_data["train"], val_data=synth_data["val"], teacher_pretrained=str(teacher_ckpt),
+                teacher_store=str(store_dir), batch_size=16, epochs=2, lr=1e-3, warmup=2, logs=str(tmp_path / "logs"),
+                name="run", progress=False, log_every_n_steps=2, fused=True, cache_dir=str(tmp_path / "cache"))
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def _weights(run_dir):
+    return torch.load(f"{run_dir}/checkpoints/epoch_latest.pt", weights_only=False)
+
+
+def test_run_layout_and_outputs(tmp_path, synth_data, teacher_ckpt, store_dir):
+    result = run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, epochs=1))
+    run_dir = tmp_path / "logs" / "run"
+    for name in ("params.txt", "out.log", "metrics.jsonl", "metrics.png", "results.json",
+                 "checkpoints/epoch_1.pt", "checkpoints/epoch_latest.pt"):
+        assert (run_dir / name).exists(), name
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert {"total", "task", "fd", "icl", "hrd", "vrd", "xrd", "lr"} <= set(train_rows[-1])
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert {"acc1", "acc5", "image_retrieval_recall@1", "text_retrieval_recall@10"} <= set(evals[-1])
+    state = _weights(run_dir)
+    assert state["config"]["batch_size"] == 16 and state["step"] == 6 and state["epoch"] == 1
+    assert result["metrics"] == {k: v for k, v in evals[-1].items() if k not in ("kind", "step", "epoch")}
+    assert state["state_dict"]["logit_scale"].item() <= math.log(100) + 1e-6
+
+
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path, synth_data, teacher_ckpt, store_dir):
+    common = dict(mfd_mask_ratio=0.25, epochs=2)  # patch dropout draws from the RNG, so RNG restore is exercised
+    full = run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, name="full", **common))
+    stopped = run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, name="killed", stop_after_steps=4, **common))
+    assert stopped["stopped_at_step"] == 4
+    assert _weights(tmp_path / "logs" / "killed")["batches_done"] == 4  # mid-epoch (6 steps per epoch)
+    resumed = run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, name="killed", resume="latest", **common))
+    a, b = _weights(tmp_path / "logs" / "full"), _weights(tmp_path / "logs" / "killed")
+    assert a["step"] == b["step"] == 12
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for key in a["loss_state_dict"]:
+        assert torch.equal(a["loss_state_dict"][key], b["loss_state_dict"][key]), key
+    assert full["metrics"] == resumed["metrics"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, synth_data, teacher_ckpt, store_dir):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss or gradient at step 3 .*Stopped before applying"):
+        run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, inject_nan_step=3))
+    state = _weights(tmp_path / "logs" / "run")
+    assert state["step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_online_teacher_matches_store_first_step(tmp_path, synth_data, teacher_ckpt, store_dir):
+    kwargs = dict(epochs=1, stop_after_steps=1, log_every_n_steps=1)
+    run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, name="store", **kwargs))
+    run(_cfg(tmp_path, synth_data, teacher_ckpt, None, name="online", online_teacher=True, **kwargs))
+    rows = {n: json.loads((tmp_path / "logs" / n / "metrics.jsonl").read_text().splitlines()[0])
+            for n in ("store", "online")}
+    for key in ("total", "fd", "icl", "hrd", "vrd", "xrd"):
+        assert rows["store"][key] == pytest.approx(rows["online"][key], rel=5e-3, abs=1e-4), key
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_precisions_run(tmp_path, synth_data, teacher_ckpt, store_dir, precision):
+    result = run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, precision=precision, stop_after_steps=2,
+                      preset="clip-kd"))
+    assert result["stopped_at_step"] == 2
+
+
+def test_bad_inputs_have_clear_errors(tmp_path, synth_data, teacher_ckpt, store_dir):
+    with pytest.raises(ValueError, match="--preset: unknown preset 'clip-xx'"):
+        run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, preset="clip-xx"))
+    with pytest.raises(ValueError, match="unknown model 'tiny-vit-nope'"):
+        run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, model="tiny-vit-nope"))
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, batch_size=200))
+    with pytest.raises(ShardError, match="missing shard"):
+        run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir,
+                 train_data=str(synth_data["root"] / "train-{00000..00003}.tar")))
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {k: v + 1 for k, v in torch.load(teacher_ckpt)["state_dict"].items()}}, other)
+    with pytest.raises(StoreError, match="store was built by teacher"):
+        run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, teacher_pretrained=str(other)))
+    with pytest.raises(SystemExit):
+        parse_args(["--precision", "fp8"])
+    with pytest.raises(ValueError, match="unknown term"):
+        TrainConfig(weights={"xyz": 1.0}).validate()
+
+
+def test_corrupt_shard_during_training(tmp_path, synth_data, teacher_ckpt):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_data["root"], data)
+    shard = data / "train-00001.tar"
+    shard.write_bytes(shard.read_bytes()[:20000])
+    with pytest.raises(ShardError, match="corrupt shard .*train-00001.tar"):
+        run(_cfg(tmp_path, synth_data, teacher_ckpt, None, train_data=str(data / "train-{00000..00002}.tar"),
+                 online_teacher=True, epochs=1))
+
+
+def test_cli_flags_map_to_config():
+    cfg = parse_args(["--train-data", "a-{0..1}.tar", "--batch-size", "8", "--epochs", "3", "--lr", "0.01",
+                      "--wd", "0.2", "--warmup", "5", "--precision", "bf16", "--resume", "latest", "--logs", "L",
+                      "--name", "n", "--seed", "3", "--local-loss", "--gather-with-grad", "--preset", "clip-kd",
+                      "--fd-weight", "100", "--intra-weight", "1", "--mfd-mask-ratio", "0.5", "--fused",
+                      "--online-teacher"])
+    assert (cfg.batch_size, cfg.epochs, cfg.lr, cfg.wd, cfg.warmup, cfg.precision) == (8, 3, 0.01, 0.2, 5, "bf16")
+    assert cfg.local_loss and cfg.gather_with_grad and cfg.online_teacher and cfg.backend == "auto"
+    assert cfg.loss_weights()["fd"] == 100 and cfg.loss_weights()["intra"] == 1 and cfg.loss_weights()["hrd"] == 1
+    assert parse_args([]).backend == "reference" and parse_args([]).preset == "clip-rd"
+
+
+def test_cosine_schedule_is_pure_and_shaped():
+    lrs = [cosine_lr(s, 1.0, warmup=4, total_steps=20) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and lrs[4] == 1.0
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 16)))
+    assert cosine_lr(7, 1.0, 4, 20) == lrs[7]
+
+
+def test_atomic_checkpoint_leaves_no_temp(tmp_path):
+    ckpt_lib.atomic_save({"a": torch.ones(2)}, tmp_path / "x.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+    assert ckpt_lib.resolve_resume("latest", tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt_lib.resolve_resume(str(tmp_path / "nope.pt"), tmp_path)
+
+
+def test_cli_reports_bad_input_without_traceback(capsys):
+    from engine.train import main
+
+    with pytest.raises(SystemExit, match=r"error: --preset: unknown preset 'nope'"):
+        main(["--preset", "nope"])
