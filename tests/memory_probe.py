@@ -8,15 +8,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from bench.memory import reset_peak_rss, status_bytes
 from kernels import clip_rd_loss
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM missing from /proc/self/status")
 
 
 def main(backend: str, n: int, d: int) -> None:
@@ -29,13 +22,12 @@ def main(backend: str, n: int, d: int) -> None:
     # Warm up allocator and kernels on a tiny problem so one-off buffers do not count against the real call.
     clip_rd_loss(*[x[:8] for x in (s_img, s_txt, t_img, t_txt)], student_scale=scale, teacher_scale=50.0,
                  backend=backend)["total"].backward()
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # reset the peak RSS to the current RSS
-    baseline = peak_rss_bytes()
+    reset_peak_rss()
+    baseline = status_bytes("VmHWM")
     out = clip_rd_loss(s_img, s_txt, t_img, t_txt, student_scale=scale, teacher_scale=50.0, weights="clip-rd",
                        backend=backend)
     out["total"].backward()
-    print(peak_rss_bytes() - baseline)
+    print(status_bytes("VmHWM") - baseline)
 
 
 if __name__ == "__main__":
