@@ -37,9 +37,9 @@ def _cases():
 # The current size's inputs, shared by every backend of a group (regenerating them costs little, holding many
 # sizes costs memory).
 _INPUTS: dict[int, dict] = {}
-# CUDA: measured peaks and call times per (backend, preset, mode) -> {n: value}, to foresee the next size.
+# Measured call times (every device) and CUDA peaks per (backend, preset, mode) -> {n: value}, to foresee the next size.
+_SECONDS: dict[tuple, dict[int, float]] = {}
 _CUDA_PEAKS: dict[tuple, dict[int, int]] = {}
-_CUDA_SECONDS: dict[tuple, dict[int, float]] = {}
 _COMPILE_FAILED: dict[str, str] = {}
 
 
@@ -72,14 +72,17 @@ def test_loss(benchmark, backend, preset, mode, n):
     if backend == "compiled" and preset in _COMPILE_FAILED:
         pytest.skip(_COMPILE_FAILED[preset])
 
+    key = (backend, preset, mode)
+    reason = memory.time_limit_reason(backend, n, _SECONDS.get(key, {}), PROFILE.max_call_seconds)
+    if reason:
+        pytest.skip(reason)
     probe = None
     if device == "cpu":
         probe = _cpu_memory(backend, preset, mode, n)
     else:
-        key = (backend, preset, mode)
         reason = memory.limit_reason(
-            backend, preset, mode, n, d, itemsize, _CUDA_PEAKS.get(key, {}), _CUDA_SECONDS.get(key, {}),
-            int(memory.available_bytes(device) * PROFILE.mem_fraction), PROFILE.max_call_seconds,
+            backend, preset, mode, n, d, itemsize, _CUDA_PEAKS.get(key, {}), {},
+            int(memory.available_bytes(device) * PROFILE.mem_fraction), 0.0,
         )
         if reason:
             pytest.skip(reason)
@@ -98,9 +101,9 @@ def test_loss(benchmark, backend, preset, mode, n):
             raise
         _COMPILE_FAILED[preset] = f"torch.compile of the reference failed here: {type(exc).__name__}: {exc}"[:600]
         pytest.skip(_COMPILE_FAILED[preset])
+    _SECONDS.setdefault(key, {})[n] = seconds
     if device != "cpu":
-        _CUDA_PEAKS.setdefault((backend, preset, mode), {})[n] = peak
-        _CUDA_SECONDS.setdefault((backend, preset, mode), {})[n] = seconds
+        _CUDA_PEAKS.setdefault(key, {})[n] = peak
 
     setup, target = mode_functions(case, mode, device)
     rounds = rounds_for(seconds, PROFILE.case_seconds, PROFILE.max_rounds)
