@@ -128,6 +128,7 @@ def _forward_and_gradients(plan: _Plan, embeddings, scales, want, row_start: int
                     target_entropy[target] = _dot(P[target], LP[target])
                 block_sum = target_entropy[target] - _dot(P[target], LP[view])
             sums[use.term] += use.share * block_sum
+        del LP  # the gradients need only P: free a (block, N) buffer per view before the dA buffers appear
 
         if not need_grad:
             continue

@@ -27,4 +27,4 @@ def test_chunked_peak_memory_far_below_one_square_matrix():
     extra = extra_peak_bytes("chunked", n, d)
     square = n * n * 4
     print(f"chunked N={n}: extra peak {extra / 2**20:.1f} MiB vs one N x N fp32 matrix {square / 2**20:.0f} MiB")
-    assert extra < square / 4
+    assert extra < square / 2  # any one (N, N) fp32 temporary would break this
