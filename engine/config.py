@@ -52,9 +52,11 @@ class TrainConfig:
     log_every_n_steps: int = 10
     eval: bool = True
     progress: bool = True
-    # internal, for tests: stop (checkpointed) after this many steps; poison the loss input at this step
+    # internal, for tests: stop (checkpointed) after this many steps; poison the loss input at this step;
+    # write the first step's rank-averaged terms and gradients to <dir>/rank<R>.pt
     stop_after_steps: Optional[int] = None
     inject_nan_step: Optional[int] = None
+    dump_first_step: Optional[str] = None
 
     @property
     def backend(self) -> str:
@@ -125,6 +127,7 @@ def parser() -> argparse.ArgumentParser:
     a("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
     a("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
     a("--inject-nan-step", type=int, default=None, help=argparse.SUPPRESS)
+    a("--dump-first-step", default=None, help=argparse.SUPPRESS)
     return p
 
 
