@@ -22,7 +22,8 @@ LOGIT_SCALE_MAX = math.log(100)  # engine.train clamps the student's logit scale
 try:
     import models
     from engine.config import TrainConfig
-    from engine.train import param_groups
+    from engine.distributed import DistEnv
+    from engine.train import Distiller, param_groups
     from kernels import ClipRDLoss
 
     ENGINE_ERROR = None
@@ -45,6 +46,8 @@ class TrainStep:
         self.loss_fn = ClipRDLoss(cfg.loss_weights(),
                                   student_dim=models.embed_dim(cfg.model), teacher_dim=teacher_dim,
                                   backend="auto").to(self.device)
+        # The engine's own forward: student, (single-process) gather and loss in one module.
+        self.model = Distiller(self.student, self.loss_fn, DistEnv(), local_loss=False, gather_with_grad=False)
         self.optimizer = torch.optim.AdamW(param_groups([self.student, self.loss_fn], cfg.wd), lr=cfg.lr)
         self.grad_clip = cfg.grad_clip_norm or float("inf")
         image_size = models.model_config(cfg.model)["vision_cfg"]["image_size"]
@@ -59,15 +62,13 @@ class TrainStep:
         self.teacher_mode = teacher_mode
 
     def __call__(self):
-        out = self.student(self.images, self.texts)
         if self.teacher is not None:
             with torch.no_grad():
                 t_out = self.teacher(self.images, self.texts)
             t_img, t_txt = t_out["image_features"], t_out["text_features"]
         else:
             t_img, t_txt = (t[self.rows].to(self.device) for t in (self.store_image, self.store_text))
-        terms = self.loss_fn(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float(),
-                             t_img.float(), t_txt.float(), self.teacher_scale)
+        terms = self.model(self.images, self.texts, t_img, t_txt, self.teacher_scale)
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         torch.nn.utils.clip_grad_norm_(list(self.student.parameters()) + list(self.loss_fn.parameters()),
