@@ -73,6 +73,14 @@ def _load_pair(pair_ptr, pair):
 
 
 @triton.jit
+def _load_backward_scalars(coef_ptr, scale_ptr, pair, scale_p, scale_q):
+    """A pair's use coefficients (CE on P, CE on Q, KD(P;Q), KD(Q;P)), grad_output g, and the scales of P and Q."""
+    coef = coef_ptr + pair * 5
+    return (tl.load(coef), tl.load(coef + 1), tl.load(coef + 2), tl.load(coef + 3), tl.load(coef + 4),
+            tl.load(scale_ptr + scale_p), tl.load(scale_ptr + scale_q))
+
+
+@triton.jit
 def _dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """a @ b with fp32 accumulation; DOT_FP32 upcasts bf16 operands (Triton 3.8 interpreter bf16 dot bug)."""
     if DOT_FP32:
@@ -296,11 +304,8 @@ def _relational_bwd_rows_kernel(
         want_p = (ce_p + kd_pq > 0) & (anchor_p == slot)
         want_q = (has_q != 0) & (ce_q + kd_qp > 0) & (anchor_q == slot)
         if want_p | want_q:
-            coef = coef_ptr + pair * 5
-            c_ce_p, c_ce_q, c_kd_pq, c_kd_qp = tl.load(coef), tl.load(coef + 1), tl.load(coef + 2), tl.load(coef + 3)
-            g = tl.load(coef + 4)
-            s_p = tl.load(scale_ptr + scale_p)
-            s_q = tl.load(scale_ptr + scale_q)
+            c_ce_p, c_ce_q, c_kd_pq, c_kd_qp, g, s_p, s_q = _load_backward_scalars(
+                coef_ptr, scale_ptr, pair, scale_p, scale_q)
             lse_row = lse_ptr + tl.cast(pair, tl.int64) * 2 * n_rows + local
             lse_p = tl.load(lse_row, mask=row_ok, other=0.0)
             lse_q = tl.load(lse_row + n_rows, mask=row_ok & (has_q != 0), other=0.0)
@@ -359,11 +364,8 @@ def _relational_bwd_cols_kernel(
         want_p = (ce_p + kd_pq > 0) & (cand_p == slot)
         want_q = (has_q != 0) & (ce_q + kd_qp > 0) & (cand_q == slot)
         if want_p | want_q:
-            coef = coef_ptr + pair * 5
-            c_ce_p, c_ce_q, c_kd_pq, c_kd_qp = tl.load(coef), tl.load(coef + 1), tl.load(coef + 2), tl.load(coef + 3)
-            g = tl.load(coef + 4)
-            s_p = tl.load(scale_ptr + scale_p)
-            s_q = tl.load(scale_ptr + scale_q)
+            c_ce_p, c_ce_q, c_kd_pq, c_kd_qp, g, s_p, s_q = _load_backward_scalars(
+                coef_ptr, scale_ptr, pair, scale_p, scale_q)
             y_p = _slab_rows(emb_ptr, cand_p, col0, n_cols, width)
             y_q = _slab_rows(emb_ptr, cand_q, col0, n_cols, width)
             ds_p = tl.zeros((BLOCK_N,), tl.float32)
