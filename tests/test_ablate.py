@@ -1,0 +1,116 @@
+"""engine.ablate: the --quick ablation end to end (outputs, table against the per-run records, resume, refusal of
+mixed settings) and the fused-vs-reference equivalence of training loss curves over 200 steps at batch 32."""
+import csv
+import json
+import logging
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from engine import ablate
+from engine.train import run
+
+
+@pytest.fixture(scope="module")
+def quick_cache(tmp_path_factory):
+    """The --quick dataset and teacher, built once for this module."""
+    cache = tmp_path_factory.mktemp("ablate_cache")
+    settings, _ = ablate.parse_args(["--quick", "--cache-dir", str(cache)])
+    ablate.prepare_quick(settings.base, logging.getLogger("test_ablate"))
+    return cache
+
+
+def _argv(tmp_path, cache, *extra):
+    return ["--quick", "--cache-dir", str(cache), "--logs", str(tmp_path / "logs"), "--name", "q",
+            "--equivalence-steps", "0", *extra]
+
+
+def test_quick_ablation_table_resume_and_settings_check(tmp_path, quick_cache):
+    out = tmp_path / "logs" / "q"
+    ablate.main(_argv(tmp_path, quick_cache))
+    for name in ("ablation.json", "runs.jsonl", "table.md", "table.csv", "ablation.png", "summary.json", "ablate.log",
+                 "teacher.json", "runs/baseline-seed0/results.json", "runs/clip-rd-seed0/checkpoints/epoch_2.pt"):
+        assert (out / name).exists(), name
+    records = ablate.read_jsonl(out / "runs.jsonl")
+    assert [(r["preset"], r["seed"]) for r in records] == [("baseline", 0), ("clip-rd", 0)]
+    assert records[0]["weights"]["fd"] == 0 and records[1]["weights"]["xrd"] == 1 and records[1]["steps"] == 64
+    # the CSV holds the records' values (one seed: mean = the run's metric, std 0) and the teacher's own metrics
+    rows = {r["preset"]: r for r in csv.DictReader(open(out / "table.csv"))}
+    assert set(rows) == {"teacher", "baseline", "clip-rd"}
+    for record in records:
+        for metric in ablate.TABLE_METRICS:
+            assert float(rows[record["preset"]][f"{metric}_mean"]) == pytest.approx(record["metrics"][metric], abs=1e-6)
+            assert float(rows[record["preset"]][f"{metric}_std"]) == 0.0
+    teacher = json.loads((out / "teacher.json").read_text())["metrics"]
+    assert float(rows["teacher"]["acc1_mean"]) == pytest.approx(teacher["acc1"])
+    table = (out / "table.md").read_text()
+    assert "| teacher `tiny-vit-teacher` (reference) |" in table and "| clip-rd - baseline | " in table
+
+    # a rerun trains nothing: finished (preset, seed) runs are skipped
+    checkpoint = out / "runs" / "clip-rd-seed0" / "checkpoints" / "epoch_latest.pt"
+    stamp = checkpoint.stat().st_mtime_ns
+    ablate.main(_argv(tmp_path, quick_cache))
+    assert ablate.read_jsonl(out / "runs.jsonl") == records and checkpoint.stat().st_mtime_ns == stamp
+    assert (out / "ablate.log").read_text().count("finished earlier, skipped") == 2
+
+    # an interrupted run (stopped mid-way with its checkpoint) is resumed, not restarted, and reaches all its steps
+    settings, _ = ablate.parse_args(_argv(tmp_path, quick_cache, "--presets", "clip-kd+vrd"))
+    settings = replace(settings, base=ablate.prepare_quick(settings.base, logging.getLogger("test_ablate")))
+    stopped = run(replace(ablate.run_config(settings, "clip-kd+vrd", 0), stop_after_steps=40))
+    assert stopped["stopped_at_step"] == 40
+    ablate.main(_argv(tmp_path, quick_cache, "--presets", "baseline", "clip-kd+vrd", "clip-rd"))
+    records = ablate.read_jsonl(out / "runs.jsonl")
+    assert [(r["preset"], r["steps"]) for r in records] == [("baseline", 64), ("clip-rd", 64), ("clip-kd+vrd", 64)]
+    assert records[2]["weights"] == {**records[2]["weights"], "fd": 2000.0, "vrd": 1.0, "xrd": 0.0}
+    assert "resumed from" in (out / "runs" / "clip-kd+vrd-seed0" / "out.log").read_text()
+    assert [r["preset"] for r in csv.DictReader(open(out / "table.csv"))] == ["teacher", "baseline", "clip-kd+vrd",
+                                                                            "clip-rd"]
+
+    # other shared settings into the same table are refused with a message naming them
+    with pytest.raises(SystemExit, match=r"holds runs made with other settings .*'epochs': \(2, 3\)"):
+        ablate.main(_argv(tmp_path, quick_cache, "--epochs", "3"))
+
+
+def test_summary_statistics_and_two_std_rule():
+    records = [{"preset": p, "seed": s, "metrics": {"acc1": v}}
+               for p, values in (("baseline", (0.20, 0.22, 0.24)), ("clip-kd", (0.40, 0.41, 0.42)),
+                                 ("clip-rd", (0.41, 0.43, 0.39)))
+               for s, v in enumerate(values)]
+    table = ablate.summarise(records, ["baseline", "clip-kd", "clip-rd"])
+    assert table["baseline"]["acc1"] == pytest.approx((0.22, 0.02)) and table["baseline"]["n"] == 3
+    kd = ablate.compare(table, "clip-kd", "baseline", "acc1")
+    assert kd["delta"] == pytest.approx(0.19) and kd["std"] == pytest.approx(0.02) and kd["beyond_2_std"]
+    rd = ablate.compare(table, "clip-rd", "clip-kd", "acc1")
+    assert rd["delta"] == pytest.approx(0.0) and not rd["beyond_2_std"]
+    assert ablate.mean_std([0.5]) == (0.5, 0.0)
+
+
+def test_fused_matches_reference_loss_curves(tmp_path, quick_cache):
+    """Same seed, clip-rd, batch 32: the fused (chunked on CPU) and the reference backend give the same loss curves
+    to fp32 tolerance over 200 training steps (the total at every step, every term at the first step)."""
+    settings, _ = ablate.parse_args(["--quick", "--cache-dir", str(quick_cache), "--logs", str(tmp_path), "--name", "eq"])
+    log = logging.getLogger("test_ablate")
+    settings = replace(settings, base=ablate.prepare_quick(settings.base, log))
+    assert settings.equivalence_steps == 200 and settings.base.batch_size == 32
+    result = ablate.equivalence(settings, log)
+    out = tmp_path / "eq" / "equivalence"
+    assert (out / "equivalence.png").exists() and json.loads((out / "equivalence.json").read_text()) == result
+    assert result["steps"] == 200 and set(result["terms"]) == set(ablate.EQUIVALENCE_TERMS)
+    for term, diff in result["terms"].items():  # step 1: same weights and batch, fp32 arithmetic only
+        assert diff["first_step_rel"] <= ablate.EQUIVALENCE_RTOL, (term, diff)
+    assert result["terms"]["total"]["max_rel"] <= ablate.EQUIVALENCE_RTOL, result["terms"]["total"]
+    assert result["passed"]
+
+    # the comparison can fail: the reference curve of another seed, or one perturbed step, exceeds the tolerance
+    fused = ablate.read_jsonl(out / "fused" / "metrics.jsonl")
+    reference = ablate.read_jsonl(out / "reference" / "metrics.jsonl")
+    perturbed = [dict(r) for r in reference]
+    perturbed[150]["xrd"] *= 1 + 100 * ablate.EQUIVALENCE_RTOL
+    diffs = ablate.compare_curves(fused, perturbed)
+    assert diffs["xrd"]["max_rel"] > ablate.EQUIVALENCE_RTOL and diffs["xrd"]["worst_step"] == 151
+    assert diffs["total"]["max_rel"] == result["terms"]["total"]["max_rel"]
+    with pytest.raises(ValueError, match="different steps"):
+        ablate.compare_curves(fused[:-1], reference[1:])
+    assert math.isfinite(result["wall_s"]) and torch.isfinite(torch.tensor(fused[-1]["total"]))
