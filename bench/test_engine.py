@@ -9,7 +9,6 @@ batch, as ``--online-teacher`` does. Data loading and decoding are not part of t
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -17,13 +16,12 @@ import torch
 from .config import profile
 
 PROFILE = profile()
-LOGIT_SCALE_MAX = math.log(100)  # engine.train clamps the student's logit scale to ln(100), as open_clip does
 
 try:
     import models
     from engine.config import TrainConfig
     from engine.distributed import DistEnv
-    from engine.train import Distiller, param_groups
+    from engine.train import LOGIT_SCALE_MAX, Distiller, param_groups
     from kernels import ClipRDLoss
 
     ENGINE_ERROR = None

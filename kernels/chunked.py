@@ -39,7 +39,7 @@ class _Plan:
     weights: Mapping[str, float]
     gd: bool
     views: list[View] = field(init=False)
-    graded_views: list[View] = field(init=False)  # views that are the student-side input of at least one use
+    uses_by_view: dict[View, list[Use]] = field(init=False)  # graded view -> the uses it is the input of
 
     def __post_init__(self):
         seen: dict[View, None] = {}
@@ -48,7 +48,9 @@ class _Plan:
             if use.target is not None:
                 seen[use.target] = None
         self.views = list(seen)
-        self.graded_views = list(dict.fromkeys(use.view for use in self.uses))
+        self.uses_by_view = {}
+        for use in self.uses:
+            self.uses_by_view.setdefault(use.view, []).append(use)
 
 
 def chunked_relational_loss(inputs, scales, weights, row_start: int, row_stop: int):
@@ -133,8 +135,7 @@ def _forward_and_gradients(plan: _Plan, embeddings, scales, want, row_start: int
         if not need_grad:
             continue
         # dtotal/dA for each graded view: sum over its uses of coef * (P(a) - onehot(pos) or P(g)).
-        for view in plan.graded_views:
-            view_uses = [use for use in plan.uses if use.view == view]
+        for view, view_uses in plan.uses_by_view.items():
             dA = P[view] * sum(coef[use] for use in view_uses)
             for use in view_uses:
                 if use.target is None:
