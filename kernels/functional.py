@@ -50,10 +50,10 @@ def clip_rd_loss(
     resolved = spec.resolve_weights(weights)
     row_start, row_stop = spec.validate_inputs(s_img, s_txt, t_img, t_txt, row_start, row_stop, resolved)
     device = s_img.device
-    needs_teacher_scale = any(resolved[key] != 0.0 for key in ("hrd", "intra", "gd"))
+    needs_teacher_scale = any(resolved[key] != 0.0 for key in ("hrd", "intra", "gd", "cross_kd"))
     if teacher_scale is None:
         if needs_teacher_scale:
-            raise ValueError("teacher_scale: required by the hrd, intra and gd terms (weights select them)")
+            raise ValueError("teacher_scale: required by the hrd, intra, gd and cross_kd terms (weights select them)")
         teacher_scale = 1.0
     scales = {
         "student": spec.as_scale(student_scale, "student_scale", device),

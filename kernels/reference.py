@@ -110,6 +110,10 @@ def reference_loss(
             KD(logits(tau_s, S_I, S_I, True), logits(tau_t, T_I, T_I, True))
             + KD(logits(tau_s, S_T, S_T, True), logits(tau_t, T_T, T_T, True))
         )
+    if "cross_kd" in wanted:
+        terms["cross_kd"] = 0.5 * (
+            KD(logits(kappa, S_I, T_T), logits(tau_t, T_I, T_T)) + KD(logits(kappa, S_T, T_I), logits(tau_t, T_T, T_I))
+        )
     if "gd" in wanted:
         terms["gd"] = sum(
             gradient_distillation(X_s, Y_s, tau_s, X_t, Y_t, tau_t, row_start, row_stop)

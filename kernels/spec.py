@@ -15,9 +15,9 @@ import torch
 # ln(1/0.07): CLIP's initial logit scale, and CLIP-RD's initial raw multiplier.
 DEFAULT_MULTIPLIER = math.log(1 / 0.07)
 
-WEIGHT_KEYS = ("task", "fd", "icl", "hrd", "vrd", "xrd", "intra", "gd")
+WEIGHT_KEYS = ("task", "fd", "icl", "hrd", "vrd", "xrd", "intra", "gd", "cross_kd")
 # Output keys in reporting order; "vrd" weight also scales vrd_ce_img and vrd_ce_txt.
-TERM_KEYS = ("task", "fd", "icl", "hrd", "vrd", "vrd_ce_img", "vrd_ce_txt", "xrd", "intra", "gd")
+TERM_KEYS = ("task", "fd", "icl", "hrd", "vrd", "vrd_ce_img", "vrd_ce_txt", "xrd", "intra", "gd", "cross_kd")
 TERM_WEIGHT = {key: ("vrd" if key.startswith("vrd") else key) for key in TERM_KEYS}
 
 PRESETS: dict[str, dict[str, float]] = {
@@ -116,6 +116,10 @@ _USES: dict[str, tuple[Use, ...]] = {
     "intra": (
         Use("intra", 0.5, _v("s_img", "s_img", "student", True), _v("t_img", "t_img", "teacher", True)),
         Use("intra", 0.5, _v("s_txt", "s_txt", "student", True), _v("t_txt", "t_txt", "teacher", True)),
+    ),
+    "cross_kd": (
+        Use("cross_kd", 0.5, _v("s_img", "t_txt", "kappa"), _v("t_img", "t_txt", "teacher")),
+        Use("cross_kd", 0.5, _v("s_txt", "t_img", "kappa"), _v("t_txt", "t_img", "teacher")),
     ),
 }
 
