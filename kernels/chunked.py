@@ -17,14 +17,17 @@ import torch
 
 from .spec import INPUTS, SCALES, STUDENT_INPUTS, TERM_WEIGHT, Use, View, active_terms, active_uses
 
-# Elements of one (block_rows x N) fp32 tile: 2 MiB. Smaller tiles starve the GEMMs (few rows), larger ones cost
-# memory: at N = 4096, D = 512, one thread, 2^18 / 2^19 / 2^20 ran at 1.8x / 1.4x / 1.3x the matmul floor.
+# Elements of one (block_rows x N) fp32 tile: 2 MiB, but never fewer than MIN_BLOCK_ROWS rows. Fewer rows starve
+# the GEMMs (M = rows in the logits, K = rows in the candidate gradients, which also re-reads the whole (N, D)
+# gradient once per block); more rows cost memory. Measured forward + backward, D = 512, 2 threads, rows 64 / 128 /
+# 256: N = 4096 clip-rd 3.68 / 3.14 / 3.26 s; N = 8192 clip-rd 15.6 / 13.3 / 14.3 s, clip-kd 8.9 / 7.5 / 6.8 s.
 TILE_ELEMENTS = 1 << 19
-MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 16, 512
+MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 128, 512
 
 
 def block_rows_for(n_columns: int, n_rows: int) -> int:
-    """Anchor rows per block: about TILE_ELEMENTS / N, a multiple of 16, at most the number of rows."""
+    """Anchor rows per block: about TILE_ELEMENTS / N within [MIN_BLOCK_ROWS, MAX_BLOCK_ROWS], a multiple of 16, at
+    most the number of rows."""
     rows = TILE_ELEMENTS // max(n_columns, 1)
     rows = max(MIN_BLOCK_ROWS, min(MAX_BLOCK_ROWS, rows - rows % 16))
     return min(rows, n_rows)
@@ -32,13 +35,16 @@ def block_rows_for(n_columns: int, n_rows: int) -> int:
 
 @dataclass
 class _Plan:
-    """What one call computes: the uses, the distinct views, and which views feed gradients."""
+    """What one call computes: the uses, the distinct views grouped by candidate, and which views feed gradients."""
 
     uses: list[Use]
     terms: list[str]
     weights: Mapping[str, float]
     gd: bool
     views: list[View] = field(init=False)
+    # candidate -> the views with that candidate: their logits are one stacked (views * block, N) product, and the
+    # candidate's gradient one (N, views * block) @ (views * block, D) product (K = views * block, not block).
+    groups: dict[str, list[View]] = field(init=False)
     uses_by_view: dict[View, list[Use]] = field(init=False)  # graded view -> the uses it is the input of
 
     def __post_init__(self):
@@ -48,6 +54,9 @@ class _Plan:
             if use.target is not None:
                 seen[use.target] = None
         self.views = list(seen)
+        self.groups = {}
+        for view in self.views:
+            self.groups.setdefault(view.candidate, []).append(view)
         self.uses_by_view = {}
         for use in self.uses:
             self.uses_by_view.setdefault(use.view, []).append(use)
@@ -91,8 +100,7 @@ def _forward_and_gradients(plan: _Plan, embeddings, scales, want, row_start: int
     n = X["s_img"].shape[0]
     n_rows = row_stop - row_start
     grads_on = {name for name in STUDENT_INPUTS if want[name]}
-    scale_grads_on = any(want[name] for name in SCALES)
-    need_grad = bool(grads_on) or scale_grads_on
+    need_grad = bool(grads_on) or any(want[name] for name in SCALES)
     dX = {name: torch.zeros_like(X[name]) for name in grads_on}
     device = X["s_img"].device
     dscale = {name: torch.zeros((), dtype=torch.float64, device=device) for name in SCALES}
@@ -103,47 +111,76 @@ def _forward_and_gradients(plan: _Plan, embeddings, scales, want, row_start: int
     block = block_rows_for(n, n_rows)
     for start in range(row_start, row_stop, block):
         stop = min(start + block, row_stop)
-        local = torch.arange(stop - start, device=device)
-        pos = torch.arange(start, stop, device=device)  # (block,) positive column of each anchor row
-        anchors = {name: X[name][start:stop] for name in INPUTS}
+        rows = stop - start
+        local = torch.arange(rows, device=device)
+        pos = torch.arange(start, stop, device=device)  # (rows,) positive column of each anchor row
 
-        # Logits and row log-softmax of every view, (block, N); the scale is folded into the anchor block.
+        # Per candidate group: stacked scaled anchors (views * rows, D), their logits' row log-softmax LP and P.
         # The self pair of masked (intra) views is -inf in the logits and 0 in LP, where P is 0, so dots stay finite.
-        P, LP = {}, {}
-        for view in plan.views:
-            logits = (anchors[view.anchor] * s[view.scale]) @ X[view.candidate].T
-            if view.masked:
-                logits[local, pos] = float("-inf")
-            LP[view] = torch.log_softmax(logits, dim=1)
-            P[view] = LP[view].exp()
-            if view.masked:
-                LP[view][local, pos] = 0.0
+        stacked, P, LP = {}, {}, {}
+        for candidate, views in plan.groups.items():
+            stacked[candidate] = torch.cat([X[v.anchor][start:stop] * s[v.scale] for v in views])
+            logits = stacked[candidate] @ X[candidate].T
+            masked_rows = [i * rows + local for i, v in enumerate(views) if v.masked]
+            if masked_rows:
+                logits[torch.cat(masked_rows), pos.repeat(len(masked_rows))] = float("-inf")
+            group_LP = torch.log_softmax(logits, dim=1)
+            del logits
+            group_P = group_LP.exp()
+            if masked_rows:
+                group_LP[torch.cat(masked_rows), pos.repeat(len(masked_rows))] = 0.0
+            for i, view in enumerate(views):
+                LP[view], P[view] = group_LP[i * rows:(i + 1) * rows], group_P[i * rows:(i + 1) * rows]
 
-        # Loss sums over the block: CE = -LP[i, pos]; KL(P(g) || P(a)) = sum_ij P(g) (LP(g) - LP(a)).
-        target_entropy = {}  # sum_ij P(g) LP(g), shared by every use of target g
+        # Loss sums over the block. cross[use] = sum_i LP(a)[i, pos] (CE) or sum_ij P(g) LP(a) (KD); then
+        # CE = -cross and KL(P(g) || P(a)) = sum_ij P(g) LP(g) - cross.
+        target_entropy, cross = {}, {}  # target_entropy: sum_ij P(g) LP(g), shared by every use of target g
         for use in plan.uses:
             view, target = use.view, use.target
             if target is None:
-                block_sum = -LP[view][local, pos].double().sum()
+                cross[use] = LP[view][local, pos].double().sum()
+                block_sum = -cross[use]
             else:
                 if target not in target_entropy:
                     target_entropy[target] = _dot(P[target], LP[target])
-                block_sum = target_entropy[target] - _dot(P[target], LP[view])
+                cross[use] = _dot(P[target], LP[view])
+                block_sum = target_entropy[target] - cross[use]
             sums[use.term] += use.share * block_sum
-        del LP  # the gradients need only P: free a (block, N) buffer per view before the dA buffers appear
-
         if not need_grad:
             continue
-        # dtotal/dA for each graded view: sum over its uses of coef * (P(a) - onehot(pos) or P(g)).
+        # Scale gradients need no product: with A = s Z, dtotal/ds = sum(dA * Z) = sum(dA * LP) / s because each row
+        # of dA sums to 0 (LP = A - lse), and sum(dA * LP) = sum_uses coef * (sum P(a) LP(a) - cross[use]).
         for view, view_uses in plan.uses_by_view.items():
-            dA = P[view] * sum(coef[use] for use in view_uses)
-            for use in view_uses:
-                if use.target is None:
-                    dA[local, pos] -= coef[use]
-                else:
-                    dA.sub_(P[use.target], alpha=coef[use])
-            _accumulate_view_gradients(view, dA, anchors[view.anchor], X[view.candidate], s[view.scale],
-                                       grads_on, want[view.scale], dX, dscale, start, stop)
+            if want[view.scale] and s[view.scale] != 0.0:
+                entropy = target_entropy.get(view)
+                entropy = _dot(P[view], LP[view]) if entropy is None else entropy
+                dscale[view.scale] += sum(coef[u] * (entropy - cross[u]) for u in view_uses) / s[view.scale]
+        del LP  # the gradients need only P: free a (rows, N) buffer per view before the dA buffers appear
+
+        for candidate, views in plan.groups.items():
+            graded = [v for v in views if v in plan.uses_by_view]
+            if not graded:
+                continue
+            # dtotal/dA of each graded view, stacked like the logits: sum over its uses of coef * (P(a) - onehot or P(g)).
+            dA = X[candidate].new_empty(len(views) * rows, n)
+            for i, view in enumerate(views):
+                dA_view = dA[i * rows:(i + 1) * rows]
+                if view not in plan.uses_by_view:  # a target only: no gradient flows through it
+                    dA_view.zero_()
+                    continue
+                view_uses = plan.uses_by_view[view]
+                torch.mul(P[view], sum(coef[use] for use in view_uses), out=dA_view)
+                for use in view_uses:
+                    if use.target is None:
+                        dA_view[local, pos] -= coef[use]
+                    else:
+                        dA_view.sub_(P[use.target], alpha=coef[use])
+                if view.anchor in grads_on:  # dX[anchor] += s dA Y
+                    dX[view.anchor][start:stop].addmm_(dA_view, X[candidate], alpha=s[view.scale])
+                if want[view.scale] and s[view.scale] == 0.0:  # sum(dA * Z) cannot be read off LP at s = 0
+                    dscale[view.scale] += _dot(dA_view @ X[candidate], X[view.anchor][start:stop])
+            if candidate in grads_on:  # dX[candidate] += sum over views of s dA^T X[anchor], scales already in stacked
+                dX[candidate].addmm_(dA.T, stacked[candidate])
 
     values = {term: (sums[term] / n_rows).float() for term in plan.terms if term != "gd"}
     if plan.gd:
@@ -155,27 +192,7 @@ def _forward_and_gradients(plan: _Plan, embeddings, scales, want, row_start: int
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Frobenius inner product of two contiguous matrices in one pass, accumulated to fp64."""
-    return torch.vdot(a.view(-1), b.view(-1)).double()
-
-
-def _accumulate_view_gradients(view, dA, anchors, candidates, scale, grads_on, want_scale, dX, dscale, start, stop):
-    """For A = scale * anchors @ candidates^T: dX[anchor] += scale dA Y, dX[candidate] += scale dA^T X, and
-    d scale += sum(dA * X Y^T), read off whichever of (dA Y, X) or (dA^T X, Y) is already computed: O((rows + N) D).
-    """
-    anchor_grad = view.anchor in grads_on
-    candidate_grad = view.candidate in grads_on
-    if anchor_grad or (want_scale and not candidate_grad):
-        dA_Y = dA @ candidates  # (block, D)
-        if anchor_grad:
-            dX[view.anchor][start:stop].add_(dA_Y, alpha=scale)
-        if want_scale:
-            dscale[view.scale] += _dot(dA_Y, anchors)
-            want_scale = False
-    if candidate_grad:
-        dAt_X = dA.T @ anchors  # (N, D)
-        dX[view.candidate].add_(dAt_X, alpha=scale)
-        if want_scale:
-            dscale[view.scale] += _dot(dAt_X, candidates)
+    return torch.vdot(a.reshape(-1), b.reshape(-1)).double()
 
 
 def _gradient_distillation(weight, X, s, dX, dscale, need_grad, row_start, row_stop) -> torch.Tensor:

@@ -4,7 +4,7 @@ import torch
 
 import kernels.chunked as chunked
 from kernels import PRESETS
-from tests.helpers import compare_backends
+from tests.helpers import TOLERANCES, assert_close, compare_backends, make_inputs, run
 
 SINGLE_TERMS = [{"task": 1.0}, {"task": 0.0, "icl": 1.0}, {"task": 0.0, "hrd": 1.0}, {"task": 0.0, "vrd": 1.0},
                 {"task": 0.0, "xrd": 1.0}, {"task": 0.0, "intra": 1.0}, {"task": 0.0, "gd": 1.0},
@@ -16,6 +16,7 @@ SHAPES = [(1, 8), (3, 8), (37, 24), (129, 64), (256, 130)]
 def small_tiles(monkeypatch):
     """Blocks of 16 rows even at small N, so every test crosses block boundaries."""
     monkeypatch.setattr(chunked, "TILE_ELEMENTS", 16)
+    monkeypatch.setattr(chunked, "MIN_BLOCK_ROWS", 16)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -55,3 +56,15 @@ def test_grad_output_scales_every_gradient():
 def test_block_size_helper():
     assert chunked.block_rows_for(4096, 4096) % 16 == 0
     assert chunked.block_rows_for(10, 3) == 3
+    assert chunked.block_rows_for(37, 37) == 16  # the fixture's small tiles: every test crosses block boundaries
+
+
+def test_zero_multiplier_scale_gradient():
+    """At a zero multiplier the scale gradient cannot be read off the log-softmax; the product path must take over."""
+    embeddings, scalars = make_inputs(37, 24)
+    scalars["lam_img"] = torch.tensor(0.0, requires_grad=True)
+    scalars["kappa"] = torch.tensor(0.0, requires_grad=True)
+    ref_terms, ref_grads = run("reference", embeddings, scalars, "clip-rd")
+    terms, grads = run("chunked", embeddings, scalars, "clip-rd")
+    for key in ("lam_img", "kappa", "lam_txt", "student_scale"):
+        assert_close(grads[key], ref_grads[key], TOLERANCES[torch.float32], f"grad {key}")
