@@ -9,6 +9,7 @@ each worker: resume skips exactly those (before decoding) and continues with bat
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -28,6 +29,29 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 
 class ShardError(ValueError):
     """A missing, unreadable or corrupt shard (the message names it)."""
+
+
+def _hash64(parts) -> int:
+    """blake2b-64 of a byte sequence, as a signed int64 (numpy/torch friendly)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        digest.update(part)
+    return int.from_bytes(digest.digest(), "little", signed=True)
+
+
+def sample_digest(raw: dict) -> int:
+    """Digest of a raw webdataset sample: every member (name, size, bytes) in name order; ``__key__`` etc. excluded.
+
+    The teacher store records it at precompute and checks it at every lookup, so targets stay bound to the exact
+    bytes the teacher saw.
+    """
+    members = sorted((name, value) for name, value in raw.items() if not name.startswith("__"))
+    return _hash64(part for name, value in members
+                   for part in (name.encode(), len(value).to_bytes(8, "little"), bytes(value)))
+
+
+def key_hash(key: str) -> int:
+    return _hash64([key.encode()])
 
 
 def expand_urls(pattern: str) -> list[str]:
@@ -125,7 +149,7 @@ class Codec:
             caption = raw["txt"].decode("utf-8")
         except Exception as exc:  # PIL raises several types for damaged files
             raise ShardError(f"corrupt shard {url}: sample {key!r} cannot be decoded: {exc}") from exc
-        out = {"key": key, "caption": caption}
+        out = {"key": key, "url": url, "digest": sample_digest(raw), "caption": caption}
         for name, transform in self.images.items():
             out[name] = transform(image)
         for name, tokenizer in self.texts.items():
@@ -148,6 +172,18 @@ def collate(samples: list[dict]) -> dict:
         else:
             batch[name] = values
     return batch
+
+
+def batched(samples: Iterator[dict], batch_size: int) -> Iterator[dict]:
+    """Collated batches of ``batch_size`` decoded samples as they stream, the last one possibly smaller."""
+    chunk = []
+    for sample in samples:
+        chunk.append(sample)
+        if len(chunk) == batch_size:
+            yield collate(chunk)
+            chunk = []
+    if chunk:
+        yield collate(chunk)
 
 
 def _raise_shard_error(exc: Exception) -> bool:

@@ -27,17 +27,11 @@ def encode_shards(model, preprocess, tokenizer, pattern: str, batch_size: int = 
     images, texts, labels = [], [], []
     model.eval()
     samples = (codec(raw) for url in urls for raw in data_lib.read_shard(url, sizes[url]))
-    chunk = []
-    for sample in list(samples) + [None]:
-        if sample is not None:
-            chunk.append(sample)
-        if chunk and (sample is None or len(chunk) == batch_size):
-            batch = data_lib.collate(chunk)
-            out = model(batch["image"].to(device), batch["text"].to(device))
-            images.append(F.normalize(out["image_features"].float(), dim=-1).cpu())
-            texts.append(F.normalize(out["text_features"].float(), dim=-1).cpu())
-            labels.append(batch.get("label"))
-            chunk = []
+    for batch in data_lib.batched(samples, batch_size):  # decoded as they stream: memory independent of shard size
+        out = model(batch["image"].to(device), batch["text"].to(device))
+        images.append(F.normalize(out["image_features"].float(), dim=-1).cpu())
+        texts.append(F.normalize(out["text_features"].float(), dim=-1).cpu())
+        labels.append(batch.get("label"))
     has_labels = all(label is not None for label in labels)
     return {"image": torch.cat(images), "text": torch.cat(texts),
             "labels": torch.cat(labels) if has_labels else None}

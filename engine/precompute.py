@@ -12,38 +12,55 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import data as data_lib
 from . import store as store_lib
-from .data import Codec, collate, expand_urls, read_shard, shard_sizes
+
+
+def check_unique_keys(urls: list[str]) -> None:
+    """Refuse a dataset in which a ``__key__`` repeats (in one shard or across two), naming the key and shards."""
+    seen: dict[str, str] = {}
+    for url in urls:
+        for key in data_lib.shard_keys(url):
+            if key in seen:
+                where = f"twice in shard {url}" if seen[key] == url else f"in shards {seen[key]} and {url}"
+                raise store_lib.StoreError(f"sample key {key!r} appears {where}; every sample needs a unique "
+                                           f"__key__ for its teacher embeddings to be found")
+            seen[key] = url
 
 
 @torch.no_grad()
 def build_store(pattern: str, teacher_name: str, pretrained: str, root: str | Path, batch_size: int = 500,
                 progress: bool = True, device: str | torch.device | None = None) -> Path:
+    """Run the teacher over every shard, batch by batch as samples stream (memory independent of shard size)."""
     import models
     from tqdm import tqdm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     root = Path(root)
-    urls = expand_urls(pattern)
-    sizes = shard_sizes(urls)
+    urls = data_lib.expand_urls(pattern)
+    check_unique_keys(urls)
+    sizes = data_lib.shard_sizes(urls)
     teacher = models.create_teacher(teacher_name, pretrained, device=device)
     teacher_info = {"model": teacher_name, "pretrained": str(pretrained),
                     "fingerprint": store_lib.teacher_fingerprint(teacher_name, pretrained)}
     manifest = store_lib.begin(root, teacher_info, teacher.logit_scale.exp().item(), models.embed_dim(teacher_name))
-    codec = Codec(images={"image": models.get_preprocess(teacher)}, texts={"text": models.get_tokenizer(teacher_name)})
+    codec = data_lib.Codec(images={"image": models.get_preprocess(teacher)},
+                           texts={"text": models.get_tokenizer(teacher_name)})
     todo = [u for u in urls if Path(u).name not in manifest["parts"]]
     bar = tqdm(total=sum(sizes[u] for u in todo), desc="teacher embeddings", disable=not progress, leave=False)
     for url in todo:
-        samples = [codec(raw) for raw in read_shard(url, sizes[url])]
-        keys, images, texts = [], [], []
-        for start in range(0, len(samples), batch_size):
-            batch = collate(samples[start:start + batch_size])
-            out = teacher(batch["image"].to(device), batch["text"].to(device))
-            keys += batch["key"]
-            images.append(F.normalize(out["image_features"].float(), dim=-1).cpu())
-            texts.append(F.normalize(out["text_features"].float(), dim=-1).cpu())
-            bar.update(len(batch["key"]))
-        store_lib.write_part(root, manifest, url, keys, torch.cat(images), torch.cat(texts))
+        writer = store_lib.PartWriter(root, manifest, url, sizes[url])
+        try:
+            for batch in data_lib.batched((codec(raw) for raw in data_lib.read_shard(url, sizes[url])), batch_size):
+                out = teacher(batch["image"].to(device), batch["text"].to(device))
+                writer.append(batch["key"], batch["digest"].tolist(),
+                              F.normalize(out["image_features"].float(), dim=-1).cpu(),
+                              F.normalize(out["text_features"].float(), dim=-1).cpu())
+                bar.update(len(batch["key"]))
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
     bar.close()
     store_lib.finish(root, manifest)
     return root
@@ -73,7 +90,7 @@ def main(argv=None) -> None:
     start = time.time()
     try:
         build_store(train, args.teacher, pretrained, root, args.batch_size)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # StoreError and ShardError are ValueErrors
         sys.exit(f"error: {exc}")
     manifest = store_lib.read_manifest(root)
     print(f"teacher store {root}: {manifest['count']} samples, width {manifest['embed_dim']}, "

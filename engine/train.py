@@ -126,7 +126,7 @@ def run(cfg: TrainConfig) -> dict:
     elif needs_teacher:
         store = TeacherStore(src.store_dir, expand_urls(src.train), expected_teacher=src.teacher_fingerprint)
         teacher_scale, teacher_dim = store.logit_scale, store.embed_dim
-        log.info(f"teacher store {src.store_dir}: {store.teacher['fingerprint']}, {len(store.index)} keys")
+        log.info(f"teacher store {src.store_dir}: {store.teacher['fingerprint']}, {len(store.sorted_hashes)} samples")
     loss_fn = ClipRDLoss(weights, student_dim=models.embed_dim(cfg.model), teacher_dim=teacher_dim,
                          backend=cfg.backend).to(device)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
@@ -196,7 +196,7 @@ def run(cfg: TrainConfig) -> dict:
                                     batch.get("teacher_text", batch["text"]).to(device))
                 t_img, t_txt = t_out["image_features"], t_out["text_features"]
             elif store is not None:
-                t_img, t_txt = (t.to(device) for t in store.lookup(batch["key"]))
+                t_img, t_txt = (t.to(device) for t in store.lookup(batch["key"], batch["digest"].tolist(), batch["url"]))
             terms = model(batch["image"].to(device), batch["text"].to(device), t_img, t_txt,
                           torch.tensor(float(teacher_scale), device=device), poison=cfg.inject_nan_step == step)
             optimizer.zero_grad(set_to_none=True)

@@ -18,7 +18,7 @@ import torch
 
 from engine import store as store_lib
 from engine.config import parse_args
-from engine.data import epoch_shards, expand_urls
+from engine.data import epoch_shards, expand_urls, read_shard, sample_digest
 from engine.train import run
 
 WORLD, LOCAL_BATCH, SEED = 2, 8, 0
@@ -54,7 +54,10 @@ def interleaved(tmp_path_factory, synth_data, store_dir):
                         tar.addfile(member, io.BytesIO(payload))
     source = store_lib.TeacherStore(store_dir, expand_urls(two))
     manifest = store_lib.begin(root / "store", source.teacher, source.logit_scale, source.embed_dim)
-    store_lib.write_part(root / "store", manifest, str(one), keys, *source.lookup(keys))
+    digests = [sample_digest(raw) for raw in read_shard(str(one))]  # the same bytes as in the two shards
+    writer = store_lib.PartWriter(root / "store", manifest, str(one), len(keys))
+    writer.append(keys, digests, *source.lookup(keys, digests, [str(one)] * len(keys)))
+    writer.commit()
     store_lib.finish(root / "store", manifest)
     return {"two": two, "one": str(one), "one_store": str(root / "store")}
 

@@ -1,6 +1,11 @@
+import io
 import json
 import os
 import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +15,7 @@ import torch.nn.functional as F
 import models
 from engine import data as data_lib
 from engine import store as store_lib
+from engine import synthetic
 from engine.precompute import build_store
 
 
@@ -27,7 +33,7 @@ def test_store_matches_teacher_embeddings(synth_data, teacher_ckpt, store_dir):
     batch = data_lib.collate(samples)
     with torch.no_grad():
         out = teacher(batch["image"], batch["text"])
-    image, text = store.lookup(batch["key"])
+    image, text = store.lookup(batch["key"], batch["digest"].tolist(), batch["url"])
     assert image.dtype == torch.float16 and image.shape == (5, 128)
     torch.testing.assert_close(image.float(), F.normalize(out["image_features"], dim=-1), atol=2e-3, rtol=0)
     torch.testing.assert_close(text.float(), F.normalize(out["text_features"], dim=-1), atol=2e-3, rtol=0)
@@ -37,22 +43,23 @@ def test_store_matches_teacher_embeddings(synth_data, teacher_ckpt, store_dir):
 def test_store_resumes_only_missing_parts(tmp_path, synth_data, teacher_ckpt, store_dir):
     copy = tmp_path / "store"
     shutil.copytree(store_dir, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest = store_lib.read_manifest(copy)
     # simulate a build killed after the first two shards: the third part and completion are missing
     del manifest["parts"]["train-00002.tar"]
     manifest["complete"] = False
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    os.remove(copy / "parts" / "train-00002.npz")
-    kept = {p: os.stat(copy / "parts" / p).st_mtime_ns for p in ("train-00000.npz", "train-00001.npz")}
+    store_lib._write_manifest(copy, manifest)
+    shutil.rmtree(copy / "parts" / "train-00002")
+    kept = {p: os.stat(copy / "parts" / p / "image.npy").st_mtime_ns for p in ("train-00000", "train-00001")}
     urls = data_lib.expand_urls(synth_data["train"])
-    with pytest.raises(store_lib.StoreError, match=r"lacks the keys of 1 shard.*train-00002.tar.*'1000020000'"):
+    with pytest.raises(store_lib.StoreError, match=r"no part for 1 training shard.*train-00002.tar.*'1000020000'"):
         store_lib.TeacherStore(copy, urls)
     build_store(synth_data["train"], "tiny-vit-teacher", str(teacher_ckpt), copy, progress=False)
-    assert {p: os.stat(copy / "parts" / p).st_mtime_ns for p in kept} == kept
-    for part in ("train-00000.npz", "train-00001.npz", "train-00002.npz"):
-        a, b = np.load(copy / "parts" / part), np.load(store_dir / "parts" / part)
-        assert (a["keys"] == b["keys"]).all() and np.array_equal(a["image"], b["image"])
-    assert json.loads((copy / "manifest.json").read_text())["complete"]
+    assert {p: os.stat(copy / "parts" / p / "image.npy").st_mtime_ns for p in kept} == kept
+    for part in ("train-00000", "train-00001", "train-00002"):
+        for array in store_lib.PART_ARRAYS:
+            assert np.array_equal(np.load(copy / "parts" / part / f"{array}.npy"),
+                                  np.load(store_dir / "parts" / part / f"{array}.npy")), (part, array)
+    assert store_lib.read_manifest(copy)["complete"]
 
 
 def test_store_from_another_teacher_refused(tmp_path, synth_data, store_dir):
@@ -65,33 +72,203 @@ def test_store_from_another_teacher_refused(tmp_path, synth_data, store_dir):
         build_store(synth_data["train"], "tiny-vit-teacher", str(other), store_dir, progress=False)
 
 
-def test_store_missing_keys_named(tmp_path, synth_data, store_dir):
+def test_corrupt_part_and_missing_store(tmp_path, synth_data, store_dir):
     copy = tmp_path / "store"
     shutil.copytree(store_dir, copy)
-    part = copy / "parts" / "train-00001.npz"
-    with np.load(part) as d:
-        keys, image, text = d["keys"][1:], d["image"][1:], d["text"][1:]  # drop key 1000010000
-    with open(part, "wb") as handle:
-        np.savez(handle, keys=keys, image=image, text=text)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["parts"]["train-00001.tar"]["sha256"] = store_lib.sha256_file(part)
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    urls = data_lib.expand_urls(synth_data["train"])
-    with pytest.raises(store_lib.StoreError, match=r"lacks 1 key\(s\) of shard .*train-00001.tar: \['1000010000'\]"):
-        store_lib.TeacherStore(copy, urls)
-    store = store_lib.TeacherStore(copy, urls, check_keys=False)
-    with pytest.raises(store_lib.StoreError, match=r"no embeddings for key\(s\) \['1000010000'\]"):
-        store.lookup(["1000000000", "1000010000"])
-
-
-def test_store_corrupt_part_and_missing_store(tmp_path, synth_data, store_dir):
-    copy = tmp_path / "store"
-    shutil.copytree(store_dir, copy)
-    with open(copy / "parts" / "train-00000.npz", "r+b") as handle:
+    with open(copy / "parts" / "train-00000" / "image.npy", "r+b") as handle:
         handle.seek(200)
-        handle.write(b"\x00\xff" * 8)
+        handle.write(b"\x00\x3c" * 8)  # finite fp16 values: only the checksum can tell
     urls = data_lib.expand_urls(synth_data["train"])
-    with pytest.raises(store_lib.StoreError, match="checksum does not match"):
+    with pytest.raises(store_lib.StoreError, match="train-00000/image.npy: checksum does not match"):
         store_lib.TeacherStore(copy, urls)
     with pytest.raises(store_lib.StoreError, match="no teacher store at"):
         store_lib.TeacherStore(tmp_path / "nowhere", urls)
+
+
+# ------------------------------------------------------------------------------------------- tampering, end to end
+
+
+def _train(tmp_path, train, store, *extra):
+    """engine.train's command line on a store; returns the SystemExit message (None if the run succeeded)."""
+    from engine.train import main
+
+    argv = ["--train-data", train, "--teacher-store", str(store), "--batch-size", "16", "--epochs", "1",
+            "--logs", str(tmp_path / "logs"), "--name", "tamper", "--no-eval", "--no-progress", "--fused",
+            "--cache-dir", str(tmp_path / "cache"), *extra]
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return str(exc.code)
+    return None
+
+
+def _rewrite_tar(src, dst, change):
+    """Copy a shard member by member, ``change(name, payload) -> payload`` (same length keeps the tar's size)."""
+    with tarfile.open(src) as tar_in, tarfile.open(dst, "w") as tar_out:
+        for member in tar_in.getmembers():
+            payload = change(member.name, tar_in.extractfile(member).read())
+            member.size = len(payload)
+            tar_out.addfile(member, io.BytesIO(payload))
+
+
+def _copy_data(tmp_path, synth_data) -> Path:
+    data = tmp_path / "data"
+    shutil.copytree(synth_data["root"], data)
+    return data
+
+
+def _train_pattern(data: Path) -> str:
+    return str(data / "train-{00000..00002}.tar")
+
+
+def test_untouched_store_trains(tmp_path, synth_data, store_dir):
+    assert _train(tmp_path, synth_data["train"], store_dir) is None
+
+
+def test_other_samples_under_the_same_names_refused(tmp_path, synth_data, store_dir):
+    """The same shard names, keys and counts, other content (another generator seed)."""
+    other = synthetic.build(tmp_path / "other", synthetic.SyntheticSpec(train_samples=96, val_samples=32,
+                                                                       shard_size=32, seed=1), progress=False)
+    assert data_lib.shard_keys(data_lib.expand_urls(other["train"])[0]) == \
+        data_lib.shard_keys(data_lib.expand_urls(synth_data["train"])[0])
+    message = _train(tmp_path, other["train"], store_dir)
+    assert message and str(store_dir) in message and "\n" not in message
+    assert "changed since the store was built" in message or "content digest differs" in message
+
+
+def test_caption_edited_in_place_refused(tmp_path, synth_data, store_dir):
+    data = _copy_data(tmp_path, synth_data)
+    shard = data / "train-00001.tar"
+    edited_key = data_lib.shard_keys(str(shard))[5]
+    original_size = os.path.getsize(shard)
+
+    def swap_caption(name, payload):
+        return payload[::-1] if name == f"{edited_key}.txt" else payload  # same length, other caption
+
+    _rewrite_tar(synth_data["root"] / "train-00001.tar", shard, swap_caption)
+    assert os.path.getsize(shard) == original_size
+    message = _train(tmp_path, _train_pattern(data), store_dir)
+    assert message is not None and "\n" not in message
+    assert f"sample '{edited_key}' of shard {shard}" in message and "content digest differs" in message
+    assert str(store_dir) in message
+    # the verify command finds the same sample without training
+    problems = store_lib.verify(str(store_dir), _train_pattern(data))
+    assert len(problems) == 1 and "train-00001.tar: 1 sample(s) differ" in problems[0] and edited_key in problems[0]
+
+
+def test_repeated_key_refused_by_precompute_and_by_the_index(tmp_path, synth_data, teacher_ckpt, store_dir):
+    data = _copy_data(tmp_path, synth_data)
+    keys0 = data_lib.shard_keys(str(synth_data["root"] / "train-00000.tar"))
+    keys1 = data_lib.shard_keys(str(synth_data["root"] / "train-00001.tar"))
+    rename = {keys1[3]: keys0[7]}  # one sample of shard 1 takes the key of a sample of shard 0
+    with tarfile.open(synth_data["root"] / "train-00001.tar") as tar_in, \
+            tarfile.open(data / "train-00001.tar", "w") as tar_out:
+        for member in tar_in.getmembers():
+            payload = tar_in.extractfile(member).read()
+            key, ext = member.name.split(".", 1)
+            member.name = f"{rename.get(key, key)}.{ext}"
+            tar_out.addfile(member, io.BytesIO(payload))
+    with pytest.raises(store_lib.StoreError, match=rf"key '{keys0[7]}' appears in shards .*train-00000.tar and "
+                                                   rf".*train-00001.tar"):
+        build_store(_train_pattern(data), "tiny-vit-teacher", str(teacher_ckpt), tmp_path / "new", progress=False)
+    # a store whose parts repeat a key (built by hand) is refused at load: the index never overwrites an entry
+    source = store_lib.TeacherStore(store_dir)
+    root = tmp_path / "dup"
+    manifest = store_lib.begin(root, source.teacher, source.logit_scale, source.embed_dim)
+    for url in (synth_data["root"] / "train-00000.tar", data / "train-00001.tar"):
+        raws = list(data_lib.read_shard(str(url)))
+        keys = [r["__key__"] for r in raws]
+        writer = store_lib.PartWriter(root, manifest, str(url), len(keys))
+        writer.append(keys, [data_lib.sample_digest(r) for r in raws], torch.zeros(len(keys), 128),
+                      torch.zeros(len(keys), 128))
+        writer.commit()
+    with pytest.raises(store_lib.StoreError, match=rf"key '{keys0[7]}' appears twice .*train-00000.tar and "
+                                                   rf"train-00001.tar"):
+        store_lib.TeacherStore(root)
+
+
+@pytest.mark.parametrize("tamper", ["logit_scale", "truncate"])
+def test_manifest_edit_refused(tmp_path, synth_data, store_dir, tamper):
+    copy = tmp_path / "store"
+    shutil.copytree(store_dir, copy)
+    path = copy / "manifest.json"
+    if tamper == "logit_scale":
+        manifest = json.loads(path.read_text())
+        manifest["logit_scale"] += 80
+        path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        expected = "content does not match its digest"
+    else:
+        path.write_text(path.read_text()[:200])
+        expected = "not valid JSON"
+    message = _train(tmp_path, synth_data["train"], copy)
+    assert message is not None and str(path) in message and expected in message and "\n" not in message
+
+
+def test_non_finite_rows_refused_at_precompute_and_at_load(tmp_path, synth_data, teacher_ckpt, store_dir,
+                                                          monkeypatch):
+    import models
+
+    real_create = models.create_teacher
+
+    def nan_teacher(*args, **kwargs):  # a teacher whose image tower gives NaN for every sample
+        teacher = real_create(*args, **kwargs)
+        teacher.visual.proj.data.fill_(float("nan"))
+        return teacher
+
+    monkeypatch.setattr(models, "create_teacher", nan_teacher)
+    with pytest.raises(store_lib.StoreError, match=r"non-finite embeddings for 32 sample\(s\), keys \['1000000000'"):
+        build_store(synth_data["train"], "tiny-vit-teacher", str(teacher_ckpt), tmp_path / "nan", progress=False)
+    assert not list((tmp_path / "nan" / "parts").iterdir())  # nothing half-written is left behind
+    monkeypatch.undo()
+    # a part damaged after the build (NaN row, checksum and manifest made consistent) is refused when loading
+    copy = tmp_path / "store"
+    shutil.copytree(store_dir, copy)
+    image_file = copy / "parts" / "train-00002" / "image.npy"
+    image = np.load(image_file)
+    image[4] = np.nan
+    np.save(image_file, image)
+    manifest = store_lib.read_manifest(copy)
+    manifest["parts"]["train-00002.tar"]["sha256"]["image"] = store_lib.sha256_file(image_file)
+    store_lib._write_manifest(copy, manifest)
+    message = _train(tmp_path, synth_data["train"], copy)
+    assert message is not None and "train-00002/image.npy holds non-finite values" in message
+
+
+def test_store_command_line(tmp_path, synth_data, store_dir, capsys):
+    store_lib.main(["verify", str(store_dir), "--train-data", synth_data["train"]])
+    assert capsys.readouterr().out.startswith(f"OK: {store_dir}: 96 samples in 3 part(s)")
+    store_lib.main(["info", str(store_dir)])
+    assert "logit scale" in capsys.readouterr().out
+    copy = tmp_path / "store"
+    shutil.copytree(store_dir, copy)
+    (copy / "manifest.json").write_text("{")
+    with pytest.raises(SystemExit) as exc:
+        store_lib.main(["verify", str(copy)])
+    assert exc.value.code == 1 and "not valid JSON" in capsys.readouterr().out
+
+
+def _peak_rss_of_precompute(tmp_path, train_samples: int) -> int:
+    """Peak RSS (bytes) of a fresh process that builds the store of a one-shard dataset of ``train_samples``."""
+    data = synthetic.build(tmp_path / f"data{train_samples}", synthetic.SyntheticSpec(
+        train_samples=train_samples, val_samples=8, shard_size=train_samples, seed=3), progress=False)
+    script = (
+        "import resource, sys, torch\n"
+        "torch.manual_seed(0)\n"
+        "import models\n"
+        "from engine.precompute import build_store\n"
+        "path = sys.argv[3] + '/teacher.pt'\n"
+        "torch.save({'state_dict': models.create_model('tiny-vit-teacher').state_dict()}, path)\n"
+        "build_store(sys.argv[1], 'tiny-vit-teacher', path, sys.argv[2], batch_size=128, progress=False)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, data["train"], str(tmp_path / f"store{train_samples}"),
+                          str(tmp_path)], capture_output=True, text=True, check=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[1],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_precompute_memory_does_not_grow_with_shard_size(tmp_path):
+    small, large = _peak_rss_of_precompute(tmp_path, 256), _peak_rss_of_precompute(tmp_path, 4096)
+    print(f"precompute peak RSS: 256-sample shard {small / 2**20:.1f} MiB, 4096-sample shard {large / 2**20:.1f} MiB")
+    assert large - small < 100 * 2**20
