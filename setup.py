@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["kernels", "kernels.*", "engine", "engine.*", "models", "models.*",
                                     "bench", "bench.*"]),
-    package_data={"models": ["model_configs/*.json"]},
+    package_data={"models": ["model_configs/*.json", "pretrained/*.pt", "pretrained/*.json"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

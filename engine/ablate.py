@@ -34,7 +34,8 @@ from typing import Optional
 from kernels import resolve_weights
 
 from .config import TrainConfig
-from .defaults import cache_root, resolve_sources
+from .defaults import cache_root
+from .prepare import resolve
 
 # Each CLIP-RD term alone on top of CLIP-KD, next to the four named presets: (preset, weight overrides).
 ABLATION_PRESETS: dict[str, tuple[str, dict]] = {
@@ -59,7 +60,7 @@ EQUIVALENCE_RTOL = 1e-4
 EQUIVALENCE_PRESET = "clip-rd"
 # TrainConfig fields that identify one run rather than the ablation (excluded from the settings check).
 PER_RUN_FIELDS = ("preset", "weights", "seed", "name", "resume", "logs", "progress", "fused", "stop_after_steps",
-                  "log_every_n_steps", "save_frequency", "eval", "inject_nan_step")
+                  "log_every_n_steps", "save_frequency", "eval")
 # --quick: a small procedural dataset and teacher, built once under <cache>/ablation-quick/.
 QUICK_DATA = dict(train_samples=1024, val_samples=128, shard_size=128, seed=0)
 QUICK_TEACHER = dict(epochs=2, batch_size=64, lr=2e-3, warmup=4)
@@ -169,7 +170,7 @@ def train_one(settings: AblationSettings, preset: str, seed: int, log: logging.L
         if run_dir.exists() and not (run_dir / "checkpoints" / "epoch_latest.pt").exists():
             shutil.rmtree(run_dir)  # stopped before its first checkpoint: start clean (no stale log rows)
         with _quiet(settings.verbose):
-            result = run(cfg)
+            result = run(cfg, resolve(cfg, progress=False))
         wall = time.perf_counter() - start
     if "metrics" not in result:
         raise RuntimeError(f"run {run_dir} finished without evaluation metrics (no validation data?)")
@@ -222,7 +223,7 @@ def prepare_quick(base: TrainConfig, log: logging.Logger, verbose: bool = False)
         if not (teacher_dir / "results.json").exists():
             log.info(f"--quick: training a small teacher ({QUICK_TEACHER['epochs']} epochs) in {teacher_dir}")
             with _quiet(verbose):
-                run(teacher_cfg)
+                run(teacher_cfg, resolve(teacher_cfg, progress=False))
         base = replace(base, teacher_pretrained=str(teacher_dir / "checkpoints" / "epoch_latest.pt"))
     return base
 
@@ -237,14 +238,12 @@ def teacher_metrics(settings: AblationSettings, log: logging.Logger) -> Optional
         return json.loads(cache_file.read_text())
     cfg = replace(run_config(settings, "clip-kd", settings.seeds[0]), progress=True)
     log.info("resolving data, teacher and teacher store (built once into the cache when absent: on 2 idle cores "
-             "the embedded data take ~10 s, the default teacher ~3 min, its store ~30 s)")
-    sources = resolve_sources(cfg, log)  # before any run, so that no run builds them
+             "the embedded data take ~10 s, the teacher store ~30 s)")
+    sources = resolve(cfg, progress=cfg.progress)  # before any run, so that no run builds them
     if sources.teacher_pretrained is None or sources.val is None:
         return None
-    pretrained = Path(sources.teacher_pretrained)
-    metrics_file = pretrained.with_name(f"{pretrained.stem}_metrics.json")
-    if metrics_file.exists():
-        metrics = json.loads(metrics_file.read_text())
+    if sources.teacher_metrics is not None:  # the shipped default teacher's recorded evaluation
+        metrics = sources.teacher_metrics
     else:
         import models
 
@@ -403,7 +402,7 @@ def train_curves(settings: AblationSettings, fused: bool, steps: int, train_data
     if len(rows) < steps:  # absent or interrupted: the per-step rows must come from one uninterrupted run
         shutil.rmtree(Path(cfg.logs) / cfg.name, ignore_errors=True)
         with _quiet(settings.verbose):
-            run(cfg)
+            run(cfg, resolve(cfg, progress=False))
         rows = [r for r in read_jsonl(metrics_file) if r["kind"] == "train"]
     return rows[:steps]
 
@@ -426,7 +425,7 @@ def compare_curves(fused: list[dict], reference: list[dict], terms=EQUIVALENCE_T
 def equivalence(settings: AblationSettings, log: logging.Logger, rtol: float = EQUIVALENCE_RTOL) -> dict:
     """Train the same seed with the fused and the reference backend; compare and plot the per-step loss curves."""
     steps = settings.equivalence_steps
-    sources = resolve_sources(run_config(settings, EQUIVALENCE_PRESET, settings.seeds[0]), log)
+    sources = resolve(run_config(settings, EQUIVALENCE_PRESET, settings.seeds[0]), progress=False)
     start = time.perf_counter()
     fused = train_curves(settings, True, steps, sources.train)
     reference = train_curves(settings, False, steps, sources.train)

@@ -12,11 +12,30 @@ import torch
 LATEST = "epoch_latest.pt"
 
 
+TEMP_PATTERN = ".*.tmp*"
+
+
 def atomic_save(obj, path: str | os.PathLike) -> None:
+    """Write to a temporary file, then rename: ``path`` is always either the old or the new complete file.
+
+    A failed write (full disk, read-only folder) removes its temporary file and raises OSError naming ``path``.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"could not write checkpoint {path}: {exc}; the previous file there, if any, is intact") from exc
+
+
+def remove_stale_temporaries(checkpoint_dir: Path) -> list[Path]:
+    """Delete temporary files left by a killed run (never a complete checkpoint); returns what was removed."""
+    stale = sorted(Path(checkpoint_dir).glob(TEMP_PATTERN))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def rng_state() -> dict:
@@ -46,4 +65,14 @@ def resolve_resume(resume: Optional[str], checkpoint_dir: Path) -> Optional[Path
 
 
 def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A training checkpoint of engine.train; anything else (text, shard, model weights) is a one-line error."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises several types for files that are not checkpoints
+        raise ValueError(f"--resume {path}: not a checkpoint file ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200]})") from exc
+    missing = [key for key in ("config", "optimizer", "state_dict", "step") if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"--resume {path}: not a training checkpoint of engine.train (no {', '.join(missing)}: "
+                         f"a model or teacher weights file? teacher weights go in --teacher-pretrained)")
+    return state

@@ -21,7 +21,7 @@ class TrainConfig:
     # models
     model: str = "tiny-vit-student"
     teacher: str = "tiny-vit-teacher"
-    teacher_pretrained: Optional[str] = None  # open_clip tag or checkpoint file; None: the default cached teacher
+    teacher_pretrained: Optional[str] = None  # open_clip tag or checkpoint file; None: the shipped default teacher
     teacher_store: Optional[str] = None  # None: the cache's store for (teacher, data)
     online_teacher: bool = False
     # loss
@@ -52,11 +52,10 @@ class TrainConfig:
     log_every_n_steps: int = 10
     eval: bool = True
     progress: bool = True
-    # internal, for tests: stop (checkpointed) after this many steps; poison the loss input at this step;
-    # write the first step's rank-averaged terms and gradients to <dir>/rank<R>.pt
-    stop_after_steps: Optional[int] = None
-    inject_nan_step: Optional[int] = None
-    dump_first_step: Optional[str] = None
+    stop_after_steps: Optional[int] = None  # checkpoint and stop after this many optimizer steps (resumable)
+    allow_config_change: bool = False  # --resume with other settings than the checkpoint's
+    max_skipped_steps: int = 25  # fp16: consecutive steps skipped for non-finite gradients before the run stops
+    prepare_timeout: float = 3600.0  # torchrun: how long ranks wait for rank 0 to prepare data, teacher and store
 
     @property
     def backend(self) -> str:
@@ -68,17 +67,37 @@ class TrainConfig:
         return weights
 
     def validate(self) -> None:
+        """Every setting that can be wrong, checked before anything runs: one line naming the flag."""
         if self.preset not in PRESETS:
             raise ValueError(f"--preset: unknown preset {self.preset!r}; expected one of {sorted(PRESETS)}")
         unknown = sorted(set(self.weights) - set(WEIGHT_KEYS))
         if unknown:
             raise ValueError(f"weights: unknown term(s) {unknown}; expected {list(WEIGHT_KEYS)}")
+        if not any(v != 0 for v in self.loss_weights().values()):
+            raise ValueError("loss weights: every term's weight is zero (preset and --*-weight flags): nothing to train")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision: {self.precision!r} is not one of {PRECISIONS}")
         if not 0.0 <= self.mfd_mask_ratio < 1.0:
             raise ValueError(f"--mfd-mask-ratio: must be in [0, 1), got {self.mfd_mask_ratio}")
-        if self.batch_size < 1 or self.epochs < 1:
-            raise ValueError(f"--batch-size and --epochs must be >= 1 (got {self.batch_size}, {self.epochs})")
+        at_least_one = ("batch_size", "epochs", "save_frequency", "log_every_n_steps", "shuffle_buffer",
+                        "max_skipped_steps")
+        for name in at_least_one + ("stop_after_steps",):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+        for name in ("warmup", "wd", "workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "eps", "prepare_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"--{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            raise ValueError(f"--grad-clip-norm: must be > 0 (leave it out for no clipping), got {self.grad_clip_norm}")
+        if self.teacher_store is not None and self.online_teacher:
+            raise ValueError("--teacher-store and --online-teacher exclude each other: the online teacher needs no store")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -125,9 +144,14 @@ def parser() -> argparse.ArgumentParser:
     a("--log-every-n-steps", type=int, default=d.log_every_n_steps)
     a("--no-eval", dest="eval", action="store_false", help="skip evaluation at the end")
     a("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
-    a("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
-    a("--inject-nan-step", type=int, default=None, help=argparse.SUPPRESS)
-    a("--dump-first-step", default=None, help=argparse.SUPPRESS)
+    a("--stop-after-steps", type=int, default=None,
+      help="save epoch_latest.pt and stop after this many optimizer steps in all (continue with --resume latest)")
+    a("--allow-config-change", action="store_true",
+      help="--resume even if batch size, preset, weights, data, models or seed differ from the checkpoint's")
+    a("--max-skipped-steps", type=int, default=d.max_skipped_steps,
+      help="fp16: stop when this many consecutive steps were skipped for non-finite gradients")
+    a("--prepare-timeout", type=float, default=d.prepare_timeout,
+      help="torchrun: seconds the other ranks wait for rank 0 to prepare data, teacher and store")
     return p
 
 

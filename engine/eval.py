@@ -89,30 +89,57 @@ def evaluate(model, preprocess, tokenizer, pattern: str, batch_size: int = 500,
     return metrics
 
 
+def latest_checkpoint(logs: str) -> Optional[Path]:
+    """The most recently written ``<logs>/<name>/checkpoints/epoch_latest.pt``, if any."""
+    found = sorted(Path(logs).glob("*/checkpoints/epoch_latest.pt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
 def main(argv=None) -> None:
+    import sys
+
     import models
 
-    from .defaults import ensure_default_data, ensure_default_teacher
+    from .defaults import DEFAULT_TEACHER_TAG, default_teacher_path, ensure_default_data
     from .paths import default_cache_dir
 
-    parser = argparse.ArgumentParser(prog="python -m engine.eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny-vit-student")
+    parser = argparse.ArgumentParser(prog="python -m engine.eval", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default=None,
+                        help="open_clip model name (default: the checkpoint's model, else tiny-vit-student)")
     parser.add_argument("--pretrained", default=None,
-                        help="checkpoint file (engine or open_clip) or open_clip tag; 'default-teacher' = cached teacher")
+                        help="checkpoint file (engine or open_clip) or open_clip tag; 'default-teacher' = the shipped "
+                             "teacher; default: the latest run's student under --logs")
+    parser.add_argument("--logs", default="./logs", help="where to look for the latest run without --pretrained")
     parser.add_argument("--val-data", default=None, help="validation shards (default: embedded validation split)")
-    parser.add_argument("--classnames", default=None, help="JSON with classnames and templates")
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--output", default=None, help="write the metrics as JSON here")
+    parser.add_argument("--classnames", default=None, help="JSON with classnames and templates (default: the "
+                        "classnames.json beside the validation shards)")
+    parser.add_argument("--batch-size", type=int, default=500, help="samples per forward pass")
+    parser.add_argument("--cache-dir", default=None,
+                        help="cache of the embedded dataset (default: $CLIP_RD_CACHE or ~/.cache/clip_rd)")
+    parser.add_argument("--output", default=None, help="also write the metrics as JSON to this file")
     args = parser.parse_args(argv)
+    pretrained, model_name = args.pretrained, args.model
+    if pretrained == DEFAULT_TEACHER_TAG:
+        pretrained, model_name = str(default_teacher_path()), model_name or "tiny-vit-teacher"
+    elif pretrained is None:
+        latest = latest_checkpoint(args.logs)
+        if latest is None:
+            sys.exit(f"error: no --pretrained given and no run under --logs {args.logs}: pass a checkpoint with "
+                     f"--pretrained (e.g. logs/<name>/checkpoints/epoch_latest.pt) or 'default-teacher'")
+        pretrained = str(latest)
+        print(f"evaluating the latest run's student: {latest}", file=sys.stderr)
+    if model_name is None and Path(pretrained).is_file():
+        model_name = torch.load(pretrained, map_location="cpu", weights_only=False).get("model")
+    model_name = model_name or "tiny-vit-student"
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     val = args.val_data or ensure_default_data(cache)["val"]
-    pretrained = args.pretrained
-    if pretrained == "default-teacher":
-        pretrained = str(ensure_default_teacher(cache))
-    model = models.create_model(args.model, pretrained)
-    metrics = evaluate(model, models.get_preprocess(model), models.get_tokenizer(args.model), val,
-                       args.batch_size, classnames_file=args.classnames)
+    try:
+        model = models.create_model(model_name, pretrained)
+        metrics = evaluate(model, models.get_preprocess(model), models.get_tokenizer(model_name), val,
+                           args.batch_size, classnames_file=args.classnames)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        sys.exit(f"error: {exc}")
     print(json.dumps(metrics, indent=1))
     if args.output:
         Path(args.output).write_text(json.dumps(metrics, indent=1))

@@ -10,6 +10,8 @@ from pathlib import Path
 
 def setup_logging(log_file: Path | None, is_main: bool = True) -> logging.Logger:
     logger = logging.getLogger("engine")
+    for handler in logger.handlers:
+        handler.close()
     logger.handlers.clear()
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     logger.propagate = False
@@ -32,10 +34,17 @@ def write_params(path: Path, cfg) -> None:
 class MetricsWriter:
     """One JSON object per line (``kind`` = train | eval), mirrored to TensorBoard when it is installed."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None):
+        """``resume_step``: rows after this step (written by a run that went on past its last checkpoint) are
+        dropped, so that a resumed run's file holds every step once."""
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self.tensorboard = None
+        if enabled and resume_step is not None and self.path.exists():
+            kept = [row for row in read_metrics(self.path) if row["step"] <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            tmp.replace(self.path)
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -69,15 +69,21 @@ def build_store(pattern: str, teacher_name: str, pretrained: str, root: str | Pa
 def main(argv=None) -> None:
     import sys
 
-    from .defaults import DEFAULT_TEACHER, cache_root, default_store_dir, ensure_default_data, ensure_default_teacher
+    from .defaults import DEFAULT_TEACHER, cache_root, default_store_dir, default_teacher_path, ensure_default_data
 
-    parser = argparse.ArgumentParser(prog="python -m engine.precompute", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train-data", default=None, help="shards (default: the embedded procedural dataset)")
-    parser.add_argument("--teacher", default=DEFAULT_TEACHER)
-    parser.add_argument("--teacher-pretrained", default=None, help="open_clip tag or checkpoint (default: cached teacher)")
-    parser.add_argument("--teacher-store", default=None, help="output directory (default: in the cache)")
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--cache-dir", default=None)
+    parser = argparse.ArgumentParser(prog="python -m engine.precompute", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--train-data", default=None,
+                        help="webdataset shards, brace-expandable, '::'-separated (default: the embedded dataset)")
+    parser.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher open_clip model name")
+    parser.add_argument("--teacher-pretrained", default=None,
+                        help="open_clip pretrained tag or checkpoint file (default: the shipped default teacher)")
+    parser.add_argument("--teacher-store", default=None,
+                        help="output directory (default: <cache>/stores/<teacher fingerprint>-<data id>)")
+    parser.add_argument("--batch-size", type=int, default=500, help="samples per teacher forward pass")
+    parser.add_argument("--cache-dir", default=None,
+                        help="cache of the embedded dataset and default stores (default: $CLIP_RD_CACHE or "
+                             "~/.cache/clip_rd)")
     args = parser.parse_args(argv)
     cache = cache_root(args.cache_dir)
     train = args.train_data or ensure_default_data(cache)["train"]
@@ -85,7 +91,7 @@ def main(argv=None) -> None:
     if pretrained is None:
         if args.teacher != DEFAULT_TEACHER:
             sys.exit(f"error: --teacher {args.teacher}: pass --teacher-pretrained (open_clip tag or checkpoint file)")
-        pretrained = str(ensure_default_teacher(cache))
+        pretrained = str(default_teacher_path())
     root = args.teacher_store or default_store_dir(cache, store_lib.teacher_fingerprint(args.teacher, pretrained), train)
     start = time.time()
     try:

@@ -312,41 +312,44 @@ class TeacherStore:
                                      f"{detail}; rebuild the store")
 
     def contains(self, key: str) -> bool:
-        return self._rows([key])[0] is not None
+        return self._locate([key])[0][0] >= 0
 
-    def _rows(self, keys: Sequence[str]) -> list[Optional[tuple[int, int]]]:
-        hashes = np.array([key_hash(k) for k in keys], dtype=np.int64)
-        slots = np.searchsorted(self.sorted_hashes, hashes)
-        rows = []
-        for key, slot, h in zip(keys, slots, hashes):
-            if slot < len(self.sorted_hashes) and self.sorted_hashes[slot] == h:
-                part, row = self._where(int(self.order[slot]))
-                rows.append((part, row) if str(self.parts[part]["keys"][row]) == key else None)
-            else:
-                rows.append(None)
-        return rows
+    def _locate(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(part, row) of every key, -1 where the store has no such key; vectorised per part."""
+        hashes = np.fromiter((key_hash(k) for k in keys), dtype=np.int64, count=len(keys))
+        slots = np.minimum(np.searchsorted(self.sorted_hashes, hashes), max(len(self.sorted_hashes) - 1, 0))
+        found = self.sorted_hashes[slots] == hashes if len(self.sorted_hashes) else np.zeros(len(keys), bool)
+        global_rows = self.order[slots]
+        parts = np.where(found, np.searchsorted(self.offsets, global_rows, side="right") - 1, -1)
+        rows = np.where(found, global_rows - self.offsets[np.maximum(parts, 0)], -1)
+        wanted = np.asarray(keys, dtype=str)
+        for part in np.unique(parts[parts >= 0]):  # a 64-bit hash match must also be the same key
+            mine = np.flatnonzero(parts == part)
+            same = self.parts[part]["keys"][rows[mine]] == wanted[mine]
+            parts[mine[~same]], rows[mine[~same]] = -1, -1
+        return parts, rows
 
     def lookup(self, keys: Sequence[str], digests: Sequence[int], urls: Sequence[Optional[str]]):
         """Teacher rows of these samples; the key and the sample digest must both match the stored ones."""
-        rows = self._rows(keys)
-        for key, digest, url, row in zip(keys, digests, urls, rows):
-            if row is None:
-                raise StoreError(f"{self.root}: no teacher embeddings for sample {key!r} of shard {url}; the store "
-                                 f"was built from other shards: rebuild it with engine.precompute")
-            part = self.parts[row[0]]
-            if int(part["digests"][row[1]]) != int(digest):
-                raise StoreError(f"{self.root}: sample {key!r} of shard {url} is not the sample the store was built "
-                                 f"from (content digest differs): the shard was rewritten or edited; rebuild the "
-                                 f"store with engine.precompute")
+        parts, rows = self._locate(keys)
+        digests = np.asarray(digests, dtype=np.int64)
         image = np.empty((len(keys), self.embed_dim), dtype=np.float16)
         text = np.empty_like(image)
-        part_of = np.array([r[0] for r in rows])
-        row_of = np.array([r[1] for r in rows])
-        for part_index in np.unique(part_of):
-            mine = np.flatnonzero(part_of == part_index)
-            order = np.argsort(row_of[mine])  # ascending rows read the memory map sequentially
-            image[mine[order]] = self.parts[part_index]["image"][row_of[mine[order]]]
-            text[mine[order]] = self.parts[part_index]["text"][row_of[mine[order]]]
+        for i in np.flatnonzero(parts < 0)[:1]:
+            raise StoreError(f"{self.root}: no teacher embeddings for sample {keys[i]!r} of shard {urls[i]}; the "
+                             f"store was built from other shards: rebuild it with engine.precompute")
+        for part in np.unique(parts):
+            mine = np.flatnonzero(parts == part)
+            mine = mine[np.argsort(rows[mine])]  # ascending rows read the memory map sequentially
+            stored = self.parts[part]
+            differ = np.flatnonzero(stored["digests"][rows[mine]] != digests[mine])
+            if len(differ):
+                i = mine[differ[0]]
+                raise StoreError(f"{self.root}: sample {keys[i]!r} of shard {urls[i]} is not the sample the store "
+                                 f"was built from (content digest differs): the shard was rewritten or edited; "
+                                 f"rebuild the store with engine.precompute")
+            image[mine] = stored["image"][rows[mine]]
+            text[mine] = stored["text"][rows[mine]]
         return torch.from_numpy(image), torch.from_numpy(text)
 
 
@@ -374,10 +377,10 @@ def verify(root: str, train_data: Optional[str] = None) -> list[str]:
         mismatched, unknown = [], []
         try:
             for raw in read_shard(url, sizes[url]):
-                row = store._rows([raw["__key__"]])[0]
-                if row is None:
+                (part,), (row,) = store._locate([raw["__key__"]])
+                if part < 0:
                     unknown.append(raw["__key__"])
-                elif int(store.parts[row[0]]["digests"][row[1]]) != sample_digest(raw):
+                elif int(store.parts[part]["digests"][row]) != sample_digest(raw):
                     mismatched.append(raw["__key__"])
         except ShardError as exc:
             problems.append(str(exc))

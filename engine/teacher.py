@@ -1,60 +1,73 @@
-"""``python -m engine.teacher``: train the default teacher (tiny-vit-teacher) on the embedded dataset, once.
+"""``python -m engine.teacher``: train the default teacher (tiny-vit-teacher) on the embedded dataset.
 
+The package ships its result (``models/pretrained/tiny-vit-teacher.pt``, with ``tiny-vit-teacher.json`` recording its
+evaluation and this command), so ordinary runs never train it; run this to regenerate it or to train a variant.
 Plain CLIP training (the ``baseline`` preset) through the same loop as the student; the run lives in
-<cache>/teachers/runs/ and resumes if interrupted; the final weights go to <cache>/teachers/tiny-vit-teacher.pt
-(open_clip-loadable: a dict with ``state_dict``) together with the teacher's evaluation metrics.
+<cache>/teachers/runs/ and resumes if interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
+import time
 from pathlib import Path
 
 import torch
 
+from . import defaults
 from .config import TrainConfig
+from .distributed import DistEnv
+from .prepare import resolve
+from .train import run
 
-# Sized from measured CPU throughput (README): ~8x the student's compute per sample, ~4 minutes on 2 idle cores.
+# About 8x the student's compute per sample: ~4 minutes on 2 idle cores.
 TEACHER_EPOCHS = 3
 TEACHER_LR = 2e-3
+TEACHER_BATCH = 128
 
 
 def teacher_config(cache: Path, epochs: int = TEACHER_EPOCHS, progress: bool = True) -> TrainConfig:
-    from .defaults import DEFAULT_TEACHER, ensure_default_data
-
-    patterns = ensure_default_data(cache)
+    patterns = defaults.ensure_default_data(cache, progress)
     return TrainConfig(train_data=patterns["train"], val_data=patterns["val"], cache_dir=str(cache),
-                       model=DEFAULT_TEACHER, preset="baseline", epochs=epochs, lr=TEACHER_LR, batch_size=128,
-                       logs=str(cache / "teachers" / "runs"), name=DEFAULT_TEACHER, resume="latest",
-                       progress=progress)
+                       model=defaults.DEFAULT_TEACHER, preset="baseline", epochs=epochs, lr=TEACHER_LR,
+                       batch_size=TEACHER_BATCH, logs=str(cache / "teachers" / "runs"), name=defaults.DEFAULT_TEACHER,
+                       resume="latest", progress=progress)
 
 
-def train_default_teacher(cache: Path, epochs: int = TEACHER_EPOCHS, progress: bool = True) -> Path:
-    from .defaults import default_teacher_path
-    from .train import run
-
-    print(f"training the default teacher once ({epochs} epochs); cached afterwards in {default_teacher_path(cache)}")
-    result = run(teacher_config(cache, epochs, progress))
+def train_default_teacher(cache: Path, output: Path, epochs: int = TEACHER_EPOCHS, progress: bool = True) -> Path:
+    """Train, then write ``output`` (an open_clip-loadable ``{"state_dict": ...}``) and its ``.json`` record."""
+    cfg = teacher_config(cache, epochs, progress)
+    start = time.perf_counter()
+    result = run(cfg, resolve(cfg, progress), DistEnv())
     final = torch.load(Path(result["run_dir"]) / "checkpoints" / "epoch_latest.pt", map_location="cpu",
-                       weights_only=False)
-    path = default_teacher_path(cache)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": final["state_dict"], "model": final["model"], "metrics": result.get("metrics")}, tmp)
-    os.replace(tmp, path)
-    (path.parent / f"{path.stem}_metrics.json").write_text(json.dumps(result.get("metrics"), indent=1))
-    return path
+                       weights_only=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    torch.save({"state_dict": final["state_dict"], "model": final["model"]}, tmp)
+    os.replace(tmp, output)
+    record = {"model": defaults.DEFAULT_TEACHER, "metrics": result.get("metrics"),
+              "command": f"python -m engine.teacher --epochs {epochs}",
+              "training": {"preset": "baseline", "epochs": epochs, "lr": TEACHER_LR, "batch_size": TEACHER_BATCH,
+                           "seed": cfg.seed, "steps": result.get("steps"),
+                           "wall_s": round(time.perf_counter() - start, 1)},
+              "software": {"torch": torch.__version__, "python": platform.python_version()}}
+    output.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    return output
 
 
 def main(argv=None) -> None:
-    from .defaults import cache_root
-
-    parser = argparse.ArgumentParser(prog="python -m engine.teacher", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--epochs", type=int, default=TEACHER_EPOCHS)
+    parser = argparse.ArgumentParser(prog="python -m engine.teacher", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--cache-dir", default=None,
+                        help="where the data and the teacher's run go (default: $CLIP_RD_CACHE or ~/.cache/clip_rd)")
+    parser.add_argument("--epochs", type=int, default=TEACHER_EPOCHS, help="training epochs")
+    parser.add_argument("--output", default=str(defaults.SHIPPED_TEACHER),
+                        help="checkpoint file to write (its .json record is written beside it)")
     args = parser.parse_args(argv)
-    path = train_default_teacher(cache_root(args.cache_dir), args.epochs)
-    print(f"default teacher: {path}")
+    path = train_default_teacher(defaults.cache_root(args.cache_dir), Path(args.output), args.epochs)
+    print(f"default teacher: {path} (record: {path.with_suffix('.json')})")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """``python -m engine.train``: distil a student CLIP from precomputed (or online) teacher embeddings.
 
-Read top to bottom: resolve data/teacher/store, build student + loss + optimizer, restore a checkpoint, loop,
-evaluate. Data streaming is engine.data, the store engine.store, the loss kernels.ClipRDLoss.
+Read top to bottom: ``TrainState`` (what a checkpoint holds), ``train_step`` (one optimizer step),
+``train_one_epoch``, ``run`` (set up, resume, loop, evaluate) and ``main`` (the command line: prepare the inputs
+with engine.prepare, then run). Data streaming is engine.data, the store engine.store, the teacher source and the
+forward engine.task, the loss kernels.ClipRDLoss.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +24,20 @@ from kernels import ClipRDLoss
 
 from . import checkpoint as ckpt_lib
 from .config import TrainConfig, parse_args
-from .data import Codec, ShardStream, expand_urls, make_loader
-from .defaults import resolve_sources
-from .distributed import (all_ranks_true, close_distributed, gather_rows, init_distributed, is_collective_failure,
+from .data import Codec, ShardError, ShardStream, expand_urls, make_loader
+from .distributed import (DistEnv, all_ranks_true, close_distributed, init_distributed, is_collective_failure,
                           mean_over_ranks, wrap)
 from .eval import evaluate
 from .logger import MetricsWriter, plot_metrics, setup_logging, write_params
+from .prepare import Sources, needs_teacher, prepare
 from .schedule import cosine_lr
-from .store import TeacherStore
+from .store import StoreError, TeacherStore
+from .task import DistillationTask, NoTeacher, OnlineTeacher, StoreTeacher
 
 LOGIT_SCALE_MAX = math.log(100)
+# Settings a resumed run must share with its checkpoint (else --allow-config-change).
+RESUME_INVARIANTS = ("model", "teacher", "teacher_pretrained", "teacher_store", "online_teacher", "train_data",
+                     "preset", "weights", "batch_size", "seed", "mfd_mask_ratio", "local_loss")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,238 +54,277 @@ def param_groups(modules, wd: float) -> list[dict]:
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class Distiller(nn.Module):
-    """Student forward, all-gather across ranks and loss in one module: DDP averages the gradients of the student
-    and of the loss module's multipliers/projections together (engine.distributed explains the semantics)."""
+@dataclass
+class TrainState:
+    """Everything a step changes: the task (student + loss, DDP-wrapped under torchrun), optimizer, scaler, counters."""
 
-    def __init__(self, student: nn.Module, loss_fn: nn.Module, env, local_loss: bool, gather_with_grad: bool,
-                 autocast_dtype=None):
-        super().__init__()
-        self.student, self.loss_fn, self.env = student, loss_fn, env
-        self.local_loss, self.gather_with_grad, self.autocast_dtype = local_loss, gather_with_grad, autocast_dtype
+    model: nn.Module
+    student: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    cfg: TrainConfig
+    env: DistEnv = field(default_factory=DistEnv)
+    total_steps: int = 1
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0  # of the current epoch
+    skipped_in_a_row: int = 0  # fp16 steps skipped for non-finite gradients
 
-    def forward(self, images, texts, t_img, t_txt, teacher_scale, poison: bool = False) -> dict:
-        """Local (B, ...) inputs and teacher (B, D_t) rows (None: no teacher term) -> loss terms of this rank."""
-        with torch.autocast(images.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            out = self.student(images, texts)
-        s_img, s_txt = out["image_features"].float(), out["text_features"].float()
-        if t_img is None:  # baseline: no teacher term; the loss ignores these placeholders
-            t_img, t_txt, teacher_scale = s_img.detach(), s_txt.detach(), torch.ones_like(teacher_scale)
-        if poison:
-            s_img = s_img * float("nan")
-        local, env = s_img.shape[0], self.env
-        rows = (env.rank * local, (env.rank + 1) * local) if self.local_loss else (0, None)
-        s_img, s_txt = (gather_rows(x, env, self.gather_with_grad) for x in (s_img, s_txt))
-        t_img, t_txt = (gather_rows(x.float(), env, False) for x in (t_img, t_txt))
-        return self.loss_fn(s_img, s_txt, out["logit_scale"].float(), t_img, t_txt, teacher_scale,
-                            row_start=rows[0], row_stop=rows[1])
+    def state_dict(self) -> dict:
+        # the unwrapped modules' state dicts: they load in any world size
+        return {"state_dict": self.student.state_dict(), "loss_state_dict": self.loss_fn.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+                "epoch": self.epoch, "batches_done": self.batches_done, "skipped_in_a_row": self.skipped_in_a_row}
 
-
-def dump_step(out_dir: Path, env, terms: dict, model: nn.Module) -> None:
-    """For tests: this rank's view of a step (terms averaged over ranks, averaged unclipped gradients)."""
-    module = getattr(model, "module", model)  # unwrap DDP
-    grads = {name: p.grad.detach().cpu().clone() for name, p in module.named_parameters() if p.grad is not None}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_lib.atomic_save({"terms": {k: v.item() for k, v in terms.items()}, "grads": grads},
-                         out_dir / f"rank{env.rank}.pt")
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["state_dict"])
+        self.loss_fn.load_state_dict(state["loss_state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
+        self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
 
 
-def run(cfg: TrainConfig) -> dict:
-    cfg.validate()
-    env, device = init_distributed()
-    name = cfg.name or f"{time.strftime('%Y_%m_%d-%H_%M_%S')}-{cfg.model}-{cfg.preset}"
-    run_dir = Path(cfg.logs) / name
-    ckpt_dir = run_dir / "checkpoints"
-    if cfg.resume is None and (ckpt_dir / ckpt_lib.LATEST).exists():
-        raise ValueError(f"run {run_dir} already exists; pass --resume latest to continue it or another --name")
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    log = setup_logging(run_dir / "out.log" if env.is_main else None, env.is_main)
-    if env.is_main:
-        write_params(run_dir / "params.txt", cfg)
-    log.info(f"run {name}: {asdict(cfg)}")
-    if env.world_size > 1:
-        log.info(f"{env.world_size} processes ({device.type}): global batch {env.world_size * cfg.batch_size}, "
-                 f"local loss {cfg.local_loss}, gather with grad {cfg.gather_with_grad}")
+def train_step(state: TrainState, batch: dict) -> dict:
+    """Forward, backward, unscale, clip, finiteness check, optimizer step, logit-scale clamp; returns the terms.
 
-    # --- data, teacher targets, student, loss -------------------------------------------------------------------
-    src = resolve_sources(cfg, log)  # may train the default teacher: seed after it, so every run starts alike
-    torch.manual_seed(cfg.seed + env.rank), random.seed(cfg.seed + env.rank), np.random.seed(cfg.seed + env.rank)
-    weights = cfg.loss_weights()
-    needs_teacher = any(v != 0 for k, v in weights.items() if k != "task")
+    Raises NonFiniteLossError (before changing any weight) on a non-finite loss or gradient, except where fp16's
+    GradScaler skips the step itself; ``cfg.max_skipped_steps`` such skips in a row raise as well.
+    """
+    cfg, env = state.cfg, state.env
+    for group in state.optimizer.param_groups:
+        group["lr"] = cosine_lr(state.step, cfg.lr, cfg.warmup, state.total_steps)
+    terms = state.model(batch)
+    state.optimizer.zero_grad(set_to_none=True)
+    device = terms["total"].device
+    if not all_ranks_true(bool(torch.isfinite(terms["total"])), env, device):  # every rank stops together
+        raise NonFiniteLossError(f"non-finite loss at step {state.step}: terms {_rounded(terms)}")
+    state.scaler.scale(terms["total"]).backward()  # DDP averages the gradients across ranks here
+    state.scaler.unscale_(state.optimizer)
+    params = [p for group in state.optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm or float("inf"))
+    if not torch.isfinite(grad_norm) and not state.scaler.is_enabled():
+        raise NonFiniteLossError(f"non-finite gradient at step {state.step} (norm {grad_norm.item()}): "
+                                 f"terms {_rounded(terms)}")
+    scale_before = state.scaler.get_scale() if state.scaler.is_enabled() else None
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    if scale_before is not None and state.scaler.get_scale() < scale_before:  # GradScaler skipped this step
+        state.skipped_in_a_row += 1
+        if state.skipped_in_a_row >= cfg.max_skipped_steps:
+            raise NonFiniteLossError(f"fp16: {state.skipped_in_a_row} consecutive steps up to step {state.step} had "
+                                     f"non-finite gradients and were skipped (loss scale now "
+                                     f"{state.scaler.get_scale():g}); the run is not learning: try --precision bf16 "
+                                     f"or fp32, or a lower --lr")
+    else:
+        state.skipped_in_a_row = 0
+    with torch.no_grad():
+        state.student.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+    state.step, state.batches_done = state.step + 1, state.batches_done + 1
+    return terms
+
+
+def _rounded(terms: dict) -> dict:
+    return {k: round(v.item(), 5) for k, v in terms.items()}
+
+
+def save_checkpoint(state: TrainState, ckpt_dir: Path, names: list[str]) -> None:
+    """Called by every rank at the same step (the RNG states are gathered); rank 0 writes, atomically."""
+    rank_rngs = [None] * state.env.world_size
+    if state.env.world_size > 1:
+        torch.distributed.all_gather_object(rank_rngs, ckpt_lib.rng_state())
+    if not state.env.is_main:
+        return
+    cfg = state.cfg
+    content = {"config": asdict(cfg), "name": ckpt_dir.parent.name, "model": cfg.model, "rng": ckpt_lib.rng_state(),
+               "world_size": state.env.world_size, **state.state_dict(),
+               **({"rank_rng": rank_rngs} if state.env.world_size > 1 else {})}
+    for name in names:
+        ckpt_lib.atomic_save(content, ckpt_dir / name)
+
+
+def train_one_epoch(state: TrainState, loader, ckpt_dir: Path, metrics: MetricsWriter, bar, log) -> bool:
+    """Steps over the rest of this epoch's batches; True if --stop-after-steps was reached (checkpointed)."""
+    cfg, step_times, t_data = state.cfg, [], time.perf_counter()
+    for batch in loader:
+        t_start = time.perf_counter()
+        try:
+            terms = train_step(state, batch)
+        except NonFiniteLossError as exc:
+            save_checkpoint(state, ckpt_dir, [ckpt_lib.LATEST])
+            raise NonFiniteLossError(f"{exc} (epoch {state.epoch}, batch {state.batches_done}). Stopped before "
+                                     f"applying this step; the last good state is in {ckpt_dir / ckpt_lib.LATEST}")
+        step_times.append((time.perf_counter() - t_start, t_start - t_data))
+        bar.update(1)
+        if state.step % cfg.log_every_n_steps == 0 or state.step == state.total_steps:
+            recent = step_times[-cfg.log_every_n_steps:]
+            step_s, data_s = (sum(t[i] for t in recent) / len(recent) for i in (0, 1))
+            row = {"epoch": state.epoch, "lr": state.optimizer.param_groups[0]["lr"],
+                   "logit_scale": state.student.logit_scale.exp().item(), "step_s": step_s, "data_s": data_s,
+                   "samples_per_s": cfg.batch_size * state.env.world_size / (step_s + data_s),
+                   **{k: v.item() for k, v in mean_over_ranks(terms, state.env).items()}}
+            metrics.write("train", state.step, row)
+            bar.set_postfix(loss=f"{row['total']:.3f}")
+            log.info(f"epoch {state.epoch} step {state.step}/{state.total_steps} "
+                     + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+        if cfg.stop_after_steps is not None and state.step >= cfg.stop_after_steps:
+            save_checkpoint(state, ckpt_dir, [ckpt_lib.LATEST])
+            log.info(f"stopped after {state.step} steps (--stop-after-steps); continue with --resume latest")
+            return True
+        t_data = time.perf_counter()
+    return False
+
+
+def autocast_dtype(cfg: TrainConfig):
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+
+
+def build_optimizer_state(cfg: TrainConfig, student: nn.Module, teacher, device: torch.device, total_steps: int,
+                          env: DistEnv = DistEnv()) -> TrainState:
+    """Around a student and a teacher source: the loss module, the task (DDP under torchrun), AdamW, GradScaler."""
+    loss_fn = ClipRDLoss(cfg.loss_weights(), student_dim=models.embed_dim(cfg.model), teacher_dim=teacher.embed_dim,
+                         backend=cfg.backend).to(device)
+    # a single process runs the task itself; under torchrun DDP broadcasts rank 0's initial weights
+    task = wrap(DistillationTask(student, loss_fn, teacher, env, cfg.local_loss, cfg.gather_with_grad,
+                                 autocast_dtype(cfg)), env, device)
+    optimizer = torch.optim.AdamW(param_groups([student, loss_fn], cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  eps=cfg.eps)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    return TrainState(task, student, loss_fn, optimizer, scaler, cfg, env, total_steps=total_steps)
+
+
+def build_state(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.device):
+    """Student, teacher source, loss, optimizer and the data stream of a run (nothing trained yet)."""
     student = models.create_model(cfg.model, device=device)
     if cfg.mfd_mask_ratio > 0:  # CLIP-KD's masked feature distillation: student sees a share of patches dropped
         from open_clip.transformer import PatchDropout
 
         student.visual.patch_dropout = PatchDropout(cfg.mfd_mask_ratio)
-    images, texts = {"image": models.get_preprocess(student)}, {"text": models.get_tokenizer(cfg.model)}
-    teacher = store = None
-    teacher_dim, teacher_scale = None, 1.0
-    if needs_teacher and cfg.online_teacher:
-        with torch.random.fork_rng():  # the teacher's (overwritten) random init must not shift the student's RNG
-            teacher = models.create_teacher(cfg.teacher, src.teacher_pretrained, device=device)
-        teacher_scale, teacher_dim = teacher.logit_scale.exp().item(), models.embed_dim(cfg.teacher)
-        if teacher.visual.preprocess_cfg != student.visual.preprocess_cfg:
-            images["teacher_image"] = models.get_preprocess(teacher)
-        tokenizer_kind = lambda tok: (type(tok), getattr(tok, "context_length", None))
-        if tokenizer_kind(models.get_tokenizer(cfg.teacher)) != tokenizer_kind(texts["text"]):
-            texts["teacher_text"] = models.get_tokenizer(cfg.teacher)
-    elif needs_teacher:
-        store = TeacherStore(src.store_dir, expand_urls(src.train), expected_teacher=src.teacher_fingerprint)
-        teacher_scale, teacher_dim = store.logit_scale, store.embed_dim
-        log.info(f"teacher store {src.store_dir}: {store.teacher['fingerprint']}, {len(store.sorted_hashes)} samples")
-    loss_fn = ClipRDLoss(weights, student_dim=models.embed_dim(cfg.model), teacher_dim=teacher_dim,
-                         backend=cfg.backend).to(device)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    stream = ShardStream(src.train, Codec(images, texts), cfg.batch_size, cfg.seed, env.rank, env.world_size,
-                         cfg.workers, shuffle_buffer=cfg.shuffle_buffer)
-    loader = make_loader(stream)
-    # a single process runs the Distiller itself; under torchrun DDP broadcasts rank 0's initial weights
-    model = wrap(Distiller(student, loss_fn, env, cfg.local_loss, cfg.gather_with_grad, autocast_dtype), env, device)
+    if not needs_teacher(cfg):
+        teacher = NoTeacher()
+    elif cfg.online_teacher:
+        teacher = OnlineTeacher(cfg.teacher, sources.teacher_pretrained, student, cfg.model, device,
+                                autocast_dtype(cfg))
+    else:
+        teacher = StoreTeacher(TeacherStore(sources.store_dir, expand_urls(sources.train), sources.teacher_fingerprint))
+    codec = Codec({"image": models.get_preprocess(student), **teacher.images},
+                  {"text": models.get_tokenizer(cfg.model), **teacher.texts})
+    stream = ShardStream(sources.train, codec, cfg.batch_size, cfg.seed, env.rank, env.world_size, cfg.workers,
+                         shuffle_buffer=cfg.shuffle_buffer)
     total_steps = sum(stream.steps_per_epoch(e) for e in range(cfg.epochs))
-    optimizer = torch.optim.AdamW(param_groups([student, loss_fn], cfg.wd), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    log.info(f"model {cfg.model}: {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params; "
-             f"loss weights {loss_fn.weights}; backend {cfg.backend}; {total_steps} steps")
+    return build_optimizer_state(cfg, student, teacher, device, total_steps, env), stream
 
-    # --- resume -----------------------------------------------------------------------------------------------
-    epoch, batches_done, step = 0, 0, 0
+
+def resume(state: TrainState, path: Path, log) -> None:
+    """Load a checkpoint into ``state`` and this rank's RNG streams; refuse other settings unless allowed."""
+    saved = ckpt_lib.load(path)
+    cfg, env = state.cfg, state.env
+    changed = [f"{k} {saved['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_INVARIANTS
+               if saved["config"].get(k) != getattr(cfg, k)]
+    if changed and not cfg.allow_config_change:
+        raise ValueError(f"--resume {path}: this run's settings differ from the checkpoint's ({'; '.join(changed)}); "
+                         f"pass --allow-config-change if that is meant, or another --name")
+    if changed:
+        log.warning(f"resuming with changed settings: {'; '.join(changed)}")
+    state.load_state_dict(saved)
+    rank_rngs = saved.get("rank_rng", [saved["rng"]])
+    ckpt_lib.set_rng_state(rank_rngs[env.rank] if len(rank_rngs) == env.world_size else saved["rng"])
+    if saved.get("world_size", 1) != env.world_size:  # data is dealt to ranks by world size
+        log.warning(f"checkpoint from {saved.get('world_size', 1)} process(es), now {env.world_size}: the epoch "
+                    f"continues at batch {state.batches_done} of the new split, not at the exact sample")
+        random.seed(f"{cfg.seed}-{env.rank}-{state.step}")  # ranks must not share rank 0's restored streams
+        torch.manual_seed(random.getrandbits(63)), np.random.seed(random.getrandbits(32))
+    log.info(f"resumed from {path}: epoch {state.epoch}, batch {state.batches_done} of the epoch, step {state.step}")
+
+
+def run_directory(cfg: TrainConfig, env: DistEnv) -> Path:
+    """logs/<name>/checkpoints, created and writable (else a one-line error naming --logs); stale temps removed."""
+    name = cfg.name or f"{time.strftime('%Y_%m_%d-%H_%M_%S')}-{cfg.model}-{cfg.preset}"
+    run_dir = Path(cfg.logs) / name
+    ckpt_dir = run_dir / "checkpoints"
+    if cfg.resume is None and (ckpt_dir / ckpt_lib.LATEST).exists():
+        raise ValueError(f"run {run_dir} already exists; pass --resume latest to continue it or another --name")
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        probe = ckpt_dir / f".write-probe.tmp{env.rank}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"--logs {cfg.logs}: cannot write the run directory {run_dir} ({exc.strerror or exc})") from exc
+    if env.is_main:
+        ckpt_lib.remove_stale_temporaries(ckpt_dir)
+    return run_dir
+
+
+def run(cfg: TrainConfig, sources: Sources, env: DistEnv = DistEnv(), device=torch.device("cpu")) -> dict:
+    cfg.validate()
+    run_dir = run_directory(cfg, env)
+    ckpt_dir = run_dir / "checkpoints"
+    log = setup_logging(run_dir / "out.log" if env.is_main else None, env.is_main)
+    if env.is_main:
+        write_params(run_dir / "params.txt", cfg)
+    log.info(f"run {run_dir.name}: {asdict(cfg)}; inputs {asdict(sources)}")
+    torch.manual_seed(cfg.seed + env.rank), random.seed(cfg.seed + env.rank), np.random.seed(cfg.seed + env.rank)
+    state, stream = build_state(cfg, sources, env, device)
+    log.info(f"model {cfg.model}: {sum(p.numel() for p in state.student.parameters()) / 1e6:.2f}M params; loss "
+             f"weights {state.loss_fn.weights}; backend {cfg.backend}; {state.total_steps} steps; "
+             f"{env.world_size} process(es) on {device.type}, global batch {env.world_size * cfg.batch_size}")
     resume_path = ckpt_lib.resolve_resume(cfg.resume, ckpt_dir)
     if resume_path is not None:
-        state = ckpt_lib.load(resume_path)
-        student.load_state_dict(state["state_dict"])
-        loss_fn.load_state_dict(state["loss_state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        rank_rngs = state.get("rank_rng", [state["rng"]])
-        ckpt_lib.set_rng_state(rank_rngs[env.rank] if len(rank_rngs) == env.world_size else state["rng"])
-        epoch, batches_done, step = state["epoch"], state["batches_done"], state["step"]
-        if state.get("world_size", 1) != env.world_size:  # data is dealt to ranks by world size
-            log.warning(f"checkpoint from {state.get('world_size', 1)} process(es), now {env.world_size}: the "
-                        f"epoch continues at batch {batches_done} of the new split, not at the exact sample")
-            random.seed(f"{cfg.seed}-{env.rank}-{step}")  # ranks must not share rank 0's restored streams
-            torch.manual_seed(random.getrandbits(63)), np.random.seed(random.getrandbits(32))
-        log.info(f"resumed from {resume_path}: epoch {epoch}, batch {batches_done} of the epoch, step {step}")
-
-    def save(path_names: list[str]) -> None:  # called by every rank at the same step; rank 0 writes
-        rank_rngs = [None] * env.world_size
-        if env.world_size > 1:
-            torch.distributed.all_gather_object(rank_rngs, ckpt_lib.rng_state())
-        if not env.is_main:
-            return
-        # student/loss_fn are the unwrapped modules: the state dicts load in any world size
-        state = {"config": asdict(cfg), "epoch": epoch, "batches_done": batches_done, "step": step, "name": name,
-                 "model": cfg.model, "state_dict": student.state_dict(), "loss_state_dict": loss_fn.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": ckpt_lib.rng_state(),
-                 "world_size": env.world_size, **({"rank_rng": rank_rngs} if env.world_size > 1 else {})}
-        for path_name in path_names:
-            ckpt_lib.atomic_save(state, ckpt_dir / path_name)
-
-    # --- loop -------------------------------------------------------------------------------------------------
-    metrics_out = MetricsWriter(run_dir, enabled=env.is_main)
+        resume(state, resume_path, log)
+    metrics = MetricsWriter(run_dir, enabled=env.is_main, resume_step=state.step)
     from tqdm import tqdm
 
-    bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and env.is_main), desc="train")
-    step_times, t_data = [], time.perf_counter()
-    model.train()
-    while epoch < cfg.epochs:
-        stream.set_epoch(epoch, batches_done)
-        for batch in loader:
-            t_start = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(step, cfg.lr, cfg.warmup, total_steps)
-            t_img = t_txt = None
-            if teacher is not None:  # the teacher rows of this rank's own samples
-                with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype,
-                                                     enabled=autocast_dtype is not None):
-                    t_out = teacher(batch.get("teacher_image", batch["image"]).to(device),
-                                    batch.get("teacher_text", batch["text"]).to(device))
-                t_img, t_txt = t_out["image_features"], t_out["text_features"]
-            elif store is not None:
-                t_img, t_txt = (t.to(device) for t in store.lookup(batch["key"], batch["digest"].tolist(), batch["url"]))
-            terms = model(batch["image"].to(device), batch["text"].to(device), t_img, t_txt,
-                          torch.tensor(float(teacher_scale), device=device), poison=cfg.inject_nan_step == step)
-            optimizer.zero_grad(set_to_none=True)
-            grad_norm = torch.tensor(0.0)
-            finite = all_ranks_true(bool(torch.isfinite(terms["total"])), env, device)  # skip backward together
-            if finite:
-                scaler.scale(terms["total"]).backward()  # DDP averages the gradients across ranks here
-                scaler.unscale_(optimizer)
-                if cfg.dump_first_step and step == 0:
-                    dump_step(Path(cfg.dump_first_step), env, mean_over_ranks(terms, env), model)
-                params = list(student.parameters()) + list(loss_fn.parameters())
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm or float("inf"))
-            if not (finite and (torch.isfinite(grad_norm) or cfg.precision == "fp16")):
-                save([ckpt_lib.LATEST])
-                values = {k: round(v.item(), 5) for k, v in terms.items()}
-                message = (f"non-finite loss or gradient at step {step} (epoch {epoch}, batch {batches_done}): "
-                           f"terms {values}, grad norm {grad_norm.item()}. Stopped before applying this step; "
-                           f"the last good state is in {ckpt_dir / ckpt_lib.LATEST}")
-                log.error(message)
-                bar.close()
-                metrics_out.close()
-                raise NonFiniteLossError(message)
-            scaler.step(optimizer)
-            scaler.update()
-            with torch.no_grad():
-                student.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
-            step, batches_done = step + 1, batches_done + 1
-            step_times.append((time.perf_counter() - t_start, t_start - t_data))
-            bar.update(1)
-            if step % cfg.log_every_n_steps == 0 or step == total_steps:
-                terms = mean_over_ranks(terms, env)
-                recent = step_times[-cfg.log_every_n_steps:]
-                step_s, data_s = (sum(t[i] for t in recent) / len(recent) for i in (0, 1))
-                row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                       "logit_scale": student.logit_scale.exp().item(), "step_s": step_s, "data_s": data_s,
-                       "samples_per_s": cfg.batch_size * env.world_size / (step_s + data_s),
-                       **{k: v.item() for k, v in terms.items()}}
-                metrics_out.write("train", step, row)
-                bar.set_postfix(loss=f"{row['total']:.3f}")
-                log.info(f"epoch {epoch} step {step}/{total_steps} " + " ".join(
-                    f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
-            if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps:
-                save([ckpt_lib.LATEST])
-                log.info(f"stopped after {step} steps (--stop-after-steps); resume with --resume latest")
-                bar.close()
-                metrics_out.close()
-                return {"stopped_at_step": step, "run_dir": str(run_dir)}
-            t_data = time.perf_counter()
-        epoch, batches_done = epoch + 1, 0
-        names = [ckpt_lib.LATEST] + ([f"epoch_{epoch}.pt"] if epoch % cfg.save_frequency == 0 or epoch == cfg.epochs else [])
-        save(names)
-    bar.close()
+    bar = tqdm(total=state.total_steps, initial=state.step, disable=not (cfg.progress and env.is_main), desc="train")
+    loader = make_loader(stream)
+    state.model.train()
+    try:
+        while state.epoch < cfg.epochs:
+            stream.set_epoch(state.epoch, state.batches_done)
+            if train_one_epoch(state, loader, ckpt_dir, metrics, bar, log):
+                return {"stopped_at_step": state.step, "run_dir": str(run_dir)}
+            state.epoch, state.batches_done = state.epoch + 1, 0
+            last = state.epoch == cfg.epochs
+            save_checkpoint(state, ckpt_dir, [ckpt_lib.LATEST] + (
+                [f"epoch_{state.epoch}.pt"] if state.epoch % cfg.save_frequency == 0 or last else []))
+    finally:
+        bar.close()
+        metrics.close()
+    return summarise(state, sources, run_dir, log)
 
-    # --- evaluate, summarise ------------------------------------------------------------------------------------
-    result = {"run_dir": str(run_dir), "steps": step}
-    if step_times:
-        result["mean_step_s"] = sum(t[0] for t in step_times[1:] or step_times) / max(len(step_times) - 1, 1)
-        result["mean_data_s"] = sum(t[1] for t in step_times[1:] or step_times) / max(len(step_times) - 1, 1)
-    if env.is_main and cfg.eval and src.val:
-        metrics = evaluate(student, images["image"], texts["text"], src.val, device=device)
-        metrics_out.write("eval", step, {"epoch": epoch, **metrics})
-        log.info("eval " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        result["metrics"] = metrics
-        teacher_metrics = Path(str(src.teacher_pretrained)).with_name(f"{Path(str(src.teacher_pretrained)).stem}_metrics.json")
-        if src.teacher_pretrained and teacher_metrics.exists():  # the default teacher's own evaluation
-            result["teacher_metrics"] = json.loads(teacher_metrics.read_text())
-            log.info("teacher " + " ".join(f"{k} {v:.4f}" for k, v in result["teacher_metrics"].items()))
-    metrics_out.close()
-    if env.is_main:
-        result["plot"] = str(plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png"))
-        (run_dir / "results.json").write_text(json.dumps(result, indent=1))
-        log.info(f"results: {run_dir / 'results.json'}; plot: {result['plot']}; "
-                 f"checkpoints: {ckpt_dir}; metrics: {run_dir / 'metrics.jsonl'}")
+
+def summarise(state: TrainState, sources: Sources, run_dir: Path, log) -> dict:
+    """Evaluate the student (rank 0), write results.json and the metrics plot."""
+    result = {"run_dir": str(run_dir), "steps": state.step}
+    if not state.env.is_main:
+        return result
+    metrics = MetricsWriter(run_dir, enabled=True)
+    if state.cfg.eval and sources.val:
+        scores = evaluate(state.student, models.get_preprocess(state.student), models.get_tokenizer(state.cfg.model),
+                          sources.val, device=next(state.student.parameters()).device)
+        metrics.write("eval", state.step, {"epoch": state.epoch, **scores})
+        log.info("eval " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        result["metrics"] = scores
+    if sources.teacher_metrics:
+        result["teacher_metrics"] = sources.teacher_metrics
+        log.info("teacher " + " ".join(f"{k} {v:.4f}" for k, v in sources.teacher_metrics.items()))
+    metrics.close()
+    result["plot"] = str(plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png"))
+    (run_dir / "results.json").write_text(json.dumps(result, indent=1))
+    log.info(f"results: {run_dir / 'results.json'}; plot: {result['plot']}; checkpoints: {run_dir / 'checkpoints'}; "
+             f"metrics: {run_dir / 'metrics.jsonl'}")
     return result
 
 
 def main(argv=None) -> None:
-    from .data import ShardError
-    from .store import StoreError
-
     try:
-        run(parse_args(argv))
-    except (ShardError, StoreError, NonFiniteLossError, ValueError, FileNotFoundError) as exc:
+        cfg = parse_args(argv)
+        env, device = init_distributed()
+        run(cfg, prepare(cfg, env), env, device)
+    except (ShardError, StoreError, NonFiniteLossError, ValueError, FileNotFoundError, TimeoutError) as exc:
+        sys.exit(f"error: {exc}")
+    except OSError as exc:  # a checkpoint or log write failed (full disk, read-only): its message names the file
         sys.exit(f"error: {exc}")
     except RuntimeError as exc:  # a peer died or hung: a collective failed or timed out on this rank
         if not is_collective_failure(exc):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine import ablate
+from engine.prepare import resolve
 from engine.train import run
 
 
@@ -58,7 +59,8 @@ def test_quick_ablation_table_resume_and_settings_check(tmp_path, quick_cache):
     # an interrupted run (stopped mid-way with its checkpoint) is resumed, not restarted, and reaches all its steps
     settings, _ = ablate.parse_args(_argv(tmp_path, quick_cache, "--presets", "clip-kd+vrd"))
     settings = replace(settings, base=ablate.prepare_quick(settings.base, logging.getLogger("test_ablate")))
-    stopped = run(replace(ablate.run_config(settings, "clip-kd+vrd", 0), stop_after_steps=40))
+    interrupted = replace(ablate.run_config(settings, "clip-kd+vrd", 0), stop_after_steps=40)
+    stopped = run(interrupted, resolve(interrupted, progress=False))
     assert stopped["stopped_at_step"] == 40
     ablate.main(_argv(tmp_path, quick_cache, "--presets", "baseline", "clip-kd+vrd", "clip-rd"))
     records = ablate.read_jsonl(out / "runs.jsonl")

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from engine import store as store_lib
-from engine.config import parse_args
 from engine.data import epoch_shards, expand_urls, read_shard, sample_digest
-from engine.train import run
+from engine.train import main
+from tests.first_step_dump import dump_first_step
 
 WORLD, LOCAL_BATCH, SEED = 2, 8, 0
 REPO = Path(__file__).resolve().parent.parent
@@ -68,10 +68,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], timeout: int = 120, module: str = "engine.train") -> subprocess.CompletedProcess:
     # "--" ends torchrun's own options: its --logs-specs would otherwise make the script's --logs ambiguous
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(WORLD),
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "engine.train", "--", *args]
+               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", module, "--", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -82,7 +82,7 @@ def _flags(tmp_path, teacher_ckpt, train: str, store: str, batch_size: int, name
             "--teacher-pretrained", str(teacher_ckpt), "--epochs", "1", "--lr", "1e-3", "--warmup", "1",
             "--seed", str(SEED), "--shuffle-buffer", "1", "--logs", str(tmp_path / "logs"),
             "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--no-eval", "--log-every-n-steps", "1",
-            "--stop-after-steps", "2", "--dump-first-step", str(tmp_path / f"dump_{name}"), "--gather-with-grad"]
+            "--stop-after-steps", "2", "--gather-with-grad"]
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: float = 2e-4) -> None:
@@ -109,10 +109,11 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, teacher_ckpt,
                                                          local_loss, resume):
     options = (["--fused"] if backend == "chunked" else []) + (["--local-loss"] if local_loss else [])
     two = _flags(tmp_path, teacher_ckpt, interleaved["two"], str(store_dir), LOCAL_BATCH, "ddp") + options
-    proc = _torchrun(two)
+    proc = _torchrun([str(tmp_path / "dump_ddp"), *two], module="tests.first_step_dump")
     assert proc.returncode == 0, proc.stderr[-4000:]
     one = _flags(tmp_path, teacher_ckpt, interleaved["one"], interleaved["one_store"], WORLD * LOCAL_BATCH, "one")
-    run(parse_args(one + options))
+    with dump_first_step(tmp_path / "dump_one"):
+        main(one + options)
 
     # (a) first step: rank-averaged loss terms and DDP-averaged (unclipped) gradients equal the one-process ones
     want = torch.load(tmp_path / "dump_one" / "rank0.pt", weights_only=True)
@@ -133,7 +134,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, teacher_ckpt,
 
     if resume:  # --resume latest continues each rank at its own data position: the rest of the epoch still matches
         assert _torchrun(two + ["--resume", "latest", "--stop-after-steps", "4"]).returncode == 0
-        run(parse_args(one + options + ["--resume", "latest", "--stop-after-steps", "4"]))
+        main(one + options + ["--resume", "latest", "--stop-after-steps", "4"])
         a, b = _checkpoints(tmp_path)
         assert a["step"] == b["step"] == 4
         _assert_same_weights(a, b)

@@ -5,16 +5,24 @@ import pytest
 import torch
 
 from engine import checkpoint as ckpt_lib
+from engine import train as train_lib
 from engine.config import TrainConfig, parse_args
 from engine.data import ShardError
+from engine.prepare import resolve
 from engine.schedule import cosine_lr
 from engine.store import StoreError
-from engine.train import NonFiniteLossError, run
+from engine.train import NonFiniteLossError
+
+
+def run(cfg):
+    """What ``python -m engine.train`` does in one process: prepare the inputs, then train."""
+    cfg.validate()
+    return train_lib.run(cfg, resolve(cfg, progress=False))
 
 
 def _cfg(tmp_path, synth_data, teacher_ckpt, store_dir, **overrides):
     base = dict(train_data=synth_data["train"], val_data=synth_data["val"], teacher_pretrained=str(teacher_ckpt),
-                teacher_store=str(store_dir), batch_size=16, epochs=2, lr=1e-3, warmup=2, logs=str(tmp_path / "logs"),
+                teacher_store=str(store_dir) if store_dir else None, batch_size=16, epochs=2, lr=1e-3, warmup=2, logs=str(tmp_path / "logs"),
                 name="run", progress=False, log_every_n_steps=2, fused=True, cache_dir=str(tmp_path / "cache"))
     base.update(overrides)
     return TrainConfig(**base)
@@ -57,9 +65,20 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, synth_data, teacher_
     assert full["metrics"] == resumed["metrics"]
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, synth_data, teacher_ckpt, store_dir):
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss or gradient at step 3 .*Stopped before applying"):
-        run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, inject_nan_step=3))
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, synth_data, teacher_ckpt, store_dir, monkeypatch):
+    from engine.task import DistillationTask
+
+    forward = DistillationTask.forward
+    calls = []
+
+    def poisoned(self, batch):  # the student's embeddings turn NaN at the fourth step (step index 3)
+        calls.append(1)
+        terms = forward(self, batch)
+        return {k: v * float("nan") for k, v in terms.items()} if len(calls) == 4 else terms
+
+    monkeypatch.setattr(DistillationTask, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3: .*Stopped before applying"):
+        run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir))
     state = _weights(tmp_path / "logs" / "run")
     assert state["step"] == 3
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
@@ -83,23 +102,138 @@ def test_autocast_precisions_run(tmp_path, synth_data, teacher_ckpt, store_dir, 
 
 
 def test_bad_inputs_have_clear_errors(tmp_path, synth_data, teacher_ckpt, store_dir):
-    with pytest.raises(ValueError, match="--preset: unknown preset 'clip-xx'"):
-        run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, preset="clip-xx"))
     with pytest.raises(ValueError, match="unknown model 'tiny-vit-nope'"):
         run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, model="tiny-vit-nope"))
     with pytest.raises(ValueError, match="larger than the dataset"):
         run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, batch_size=200))
-    with pytest.raises(ShardError, match="missing shard"):
-        run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir,
-                 train_data=str(synth_data["root"] / "train-{00000..00003}.tar")))
     other = tmp_path / "other.pt"
     torch.save({"state_dict": {k: v + 1 for k, v in torch.load(teacher_ckpt)["state_dict"].items()}}, other)
     with pytest.raises(StoreError, match="store was built by teacher"):
         run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, teacher_pretrained=str(other)))
-    with pytest.raises(SystemExit):
-        parse_args(["--precision", "fp8"])
     with pytest.raises(ValueError, match="unknown term"):
         TrainConfig(weights={"xyz": 1.0}).validate()
+
+
+def _cli(tmp_path, synth_data, store_dir, *extra, name="bad"):
+    """engine.train's command line on the small data; returns the exit message (None: the run succeeded)."""
+    argv = ["--train-data", synth_data["train"], "--val-data", synth_data["val"], "--teacher-store", str(store_dir),
+            "--batch-size", "16", "--epochs", "1", "--logs", str(tmp_path / "logs"), "--name", name, "--no-progress",
+            "--fused", "--cache-dir", str(tmp_path / "cache"), *extra]
+    try:
+        train_lib.main(argv)
+    except SystemExit as exc:
+        return str(exc.code)
+    return None
+
+
+BAD_FLAGS = [
+    (["--grad-clip-norm", "-1"], "--grad-clip-norm: must be > 0"),
+    (["--save-frequency", "0"], "--save-frequency: must be >= 1"),
+    (["--log-every-n-steps", "0"], "--log-every-n-steps: must be >= 1"),
+    (["--shuffle-buffer", "0"], "--shuffle-buffer: must be >= 1"),
+    (["--shuffle-buffer", "-5"], "--shuffle-buffer: must be >= 1"),
+    (["--warmup", "-1"], "--warmup: must be >= 0"),
+    (["--wd", "-0.1"], "--wd: must be >= 0"),
+    (["--lr", "0"], "--lr: must be > 0"),
+    (["--preset", "clip-xx"], "--preset: unknown preset 'clip-xx'"),
+    (["--preset", "baseline", "--task-weight", "0"], "every term's weight is zero"),
+    (["--val-data", "/nowhere/val-{0..1}.tar"], "--val-data: missing shard"),
+    (["--train-data", "/nowhere/train-0.tar"], "missing shard"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flag_stops_before_any_step(tmp_path, synth_data, store_dir, flags, message):
+    got = _cli(tmp_path, synth_data, store_dir, *flags)
+    assert got is not None and got.startswith("error: ") and message in got and "\n" not in got, got
+    assert not (tmp_path / "logs" / "bad" / "checkpoints" / "epoch_latest.pt").exists()  # no step was taken
+
+
+def test_bad_files_stop_before_any_step(tmp_path, synth_data, store_dir, teacher_ckpt):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    shard = synth_data["root"] / "train-00000.tar"
+    cases = [(["--resume", str(text)], f"--resume {text}: not a checkpoint file"),
+             (["--resume", str(shard)], f"--resume {shard}: not a checkpoint file"),
+             (["--resume", str(teacher_ckpt)], f"--resume {teacher_ckpt}: not a training checkpoint"),
+             (["--teacher-store", str(text)], f"{text}: is a file"),
+             (["--logs", str(text)], f"--logs {text}: cannot write the run directory")]
+    for flags, message in cases:
+        got = _cli(tmp_path, synth_data, store_dir, *flags)
+        assert got is not None and message in got and "\n" not in got, (flags, got)
+
+
+def test_resume_with_other_settings_refused_unless_allowed(tmp_path, synth_data, store_dir):
+    assert _cli(tmp_path, synth_data, store_dir, "--stop-after-steps", "2", "--no-eval") is None
+    got = _cli(tmp_path, synth_data, store_dir, "--resume", "latest", "--batch-size", "8", "--preset", "clip-kd",
+               "--no-eval")
+    assert got is not None and "settings differ from the checkpoint's" in got
+    assert "batch_size 16 -> 8" in got and "preset 'clip-rd' -> 'clip-kd'" in got and "--allow-config-change" in got
+    assert _cli(tmp_path, synth_data, store_dir, "--resume", "latest", "--batch-size", "8", "--no-eval",
+                "--allow-config-change") is None
+
+
+def test_metrics_after_resume_hold_each_step_once(tmp_path, synth_data, store_dir):
+    """A run killed after its checkpoint but past further logged steps, then resumed: every step logged once."""
+    common = ["--log-every-n-steps", "1", "--no-eval", "--epochs", "2"]
+    assert _cli(tmp_path, synth_data, store_dir, *common, "--stop-after-steps", "2") is None
+    metrics = tmp_path / "logs" / "bad" / "metrics.jsonl"
+    with open(metrics, "a") as handle:  # rows of steps 3 and 4 that the killed run logged after its checkpoint
+        for step in (3, 4):
+            handle.write(json.dumps({"kind": "train", "step": step, "total": 1.0}) + "\n")
+    assert _cli(tmp_path, synth_data, store_dir, *common, "--resume", "latest") is None
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 13))
+
+
+def test_full_disk_keeps_the_last_good_checkpoint(tmp_path, synth_data, store_dir, monkeypatch):
+    assert _cli(tmp_path, synth_data, store_dir, "--stop-after-steps", "2", "--no-eval") is None
+    latest = tmp_path / "logs" / "bad" / "checkpoints" / "epoch_latest.pt"
+    good = torch.load(latest, weights_only=True)
+    real_save = torch.save
+
+    def disk_full(obj, path, *args, **kwargs):  # writes part of the file, then the disk is full
+        with open(path, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    got = _cli(tmp_path, synth_data, store_dir, "--resume", "latest", "--stop-after-steps", "4", "--no-eval")
+    monkeypatch.setattr(torch, "save", real_save)
+    assert got is not None and f"could not write checkpoint {latest}" in got and "No space left" in got
+    assert torch.load(latest, weights_only=True)["step"] == good["step"] == 2  # still loadable, still step 2
+    assert [p.name for p in latest.parent.iterdir()] == ["epoch_latest.pt"]  # no partial temporary file
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path, synth_data, store_dir):
+    assert _cli(tmp_path, synth_data, store_dir, "--stop-after-steps", "2", "--no-eval") is None
+    checkpoints = tmp_path / "logs" / "bad" / "checkpoints"
+    (checkpoints / ".epoch_latest.pt.tmp4242").write_bytes(b"half a checkpoint")  # a kill during a write
+    assert _cli(tmp_path, synth_data, store_dir, "--resume", "latest", "--stop-after-steps", "3", "--no-eval") is None
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_latest.pt"]
+
+
+def test_fp16_that_keeps_skipping_steps_stops(tmp_path, synth_data, teacher_ckpt, store_dir, monkeypatch):
+    from engine.task import DistillationTask
+
+    class InfiniteGradient(torch.autograd.Function):  # adds 0 to the loss, inf to a parameter's gradient
+        @staticmethod
+        def forward(ctx, x):
+            return x.new_zeros(())
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.full((), float("inf"))
+
+    forward = DistillationTask.forward
+
+    def overflowing(self, batch):  # a finite loss whose gradient overflows at every step
+        terms = forward(self, batch)
+        return {**terms, "total": terms["total"] + InfiniteGradient.apply(self.student.logit_scale)}
+
+    monkeypatch.setattr(DistillationTask, "forward", overflowing)
+    with pytest.raises(NonFiniteLossError, match=r"fp16: 3 consecutive steps .* non-finite gradients"):
+        run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, precision="fp16", max_skipped_steps=3))
 
 
 def test_corrupt_shard_during_training(tmp_path, synth_data, teacher_ckpt):
@@ -141,8 +275,6 @@ def test_atomic_checkpoint_leaves_no_temp(tmp_path):
         ckpt_lib.resolve_resume(str(tmp_path / "nope.pt"), tmp_path)
 
 
-def test_cli_reports_bad_input_without_traceback(capsys):
-    from engine.train import main
-
+def test_cli_reports_bad_input_without_traceback():
     with pytest.raises(SystemExit, match=r"error: --preset: unknown preset 'nope'"):
-        main(["--preset", "nope"])
+        train_lib.main(["--preset", "nope"])

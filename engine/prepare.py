@@ -1,0 +1,112 @@
+"""Preparing a run's inputs before training: data, teacher weights and the teacher store, checked at the door.
+
+``prepare(cfg, env)`` resolves every input a run reads, generating the embedded default (procedural data, the
+store of the shipped teacher) into the cache when no data is given, and checks that each given file exists and is
+what it should be. Under torchrun, rank 0 prepares while the other ranks wait for its outcome (up to
+``cfg.prepare_timeout`` seconds), so that ranks never build the same files at once. Training (engine.train.run)
+receives the result and imports nothing from here.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Optional
+
+from . import defaults
+from .data import ShardError, expand_urls
+from .distributed import DistEnv
+from .precompute import build_store
+from .store import StoreError, read_manifest, teacher_fingerprint
+
+
+@dataclass
+class Sources:
+    """Everything a run reads besides its configuration, resolved to explicit paths."""
+
+    train: str
+    val: Optional[str]
+    teacher_pretrained: Optional[str]
+    teacher_fingerprint: Optional[str]
+    store_dir: Optional[Path]
+    teacher_metrics: Optional[dict] = None  # the shipped default teacher's recorded evaluation
+
+
+def needs_teacher(cfg) -> bool:
+    return any(v != 0 for k, v in cfg.loss_weights().items() if k != "task")
+
+
+def _teacher_weights(cfg) -> str:
+    pretrained = cfg.teacher_pretrained
+    if pretrained in (None, defaults.DEFAULT_TEACHER_TAG):
+        if cfg.teacher != defaults.DEFAULT_TEACHER:
+            raise ValueError(f"--teacher {cfg.teacher}: pass --teacher-pretrained (open_clip tag or checkpoint file)")
+        return str(defaults.default_teacher_path())
+    if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"--teacher-pretrained: checkpoint file {pretrained} does not exist")
+    return pretrained
+
+
+def resolve(cfg, progress: bool = True) -> Sources:
+    """Resolve (and build when needed) the inputs of ``cfg``; every bad one is a one-line error."""
+    cache = defaults.cache_root(cfg.cache_dir)
+    train, val = cfg.train_data, cfg.val_data
+    if train is None:
+        patterns = defaults.ensure_default_data(cache, progress)
+        train, val = patterns["train"], val or patterns["val"]
+    expand_urls(train)
+    if val is not None and cfg.eval:
+        try:
+            expand_urls(val)
+        except ShardError as exc:
+            raise ShardError(f"--val-data: {exc}") from exc
+    if not needs_teacher(cfg):
+        return Sources(train, val, None, None, None)
+    if cfg.teacher_store is not None and not cfg.online_teacher:
+        read_manifest(cfg.teacher_store)  # a file, a missing or damaged store: refused here, before any step
+    if cfg.teacher_store is not None and not cfg.online_teacher and cfg.teacher_pretrained is None:
+        return Sources(train, val, None, None, Path(cfg.teacher_store))  # a given store names its own teacher
+    pretrained = _teacher_weights(cfg)
+    fingerprint = teacher_fingerprint(cfg.teacher, pretrained)
+    shipped = pretrained == str(defaults.SHIPPED_TEACHER)
+    metrics = defaults.default_teacher_record()["metrics"] if shipped else None
+    if cfg.online_teacher:
+        return Sources(train, val, pretrained, fingerprint, None, metrics)
+    store_dir = Path(cfg.teacher_store) if cfg.teacher_store else defaults.default_store_dir(cache, fingerprint, train)
+    if not ((store_dir / "manifest.json").exists() and read_manifest(store_dir).get("complete")):
+        build_store(train, cfg.teacher, pretrained, store_dir, progress=progress)
+    return Sources(train, val, pretrained, fingerprint, store_dir, metrics)
+
+
+def prepare(cfg, env: DistEnv) -> Sources:
+    """``resolve`` on rank 0; the other ranks wait for its outcome and fail with rank 0's message if it failed."""
+    if env.world_size == 1:
+        return resolve(cfg, progress=cfg.progress)
+    import torch.distributed as dist
+
+    # A group of its own: preparing may take longer than the training collectives' timeout.
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.prepare_timeout))
+    outcome = [None]
+    if env.is_main:
+        try:
+            outcome = [resolve(cfg, progress=cfg.progress)]
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            outcome = [f"{type(exc).__name__}: {exc}"]
+    else:  # the run's log is not open yet: say it on stderr
+        print(f"rank {env.rank}: waiting for rank 0 to prepare data, teacher and store (at most --prepare-timeout "
+              f"{cfg.prepare_timeout:g} s)", file=sys.stderr, flush=True)
+    try:
+        dist.broadcast_object_list(outcome, src=0, group=group)
+    except RuntimeError as exc:
+        raise TimeoutError(f"rank {env.rank}: rank 0 did not finish preparing data, teacher and store within "
+                           f"--prepare-timeout {cfg.prepare_timeout:g} s (or it died): {exc}") from exc
+    finally:
+        dist.destroy_process_group(group)
+    if isinstance(outcome[0], str):
+        kind, _, message = outcome[0].partition(": ")
+        error = {"StoreError": StoreError, "ShardError": ShardError, "FileNotFoundError": FileNotFoundError}
+        raise error.get(kind, ValueError)(message if env.is_main else f"rank 0 could not prepare the run: {message}")
+    return outcome[0]
