@@ -120,7 +120,8 @@ def parser() -> argparse.ArgumentParser:
     a("--online-teacher", action="store_true", help="run the teacher on every batch instead of reading the store")
     a("--preset", default=d.preset, help=f"loss preset: {', '.join(PRESETS)}")
     for key in WEIGHT_KEYS:
-        a(f"--{key}-weight", type=float, default=None, help=f"weight of the {key} term (overrides the preset)")
+        a(f"--{key.replace('_', '-')}-weight", type=float, default=None,
+          help=f"weight of the {key} term (overrides the preset)")
     a("--mfd-mask-ratio", type=float, default=d.mfd_mask_ratio,
       help="masked feature distillation: share of student image patches dropped (teacher sees the full image)")
     a("--fused", action="store_true", help="fused loss backend ('auto': Triton on GPU, chunked on CPU); else 'reference'")

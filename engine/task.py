@@ -95,5 +95,6 @@ class DistillationTask(nn.Module):
         s_img, s_txt = (gather_rows(x, env, self.gather_with_grad) for x in (s_img, s_txt))
         t_img, t_txt = (gather_rows(x.float(), env, False) for x in (t_img, t_txt))
         scale = torch.tensor(float(self.teacher.scale), device=device)
+        group = torch.distributed.group.WORLD if self.local_loss and env.world_size > 1 else None  # exact gd
         return self.loss_fn(s_img, s_txt, out["logit_scale"].float(), t_img, t_txt, scale,
-                            row_start=rows[0], row_stop=rows[1])
+                            row_start=rows[0], row_stop=rows[1], group=group)

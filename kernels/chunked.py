@@ -62,39 +62,56 @@ class _Plan:
             self.uses_by_view.setdefault(use.view, []).append(use)
 
 
-def chunked_relational_loss(inputs, scales, weights, row_start: int, row_stop: int):
-    """Backend entry point: (total, {term: detached value}) for the active row-softmax terms and gd."""
+def chunked_relational_loss(inputs, scales, weights, row_start: int, row_stop: int, group=None):
+    """Backend entry point: (total, {term: detached value}) for the active row-softmax terms and gd.
+
+    Under torch.no_grad (evaluation) no gradient work is done at all.
+    """
     plan = _Plan(active_uses(weights), [t for t in active_terms(weights) if t != "fd"], weights, weights["gd"] != 0)
     if not plan.terms:
         return inputs["s_img"].new_zeros((), dtype=torch.float32), {}
     tensors = [inputs[name] for name in INPUTS] + [scales[name] for name in SCALES]
-    total, values = _ChunkedLoss.apply(plan, row_start, row_stop, *tensors)
+    if not torch.is_grad_enabled():
+        tensors = [t.detach() for t in tensors]  # nothing will be differentiated: skip every gradient product
+    total, values = _ChunkedLoss.apply(plan, row_start, row_stop, group, *tensors)
     return total, {term: values[i] for i, term in enumerate(plan.terms)}
 
 
 class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, plan: _Plan, row_start: int, row_stop: int, *tensors):
+    def forward(ctx, plan: _Plan, row_start: int, row_stop: int, group, *tensors):
         embeddings = dict(zip(INPUTS, tensors[:4]))
         scales = dict(zip(SCALES, tensors[4:]))
-        want = dict(zip(INPUTS + SCALES, ctx.needs_input_grad[3:]))
-        values, grads = _forward_and_gradients(plan, embeddings, scales, want, row_start, row_stop)
+        want = dict(zip(INPUTS + SCALES, ctx.needs_input_grad[4:]))
+        values, grads, pending_gd = _forward_and_gradients(plan, embeddings, scales, want, row_start, row_stop, group)
         total = sum(plan.weights[TERM_WEIGHT[t]] * values[t] for t in plan.terms)
         ctx.grad_names = [name for name in INPUTS + SCALES if want[name]]
         ctx.save_for_backward(*[grads[name] for name in ctx.grad_names])
+        ctx.pending_gd, ctx.group, ctx.dtypes = pending_gd, group, {n: t.dtype for n, t in embeddings.items()}
         term_values = torch.stack([values[t] for t in plan.terms])
         ctx.mark_non_differentiable(term_values)
         return total, term_values
 
     @staticmethod
     def backward(ctx, grad_total, _grad_terms):
+        if torch.is_grad_enabled():
+            raise RuntimeError("double backward (create_graph=True) is not supported by the chunked backend, whose "
+                               "gradients are computed in its forward pass; use backend='reference'")
         saved = dict(zip(ctx.grad_names, ctx.saved_tensors))
-        grads = [saved[name] * grad_total.to(saved[name].dtype) if name in saved else None for name in INPUTS + SCALES]
-        return (None, None, None, *grads)
+        grads = {name: saved[name] * grad_total.to(saved[name].dtype) for name in saved}
+        if ctx.pending_gd is not None:  # gd under a process group: its cross-rank part waits for every rank's g
+            for name, grad in _gd_group_gradients(ctx.pending_gd, grad_total, ctx.group).items():
+                if name in grads:
+                    grads[name] = grads[name] + grad.to(grads[name].dtype)
+        return (None, None, None, None, *[grads.get(name) for name in INPUTS + SCALES])
 
 
-def _forward_and_gradients(plan: _Plan, embeddings, scales, want, row_start: int, row_stop: int):
-    """Loss values of every term and, where wanted, d(total)/d(input) for every input; all in fp32."""
+def _forward_and_gradients(plan: _Plan, embeddings, scales, want, row_start: int, row_stop: int, group=None):
+    """Loss values of every term and, where wanted, d(total)/d(input) for every input; all in fp32.
+
+    Returns (values, grads, pending): ``pending`` holds what gd's gradient needs when a process group defers it
+    to the backward pass (None otherwise).
+    """
     X = {name: tensor.detach().float().contiguous() for name, tensor in embeddings.items()}
     s = {name: float(value) for name, value in scales.items()}
     n = X["s_img"].shape[0]
@@ -183,11 +200,13 @@ def _forward_and_gradients(plan: _Plan, embeddings, scales, want, row_start: int
                 dX[candidate].addmm_(dA.T, stacked[candidate])
 
     values = {term: (sums[term] / n_rows).float() for term in plan.terms if term != "gd"}
+    pending = None
     if plan.gd:
-        values["gd"] = _gradient_distillation(plan.weights["gd"], X, s, dX, dscale, need_grad, row_start, row_stop)
+        values["gd"], pending = _gradient_distillation(plan.weights["gd"], X, s, dX, dscale, need_grad, row_start,
+                                                       row_stop, group, grads_on)
     grads = {name: dX[name].to(embeddings[name].dtype) for name in grads_on}
     grads.update({name: dscale[name].float() for name in SCALES if want[name]})
-    return values, grads
+    return values, grads, pending
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -195,55 +214,109 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.vdot(a.reshape(-1), b.reshape(-1)).double()
 
 
-def _gradient_distillation(weight, X, s, dX, dscale, need_grad, row_start, row_stop) -> torch.Tensor:
+def _gradient_distillation(weight, X, s, dX, dscale, need_grad, row_start, row_stop, group=None, grads_on=()):
     """gd over both directions, streamed in two passes (the gY sums need every anchor block before any gradient).
 
-    Adds weight * d(gd)/d(input) into dX and dscale in place; returns the gd value.
+    Without a group, adds weight * d(gd)/d(input) into dX and dscale in place and returns (value, None). With a
+    process group the gY sums span every rank: pass 1's sums are all-reduced here, and the gradient, whose gY part
+    is scaled by the sum of every rank's grad_output, is computed in backward from the returned pending state.
     """
     device = X["s_img"].device
     value = torch.zeros((), dtype=torch.float64, device=device)
+    s_student, s_teacher = s["gd_student"], s["gd_teacher"]
+    local_rows = row_stop - row_start
+    total_rows = local_rows
+    if group is not None:
+        import torch.distributed as dist
+
+        count = torch.tensor([float(local_rows)], dtype=torch.float64, device=device)
+        dist.all_reduce(count, group=group)
+        total_rows = int(count.item())
+    pending = []
     for anchor, candidate, t_anchor, t_candidate in (
         ("s_img", "s_txt", "t_img", "t_txt"),
         ("s_txt", "s_img", "t_txt", "t_img"),
     ):
         Xs, Ys, Xt, Yt = X[anchor], X[candidate], X[t_anchor], X[t_candidate]
-        n_rows, n, d = row_stop - row_start, Ys.shape[0], Ys.shape[1]
-        # Pass 1: RY = R Y / rows (rows, D) and RtX = R^T X / rows (N, D), so that gX = s * RY and gY = s * RtX.
-        RY_s, RtX_s, lse_s = _residual_products(Xs, Ys, s["student"], row_start, row_stop)
-        RY_t, RtX_t, _ = _residual_products(Xt, Yt, s["teacher"], row_start, row_stop)
-        diff_x = s["student"] * RY_s - s["teacher"] * RY_t
-        diff_y = s["student"] * RtX_s - s["teacher"] * RtX_t
-        mse_x, mse_y = diff_x.pow(2).mean(), diff_y.pow(2).mean()
-        value += 0.5 * (mse_x.double() + mse_y.double())
+        n, d = Ys.shape[0], Ys.shape[1]
+        # Pass 1: RY = R Y / B (rows, D) and RtX = R^T X / B (N, D), so that gX = s * RY and gY = s * RtX.
+        RY_s, RtX_s, lse_s = _residual_products(Xs, Ys, s_student, row_start, row_stop, total_rows)
+        RY_t, RtX_t, _ = _residual_products(Xt, Yt, s_teacher, row_start, row_stop, total_rows)
+        if group is not None:  # gY sums over every rank's anchors
+            import torch.distributed as dist
+
+            dist.all_reduce(RtX_s, group=group)
+            dist.all_reduce(RtX_t, group=group)
+        diff_x = s_student * RY_s - s_teacher * RY_t
+        diff_y = s_student * RtX_s - s_teacher * RtX_t
+        value += 0.5 * (diff_x.pow(2).mean().double() + diff_y.pow(2).mean().double())
         if not need_grad:
             continue
-        # dL/dgX and dL/dgY of weight * 1/2 [MSE(gX) + MSE(gY)].
-        EX = diff_x * (weight / (n_rows * d))
+        # dL/dgX and dL/dgY of weight * 1/2 [MSE(gX) + MSE(gY)] (MSE(gX): mean over this rank's rows).
+        EX = diff_x * (weight / (local_rows * d))
         EY = diff_y * (weight / (n * d))
-        dscale["student"] += _dot(EX, RY_s) + _dot(EY, RtX_s)
-        # Pass 2: through R = P - I: dL/dR = (s / rows)(EX Y^T + X EY^T); softmax backward gives dL/dA.
-        scale, rows_scale = s["student"], s["student"] / n_rows
-        block = block_rows_for(n, n_rows)
-        for start in range(row_start, row_stop, block):
-            stop = min(start + block, row_stop)
-            local, pos = torch.arange(stop - start, device=device), torch.arange(start, stop, device=device)
-            Xb, EXb = Xs[start:stop], EX[start - row_start : stop - row_start]
-            Z = Xb @ Ys.T
-            P = (Z * scale).sub_(lse_s[start - row_start : stop - row_start, None]).exp_()
-            H = torch.addmm(Xb @ EY.T, EXb, Ys.T).mul_(rows_scale)
-            dA = (H - (P * H).sum(dim=1, keepdim=True)).mul_(P)
-            R = P
-            R[local, pos] -= 1.0
-            dscale["student"] += _dot(dA, Z)
-            if anchor in dX:
-                dX[anchor][start:stop].addmm_(dA, Ys, alpha=scale).addmm_(R, EY, alpha=rows_scale)
-            if candidate in dX:
-                dX[candidate].addmm_(dA.T, Xb, alpha=scale).addmm_(R.T, EXb, alpha=rows_scale)
-    return value.float()
+        direction = (anchor, candidate, lse_s, EX, EY, RY_s, RtX_s)
+        if group is None:
+            _gd_gradients(direction, X, s_student, row_start, row_stop, total_rows, dX, dscale, 1.0, 1.0)
+        else:
+            pending.append(direction)
+    if group is None or not need_grad:
+        return value.float(), None
+    return value.float(), {"directions": pending, "X": X, "scale": s_student, "rows": (row_start, row_stop),
+                           "total_rows": total_rows, "grads_on": grads_on}
 
 
-def _residual_products(X, Y, scale: float, row_start: int, row_stop: int):
-    """R = P(scale X[rows] Y^T) - I_pos streamed by row blocks: (R Y / rows, R^T X[rows] / rows, lse per row)."""
+def _gd_gradients(direction, X, scale, row_start, row_stop, total_rows, dX, dscale, x_factor, y_factor):
+    """Add one gd direction's gradient into dX / dscale["gd_student"]: the gX part (this rank's rows) times
+    ``x_factor``, the part through the gY sums times ``y_factor`` (the sum of every rank's factor under a group).
+
+    Pass 2, through R = P - I: dL/dR = (s / B)(EX Y^T + X EY^T); softmax backward gives dL/dA.
+    """
+    anchor, candidate, lse_s, EX, EY, RY_s, RtX_s = direction
+    # explicit dependence on s (gX = s RY, gY = s RtX after the sums): this rank's own factor
+    dscale["gd_student"] += x_factor * (_dot(EX, RY_s) + _dot(EY, RtX_s))
+    EX, EY = EX * x_factor, EY * y_factor
+    Xs, Ys = X[anchor], X[candidate]
+    n_rows = row_stop - row_start
+    rows_scale = scale / total_rows
+    block = block_rows_for(Ys.shape[0], n_rows)
+    for start in range(row_start, row_stop, block):
+        stop = min(start + block, row_stop)
+        local = torch.arange(stop - start, device=Xs.device)
+        pos = torch.arange(start, stop, device=Xs.device)
+        Xb, EXb = Xs[start:stop], EX[start - row_start : stop - row_start]
+        Z = Xb @ Ys.T
+        P = (Z * scale).sub_(lse_s[start - row_start : stop - row_start, None]).exp_()
+        H = torch.addmm(Xb @ EY.T, EXb, Ys.T).mul_(rows_scale)
+        dA = (H - (P * H).sum(dim=1, keepdim=True)).mul_(P)
+        R = P
+        R[local, pos] -= 1.0
+        dscale["gd_student"] += _dot(dA, Z)
+        if anchor in dX:
+            dX[anchor][start:stop].addmm_(dA, Ys, alpha=scale).addmm_(R, EY, alpha=rows_scale)
+        if candidate in dX:
+            dX[candidate].addmm_(dA.T, Xb, alpha=scale).addmm_(R.T, EXb, alpha=rows_scale)
+
+
+def _gd_group_gradients(pending: dict, grad_total: torch.Tensor, group) -> dict:
+    """gd's gradient under a process group, in backward: the gY part is scaled by the sum of every rank's
+    grad_output (the all-reduce's backward), the rest by this rank's."""
+    import torch.distributed as dist
+
+    own = grad_total.detach().double().reshape(1).clone()
+    everyone = own.clone()
+    dist.all_reduce(everyone, group=group)
+    X = pending["X"]
+    dX = {name: torch.zeros_like(X[name]) for name in pending["grads_on"]}
+    dscale = {"gd_student": torch.zeros((), dtype=torch.float64, device=own.device)}
+    for direction in pending["directions"]:
+        _gd_gradients(direction, X, pending["scale"], *pending["rows"], pending["total_rows"], dX, dscale,
+                      float(own), float(everyone))
+    return {**dX, "gd_student": dscale["gd_student"].float()}
+
+
+def _residual_products(X, Y, scale: float, row_start: int, row_stop: int, total_rows: int):
+    """R = P(scale X[rows] Y^T) - I_pos streamed by row blocks: (R Y / B, R^T X[rows] / B, lse per row), B = total_rows."""
     n_rows, n = row_stop - row_start, Y.shape[0]
     RY = Y.new_empty(n_rows, Y.shape[1])
     RtX = torch.zeros_like(Y)
@@ -258,6 +331,6 @@ def _residual_products(X, Y, scale: float, row_start: int, row_stop: int):
         lse[rows] = torch.logsumexp(logits, dim=1)
         R = logits.sub_(lse[rows, None]).exp_()
         R[local, pos] -= 1.0
-        RY[rows] = (R @ Y).div_(n_rows)
-        RtX.addmm_(R.T, X[start:stop], alpha=1.0 / n_rows)
+        RY[rows] = (R @ Y).div_(total_rows)
+        RtX.addmm_(R.T, X[start:stop], alpha=1.0 / total_rows)
     return RY, RtX, lse

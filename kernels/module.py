@@ -15,9 +15,11 @@ class ClipRDLoss(nn.Module):
     """CLIP-KD / CLIP-RD distillation loss returning a dict of named terms, like open_clip's losses.
 
     Owns lam_img, lam_txt, kappa (raw multipliers initialised at ln(1/0.07), as the published CLIP-RD code; with
-    ``exp_multipliers`` the parameters hold logs and the multiplier is their exp) and, when ``student_dim`` differs
+    ``exp_multipliers`` the parameters hold logs and the multiplier is their exp); when ``student_dim`` differs
     from ``teacher_dim``, two bias-free linear maps from the student to the teacher width used by every
-    teacher-student term. The task term always uses the student's own normalised embeddings.
+    teacher-student term; and with an afd weight, CLIP-KD's fusion layers ``image_fusion`` / ``text_fusion``
+    (``nn.Linear(2 D_t, D_t)``) and their raw multiplier ``fusion_scale``. The task term always uses the student's
+    own normalised embeddings.
     """
 
     def __init__(
@@ -28,12 +30,13 @@ class ClipRDLoss(nn.Module):
         exp_multipliers: bool = False,
         init_multiplier: float = spec.DEFAULT_MULTIPLIER,
         backend: str = "auto",
+        gd_convention: str = "paper",
     ):
         super().__init__()
         if backend not in spec.BACKENDS:
             raise ValueError(f"backend: unknown backend {backend!r}; expected one of {list(spec.BACKENDS)}")
         self.weights = spec.resolve_weights(weights)
-        self.backend = backend
+        self.backend, self.gd_convention = backend, gd_convention
         self.exp_multipliers = exp_multipliers
         init = torch.tensor(float(init_multiplier))
         if exp_multipliers:
@@ -46,6 +49,13 @@ class ClipRDLoss(nn.Module):
         projected = student_dim is not None and teacher_dim is not None and student_dim != teacher_dim
         self.image_projection = nn.Linear(student_dim, teacher_dim, bias=False) if projected else None
         self.text_projection = nn.Linear(student_dim, teacher_dim, bias=False) if projected else None
+        self.image_fusion = self.text_fusion = self.fusion_scale = None
+        if self.weights["afd"] != 0.0:  # created only when used: DDP must not wait for gradients of unused layers
+            width = teacher_dim or student_dim
+            if width is None:
+                raise ValueError("weights['afd']: the fusion layers need the embedding width: pass teacher_dim")
+            self.image_fusion, self.text_fusion = nn.Linear(2 * width, width), nn.Linear(2 * width, width)
+            self.fusion_scale = nn.Parameter(torch.tensor(float(spec.DEFAULT_MULTIPLIER)))
 
     def multipliers(self) -> dict[str, torch.Tensor]:
         """The effective multipliers (exp of the parameters when exp-parametrised)."""
@@ -62,23 +72,33 @@ class ClipRDLoss(nn.Module):
         dist_logit_scale: torch.Tensor,
         row_start: int = 0,
         row_stop: Optional[int] = None,
+        group=None,
     ) -> dict[str, torch.Tensor]:
-        """Student (N, D_s) and teacher (N, D_t) features, exponentiated logit scales -> {"total", terms...}."""
+        """Student (N, D_s) and teacher (N, D_t) features, exponentiated logit scales -> {"total", terms...}.
+
+        ``group``: the process group of a local loss (exact gd across ranks)."""
         s_img, s_txt = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
         t_img, t_txt = F.normalize(dist_image_features, dim=-1), F.normalize(dist_text_features, dim=-1)
-        common = dict(
-            teacher_scale=dist_logit_scale, row_start=row_start, row_stop=row_stop, backend=self.backend,
-            **self.multipliers(),
-        )
+        common = dict(row_start=row_start, row_stop=row_stop, backend=self.backend)
+        relational = dict(teacher_scale=dist_logit_scale, group=group, gd_convention=self.gd_convention,
+                          **common, **self.multipliers())
+        weights = dict(self.weights, afd=0.0)
         if self.image_projection is None:
-            return clip_rd_loss(s_img, s_txt, t_img, t_txt, student_scale=logit_scale, weights=self.weights, **common)
-
-        # Widths differ: the task term on the student's own embeddings, every other term on the projected ones.
-        task_only = {key: 0.0 for key in spec.WEIGHT_KEYS}
-        task_only["task"] = self.weights["task"]
-        teacher_terms = dict(self.weights, task=0.0)
-        task = clip_rd_loss(s_img, s_txt, s_img, s_txt, student_scale=logit_scale, weights=task_only, **common)
-        p_img = F.normalize(self.image_projection(image_features), dim=-1)
-        p_txt = F.normalize(self.text_projection(text_features), dim=-1)
-        rest = clip_rd_loss(p_img, p_txt, t_img, t_txt, student_scale=logit_scale, weights=teacher_terms, **common)
-        return {"total": task["total"] + rest["total"], **{k: v for k, v in {**task, **rest}.items() if k != "total"}}
+            out = clip_rd_loss(s_img, s_txt, t_img, t_txt, student_scale=logit_scale, weights=weights, **relational)
+            p_img, p_txt = s_img, s_txt
+        else:  # widths differ: the task term on the student's own embeddings, every other term on the projected ones
+            task_only = dict.fromkeys(spec.WEIGHT_KEYS, 0.0)
+            task_only["task"] = weights["task"]
+            task = clip_rd_loss(s_img, s_txt, s_img, s_txt, student_scale=logit_scale, weights=task_only, **relational)
+            p_img = F.normalize(self.image_projection(image_features), dim=-1)
+            p_txt = F.normalize(self.text_projection(text_features), dim=-1)
+            rest = clip_rd_loss(p_img, p_txt, t_img, t_txt, student_scale=logit_scale, weights=dict(weights, task=0.0),
+                                **relational)
+            out = {"total": task["total"] + rest["total"], **{k: v for k, v in {**task, **rest}.items() if k != "total"}}
+        if self.image_fusion is not None:  # afd: a task-like CE pair over the fused embeddings, streamed alike
+            f_img = F.normalize(self.image_fusion(torch.cat([p_img, t_img.detach()], dim=-1)), dim=-1)
+            f_txt = F.normalize(self.text_fusion(torch.cat([p_txt, t_txt.detach()], dim=-1)), dim=-1)
+            afd = clip_rd_loss(f_img, f_txt, f_img, f_txt, student_scale=self.fusion_scale, weights="baseline",
+                               **common)["total"]
+            out = {**out, "total": out["total"] + self.weights["afd"] * afd, "afd": afd.detach()}
+        return out

@@ -1,9 +1,9 @@
 """Plain PyTorch distillation objective: the ground truth every other backend is tested against.
 
-Written for clarity, term by term as in shared LOSSES.md: it materialises every rows x N logit matrix and lets
+Written for clarity, term by term as in kernels/README.md: it materialises every rows x N logit matrix and lets
 autograd differentiate it. It deliberately does not read the View/Use table of ``spec.py``, so the tests compare
 two independent transcriptions of the maths. Everything is computed in fp32 (fp64 for fp64 inputs, which the tests
-use as ground truth).
+use as ground truth). A non-finite input gives a non-finite loss, never a finite one.
 """
 from __future__ import annotations
 
@@ -26,12 +26,16 @@ def cross_entropy(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def kl_distill(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """KD(A ; G) = mean_i KL(P(G)_i || P(A)_i), G detached (scale included); masked (-inf) columns contribute 0."""
-    log_p_target = F.log_softmax(target.detach(), dim=1)
+    """KD(A ; G) = mean_i KL(P(G)_i || P(A)_i), G detached (scale included); masked (-inf) columns contribute 0.
+
+    Only the masked columns are dropped (where 0 * log 0 is 0 by definition): a NaN anywhere stays a NaN.
+    """
+    target = target.detach()
+    log_p_target = F.log_softmax(target, dim=1)
     log_p = F.log_softmax(logits, dim=1)
-    p_target = log_p_target.exp()
-    pointwise = torch.where(p_target > 0, p_target * (log_p_target - log_p), torch.zeros_like(log_p))
-    return pointwise.sum(dim=1).mean()
+    pointwise = log_p_target.exp() * (log_p_target - log_p)
+    masked = target == float("-inf")
+    return torch.where(masked, torch.zeros_like(pointwise), pointwise).sum(dim=1).mean()
 
 
 def feature_distillation(s_img, s_txt, t_img, t_txt, row_start: int, row_stop: int) -> torch.Tensor:
@@ -52,9 +56,12 @@ def reference_loss(
     lam_img: torch.Tensor,
     lam_txt: torch.Tensor,
     kappa: torch.Tensor,
+    gd_student: torch.Tensor,
+    gd_teacher: torch.Tensor,
     weights: Mapping[str, float],
     row_start: int,
     row_stop: int,
+    group=None,
 ) -> dict[str, torch.Tensor]:
     """Every term of LOSSES.md with a non-zero weight, plus "total"; all differentiable, all fp32.
 
@@ -116,7 +123,7 @@ def reference_loss(
         )
     if "gd" in wanted:
         terms["gd"] = sum(
-            gradient_distillation(X_s, Y_s, tau_s, X_t, Y_t, tau_t, row_start, row_stop)
+            gradient_distillation(X_s, Y_s, gd_student, X_t, Y_t, gd_teacher.detach(), row_start, row_stop, group)
             for X_s, Y_s, X_t, Y_t in ((S_I, S_T, T_I, T_T), (S_T, S_I, T_T, T_I))
         )
 
@@ -126,21 +133,30 @@ def reference_loss(
     return {"total": total, **terms}
 
 
-def contrastive_gradients(X, Y, scale, row_start: int, row_stop: int):
-    """Closed-form gradient of mean_i CE(scale X[rows] Y^T) w.r.t. the anchors and candidates.
+def contrastive_gradients(X, Y, scale, row_start: int, row_stop: int, group=None):
+    """Closed-form gradient of the whole batch's mean_i CE(scale X[rows] Y^T) w.r.t. the anchors and candidates.
 
-    R = P(scale X Y^T) - I_pos (rows, N); gX = scale R Y / rows (rows, D), gY = scale R^T X[rows] / rows (N, D).
+    R = P(scale X Y^T) - I_pos (rows, N); gX = scale R Y / B (rows, D), gY = scale R^T X[rows] / B (N, D), where B
+    is the number of anchor rows; with a process group, B and the sum over anchors in gY span every rank's rows
+    (an all-reduce whose backward sums the ranks' gradients).
     """
     anchors = X[row_start:row_stop]
-    n_rows = anchors.shape[0]
     residual = torch.softmax(scale * anchors @ Y.T, dim=1)
     residual = residual - F.one_hot(torch.arange(row_start, row_stop, device=X.device), Y.shape[0]).to(residual.dtype)
-    return scale * residual @ Y / n_rows, scale * residual.T @ anchors / n_rows
+    partial_gY = residual.T @ anchors
+    n_rows = torch.tensor(float(anchors.shape[0]), dtype=X.dtype, device=X.device)
+    if group is not None:
+        import torch.distributed as dist
+        from torch.distributed.nn.functional import all_reduce
+
+        partial_gY = all_reduce(partial_gY, group=group)
+        dist.all_reduce(n_rows, group=group)
+    return scale * residual @ Y / n_rows, scale * partial_gY / n_rows
 
 
-def gradient_distillation(X_s, Y_s, scale_s, X_t, Y_t, scale_t, row_start: int, row_stop: int) -> torch.Tensor:
+def gradient_distillation(X_s, Y_s, scale_s, X_t, Y_t, scale_t, row_start: int, row_stop: int, group=None):
     """One direction of gd: 1/2 [MSE(gX_s, gX_t) + MSE(gY_s, gY_t)], teacher side detached."""
-    gX_s, gY_s = contrastive_gradients(X_s, Y_s, scale_s, row_start, row_stop)
+    gX_s, gY_s = contrastive_gradients(X_s, Y_s, scale_s, row_start, row_stop, group)
     with torch.no_grad():
-        gX_t, gY_t = contrastive_gradients(X_t, Y_t, scale_t, row_start, row_stop)
+        gX_t, gY_t = contrastive_gradients(X_t, Y_t, scale_t, row_start, row_stop, group)
     return 0.5 * (F.mse_loss(gX_s, gX_t) + F.mse_loss(gY_s, gY_t))

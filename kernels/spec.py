@@ -1,6 +1,6 @@
 """The distillation objective as data: presets, weights, input checks, and the table of logit views.
 
-Every backend reads this module, so the objective is written down once (see shared LOSSES.md). A *view* is one
+Every backend but the reference reads this module, so the objective is written down once (kernels/README.md). A *view* is one
 logit matrix ``scale * X[rows] @ Y^T`` (anchors X, candidates Y); a *use* is one CE or KD of a view that
 contributes to a named term with a fixed share (the 1/2 and 1/4 factors of LOSSES.md).
 """
@@ -15,9 +15,9 @@ import torch
 # ln(1/0.07): CLIP's initial logit scale, and CLIP-RD's initial raw multiplier.
 DEFAULT_MULTIPLIER = math.log(1 / 0.07)
 
-WEIGHT_KEYS = ("task", "fd", "icl", "hrd", "vrd", "xrd", "intra", "gd", "cross_kd")
+WEIGHT_KEYS = ("task", "fd", "icl", "hrd", "vrd", "xrd", "intra", "gd", "cross_kd", "afd")
 # Output keys in reporting order; "vrd" weight also scales vrd_ce_img and vrd_ce_txt.
-TERM_KEYS = ("task", "fd", "icl", "hrd", "vrd", "vrd_ce_img", "vrd_ce_txt", "xrd", "intra", "gd", "cross_kd")
+TERM_KEYS = ("task", "fd", "icl", "hrd", "vrd", "vrd_ce_img", "vrd_ce_txt", "xrd", "intra", "gd", "cross_kd", "afd")
 TERM_WEIGHT = {key: ("vrd" if key.startswith("vrd") else key) for key in TERM_KEYS}
 
 PRESETS: dict[str, dict[str, float]] = {
@@ -32,8 +32,9 @@ BACKENDS = ("reference", "chunked", "triton", "auto")
 # Input names as used in views: student/teacher x image/text.
 INPUTS = ("s_img", "s_txt", "t_img", "t_txt")
 STUDENT_INPUTS = ("s_img", "s_txt")
-# Scale names: student tau_s, teacher tau_t, the learnable multipliers.
-SCALES = ("student", "teacher", "lam_img", "lam_txt", "kappa")
+# Scale names: student tau_s, teacher tau_t, the learnable multipliers, and gd's student / teacher logit scales
+# (tau_s and tau_t in the paper's convention, their inverses in the published CLIP-KD code's).
+SCALES = ("student", "teacher", "lam_img", "lam_txt", "kappa", "gd_student", "gd_teacher")
 
 WeightsArg = Union[str, Mapping[str, float], None]
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_WIDTH = 1024  # widest embedding the kernels are tuned and tested for (ViT-H/14 and smaller CLIPs)
+MAX_WIDTH = 2048  # widest embedding tested (SigLIP SO400M 1152, ViT-bigG-14 1280 and below); D is a loop, not a tile
 # Programs a backward pass should launch: two per SM of an H100 (132 SMs) or A100 (108), about one resident at a time
 # at ~200 registers x 256 threads. A pass owning fewer output blocks (few local-loss rows) splits its streamed axis.
 TARGET_PROGRAMS = 256

@@ -1,4 +1,4 @@
-"""Fused Triton backend of the row-softmax terms of the distillation objective (see shared LOSSES.md, kernels/spec.py).
+"""Fused Triton backend of the row-softmax terms of the distillation objective (kernels/README.md, kernels/spec.py).
 
 Every KD use couples a view with its target at the same (row, column), so the views are grouped into *pairs*
 (P, Q): a view and its KD partner (e.g. S_I S_T^T with T_I T_T^T for hrd; T_I S_T^T with T_T S_I^T for xrd, each the
@@ -102,7 +102,7 @@ def _logit_tile(x_ptr, y_ptr, row_ok, col_ok, width,
                 DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """Unscaled logits X @ Y^T, (BLOCK_M, BLOCK_N) fp32, for the BLOCK_M rows at x_ptr and BLOCK_N rows at y_ptr.
 
-    D is walked in BLOCK_K chunks, so any width up to 1024 fits the same registers."""
+    D is walked in BLOCK_K chunks, so any width fits the same registers."""
     r = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -409,26 +409,37 @@ class _Pair:
 
 
 def _build_pairs(weights: dict[str, float]) -> list[_Pair]:
-    """Group the active uses into pairs: a KD view with its target, and each CE-only view on its own."""
+    """Group the active uses into pairs: a KD view with its target, and each CE-only view on its own.
+
+    A view with KD targets in two terms (cross_kd's S_I T_T^T also has xrd's partner) sits in one pair per partner:
+    its logits are computed once per pair, and the gradients of the pairs add up.
+    """
     uses = spec.active_uses(weights)
     pairs: list[_Pair] = []
-    home: dict[spec.View, tuple[int, int]] = {}  # view -> (pair index, 0 for P / 1 for Q)
+    home: dict[spec.View, tuple[int, int]] = {}  # view -> (pair index, 0 for P / 1 for Q) where its CE uses go
+    placed: dict[spec.Use, tuple[int, int]] = {}  # KD use -> (pair index, side of its view)
     for use in (u for u in uses if u.target is not None):
         if use.view.masked != use.target.masked:
             raise RuntimeError(f"spec: KD view {use.view} and target {use.target} disagree on masking")
-        if use.view not in home and use.target not in home:
-            home[use.view], home[use.target] = (len(pairs), 0), (len(pairs), 1)
+        for index, pair in enumerate(pairs):
+            if (pair.p, pair.q) in ((use.view, use.target), (use.target, use.view)):
+                placed[use] = (index, 0 if pair.p == use.view else 1)
+                break
+        else:
+            placed[use] = (len(pairs), 0)
+            home.setdefault(use.view, (len(pairs), 0))
+            home.setdefault(use.target, (len(pairs), 1))
             pairs.append(_Pair(use.view, use.target))
-        index, side = home.get(use.view, (None, None))
-        partner = None if index is None else (pairs[index].q if side == 0 else pairs[index].p)
-        if partner != use.target:
-            raise RuntimeError(f"spec: view {use.view} is the KD partner of two different views")
     for use in uses:
-        if use.view not in home:
-            home[use.view] = (len(pairs), 0)
-            pairs.append(_Pair(use.view))
-        index, side = home[use.view]
-        slot = side if use.target is None else 2 + side  # ce_p / ce_q, or kd_pq / kd_qp
+        if use.target is None:
+            if use.view not in home:
+                home[use.view] = (len(pairs), 0)
+                pairs.append(_Pair(use.view))
+            index, side = home[use.view]
+            slot = side  # ce_p / ce_q
+        else:
+            index, side = placed[use]
+            slot = 2 + side  # kd_pq / kd_qp
         pairs[index].uses.append((slot, use))
     return pairs
 
@@ -562,6 +573,9 @@ class _RelationalLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_terms):
+        if torch.is_grad_enabled():
+            raise RuntimeError("double backward (create_graph=True) is not supported by the triton backend, whose "
+                               "backward kernels are not differentiable; use backend='reference'")
         emb, scales, lse = ctx.saved_tensors
         plan = ctx.plan
         # d total / d logits of a pair = gscale * (unit coefficients combination of P - onehot, P - P(target)).
@@ -575,12 +589,13 @@ class _RelationalLoss(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------ backend entry
 
 
-def triton_relational_loss(inputs, scales, weights, row_start, row_stop):
-    """Row-softmax terms of the objective with the fused Triton kernels (contract in INTERFACES.md).
+def triton_relational_loss(inputs, scales, weights, row_start, row_stop, group=None):
+    """Row-softmax terms of the objective with the fused Triton kernels (contract in kernels/README.md).
 
     inputs: {"s_img","s_txt","t_img","t_txt"} -> (N, D); scales: spec.SCALES -> 0-dim fp32; weights resolved.
     Returns (total, {term: detached 0-dim fp32}) for the active terms among task, icl, hrd, vrd, vrd_ce_img,
-    vrd_ce_txt, xrd, intra; anchors are rows [row_start, row_stop), columns all N."""
+    vrd_ce_txt, xrd, intra, cross_kd; anchors are rows [row_start, row_stop), columns all N. ``group`` is used only
+    by gd, which these kernels do not compute (functional.triton_unsupported sends gd to the chunked backend)."""
     if weights.get("gd", 0.0) != 0.0:
         raise ValueError("gd is not implemented in the triton backend; use backend='chunked' or 'reference'")
     s_img = inputs["s_img"]

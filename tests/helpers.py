@@ -45,9 +45,10 @@ def run(backend, embeddings, scalars, weights, row_start=0, row_stop=None, grad_
     scalars = {k: (v.detach().double() if as_double else v.detach().clone()).requires_grad_(True)
                for k, v in scalars.items()}
     if as_double:
+        teacher_scale = torch.tensor(40.0, dtype=torch.float64)
         terms = reference_loss(
-            *embeddings, scalars["student_scale"], torch.tensor(40.0, dtype=torch.float64), scalars["lam_img"],
-            scalars["lam_txt"], scalars["kappa"], resolve_weights(weights), row_start,
+            *embeddings, scalars["student_scale"], teacher_scale, scalars["lam_img"], scalars["lam_txt"],
+            scalars["kappa"], scalars["student_scale"], teacher_scale, resolve_weights(weights), row_start,
             embeddings[0].shape[0] if row_stop is None else row_stop,
         )
     else:

@@ -13,7 +13,9 @@ from torch.nn.parallel import DistributedDataParallel
 from kernels import clip_rd_loss
 
 WORLD, LOCAL_BATCH, WIDTH = 2, 12, 16
-WEIGHTS = {"task": 1.0, "fd": 5.0, "icl": 1.0, "hrd": 1.0, "vrd": 1.0, "xrd": 1.0, "intra": 1.0}
+WEIGHTS = {"task": 1.0, "fd": 5.0, "icl": 1.0, "hrd": 1.0, "vrd": 1.0, "xrd": 1.0, "intra": 1.0, "cross_kd": 1.0}
+# gd is exact across ranks only with the process group (its gY sums span every rank's anchors)
+WEIGHT_SETS = {"relational": WEIGHTS, "gd": {**WEIGHTS, "gd": 3.0}, "gd-code": {"task": 1.0, "gd": 1e3}}
 
 
 class TinyStudent(nn.Module):
@@ -37,10 +39,13 @@ def global_batch():
     return raw[0], raw[1], F.normalize(raw[2], dim=1), F.normalize(raw[3], dim=1)
 
 
-def loss_of(student, images, texts, t_img, t_txt, backend, row_start=0, row_stop=None, gather=lambda x: x):
+def loss_of(student, images, texts, t_img, t_txt, backend, weights, row_start=0, row_stop=None, gather=lambda x: x,
+            group=None):
     s_img, s_txt, scale = student(images, texts)
+    convention = "clip-kd-code" if weights == "gd-code" else "paper"
     return clip_rd_loss(gather(s_img), gather(s_txt), t_img, t_txt, student_scale=scale, teacher_scale=30.0,
-                        weights=WEIGHTS, row_start=row_start, row_stop=row_stop, backend=backend)["total"]
+                        weights=WEIGHT_SETS[weights], row_start=row_start, row_stop=row_stop, backend=backend,
+                        group=group, gd_convention=convention)["total"]
 
 
 def gather_with_grad(x):
@@ -49,7 +54,7 @@ def gather_with_grad(x):
     return torch.cat(torch.distributed.nn.all_gather(x), dim=0)
 
 
-def _worker(rank, port, backend, queue):
+def _worker(rank, port, backend, weights, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
@@ -62,8 +67,8 @@ def _worker(rank, port, backend, queue):
         for step in range(2):
             optimizer.zero_grad()
             # Teacher embeddings are gathered without gradient; here every rank already holds the global batch.
-            loss = loss_of(model, images[rows], texts[rows], t_img, t_txt, backend, rows.start, rows.stop,
-                           gather_with_grad)
+            loss = loss_of(model, images[rows], texts[rows], t_img, t_txt, backend, weights, rows.start, rows.stop,
+                           gather_with_grad, dist.group.WORLD)
             loss.backward()
             if step == 0:
                 grads = [p.grad.clone() for p in model.parameters()]
@@ -83,12 +88,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.parametrize("weights", sorted(WEIGHT_SETS))
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
-def test_two_gloo_ranks_match_one_process(backend):
+def test_two_gloo_ranks_match_one_process(backend, weights):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, backend, queue)) for rank in range(WORLD)]
+    procs = [ctx.Process(target=_worker, args=(rank, port, backend, weights, queue)) for rank in range(WORLD)]
     for p in procs:
         p.start()
     results = dict((r[0], r[1:]) for r in (queue.get(timeout=300) for _ in procs))
@@ -101,7 +107,7 @@ def test_two_gloo_ranks_match_one_process(backend):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for step in range(2):
         optimizer.zero_grad()
-        loss = loss_of(model, images, texts, t_img, t_txt, backend)
+        loss = loss_of(model, images, texts, t_img, t_txt, backend, weights)
         loss.backward()
         for rank in range(WORLD):
             rank_losses, rank_grads, _ = results[rank]
