@@ -11,12 +11,13 @@ import torch
 
 import kernels.triton_config as triton_config
 import kernels.triton_fused as triton_fused
-from kernels import PRESETS, clip_rd_loss, resolve_weights
+from kernels import PRESETS, clip_rd_loss, resolve_weights, spec
+from kernels.functional import triton_unsupported
 from kernels.triton_config import BlockConfig, block_config
 from tests.helpers import compare_backends, make_inputs, run, TOLERANCES, assert_close
 
 SINGLE_TERMS = [{"task": 1.0}, {"task": 0.0, "icl": 1.0}, {"task": 0.0, "hrd": 1.0}, {"task": 0.0, "vrd": 1.0},
-                {"task": 0.0, "xrd": 1.0}, {"task": 0.0, "intra": 1.0}]
+                {"task": 0.0, "xrd": 1.0}, {"task": 0.0, "intra": 1.0}, {"task": 0.0, "cross_kd": 1.0}]
 # The shape table, spread over the presets rather than crossed with them (the interpreter is slow).
 PRESET_SHAPES = {
     "baseline": [(1, 8), (3, 8), (129, 64), (256, 24)],
@@ -124,19 +125,28 @@ def test_zero_weight_terms_have_no_kernel_work():
 def _backend_inputs(dtype=torch.float32, width=8):
     (s_img, s_txt, t_img, t_txt), _ = make_inputs(3, width, dtype)
     inputs = {"s_img": s_img, "s_txt": s_txt, "t_img": t_img, "t_txt": t_txt}
-    scales = {name: torch.tensor(1.0) for name in ("student", "teacher", "lam_img", "lam_txt", "kappa")}
+    scales = {name: torch.tensor(1.0) for name in spec.SCALES}
     return inputs, scales
 
 
-def test_gd_weight_raises():
-    inputs, scales = _backend_inputs()
-    with pytest.raises(ValueError, match="gd is not implemented in the triton backend"):
-        triton_fused.triton_relational_loss(inputs, scales, resolve_weights({"gd": 1.0}), 0, 3)
+def test_gd_goes_to_chunked_under_auto_and_is_refused_by_name():
+    """gd is not in the kernels: 'auto' takes the chunked backend per call; an explicit 'triton' says why."""
+    (s_img, s_txt, t_img, t_txt), scalars = make_inputs(5, 8)
+    assert "gd is computed by the chunked backend" in triton_unsupported(resolve_weights({"gd": 1.0}), s_img, None)
+    assert triton_unsupported(resolve_weights("clip-rd"), s_img, None) is None
+    with pytest.raises(ValueError, match="backend='triton': gd is computed by the chunked backend"):
+        clip_rd_loss(s_img, s_txt, t_img, t_txt, teacher_scale=40.0, weights={"gd": 1.0}, backend="triton", **scalars)
+
+
+def test_wide_teachers_match_reference():
+    """SigLIP SO400M and ViT-bigG-14 widths, every relational term, local rows."""
+    weights = {**PRESETS["intra-kd"], "vrd": 1.0, "xrd": 1.0, "cross_kd": 1.0}
+    compare_backends("triton", 5, 1280, weights, row_start=1, row_stop=4)
 
 
 def test_unsupported_width_and_dtype_raise():
-    inputs, scales = _backend_inputs(width=1025)
-    with pytest.raises(ValueError, match="D = 1025 exceeds"):
+    inputs, scales = _backend_inputs(width=2049)
+    with pytest.raises(ValueError, match="D = 2049 exceeds"):
         triton_fused.triton_relational_loss(inputs, scales, resolve_weights("clip-rd"), 0, 3)
     inputs, scales = _backend_inputs(dtype=torch.float64)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
@@ -156,7 +166,7 @@ def test_cpu_without_interpreter_raises():
     script = (
         "import torch; from kernels.triton_fused import triton_relational_loss as f\n"
         "x = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)\n"
-        "s = {k: torch.tensor(1.0) for k in ('student', 'teacher', 'lam_img', 'lam_txt', 'kappa')}\n"
+        "from kernels.spec import SCALES; s = {k: torch.tensor(1.0) for k in SCALES}\n"
         "from kernels import resolve_weights\n"
         "try:\n"
         "    f({'s_img': x, 's_txt': x, 't_img': x, 't_txt': x}, s, resolve_weights('clip-rd'), 0, 3)\n"
