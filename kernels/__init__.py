@@ -1,6 +1,6 @@
 """The CLIP distillation objective (CLIP-KD, CLIP-RD, intra-modal RD, gradient distillation) in three backends.
 
-``clip_rd_loss`` is the functional contract of shared LOSSES.md; ``ClipRDLoss`` the module owning the learnable
+``clip_rd_loss`` is the functional contract of kernels/README.md; ``ClipRDLoss`` the module owning the learnable
 multipliers and projections. Backends: ``reference`` (plain PyTorch), ``chunked`` (streamed PyTorch, the CPU fast
 path), ``triton`` (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1).
 """

@@ -63,7 +63,7 @@ def reference_loss(
     row_stop: int,
     group=None,
 ) -> dict[str, torch.Tensor]:
-    """Every term of LOSSES.md with a non-zero weight, plus "total"; all differentiable, all fp32.
+    """Every term of kernels/README.md with a non-zero weight, plus "total"; all differentiable, all fp32.
 
     Inputs are (N, D); anchors are rows [row_start, row_stop) of each anchor matrix, candidates all N rows,
     and the positive of local row i is column row_start + i.
