@@ -2,14 +2,15 @@ from setuptools import find_packages, setup
 
 setup(
     name="clip-rd",
-    version="0.1.0",
+    version="0.2.0",
     description="Triton-accelerated relational knowledge distillation for CLIP models (CLIP-KD, CLIP-RD)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["kernels", "kernels.*", "engine", "engine.*", "models", "models.*",
                                     "bench", "bench.*"]),
-    package_data={"models": ["model_configs/*.json", "pretrained/*.pt", "pretrained/*.json"]},
+    package_data={"models": ["model_configs/*.json", "pretrained/*.pt", "pretrained/*.json"],
+                  "kernels": ["README.md"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
@@ -17,8 +18,10 @@ setup(
         "open_clip_torch>=2.24",
         "webdataset>=0.2.86",
         "tqdm",
-        "matplotlib",
-        "pytest>=7",
-        "pytest-benchmark>=4",
     ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib"],
+        "plots": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
+    },
 )

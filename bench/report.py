@@ -16,6 +16,8 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
+from engine.logger import pyplot
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("forward", "backward", "forward+backward")
 BACKEND_ORDER = ("floor", "reference", "compiled", "chunked", "triton")
@@ -194,10 +196,9 @@ def markdown(records: list[dict], machine: dict, meta: dict) -> str:
 
 
 def plot(records: list[dict], out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return []
 
     table = index(records)
     written = []

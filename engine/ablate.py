@@ -35,6 +35,7 @@ from kernels import resolve_weights
 
 from .config import TrainConfig
 from .defaults import cache_root
+from .logger import pyplot
 from .prepare import resolve
 
 # Each CLIP-RD term alone on top of CLIP-KD, next to the four named presets: (preset, weight overrides).
@@ -345,10 +346,9 @@ def write_table(out_dir: Path, table: dict, teacher: Optional[dict], comps: list
 
 def plot_table(path: Path, table: dict, teacher: Optional[dict]) -> Path:
     """Grouped bars: one group per metric, one bar per preset (mean, std as error bar), teacher as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return None
 
     presets = list(table)
     fig, ax = plt.subplots(figsize=(13, 4.8))
@@ -447,10 +447,9 @@ def equivalence(settings: AblationSettings, log: logging.Logger, rtol: float = E
 
 
 def plot_equivalence(path: Path, fused: list[dict], reference: list[dict], diffs: dict, rtol: float) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return None
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     steps = [r["step"] for r in fused]
@@ -534,7 +533,8 @@ def parse_args(argv=None) -> tuple[AblationSettings, bool]:
     quick = args.quick
     base = TrainConfig(train_data=args.train_data, val_data=args.val_data, cache_dir=args.cache_dir,
                        workers=args.workers, model=args.model, teacher=args.teacher,
-                       teacher_pretrained=args.teacher_pretrained)
+                       teacher_pretrained=args.teacher_pretrained,
+                       grad_clip_norm=1.0)  # the recipe of the committed results (bench/results/ablation)
     overrides = {"epochs": args.epochs or (2 if quick else None), "batch_size": args.batch_size or (32 if quick else None),
                  "lr": args.lr}
     base = replace(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -7,7 +7,9 @@ from typing import Optional
 
 from kernels import PRESETS, WEIGHT_KEYS
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "fp32")  # open_clip_train's choices and meanings
+AUTOCAST = {"amp": "float16", "amp_bf16": "bfloat16", "amp_bfloat16": "bfloat16"}
+PURE = {"bf16": "bfloat16", "fp16": "float16"}  # the student's weights in this dtype
 
 
 @dataclass
@@ -39,7 +41,7 @@ class TrainConfig:
     eps: float = 1e-6
     warmup: int = 30
     precision: str = "fp32"
-    grad_clip_norm: Optional[float] = 1.0
+    grad_clip_norm: Optional[float] = None  # open_clip's default: no clipping
     seed: int = 0
     # distributed (open_clip names; see engine.distributed)
     local_loss: bool = False
@@ -103,54 +105,68 @@ class TrainConfig:
 def parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(
-        prog="python -m engine.train",
-        description="Distil a student CLIP from precomputed teacher embeddings (CLIP-RD / CLIP-KD losses). "
-                    "With no arguments: the embedded procedural dataset, the default teacher (trained once and "
-                    "cached), its embedding store, a clip-rd student run and its evaluation.")
+        prog="python -m engine.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Distil a student CLIP from a teacher's precomputed embeddings (CLIP-KD and CLIP-RD losses). "
+                    "With no arguments: the embedded procedural dataset (generated once into the cache), the shipped "
+                    "default teacher and its embedding store, a clip-rd student run and its evaluation; outputs go "
+                    "to ./logs/<name>/.")
     a = p.add_argument
-    a("--train-data", default=None, help="webdataset shards, brace-expandable, '::'-separated (default: embedded)")
-    a("--val-data", default=None, help="held-out shards for evaluation (default: embedded validation split)")
-    a("--cache-dir", default=None, help="cache for the embedded data/teacher/store (default $CLIP_RD_CACHE or ~/.cache/clip_rd)")
-    a("--workers", type=int, default=d.workers, help="DataLoader worker processes")
-    a("--shuffle-buffer", type=int, default=d.shuffle_buffer)
+    a("--train-data", default=None, help="training webdataset shards, brace-expandable, '::'-separated "
+      "(default: the embedded procedural dataset)")
+    a("--val-data", default=None, help="held-out shards for evaluation (default: the embedded validation split)")
+    a("--cache-dir", default=None, help="cache of the embedded data and teacher stores (default: $CLIP_RD_CACHE, "
+      "else ~/.cache/clip_rd)")
+    a("--workers", type=int, default=d.workers, help="DataLoader worker processes per rank (0: load in the main "
+      "process)")
+    a("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="samples in the shuffle buffer of each worker")
     a("--model", default=d.model, help="student open_clip model name")
-    a("--teacher", default=d.teacher, help="teacher open_clip model name")
-    a("--teacher-pretrained", default=None, help="teacher weights: open_clip pretrained tag or checkpoint file")
-    a("--teacher-store", default=None, help="teacher embedding store directory (engine.precompute)")
-    a("--online-teacher", action="store_true", help="run the teacher on every batch instead of reading the store")
-    a("--preset", default=d.preset, help=f"loss preset: {', '.join(PRESETS)}")
+    a("--teacher", "--distill-model", dest="teacher", default=d.teacher,
+      help="teacher open_clip model name (open_clip_train's --distill-model)")
+    a("--teacher-pretrained", "--distill-pretrained", dest="teacher_pretrained", default=None,
+      help="teacher weights: open_clip pretrained tag or checkpoint file (default: the shipped default teacher; "
+           "open_clip_train's --distill-pretrained)")
+    a("--teacher-store", default=None, help="teacher embedding store directory built by engine.precompute "
+      "(default: the cache's store for this teacher and data, built when missing)")
+    a("--online-teacher", action="store_true", help="run the teacher on every batch instead of reading a store")
+    a("--preset", default=d.preset, choices=sorted(PRESETS), help="loss preset (the per-term weights below override it)")
     for key in WEIGHT_KEYS:
         a(f"--{key.replace('_', '-')}-weight", type=float, default=None,
-          help=f"weight of the {key} term (overrides the preset)")
+          help=f"weight of the {key} term (default: the preset's)")
     a("--mfd-mask-ratio", type=float, default=d.mfd_mask_ratio,
-      help="masked feature distillation: share of student image patches dropped (teacher sees the full image)")
-    a("--fused", action="store_true", help="fused loss backend ('auto': Triton on GPU, chunked on CPU); else 'reference'")
-    a("--batch-size", type=int, default=d.batch_size, help="per-process batch size")
-    a("--epochs", type=int, default=d.epochs)
-    a("--lr", type=float, default=d.lr)
-    a("--wd", type=float, default=d.wd)
-    a("--beta1", type=float, default=d.beta1)
-    a("--beta2", type=float, default=d.beta2)
-    a("--eps", type=float, default=d.eps)
-    a("--warmup", type=int, default=d.warmup, help="linear warmup steps")
-    a("--precision", default=d.precision, choices=PRECISIONS, help="autocast dtype of the student forward")
-    a("--grad-clip-norm", type=float, default=d.grad_clip_norm)
-    a("--seed", type=int, default=d.seed)
-    a("--local-loss", action="store_true", help="distributed: loss over local anchor rows vs global columns")
-    a("--gather-with-grad", action="store_true", help="distributed: all-gather embeddings with gradient")
-    a("--logs", default=d.logs, help="root of logs/<name>/")
-    a("--name", default=None, help="run name (default: from model, preset and time)")
-    a("--resume", default=None, help="'latest' or a checkpoint path")
-    a("--save-frequency", type=int, default=d.save_frequency, help="save epoch_K.pt every this many epochs")
-    a("--log-every-n-steps", type=int, default=d.log_every_n_steps)
-    a("--no-eval", dest="eval", action="store_false", help="skip evaluation at the end")
-    a("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
+      help="masked feature distillation: share of student image patches dropped (the teacher saw the full image)")
+    a("--fused", action="store_true", help="fused loss backend 'auto' (Triton on GPU, chunked on CPU) instead of "
+      "the plain 'reference'")
+    a("--batch-size", type=int, default=d.batch_size, help="batch size per process")
+    a("--epochs", type=int, default=d.epochs, help="passes over the training data")
+    a("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
+    a("--wd", type=float, default=d.wd, help="weight decay (not on gains, biases, logit scale and multipliers)")
+    a("--beta1", type=float, default=d.beta1, help="AdamW beta1")
+    a("--beta2", type=float, default=d.beta2, help="AdamW beta2")
+    a("--eps", type=float, default=d.eps, help="AdamW epsilon")
+    a("--warmup", type=int, default=d.warmup, help="linear warmup steps before the cosine decay")
+    a("--precision", default=d.precision, choices=PRECISIONS,
+      help="open_clip's meanings: amp = fp16 autocast with loss scaling, amp_bf16/amp_bfloat16 = bf16 autocast, "
+           "bf16/fp16 = the student's weights in that dtype, fp32 = no autocast; the loss always runs in fp32")
+    a("--grad-clip-norm", type=float, default=d.grad_clip_norm, help="clip the gradient norm to this (default: no "
+      "clipping)")
+    a("--seed", type=int, default=d.seed, help="seed of the initialisation and the data order")
+    a("--local-loss", action="store_true", help="torchrun: each rank's loss over its own anchor rows against all "
+      "gathered columns (exact, O(N / ranks) rows per rank)")
+    a("--gather-with-grad", action="store_true", help="torchrun: all-gather embeddings with their gradient")
+    a("--logs", default=d.logs, help="where run folders go: <logs>/<name>/")
+    a("--name", default=None, help="run name (default: time, model and preset)")
+    a("--resume", default=None, help="'latest' (this run's epoch_latest.pt) or a checkpoint path")
+    a("--save-frequency", type=int, default=d.save_frequency, help="keep epoch_K.pt every this many epochs")
+    a("--log-every-n-steps", type=int, default=d.log_every_n_steps, help="one log line and metrics row every this "
+      "many steps")
+    a("--no-eval", dest="eval", action="store_false", help="skip the evaluation at the end")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     a("--stop-after-steps", type=int, default=None,
       help="save epoch_latest.pt and stop after this many optimizer steps in all (continue with --resume latest)")
     a("--allow-config-change", action="store_true",
       help="--resume even if batch size, preset, weights, data, models or seed differ from the checkpoint's")
     a("--max-skipped-steps", type=int, default=d.max_skipped_steps,
-      help="fp16: stop when this many consecutive steps were skipped for non-finite gradients")
+      help="amp: stop when this many consecutive steps were skipped for non-finite gradients")
     a("--prepare-timeout", type=float, default=d.prepare_timeout,
       help="torchrun: seconds the other ranks wait for rank 0 to prepare data, teacher and store")
     return p

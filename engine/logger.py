@@ -74,12 +74,25 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_metrics(metrics_file: Path, out_file: Path) -> Path:
-    """PNG: each loss term over steps (left) and the evaluation metrics (right, bars)."""
-    import matplotlib
-
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with one warning) when the optional matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        logging.getLogger("engine").warning("matplotlib is not installed, so no PNG is written: "
+                                            "pip install -e '.[plots]'")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metrics(metrics_file: Path, out_file: Path) -> Path | None:
+    """PNG: each loss term over steps (left) and the evaluation metrics (right, bars)."""
+    plt = pyplot()
+    if plt is None:
+        return None
 
     rows = read_metrics(metrics_file)
     train = [r for r in rows if r["kind"] == "train"]

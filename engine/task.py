@@ -79,9 +79,9 @@ class DistillationTask(nn.Module):
 
     def embed(self, batch: dict) -> dict:
         """The student's forward on this rank's batch (autocast as configured)."""
-        device = next(self.student.parameters()).device
-        with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return self.student(batch["image"].to(device), batch["text"].to(device))
+        weight = next(self.student.parameters())  # its dtype: fp32, or bf16 / fp16 for pure low precision
+        with torch.autocast(weight.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return self.student(batch["image"].to(weight.device, weight.dtype), batch["text"].to(weight.device))
 
     def forward(self, batch: dict) -> dict:
         device = next(self.student.parameters()).device

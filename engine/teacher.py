@@ -33,7 +33,7 @@ def teacher_config(cache: Path, epochs: int = TEACHER_EPOCHS, progress: bool = T
     return TrainConfig(train_data=patterns["train"], val_data=patterns["val"], cache_dir=str(cache),
                        model=defaults.DEFAULT_TEACHER, preset="baseline", epochs=epochs, lr=TEACHER_LR,
                        batch_size=TEACHER_BATCH, logs=str(cache / "teachers" / "runs"), name=defaults.DEFAULT_TEACHER,
-                       resume="latest", progress=progress)
+                       resume="latest", progress=progress, grad_clip_norm=1.0)
 
 
 def train_default_teacher(cache: Path, output: Path, epochs: int = TEACHER_EPOCHS, progress: bool = True) -> Path:

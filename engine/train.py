@@ -23,7 +23,7 @@ import models
 from kernels import ClipRDLoss
 
 from . import checkpoint as ckpt_lib
-from .config import TrainConfig, parse_args
+from .config import AUTOCAST, PURE, TrainConfig, parse_args
 from .data import Codec, ShardError, ShardStream, expand_urls, make_loader
 from .distributed import (DistEnv, all_ranks_true, close_distributed, init_distributed, is_collective_failure,
                           mean_over_ranks, wrap)
@@ -89,7 +89,7 @@ class TrainState:
 def train_step(state: TrainState, batch: dict) -> dict:
     """Forward, backward, unscale, clip, finiteness check, optimizer step, logit-scale clamp; returns the terms.
 
-    Raises NonFiniteLossError (before changing any weight) on a non-finite loss or gradient, except where fp16's
+    Raises NonFiniteLossError (before changing any weight) on a non-finite loss or gradient, except where amp's
     GradScaler skips the step itself; ``cfg.max_skipped_steps`` such skips in a row raise as well.
     """
     cfg, env = state.cfg, state.env
@@ -113,7 +113,7 @@ def train_step(state: TrainState, batch: dict) -> dict:
     if scale_before is not None and state.scaler.get_scale() < scale_before:  # GradScaler skipped this step
         state.skipped_in_a_row += 1
         if state.skipped_in_a_row >= cfg.max_skipped_steps:
-            raise NonFiniteLossError(f"fp16: {state.skipped_in_a_row} consecutive steps up to step {state.step} had "
+            raise NonFiniteLossError(f"amp: {state.skipped_in_a_row} consecutive steps up to step {state.step} had "
                                      f"non-finite gradients and were skipped (loss scale now "
                                      f"{state.scaler.get_scale():g}); the run is not learning: try --precision bf16 "
                                      f"or fp32, or a lower --lr")
@@ -177,7 +177,7 @@ def train_one_epoch(state: TrainState, loader, ckpt_dir: Path, metrics: MetricsW
 
 
 def autocast_dtype(cfg: TrainConfig):
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    return getattr(torch, AUTOCAST[cfg.precision]) if cfg.precision in AUTOCAST else None
 
 
 def build_optimizer_state(cfg: TrainConfig, student: nn.Module, teacher, device: torch.device, total_steps: int,
@@ -190,13 +190,15 @@ def build_optimizer_state(cfg: TrainConfig, student: nn.Module, teacher, device:
                                  autocast_dtype(cfg)), env, device)
     optimizer = torch.optim.AdamW(param_groups([student, loss_fn], cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   eps=cfg.eps)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "amp")
     return TrainState(task, student, loss_fn, optimizer, scaler, cfg, env, total_steps=total_steps)
 
 
 def build_state(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.device):
     """Student, teacher source, loss, optimizer and the data stream of a run (nothing trained yet)."""
     student = models.create_model(cfg.model, device=device)
+    if cfg.precision in PURE:  # open_clip's pure bf16 / fp16: the student's weights themselves in that dtype
+        student.to(getattr(torch, PURE[cfg.precision]))
     if cfg.mfd_mask_ratio > 0:  # CLIP-KD's masked feature distillation: student sees a share of patches dropped
         from open_clip.transformer import PatchDropout
 
@@ -310,7 +312,8 @@ def summarise(state: TrainState, sources: Sources, run_dir: Path, log) -> dict:
         result["teacher_metrics"] = sources.teacher_metrics
         log.info("teacher " + " ".join(f"{k} {v:.4f}" for k, v in sources.teacher_metrics.items()))
     metrics.close()
-    result["plot"] = str(plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png"))
+    plot = plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")
+    result["plot"] = str(plot) if plot else None
     (run_dir / "results.json").write_text(json.dumps(result, indent=1))
     log.info(f"results: {run_dir / 'results.json'}; plot: {result['plot']}; checkpoints: {run_dir / 'checkpoints'}; "
              f"metrics: {run_dir / 'metrics.jsonl'}")

@@ -94,7 +94,7 @@ def test_online_teacher_matches_store_first_step(tmp_path, synth_data, teacher_c
         assert rows["store"][key] == pytest.approx(rows["online"][key], rel=5e-3, abs=1e-4), key
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["amp", "amp_bf16", "bf16"])
 def test_autocast_precisions_run(tmp_path, synth_data, teacher_ckpt, store_dir, precision):
     result = run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, precision=precision, stop_after_steps=2,
                       preset="clip-kd"))
@@ -232,8 +232,8 @@ def test_fp16_that_keeps_skipping_steps_stops(tmp_path, synth_data, teacher_ckpt
         return {**terms, "total": terms["total"] + InfiniteGradient.apply(self.student.logit_scale)}
 
     monkeypatch.setattr(DistillationTask, "forward", overflowing)
-    with pytest.raises(NonFiniteLossError, match=r"fp16: 3 consecutive steps .* non-finite gradients"):
-        run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, precision="fp16", max_skipped_steps=3))
+    with pytest.raises(NonFiniteLossError, match=r"amp: 3 consecutive steps .* non-finite gradients"):
+        run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, precision="amp", max_skipped_steps=3))
 
 
 def test_corrupt_shard_during_training(tmp_path, synth_data, teacher_ckpt):
@@ -255,6 +255,9 @@ def test_cli_flags_map_to_config():
                       "--fd-weight", "100", "--intra-weight", "1", "--mfd-mask-ratio", "0.5", "--fused",
                       "--online-teacher"])
     assert (cfg.batch_size, cfg.epochs, cfg.lr, cfg.wd, cfg.warmup, cfg.precision) == (8, 3, 0.01, 0.2, 5, "bf16")
+    assert parse_args(["--distill-model", "ViT-B-16", "--distill-pretrained", "openai"]).teacher == "ViT-B-16"
+    assert parse_args(["--distill-pretrained", "x.pt"]).teacher_pretrained == "x.pt"
+    assert parse_args([]).grad_clip_norm is None  # open_clip's default: no clipping
     assert cfg.local_loss and cfg.gather_with_grad and cfg.online_teacher and cfg.backend == "auto"
     assert cfg.loss_weights()["fd"] == 100 and cfg.loss_weights()["intra"] == 1 and cfg.loss_weights()["hrd"] == 1
     assert parse_args([]).backend == "reference" and parse_args([]).preset == "clip-rd"
