@@ -33,6 +33,8 @@ class TrainConfig:
     fused: bool = False
     # optimisation (open_clip names)
     batch_size: int = 256
+    accum_freq: int = 1  # micro-batches per optimizer step (GradCache: the exact gradient of the whole batch)
+    grad_checkpointing: bool = False
     epochs: int = 4
     lr: float = 2e-3
     wd: float = 0.1
@@ -81,7 +83,7 @@ class TrainConfig:
             raise ValueError(f"--precision: {self.precision!r} is not one of {PRECISIONS}")
         if not 0.0 <= self.mfd_mask_ratio < 1.0:
             raise ValueError(f"--mfd-mask-ratio: must be in [0, 1), got {self.mfd_mask_ratio}")
-        at_least_one = ("batch_size", "epochs", "save_frequency", "log_every_n_steps", "shuffle_buffer",
+        at_least_one = ("batch_size", "accum_freq", "epochs", "save_frequency", "log_every_n_steps", "shuffle_buffer",
                         "max_skipped_steps")
         for name in at_least_one + ("stop_after_steps",):
             value = getattr(self, name)
@@ -136,7 +138,13 @@ def parser() -> argparse.ArgumentParser:
       help="masked feature distillation: share of student image patches dropped (the teacher saw the full image)")
     a("--fused", action="store_true", help="fused loss backend 'auto' (Triton on GPU, chunked on CPU) instead of "
       "the plain 'reference'")
-    a("--batch-size", type=int, default=d.batch_size, help="batch size per process")
+    a("--batch-size", type=int, default=d.batch_size, help="batch size per process (the micro-batch with "
+      "--accum-freq)")
+    a("--accum-freq", type=int, default=d.accum_freq, help="micro-batches per optimizer step: a step sees "
+      "batch-size x accum-freq samples per process, with the whole batch's exact contrastive gradient at the "
+      "activation memory of one micro-batch (GradCache: one loss evaluation, a second forward per micro-batch)")
+    a("--grad-checkpointing", action="store_true", help="recompute the student towers' activations in backward "
+      "(open_clip's set_grad_checkpointing): less memory, more time")
     a("--epochs", type=int, default=d.epochs, help="passes over the training data")
     a("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
     a("--wd", type=float, default=d.wd, help="weight decay (not on gains, biases, logit scale and multipliers)")

@@ -83,11 +83,17 @@ class DistillationTask(nn.Module):
         with torch.autocast(weight.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             return self.student(batch["image"].to(weight.device, weight.dtype), batch["text"].to(weight.device))
 
-    def forward(self, batch: dict) -> dict:
-        device = next(self.student.parameters()).device
-        t_img, t_txt = self.teacher.rows(batch, device)
-        out = self.embed(batch)
+    def forward(self, batch: dict, replay: Optional[tuple] = None):
+        """The loss terms of this rank's batch; with ``replay``, the surrogate of an accumulated step (see replay)."""
+        if replay is not None:
+            return self.replay(batch, *replay)
+        t_img, t_txt = self.teacher.rows(batch, next(self.student.parameters()).device)
+        return self.loss(self.embed(batch), t_img, t_txt)
+
+    def loss(self, out: dict, t_img, t_txt) -> dict:
+        """Loss terms from the student's outputs on this rank's batch and their teacher rows (None: no teacher)."""
         s_img, s_txt = out["image_features"].float(), out["text_features"].float()
+        device = s_img.device
         if t_img is None:  # no teacher term: the loss ignores these placeholders
             t_img, t_txt = s_img.detach(), s_txt.detach()
         local, env = s_img.shape[0], self.env
@@ -98,3 +104,15 @@ class DistillationTask(nn.Module):
         group = torch.distributed.group.WORLD if self.local_loss and env.world_size > 1 else None  # exact gd
         return self.loss_fn(s_img, s_txt, out["logit_scale"].float(), t_img, t_txt, scale,
                             row_start=rows[0], row_stop=rows[1], group=group)
+
+    def replay(self, batch: dict, grad_image, grad_text, grad_scale, grad_loss_params) -> torch.Tensor:
+        """GradCache's second pass over one micro-batch: a scalar whose gradient is the micro-batch's share of the
+        whole batch's gradient. ``grad_*``: d total / d (this micro-batch's embeddings, the logit scale, each loss
+        parameter), the last two already divided by the number of micro-batches, so every pass uses every
+        parameter (DDP's static graph) and the passes add up to the whole batch's gradient."""
+        out = self.embed(batch)
+        surrogate = (out["image_features"].float() * grad_image).sum() + (out["text_features"].float() * grad_text).sum()
+        surrogate = surrogate + out["logit_scale"].float() * grad_scale
+        for parameter, grad in zip(self.loss_fn.parameters(), grad_loss_params):
+            surrogate = surrogate + (parameter * grad).sum()
+        return surrogate

@@ -37,7 +37,7 @@ from .task import DistillationTask, NoTeacher, OnlineTeacher, StoreTeacher
 LOGIT_SCALE_MAX = math.log(100)
 # Settings a resumed run must share with its checkpoint (else --allow-config-change).
 RESUME_INVARIANTS = ("model", "teacher", "teacher_pretrained", "teacher_store", "online_teacher", "train_data",
-                     "preset", "weights", "batch_size", "seed", "mfd_mask_ratio", "local_loss")
+                     "preset", "weights", "batch_size", "accum_freq", "seed", "mfd_mask_ratio", "local_loss")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -92,15 +92,11 @@ def train_step(state: TrainState, batch: dict) -> dict:
     Raises NonFiniteLossError (before changing any weight) on a non-finite loss or gradient, except where amp's
     GradScaler skips the step itself; ``cfg.max_skipped_steps`` such skips in a row raise as well.
     """
-    cfg, env = state.cfg, state.env
+    cfg = state.cfg
     for group in state.optimizer.param_groups:
         group["lr"] = cosine_lr(state.step, cfg.lr, cfg.warmup, state.total_steps)
-    terms = state.model(batch)
     state.optimizer.zero_grad(set_to_none=True)
-    device = terms["total"].device
-    if not all_ranks_true(bool(torch.isfinite(terms["total"])), env, device):  # every rank stops together
-        raise NonFiniteLossError(f"non-finite loss at step {state.step}: terms {_rounded(terms)}")
-    state.scaler.scale(terms["total"]).backward()  # DDP averages the gradients across ranks here
+    terms = backward(state, batch) if cfg.accum_freq == 1 else backward_accumulated(state, batch)
     state.scaler.unscale_(state.optimizer)
     params = [p for group in state.optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm or float("inf"))
@@ -115,14 +111,73 @@ def train_step(state: TrainState, batch: dict) -> dict:
         if state.skipped_in_a_row >= cfg.max_skipped_steps:
             raise NonFiniteLossError(f"amp: {state.skipped_in_a_row} consecutive steps up to step {state.step} had "
                                      f"non-finite gradients and were skipped (loss scale now "
-                                     f"{state.scaler.get_scale():g}); the run is not learning: try --precision bf16 "
-                                     f"or fp32, or a lower --lr")
+                                     f"{state.scaler.get_scale():g}); the run is not learning: try --precision "
+                                     f"amp_bf16 or fp32, or a lower --lr")
     else:
         state.skipped_in_a_row = 0
     with torch.no_grad():
         state.student.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
     state.step, state.batches_done = state.step + 1, state.batches_done + 1
     return terms
+
+
+def _check_finite(state: TrainState, terms: dict) -> None:
+    device = terms["total"].device
+    if not all_ranks_true(bool(torch.isfinite(terms["total"])), state.env, device):  # every rank stops together
+        raise NonFiniteLossError(f"non-finite loss at step {state.step}: terms {_rounded(terms)}")
+
+
+def backward(state: TrainState, batch: dict) -> dict:
+    """Forward and backward of the whole batch at once (DDP averages the gradients across ranks here)."""
+    terms = state.model(batch)
+    _check_finite(state, terms)
+    state.scaler.scale(terms["total"]).backward()
+    return terms
+
+
+def backward_accumulated(state: TrainState, batch: dict) -> dict:
+    """The whole batch's exact gradient at the activation memory of one micro-batch (GradCache, --accum-freq K).
+
+    1. Embed each of the K micro-batches without a graph (their RNG states kept: MFD masks replay identically).
+    2. One loss over the whole batch of embeddings (gathered across ranks once), and its gradient with respect to
+       the embeddings, the logit scale and the loss module's parameters.
+    3. Re-run each micro-batch with a graph and backpropagate its slice of that gradient (DDP averages each pass's
+       gradient across ranks; the sum of the averages is the average of the sums. Its static graph does not allow
+       skipping the synchronisation of all but the last pass with no_sync).
+    """
+    k = state.cfg.accum_freq
+    task = getattr(state.model, "module", state.model)  # unwrapped: passes 1 and 2 are outside DDP's forward
+    micro = split_batch(batch, k)
+    rng_states, outs = [], []
+    with torch.no_grad():
+        for part in micro:
+            rng_states.append(ckpt_lib.rng_state())
+            outs.append(task.embed(part))
+    rng_after = ckpt_lib.rng_state()
+    image = torch.cat([o["image_features"].float() for o in outs]).requires_grad_()
+    text = torch.cat([o["text_features"].float() for o in outs]).requires_grad_()
+    scale = outs[0]["logit_scale"].float().detach().requires_grad_()
+    t_img, t_txt = task.teacher.rows(batch, image.device)
+    terms = task.loss({"image_features": image, "text_features": text, "logit_scale": scale}, t_img, t_txt)
+    _check_finite(state, terms)
+    params = list(task.loss_fn.parameters())
+    grads = torch.autograd.grad(terms["total"], [image, text, scale, *params], allow_unused=True)
+    grad_params = [torch.zeros_like(p) if g is None else g / k for p, g in zip(params, grads[3:])]
+    rows = torch.tensor([len(o["image_features"]) for o in outs]).cumsum(0).tolist()
+    for i, part in enumerate(micro):
+        ckpt_lib.set_rng_state(rng_states[i])
+        rows_i = slice(rows[i - 1] if i else 0, rows[i])
+        surrogate = state.model(part, replay=(grads[0][rows_i], grads[1][rows_i], grads[2] / k, grad_params))
+        state.scaler.scale(surrogate).backward()
+    ckpt_lib.set_rng_state(rng_after)
+    return {name: value.detach() for name, value in terms.items()}
+
+
+def split_batch(batch: dict, parts: int) -> list[dict]:
+    """``parts`` consecutive micro-batches of a batch (tensors and lists alike)."""
+    size = len(batch["key"] if "key" in batch else batch["image"])
+    bounds = [size * i // parts for i in range(parts + 1)]
+    return [{name: value[lo:hi] for name, value in batch.items()} for lo, hi in zip(bounds, bounds[1:])]
 
 
 def _rounded(terms: dict) -> dict:
@@ -162,7 +217,7 @@ def train_one_epoch(state: TrainState, loader, ckpt_dir: Path, metrics: MetricsW
             step_s, data_s = (sum(t[i] for t in recent) / len(recent) for i in (0, 1))
             row = {"epoch": state.epoch, "lr": state.optimizer.param_groups[0]["lr"],
                    "logit_scale": state.student.logit_scale.exp().item(), "step_s": step_s, "data_s": data_s,
-                   "samples_per_s": cfg.batch_size * state.env.world_size / (step_s + data_s),
+                   "samples_per_s": cfg.batch_size * cfg.accum_freq * state.env.world_size / (step_s + data_s),
                    **{k: v.item() for k, v in mean_over_ranks(terms, state.env).items()}}
             metrics.write("train", state.step, row)
             bar.set_postfix(loss=f"{row['total']:.3f}")
@@ -199,6 +254,7 @@ def build_state(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.
     student = models.create_model(cfg.model, device=device)
     if cfg.precision in PURE:  # open_clip's pure bf16 / fp16: the student's weights themselves in that dtype
         student.to(getattr(torch, PURE[cfg.precision]))
+    student.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.mfd_mask_ratio > 0:  # CLIP-KD's masked feature distillation: student sees a share of patches dropped
         from open_clip.transformer import PatchDropout
 
@@ -212,8 +268,9 @@ def build_state(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.
         teacher = StoreTeacher(TeacherStore(sources.store_dir, expand_urls(sources.train), sources.teacher_fingerprint))
     codec = Codec({"image": models.get_preprocess(student), **teacher.images},
                   {"text": models.get_tokenizer(cfg.model), **teacher.texts})
-    stream = ShardStream(sources.train, codec, cfg.batch_size, cfg.seed, env.rank, env.world_size, cfg.workers,
-                         shuffle_buffer=cfg.shuffle_buffer)
+    # a step's batch holds its --accum-freq micro-batches: the same samples as one batch of batch-size x accum-freq
+    stream = ShardStream(sources.train, codec, cfg.batch_size * cfg.accum_freq, cfg.seed, env.rank, env.world_size,
+                         cfg.workers, shuffle_buffer=cfg.shuffle_buffer)
     total_steps = sum(stream.steps_per_epoch(e) for e in range(cfg.epochs))
     return build_optimizer_state(cfg, student, teacher, device, total_steps, env), stream
 
@@ -271,7 +328,8 @@ def run(cfg: TrainConfig, sources: Sources, env: DistEnv = DistEnv(), device=tor
     state, stream = build_state(cfg, sources, env, device)
     log.info(f"model {cfg.model}: {sum(p.numel() for p in state.student.parameters()) / 1e6:.2f}M params; loss "
              f"weights {state.loss_fn.weights}; backend {cfg.backend}; {state.total_steps} steps; "
-             f"{env.world_size} process(es) on {device.type}, global batch {env.world_size * cfg.batch_size}")
+             f"{env.world_size} process(es) on {device.type}, global batch {env.world_size * cfg.batch_size * cfg.accum_freq}"
+             + (f" in {cfg.accum_freq} micro-batches" if cfg.accum_freq > 1 else ""))
     resume_path = ckpt_lib.resolve_resume(cfg.resume, ckpt_dir)
     if resume_path is not None:
         resume(state, resume_path, log)

@@ -1,0 +1,93 @@
+"""--accum-freq (GradCache): K micro-batches give the same step as one batch K times larger; MFD masks replay."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import synthetic
+from engine.precompute import build_store
+from engine.train import main
+from tests.test_engine_distributed import _free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def data_256(tmp_path_factory, teacher_ckpt):
+    """256 training samples in 2 shards and their store: two steps of a 128-sample batch."""
+    root = tmp_path_factory.mktemp("accum")
+    patterns = synthetic.build(root / "data", synthetic.SyntheticSpec(train_samples=256, val_samples=8,
+                                                                     shard_size=128, seed=5), progress=False)
+    store = build_store(patterns["train"], "tiny-vit-teacher", str(teacher_ckpt), root / "store", progress=False)
+    return {"train": patterns["train"], "store": str(store)}
+
+
+def _flags(tmp_path, data, name, batch_size, *extra):
+    return ["--train-data", data["train"], "--teacher-store", data["store"], "--batch-size", str(batch_size),
+            "--epochs", "1", "--stop-after-steps", "2", "--warmup", "1", "--lr", "1e-3", "--no-eval",
+            "--no-progress", "--fused", "--logs", str(tmp_path / "logs"), "--name", name,
+            "--cache-dir", str(tmp_path / "cache"), *extra]
+
+
+def _assert_same_weights(tmp_path, a: str, b: str) -> None:
+    first, second = (torch.load(tmp_path / "logs" / n / "checkpoints" / "epoch_latest.pt", weights_only=True)
+                     for n in (a, b))
+    assert first["step"] == second["step"] == 2
+    for part in ("state_dict", "loss_state_dict"):
+        for key, value in first[part].items():
+            other = second[part][key]
+            if key.endswith("attn.in_proj_bias"):
+                # The key bias has a zero gradient in exact arithmetic (it shifts every logit of a query alike),
+                # so its gradient is rounding noise that AdamW turns into +-lr steps: compare query and value.
+                width = value.numel() // 3
+                value, other = torch.cat([value[:width], value[2 * width:]]), torch.cat([other[:width], other[2 * width:]])
+            torch.testing.assert_close(other, value, rtol=2e-4, atol=2e-6, msg=f"{part} {key}")
+
+
+def test_four_micro_batches_equal_one_batch_four_times_larger(tmp_path, data_256):
+    main(_flags(tmp_path, data_256, "whole", 128))
+    main(_flags(tmp_path, data_256, "accum", 32, "--accum-freq", "4"))
+    _assert_same_weights(tmp_path, "whole", "accum")
+
+
+def test_two_ranks_with_accumulation_equal_two_ranks_without(tmp_path, data_256):
+    def torchrun(args):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                   "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "engine.train", "--", *args]
+        proc = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                              text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    ddp = ["--local-loss", "--gather-with-grad"]
+    torchrun(_flags(tmp_path, data_256, "whole", 64, *ddp))
+    torchrun(_flags(tmp_path, data_256, "accum", 16, "--accum-freq", "4", *ddp))
+    _assert_same_weights(tmp_path, "whole", "accum")
+
+
+def test_mfd_masks_replay_in_the_second_pass(tmp_path, data_256, monkeypatch):
+    """Each micro-batch is embedded twice (without, then with a graph): both passes must drop the same patches."""
+    from engine.task import DistillationTask
+
+    embed, seen = DistillationTask.embed, []
+
+    def recording(self, batch):
+        out = embed(self, batch)
+        seen.append(out["image_features"].detach().clone())
+        return out
+
+    monkeypatch.setattr(DistillationTask, "embed", recording)
+    main(_flags(tmp_path, data_256, "mfd", 32, "--accum-freq", "2", "--mfd-mask-ratio", "0.5",
+                "--stop-after-steps", "1"))
+    first, replay = seen[:2], seen[2:4]  # one step: two cached embeddings, then their two replays
+    assert len(seen) == 4 and not torch.equal(first[0], first[1])
+    for cached, again in zip(first, replay):
+        torch.testing.assert_close(again, cached, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_checkpointing_gives_the_same_step(tmp_path, data_256):
+    main(_flags(tmp_path, data_256, "plain", 64))
+    main(_flags(tmp_path, data_256, "checkpointed", 64, "--grad-checkpointing"))
+    _assert_same_weights(tmp_path, "plain", "checkpointed")
