@@ -17,18 +17,19 @@ import torch
 
 from .spec import INPUTS, SCALES, STUDENT_INPUTS, TERM_WEIGHT, Use, View, active_terms, active_uses
 
-# Elements of one (block_rows x N) fp32 tile: 2 MiB, but never fewer than MIN_BLOCK_ROWS rows. Fewer rows starve
-# the GEMMs (M = rows in the logits, K = rows in the candidate gradients, which also re-reads the whole (N, D)
-# gradient once per block); more rows cost memory. Measured forward + backward, D = 512, 2 threads, rows 64 / 128 /
-# 256: N = 4096 clip-rd 3.68 / 3.14 / 3.26 s; N = 8192 clip-rd 15.6 / 13.3 / 14.3 s, clip-kd 8.9 / 7.5 / 6.8 s.
-TILE_ELEMENTS = 1 << 19
-MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 128, 512
+# Bytes of the per-block buffers (log-softmax and softmax of every view, fp32): the block's rows follow from it,
+# between MIN_BLOCK_ROWS and MAX_BLOCK_ROWS, so memory stays flat in N. More rows feed the GEMMs better (M = rows
+# in the logits, K = rows in the candidate gradients, which also re-reads the whole (N, D) gradient per block).
+# Measured forward + backward, D = 512, 2 threads, rows 64 / 128 / 256: N = 4096 clip-rd 3.68 / 3.14 / 3.26 s;
+# N = 8192 clip-rd 15.6 / 13.3 / 14.3 s, clip-kd 8.9 / 7.5 / 6.8 s.
+BLOCK_BYTES = 64 << 20
+MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 16, 512
 
 
-def block_rows_for(n_columns: int, n_rows: int) -> int:
-    """Anchor rows per block: about TILE_ELEMENTS / N within [MIN_BLOCK_ROWS, MAX_BLOCK_ROWS], a multiple of 16, at
-    most the number of rows."""
-    rows = TILE_ELEMENTS // max(n_columns, 1)
+def block_rows_for(n_columns: int, n_rows: int, views: int = 1) -> int:
+    """Anchor rows per block: two fp32 (rows, N) buffers per view within BLOCK_BYTES, a multiple of 16 within
+    [MIN_BLOCK_ROWS, MAX_BLOCK_ROWS], at most the number of rows."""
+    rows = BLOCK_BYTES // (8 * max(views, 1) * max(n_columns, 1))
     rows = max(MIN_BLOCK_ROWS, min(MAX_BLOCK_ROWS, rows - rows % 16))
     return min(rows, n_rows)
 
@@ -125,7 +126,7 @@ def _forward_and_gradients(plan: _Plan, embeddings, scales, want, row_start: int
     # Coefficient of each use in the total: weight * share / rows (the row mean).
     coef = {use: plan.weights[TERM_WEIGHT[use.term]] * use.share / n_rows for use in plan.uses}
 
-    block = block_rows_for(n, n_rows)
+    block = block_rows_for(n, n_rows, len(plan.views))
     for start in range(row_start, row_stop, block):
         stop = min(start + block, row_stop)
         rows = stop - start

@@ -15,8 +15,7 @@ SHAPES = [(1, 8), (3, 8), (37, 24), (129, 64), (256, 130)]
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
     """Blocks of 16 rows even at small N, so every test crosses block boundaries."""
-    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 16)
-    monkeypatch.setattr(chunked, "MIN_BLOCK_ROWS", 16)
+    monkeypatch.setattr(chunked, "BLOCK_BYTES", 1)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
