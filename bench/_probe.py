@@ -1,8 +1,9 @@
 """Peak-memory probe, run by ``bench.memory.probe_cpu`` in a fresh interpreter: ``python -m bench._probe '<json>'``.
 
-Request: {"backend", "preset", "ns", "modes", "d", "dtype", "budget_bytes", "max_call_seconds"}. For each N (ascending) and mode it
-prints one line ``BENCH_PROBE {"n", "mode", "status": "ok"|"skipped", "peak_extra_bytes", "baseline_rss_bytes",
-"seconds", "reason"}``. A size whose extrapolated peak or call time exceeds the limits is skipped with the reason.
+Request: {"backend", "preset", "ns", "modes", "d", "dtype", "budget_bytes", "max_call_seconds"}. For each N
+(ascending) and mode it prints one line ``BENCH_PROBE {"n", "mode", "status": "ok"|"skipped", "peak_extra_bytes",
+"baseline_rss_bytes", "seconds", "reason"}``. A size whose extrapolated peak or call time exceeds the limits is
+skipped with the reason.
 """
 from __future__ import annotations
 

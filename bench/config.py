@@ -83,7 +83,8 @@ def profile() -> Profile:
     available = [b for b in ALL_BACKENDS if b != "triton" or cuda]
     if quick_mode():
         base = dict(
-            name="quick", d=32, ns=(32, 128), max_n={"compiled": 32}, compiled_presets=("clip-kd",), large_ns=(), large_backends=(), case_seconds=0.0,
+            name="quick", d=32, ns=(32, 128), max_n={"compiled": 32}, compiled_presets=("clip-kd",), large_ns=(),
+            large_backends=(), case_seconds=0.0,
             max_rounds=1, max_call_seconds=0.0, dtype="bfloat16" if cuda else "float32",
         )
     elif cuda:

@@ -86,7 +86,8 @@ def markdown(records: list[dict]) -> str:
              ""]
     for r in records:
         lines += [f"## {r['preset']}, N = {r['n']}, D = {r['d']}, {r['threads']} threads", "",
-                  f"wall {r['wall_s']:.2f} s (unprofiled), floor {r['floor_s']:.2f} s, **x{r['x_floor']:.2f} floor**", "",
+                  f"wall {r['wall_s']:.2f} s (unprofiled), floor {r['floor_s']:.2f} s, "
+                  f"**x{r['x_floor']:.2f} floor**", "",
                   "| category | seconds | share |", "| --- | --- | --- |"]
         for category, seconds in r["categories"].items():
             lines.append(f"| {category} | {seconds:.3f} | {seconds / r['profiled_s']:.0%} |")

@@ -138,11 +138,13 @@ def markdown(records: list[dict], machine: dict, meta: dict) -> str:
     out += [
         f"- CPU: {machine.get('cpu_model', '?')}, {machine.get('cpu_cores', '?')} cores "
         f"({machine.get('torch_threads', '?')} torch threads), {machine.get('memory_gib', '?')} GiB memory",
-        f"- load average when the results were saved: {machine.get('load_average_1m', '?')} (the machine is shared; a load above 2 "
+        f"- load average when the results were saved: {machine.get('load_average_1m', '?')} "
+        f"(the machine is shared; a load above 2 "
         "means other work ran alongside and times are inflated)",
         f"- GPU: {gpu['name']} ({gpu['memory_gib']} GiB, sm {gpu['capability']}, CUDA {gpu['cuda']})" if gpu
         else "- GPU: none",
-        f"- Python {machine.get('python', '?')}, torch {machine.get('torch', '?')}, triton {machine.get('triton', '?')}",
+        f"- Python {machine.get('python', '?')}, torch {machine.get('torch', '?')}, "
+        f"triton {machine.get('triton', '?')}",
         "",
     ]
     out += ["## Headline", ""]

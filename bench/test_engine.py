@@ -25,7 +25,8 @@ try:
 
     ENGINE_ERROR = None
 except Exception as exc:  # noqa: BLE001 - any import failure means the engine is not usable here
-    ENGINE_ERROR = f"engine not importable ({type(exc).__name__}: {exc}); the engine benchmark needs engine/ and models/"
+    ENGINE_ERROR = (f"engine not importable ({type(exc).__name__}: {exc}); "
+                    "the engine benchmark needs engine/ and models/")
 
 
 class TableTeacher:

@@ -1,4 +1,4 @@
-"""``python -m engine.ablate``: does relational distillation help? The same student under each loss preset, several seeds.
+"""``python -m engine.ablate``: does relational distillation help? One student under each loss preset, several seeds.
 
 Every (preset, seed) is one ``engine.train`` run with the fused backend (``--fused``) on the same data, teacher store
 and schedule; only the loss weights and the seed differ (the seed sets the student's initialisation and the sample
@@ -26,7 +26,7 @@ import math
 import shutil
 import sys
 import time
-from contextlib import redirect_stdout, nullcontext
+from contextlib import nullcontext, redirect_stdout
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -313,9 +313,9 @@ def write_table(out_dir: Path, table: dict, teacher: Optional[dict], comps: list
     for preset, row in table.items():
         lines.append(f"| {preset} | {row['n']} | " + " | ".join(_cell(row[m]) if m in row else "-"
                                                              for m in TABLE_METRICS) + " |")
-    lines += ["", "Mean ± sample standard deviation over seeds (ddof 1). Below, per comparison A - B: the difference of "
-              "the means and, in parentheses, that difference in units of the larger of the two standard deviations; "
-              "**bold** when it exceeds 2 (A beats B by more than two standard deviations).", "",
+    lines += ["", "Mean ± sample standard deviation over seeds (ddof 1). Below, per comparison A - B: the difference "
+              "of the means and, in parentheses, that difference in units of the larger of the two standard "
+              "deviations; **bold** when it exceeds 2 (A beats B by more than two standard deviations).", "",
               "| A - B | " + " | ".join(SHORT_NAMES[m] for m in TABLE_METRICS) + " |",
               "|" + " --- |" * (len(TABLE_METRICS) + 1)]
     by_pair: dict[tuple, dict] = {}
@@ -325,7 +325,8 @@ def write_table(out_dir: Path, table: dict, teacher: Optional[dict], comps: list
         text = []
         for m in TABLE_METRICS:
             c = cells.get(m)
-            cell = "-" if c is None else f"{c['delta']:+.3f} ({'-' if c['sigmas'] is None else format(c['sigmas'], '+.1f')})"
+            sigmas = "-" if c is None or c["sigmas"] is None else format(c["sigmas"], "+.1f")
+            cell = "-" if c is None else f"{c['delta']:+.3f} ({sigmas})"
             text.append(f"**{cell}**" if c is not None and c["beyond_2_std"] else cell)
         lines.append(f"| {a} - {b} | " + " | ".join(text) + " |")
     md = out_dir / "table.md"
@@ -535,7 +536,8 @@ def parse_args(argv=None) -> tuple[AblationSettings, bool]:
                        workers=args.workers, model=args.model, teacher=args.teacher,
                        teacher_pretrained=args.teacher_pretrained,
                        grad_clip_norm=1.0)  # the recipe of the committed results (bench/results/ablation)
-    overrides = {"epochs": args.epochs or (2 if quick else None), "batch_size": args.batch_size or (32 if quick else None),
+    overrides = {"epochs": args.epochs or (2 if quick else None),
+                 "batch_size": args.batch_size or (32 if quick else None),
                  "lr": args.lr}
     base = replace(base, **{k: v for k, v in overrides.items() if v is not None})
     settings = AblationSettings(

@@ -71,7 +71,8 @@ def load(path: Path) -> dict:
     except Exception as exc:  # torch.load raises several types for files that are not checkpoints
         raise ValueError(f"--resume {path}: not a checkpoint file ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:200]})") from exc
-    missing = [key for key in ("config", "optimizer", "state_dict", "step") if not isinstance(state, dict) or key not in state]
+    required = ("config", "optimizer", "state_dict", "step")
+    missing = [key for key in required if not isinstance(state, dict) or key not in state]
     if missing:
         raise ValueError(f"--resume {path}: not a training checkpoint of engine.train (no {', '.join(missing)}: "
                          f"a model or teacher weights file? teacher weights go in --teacher-pretrained)")

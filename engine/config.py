@@ -78,7 +78,8 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"weights: unknown term(s) {unknown}; expected {list(WEIGHT_KEYS)}")
         if not any(v != 0 for v in self.loss_weights().values()):
-            raise ValueError("loss weights: every term's weight is zero (preset and --*-weight flags): nothing to train")
+            raise ValueError("loss weights: every term's weight is zero (preset and --*-weight flags): "
+                             "nothing to train")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision: {self.precision!r} is not one of {PRECISIONS}")
         if not 0.0 <= self.mfd_mask_ratio < 1.0:
@@ -101,7 +102,8 @@ class TrainConfig:
         if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
             raise ValueError(f"--grad-clip-norm: must be > 0 (leave it out for no clipping), got {self.grad_clip_norm}")
         if self.teacher_store is not None and self.online_teacher:
-            raise ValueError("--teacher-store and --online-teacher exclude each other: the online teacher needs no store")
+            raise ValueError("--teacher-store and --online-teacher exclude each other: "
+                             "the online teacher needs no store")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -130,7 +132,8 @@ def parser() -> argparse.ArgumentParser:
     a("--teacher-store", default=None, help="teacher embedding store directory built by engine.precompute "
       "(default: the cache's store for this teacher and data, built when missing)")
     a("--online-teacher", action="store_true", help="run the teacher on every batch instead of reading a store")
-    a("--preset", default=d.preset, choices=sorted(PRESETS), help="loss preset (the per-term weights below override it)")
+    a("--preset", default=d.preset, choices=sorted(PRESETS),
+      help="loss preset (the per-term weights below override it)")
     for key in WEIGHT_KEYS:
         a(f"--{key.replace('_', '-')}-weight", type=float, default=None,
           help=f"weight of the {key} term (default: the preset's)")

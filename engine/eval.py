@@ -72,7 +72,8 @@ def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, 
 
 
 def load_classnames(pattern: str, classnames_file: Optional[str] = None) -> Optional[dict]:
-    path = Path(classnames_file) if classnames_file else Path(data_lib.expand_urls(pattern)[0]).parent / "classnames.json"
+    beside_shards = Path(data_lib.expand_urls(pattern)[0]).parent / "classnames.json"
+    path = Path(classnames_file) if classnames_file else beside_shards
     return json.loads(path.read_text()) if path.exists() else None
 
 

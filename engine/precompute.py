@@ -32,8 +32,9 @@ def check_unique_keys(urls: list[str]) -> None:
 def build_store(pattern: str, teacher_name: str, pretrained: str, root: str | Path, batch_size: int = 500,
                 progress: bool = True, device: str | torch.device | None = None) -> Path:
     """Run the teacher over every shard, batch by batch as samples stream (memory independent of shard size)."""
-    import models
     from tqdm import tqdm
+
+    import models
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     root = Path(root)
@@ -92,7 +93,8 @@ def main(argv=None) -> None:
         if args.teacher != DEFAULT_TEACHER:
             sys.exit(f"error: --teacher {args.teacher}: pass --teacher-pretrained (open_clip tag or checkpoint file)")
         pretrained = str(default_teacher_path())
-    root = args.teacher_store or default_store_dir(cache, store_lib.teacher_fingerprint(args.teacher, pretrained), train)
+    fingerprint = store_lib.teacher_fingerprint(args.teacher, pretrained)
+    root = args.teacher_store or default_store_dir(cache, fingerprint, train)
     start = time.time()
     try:
         build_store(train, args.teacher, pretrained, root, args.batch_size)

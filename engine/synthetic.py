@@ -66,10 +66,13 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
             (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w), (cx - r, cy - w), (cx - w, cy - w)]
 
 
-def render(shape: str, colour: tuple, background: tuple, side: int, center: tuple, rng: np.random.Generator) -> Image.Image:
+def render(shape: str, colour: tuple, background: tuple, side: int, center: tuple,
+           rng: np.random.Generator) -> Image.Image:
     """One 32x32 RGB image: ``shape`` of bounding-box ``side`` px at ``center`` (pixels), with jitter and noise."""
     s = _SUPERSAMPLE
-    jitter = lambda rgb, amount: tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)
+    def jitter(rgb, amount):
+        return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)
+
     canvas = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), jitter(background, 12))
     draw = ImageDraw.Draw(canvas)
     cx, cy, r, fill = center[0] * s, center[1] * s, side * s / 2, jitter(colour, 25)
@@ -177,7 +180,9 @@ def build(root: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), progre
 
 
 def _patterns(root: Path, spec: SyntheticSpec) -> dict[str, str]:
-    shards = lambda n: (n + spec.shard_size - 1) // spec.shard_size
+    def shards(n):
+        return (n + spec.shard_size - 1) // spec.shard_size
+
     return {"train": shard_pattern(root, "train", shards(spec.train_samples)),
             "val": shard_pattern(root, "val", shards(spec.val_samples))}
 

@@ -111,7 +111,8 @@ class DistillationTask(nn.Module):
         parameter), the last two already divided by the number of micro-batches, so every pass uses every
         parameter (DDP's static graph) and the passes add up to the whole batch's gradient."""
         out = self.embed(batch)
-        surrogate = (out["image_features"].float() * grad_image).sum() + (out["text_features"].float() * grad_text).sum()
+        surrogate = (out["image_features"].float() * grad_image).sum()
+        surrogate = surrogate + (out["text_features"].float() * grad_text).sum()
         surrogate = surrogate + out["logit_scale"].float() * grad_scale
         for parameter, grad in zip(self.loss_fn.parameters(), grad_loss_params):
             surrogate = surrogate + (parameter * grad).sum()

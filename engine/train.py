@@ -25,8 +25,15 @@ from kernels import ClipRDLoss
 from . import checkpoint as ckpt_lib
 from .config import AUTOCAST, PURE, TrainConfig, parse_args
 from .data import Codec, ShardError, ShardStream, expand_urls, make_loader
-from .distributed import (DistEnv, all_ranks_true, close_distributed, init_distributed, is_collective_failure,
-                          mean_over_ranks, wrap)
+from .distributed import (
+    DistEnv,
+    all_ranks_true,
+    close_distributed,
+    init_distributed,
+    is_collective_failure,
+    mean_over_ranks,
+    wrap,
+)
 from .eval import evaluate
 from .logger import MetricsWriter, plot_metrics, setup_logging, write_params
 from .prepare import Sources, needs_teacher, prepare
@@ -310,7 +317,8 @@ def run_directory(cfg: TrainConfig, env: DistEnv) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise ValueError(f"--logs {cfg.logs}: cannot write the run directory {run_dir} ({exc.strerror or exc})") from exc
+        raise ValueError(f"--logs {cfg.logs}: cannot write the run directory {run_dir} "
+                         f"({exc.strerror or exc})") from exc
     if env.is_main:
         ckpt_lib.remove_stale_temporaries(ckpt_dir)
     return run_dir
@@ -328,7 +336,8 @@ def run(cfg: TrainConfig, sources: Sources, env: DistEnv = DistEnv(), device=tor
     state, stream = build_state(cfg, sources, env, device)
     log.info(f"model {cfg.model}: {sum(p.numel() for p in state.student.parameters()) / 1e6:.2f}M params; loss "
              f"weights {state.loss_fn.weights}; backend {cfg.backend}; {state.total_steps} steps; "
-             f"{env.world_size} process(es) on {device.type}, global batch {env.world_size * cfg.batch_size * cfg.accum_freq}"
+             f"{env.world_size} process(es) on {device.type}, "
+             f"global batch {env.world_size * cfg.batch_size * cfg.accum_freq}"
              + (f" in {cfg.accum_freq} micro-batches" if cfg.accum_freq > 1 else ""))
     resume_path = ckpt_lib.resolve_resume(cfg.resume, ckpt_dir)
     if resume_path is not None:

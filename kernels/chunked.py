@@ -179,7 +179,8 @@ def _forward_and_gradients(plan: _Plan, embeddings, scales, want, row_start: int
             graded = [v for v in views if v in plan.uses_by_view]
             if not graded:
                 continue
-            # dtotal/dA of each graded view, stacked like the logits: sum over its uses of coef * (P(a) - onehot or P(g)).
+            # dtotal/dA of each graded view, stacked like the logits:
+            # the sum over its uses of coef * (P(a) - onehot or P(g)).
             dA = X[candidate].new_empty(len(views) * rows, n)
             for i, view in enumerate(views):
                 dA_view = dA[i * rows:(i + 1) * rows]
@@ -317,7 +318,8 @@ def _gd_group_gradients(pending: dict, grad_total: torch.Tensor, group) -> dict:
 
 
 def _residual_products(X, Y, scale: float, row_start: int, row_stop: int, total_rows: int):
-    """R = P(scale X[rows] Y^T) - I_pos streamed by row blocks: (R Y / B, R^T X[rows] / B, lse per row), B = total_rows."""
+    """R = P(scale X[rows] Y^T) - I_pos streamed by row blocks: (R Y / B, R^T X[rows] / B, lse per row), where
+    B = total_rows."""
     n_rows, n = row_stop - row_start, Y.shape[0]
     RY = Y.new_empty(n_rows, Y.shape[1])
     RtX = torch.zeros_like(Y)

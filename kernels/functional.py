@@ -1,4 +1,4 @@
-"""``clip_rd_loss``: the functional contract of the objective (kernels/README.md), dispatching to one of three backends."""
+"""``clip_rd_loss``: the functional contract of the objective (kernels/README.md), dispatching to a backend."""
 from __future__ import annotations
 
 from typing import Optional, Union

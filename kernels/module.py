@@ -94,7 +94,8 @@ class ClipRDLoss(nn.Module):
             p_txt = F.normalize(self.text_projection(text_features), dim=-1)
             rest = clip_rd_loss(p_img, p_txt, t_img, t_txt, student_scale=logit_scale, weights=dict(weights, task=0.0),
                                 **relational)
-            out = {"total": task["total"] + rest["total"], **{k: v for k, v in {**task, **rest}.items() if k != "total"}}
+            parts = {k: v for k, v in {**task, **rest}.items() if k != "total"}
+            out = {"total": task["total"] + rest["total"], **parts}
         if self.image_fusion is not None:  # afd: a task-like CE pair over the fused embeddings, streamed alike
             f_img = F.normalize(self.image_fusion(torch.cat([p_img, t_img.detach()], dim=-1)), dim=-1)
             f_txt = F.normalize(self.text_fusion(torch.cat([p_txt, t_txt.detach()], dim=-1)), dim=-1)

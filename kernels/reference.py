@@ -12,7 +12,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from .spec import active_terms, TERM_WEIGHT
+from .spec import TERM_WEIGHT, active_terms
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The distillation objective as data: presets, weights, input checks, and the table of logit views.
 
-Every backend but the reference reads this module, so the objective is written down once (kernels/README.md). A *view* is one
+Every backend but the reference reads this module, so the objective is written down once (kernels/README.md).
+A *view* is one
 logit matrix ``scale * X[rows] @ Y^T`` (anchors X, candidates Y); a *use* is one CE or KD of a view that
 contributes to a named term with a fixed share (the 1/2 and 1/4 factors of kernels/README.md).
 """
@@ -86,7 +87,8 @@ def _v(anchor: str, candidate: str, scale: str, masked: bool = False) -> View:
     return View(anchor, candidate, scale, masked)
 
 
-# Every row-softmax use of kernels/README.md, term by term. fd and gd are not row-softmax uses; backends handle them apart.
+# Every row-softmax use of kernels/README.md, term by term. fd and gd are not row-softmax uses: backends handle them
+# apart.
 _USES: dict[str, tuple[Use, ...]] = {
     "task": (
         Use("task", 0.5, _v("s_img", "s_txt", "student")),

@@ -83,7 +83,8 @@ def compare_backends(backend, n, d, weights, dtype=torch.float32, row_start=0, r
     assert set(terms) == set(ref_terms), f"term keys {sorted(terms)} != {sorted(ref_terms)}"
     tol = TOLERANCES[dtype]
     for key in ref_terms:
-        assert terms[key].dtype == torch.float32 and terms[key].dim() == 0, f"{key}: {terms[key].dtype} {terms[key].shape}"
+        assert terms[key].dtype == torch.float32 and terms[key].dim() == 0, \
+            f"{key}: {terms[key].dtype} {terms[key].shape}"
         # Losses are O(1): a KL near 0 is a difference of O(scale) numbers, so compare on an absolute footing.
         assert_close(terms[key], ref_terms[key], tol, f"term {key}", floor=1.0)
     for key in ref_grads:
@@ -106,5 +107,6 @@ def assert_same_weights(a: dict, b: dict, rtol: float, atol: float = 2e-6) -> No
             other = b[part][key]
             if key.endswith("attn.in_proj_bias"):
                 width = value.numel() // 3
-                value, other = torch.cat([value[:width], value[2 * width:]]), torch.cat([other[:width], other[2 * width:]])
+                value = torch.cat([value[:width], value[2 * width:]])
+                other = torch.cat([other[:width], other[2 * width:]])
             torch.testing.assert_close(other, value, rtol=rtol, atol=atol, msg=f"{part} {key}")

@@ -92,7 +92,8 @@ def test_summary_statistics_and_two_std_rule():
 def test_fused_matches_reference_loss_curves(tmp_path, quick_cache):
     """Same seed, clip-rd, batch 32: the fused (chunked on CPU) and the reference backend give the same loss curves
     to fp32 tolerance over 200 training steps (the total at every step, every term at the first step)."""
-    settings, _ = ablate.parse_args(["--quick", "--cache-dir", str(quick_cache), "--logs", str(tmp_path), "--name", "eq"])
+    settings, _ = ablate.parse_args(["--quick", "--cache-dir", str(quick_cache), "--logs", str(tmp_path),
+                                     "--name", "eq"])
     log = logging.getLogger("test_ablate")
     settings = replace(settings, base=ablate.prepare_quick(settings.base, log))
     assert settings.equivalence_steps == 200 and settings.base.batch_size == 32

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_clip_rd_counts_24_products_by_hand():
-    # Views of kernels/README.md's products table in both directions: 6 pairs x 2 = 12 forward products; gradient products:
+    # Views of kernels/README.md's products table in both directions: 6 pairs x 2 = 12 forward products;
+    # gradient products:
     # S_I S_T^T and S_T S_I^T have two student operands (4), the four teacher-student pairs one each in both
     # directions (8), T_I T_T^T is a KD target only (0).
     products = flops.products("clip-rd")

@@ -21,14 +21,16 @@ from engine.precompute import build_store
 
 def test_store_matches_teacher_embeddings(synth_data, teacher_ckpt, store_dir):
     urls = data_lib.expand_urls(synth_data["train"])
-    store = store_lib.TeacherStore(store_dir, urls, store_lib.teacher_fingerprint("tiny-vit-teacher", str(teacher_ckpt)))
+    fingerprint = store_lib.teacher_fingerprint("tiny-vit-teacher", str(teacher_ckpt))
+    store = store_lib.TeacherStore(store_dir, urls, fingerprint)
     manifest = store.manifest
     assert manifest["complete"] and manifest["count"] == 96 and manifest["embed_dim"] == 128
     assert manifest["teacher"]["model"] == "tiny-vit-teacher" and manifest["dtype"] == "float16"
     assert "augmentation" in manifest and len(manifest["parts"]) == 3
     # independent recomputation for the first samples of shard 1
     teacher = models.create_teacher("tiny-vit-teacher", str(teacher_ckpt))
-    codec = data_lib.Codec({"image": models.get_preprocess(teacher)}, {"text": models.get_tokenizer("tiny-vit-teacher")})
+    codec = data_lib.Codec({"image": models.get_preprocess(teacher)},
+                           {"text": models.get_tokenizer("tiny-vit-teacher")})
     samples = [codec(raw) for raw in data_lib.read_shard(urls[1])][:5]
     batch = data_lib.collate(samples)
     with torch.no_grad():

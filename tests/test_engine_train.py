@@ -22,7 +22,8 @@ def run(cfg):
 
 def _cfg(tmp_path, synth_data, teacher_ckpt, store_dir, **overrides):
     base = dict(train_data=synth_data["train"], val_data=synth_data["val"], teacher_pretrained=str(teacher_ckpt),
-                teacher_store=str(store_dir) if store_dir else None, batch_size=16, epochs=2, lr=1e-3, warmup=2, logs=str(tmp_path / "logs"),
+                teacher_store=str(store_dir) if store_dir else None, batch_size=16, epochs=2, lr=1e-3, warmup=2,
+                logs=str(tmp_path / "logs"),
                 name="run", progress=False, log_every_n_steps=2, fused=True, cache_dir=str(tmp_path / "cache"))
     base.update(overrides)
     return TrainConfig(**base)
@@ -266,7 +267,8 @@ def test_cli_flags_map_to_config():
 def test_cosine_schedule_is_pure_and_shaped():
     lrs = [cosine_lr(s, 1.0, warmup=4, total_steps=20) for s in range(20)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and lrs[4] == 1.0
-    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 16)))
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 16)))
     assert cosine_lr(7, 1.0, 4, 20) == lrs[7]
 
 

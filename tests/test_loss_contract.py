@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels.chunked as chunked
-from kernels import ClipRDLoss, PRESETS, clip_rd_loss
+from kernels import PRESETS, ClipRDLoss, clip_rd_loss
 from tests.helpers import make_inputs
 
 BACKENDS = ["reference", "chunked", "triton"]

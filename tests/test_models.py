@@ -18,7 +18,9 @@ def test_extra_configs_registered():
 
 def test_teacher_has_several_times_the_student_compute():
     # per-token transformer cost ~ layers * width^2 (tower widths and token counts are equal otherwise)
-    cost = lambda cfg: cfg["vision_cfg"]["layers"] * cfg["vision_cfg"]["width"] ** 2
+    def cost(cfg):
+        return cfg["vision_cfg"]["layers"] * cfg["vision_cfg"]["width"] ** 2
+
     assert cost(models.model_config("tiny-vit-teacher")) >= 4 * cost(models.model_config("tiny-vit-student"))
 
 

@@ -14,7 +14,7 @@ import kernels.triton_fused as triton_fused
 from kernels import PRESETS, clip_rd_loss, resolve_weights, spec
 from kernels.functional import triton_unsupported
 from kernels.triton_config import BlockConfig, block_config
-from tests.helpers import compare_backends, make_inputs, run, TOLERANCES, assert_close
+from tests.helpers import TOLERANCES, assert_close, compare_backends, make_inputs, run
 
 SINGLE_TERMS = [{"task": 1.0}, {"task": 0.0, "icl": 1.0}, {"task": 0.0, "hrd": 1.0}, {"task": 0.0, "vrd": 1.0},
                 {"task": 0.0, "xrd": 1.0}, {"task": 0.0, "intra": 1.0}, {"task": 0.0, "cross_kd": 1.0}]
