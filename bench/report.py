@@ -242,7 +242,8 @@ def default_out_dir(records: list[dict], machine: dict) -> Path:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("json", type=Path, help="a pytest --benchmark-json file of bench/")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/<device>)")
     args = parser.parse_args(argv)

@@ -508,7 +508,8 @@ def ablate(settings: AblationSettings, quick: bool = False) -> dict:
 
 
 def parse_args(argv=None) -> tuple[AblationSettings, bool]:
-    p = argparse.ArgumentParser(prog="python -m engine.ablate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m engine.ablate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--quick", action="store_true", help="CI-sized: small data and teacher, presets baseline and clip-rd, 1 seed, "
                                            "batch 32, 2 epochs (each default below can still be overridden)")

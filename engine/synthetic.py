@@ -196,12 +196,15 @@ def _progress(total: int, desc: str, enabled: bool):
 def main(argv=None) -> None:
     from .paths import default_cache_dir
 
-    parser = argparse.ArgumentParser(description="Generate the procedural image-caption dataset as webdataset shards.")
-    parser.add_argument("--data-dir", default=str(default_cache_dir() / "data"))
-    parser.add_argument("--train-samples", type=int, default=SyntheticSpec.train_samples)
-    parser.add_argument("--val-samples", type=int, default=SyntheticSpec.val_samples)
-    parser.add_argument("--shard-size", type=int, default=SyntheticSpec.shard_size)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(prog="python -m engine.synthetic",
+                                     description="Generate the procedural image-caption dataset as webdataset shards.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data-dir", default=str(default_cache_dir() / "data"),
+                        help="output folder (shards, sizes.json, classnames.json, dataset.json)")
+    parser.add_argument("--train-samples", type=int, default=SyntheticSpec.train_samples, help="training samples")
+    parser.add_argument("--val-samples", type=int, default=SyntheticSpec.val_samples, help="validation samples")
+    parser.add_argument("--shard-size", type=int, default=SyntheticSpec.shard_size, help="samples per shard")
+    parser.add_argument("--seed", type=int, default=0, help="generator seed: another seed, other images and captions")
     args = parser.parse_args(argv)
     spec = SyntheticSpec(args.train_samples, args.val_samples, args.shard_size, args.seed)
     for split, pattern in build(args.data_dir, spec).items():
