@@ -86,7 +86,8 @@ def measure(rows: int, d: int, backend: str, preset: str, rank: int, world: int,
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="torchrun ... -m bench.distributed_memory --",
-                                description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--backend", default="chunked", help="reference | chunked | triton | auto ('fused')")
     p.add_argument("--preset", default="clip-rd")
     p.add_argument("--global-batch", type=int, nargs="+", default=[16384])
