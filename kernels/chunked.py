@@ -15,7 +15,17 @@ from typing import Mapping
 
 import torch
 
-from .spec import INPUTS, SCALES, STUDENT_INPUTS, TERM_WEIGHT, Use, View, active_terms, active_uses
+from .spec import (
+    INPUTS,
+    SCALES,
+    STUDENT_INPUTS,
+    TERM_WEIGHT,
+    Use,
+    View,
+    active_terms,
+    active_uses,
+    refuse_double_backward,
+)
 
 # Bytes of the per-block buffers (log-softmax and softmax of every view, fp32): the block's rows follow from it,
 # between MIN_BLOCK_ROWS and MAX_BLOCK_ROWS, so memory stays flat in N. More rows feed the GEMMs better (M = rows
@@ -88,16 +98,14 @@ class _ChunkedLoss(torch.autograd.Function):
         total = sum(plan.weights[TERM_WEIGHT[t]] * values[t] for t in plan.terms)
         ctx.grad_names = [name for name in INPUTS + SCALES if want[name]]
         ctx.save_for_backward(*[grads[name] for name in ctx.grad_names])
-        ctx.pending_gd, ctx.group, ctx.dtypes = pending_gd, group, {n: t.dtype for n, t in embeddings.items()}
+        ctx.pending_gd, ctx.group = pending_gd, group
         term_values = torch.stack([values[t] for t in plan.terms])
         ctx.mark_non_differentiable(term_values)
         return total, term_values
 
     @staticmethod
     def backward(ctx, grad_total, _grad_terms):
-        if torch.is_grad_enabled():
-            raise RuntimeError("double backward (create_graph=True) is not supported by the chunked backend, whose "
-                               "gradients are computed in its forward pass; use backend='reference'")
+        refuse_double_backward("chunked", "whose gradients are computed in its forward pass")
         saved = dict(zip(ctx.grad_names, ctx.saved_tensors))
         grads = {name: saved[name] * grad_total.to(saved[name].dtype) for name in saved}
         if ctx.pending_gd is not None:  # gd under a process group: its cross-rank part waits for every rank's g

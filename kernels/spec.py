@@ -183,6 +183,14 @@ def validate_inputs(
     return row_start, stop
 
 
+def refuse_double_backward(backend: str, why: str) -> None:
+    """Called in a backward that is not itself differentiable: under create_graph=True, say so instead of returning
+    a silently wrong second order."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"double backward (create_graph=True) is not supported by the {backend} backend, {why}; "
+                           f"use backend='reference'")
+
+
 def as_scale(value, name: str, device: torch.device) -> torch.Tensor:
     """A float or 0-dim tensor -> 0-dim fp32 tensor on ``device`` (gradient kept if it requires one)."""
     if isinstance(value, torch.Tensor):

@@ -573,9 +573,7 @@ class _RelationalLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_terms):
-        if torch.is_grad_enabled():
-            raise RuntimeError("double backward (create_graph=True) is not supported by the triton backend, whose "
-                               "backward kernels are not differentiable; use backend='reference'")
+        spec.refuse_double_backward("triton", "whose backward kernels are not differentiable")
         emb, scales, lse = ctx.saved_tensors
         plan = ctx.plan
         # d total / d logits of a pair = gscale * (unit coefficients combination of P - onehot, P - P(target)).
