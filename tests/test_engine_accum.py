@@ -84,3 +84,20 @@ def test_grad_checkpointing_gives_the_same_step(tmp_path, data_256):
     main(_flags(tmp_path, data_256, "plain", 64))
     main(_flags(tmp_path, data_256, "checkpointed", 64, "--grad-checkpointing"))
     _assert_same_weights(tmp_path, "plain", "checkpointed")
+
+
+@pytest.mark.parametrize("precision", ["amp", "amp_bf16"])
+def test_accumulation_with_the_online_teacher_and_autocast(tmp_path, data_256, teacher_ckpt, precision):
+    """The online teacher and autocast go through the accumulated step too: same first-step loss as one batch."""
+    import json
+
+    online = ["--teacher-pretrained", str(teacher_ckpt), "--online-teacher", "--precision", precision,
+              "--stop-after-steps", "1", "--log-every-n-steps", "1"]
+    for name, batch, extra in (("whole", 64, []), ("accum", 32, ["--accum-freq", "2"])):
+        flags = _flags(tmp_path, data_256, name, batch, *online, *extra)
+        store = flags.index("--teacher-store")
+        main(flags[:store] + flags[store + 2:])
+    first = {n: json.loads((tmp_path / "logs" / n / "metrics.jsonl").read_text().splitlines()[0])
+             for n in ("whole", "accum")}
+    for key in ("total", "task", "fd", "icl", "hrd", "vrd", "xrd"):
+        assert first["accum"][key] == pytest.approx(first["whole"][key], rel=2e-2, abs=1e-4), key
