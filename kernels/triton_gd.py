@@ -91,13 +91,13 @@ def _gd_lse_kernel(
     row_ok = local < n_rows
     x = slab_rows(emb_ptr, anchor, row_start + block * BLOCK_M, n_cols, width)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l = tl.zeros((BLOCK_M,), tl.float32)
+    exp_sum = tl.zeros((BLOCK_M,), tl.float32)
     for col0 in range(0, n_cols, BLOCK_N):
         col_ok = col0 + tl.arange(0, BLOCK_N) < n_cols
         z = logit_tile(x, slab_rows(emb_ptr, candidate, col0, n_cols, width), row_ok, col_ok, width,
                        BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
-        m, l, _, _ = online_softmax_step(m, l, tl.where(col_ok[None, :], scale * z, float("-inf")))
-    tl.store(lse_ptr + view * n_rows + local, m + tl.log(l), mask=row_ok)
+        m, exp_sum, _, _ = online_softmax_step(m, exp_sum, tl.where(col_ok[None, :], scale * z, float("-inf")))
+    tl.store(lse_ptr + view * n_rows + local, m + tl.log(exp_sum), mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["n_cols", "row_start", "n_rows", "split_len"])

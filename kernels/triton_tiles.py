@@ -88,13 +88,13 @@ def on_positive(row0, col0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def online_softmax_step(m, l, logits):
-    """One column tile of an online log-sum-exp: (running max m, sum l) -> (new m, new l, rescale of the old
-    sums, e^(logits - new m)); logits (BLOCK_M, BLOCK_N) fp32, -inf where excluded."""
+def online_softmax_step(m, total, logits):
+    """One column tile of an online log-sum-exp: (running max m, running sum of e^(logit - m)) -> (new max, new
+    sum, rescale of the old sums, e^(logits - new max)); logits (BLOCK_M, BLOCK_N) fp32, -inf where excluded."""
     m_new = tl.maximum(m, tl.max(logits, axis=1))
     alpha = tl.exp(m - m_new)
     e = tl.exp(logits - m_new[:, None])
-    return m_new, l * alpha + tl.sum(e, axis=1), alpha, e
+    return m_new, total * alpha + tl.sum(e, axis=1), alpha, e
 
 
 @triton.jit
