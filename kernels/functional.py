@@ -27,8 +27,6 @@ def triton_unsupported(weights: dict, s_img: torch.Tensor, group) -> Optional[st
     """Why the Triton kernels cannot run this call (None if they can): ``auto`` then takes the chunked backend."""
     from .triton_config import MAX_WIDTH, SUPPORTED_DTYPES
 
-    if weights["gd"] != 0.0:
-        return "gd is computed by the chunked backend (its P @ Y and P^T @ X streams are not in the Triton kernels)"
     if s_img.shape[1] > MAX_WIDTH:
         return f"embedding width {s_img.shape[1]} exceeds the Triton kernels' maximum {MAX_WIDTH}"
     if s_img.dtype not in SUPPORTED_DTYPES:

@@ -10,10 +10,12 @@ Kernels (flash-attention style, no rows x N matrix is ever stored):
 - forward, grid (row blocks, pairs): each program streams column tiles; both logit tiles of its pair are computed
   once per tile and feed every use (online max, sum of exp, and for KD the sum of e^(g - m_g) (g - a)); it writes
   the per-row log-sum-exps for the backward and the per-row CE / KL values that the host averages into terms.
-- backward rows, grid (row blocks, student anchor, column splits): dX[rows] = sum over views anchored on that
-  student input of s * dA @ Y, plus per-row partial sums of dA * (X Y^T) for the scale gradients.
-- backward columns, grid (column blocks, student candidate, row splits): dY[cols] = sum of s * dA^T @ X, plus the
-  scale-gradient partial sums of teacher-anchored views.
+- backward, one kernel body for two passes (constexpr ROWS, as the flash-attention tutorial reuses its inner loop
+  with a constexpr MASK). Row pass, grid (row blocks, student anchor, column splits): dX[rows] = sum over views
+  anchored on that student input of s * dA @ Y, plus partial sums of dA * (X Y^T) for the scale gradients. Column
+  pass, grid (column blocks, student candidate, row splits): dY[cols] = sum of s * dA^T @ X, plus the scale-gradient
+  partial sums of teacher-anchored views.
+gd, which needs the P @ Y and P^T @ X streams rather than row statistics, has its own kernels (triton_gd.py).
 Both backward passes recompute each logit tile once from the saved lse (a full-D dot), form dA, and add
 dA @ Y (dA^T @ X) to the program's own fp32 gradient rows in global memory, BLOCK_D columns at a time
 (read-modify-write; no atomics, as no other program touches those rows). A pass with few owned blocks (few
@@ -36,7 +38,6 @@ scale get nothing).
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -46,18 +47,32 @@ import triton.language as tl
 
 from . import spec
 from .triton_config import block_config, stream_split
-
-# Read once: Triton decides at import time whether @triton.jit kernels run on the interpreter.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .triton_gd import GradientDistillation
+from .triton_tiles import (
+    INTERPRETING,
+    STUDENT_SLABS,
+    add_tile_product,
+    kernel_options,
+    logit_tile,
+    on_positive,
+    online_softmax_step,
+    positive_logit,
+    slab_rows,
+    stream_range,
+    tile_axes,
+)
 
 # Stacked embedding order: inputs[k] is slab k of the (4, N, D) tensor; slabs 0 and 1 take gradients.
 _SLABS = spec.INPUTS  # ("s_img", "s_txt", "t_img", "t_txt")
-_STUDENT_SLABS = tl.constexpr(2)
 # Pair table columns (int32): anchor/candidate slab and scale index of P and Q, has Q, masked, use flags.
 _PAIR_COLUMNS = ("anchor_p", "cand_p", "scale_p", "anchor_q", "cand_q", "scale_q",
                  "has_q", "masked", "ce_p", "ce_q", "kd_pq", "kd_qp")
 _USE_SLOTS = ("ce_p", "ce_q", "kd_pq", "kd_qp")  # per-row loss columns, in this order
-_NUM_USES = len(_USE_SLOTS)
+# Table widths, shared by the kernels and the host that fills the tables.
+PAIR_WIDTH = tl.constexpr(len(_PAIR_COLUMNS))  # int32 columns of a pair-table row
+NUM_USES = tl.constexpr(len(_USE_SLOTS))  # per-row loss columns of a pair
+COEF_WIDTH = tl.constexpr(len(_USE_SLOTS) + 1)  # backward coefficients of a pair: one per use, then its scale
+PAIR_VIEWS = tl.constexpr(2)  # P and Q: saved lse rows per pair
 
 
 # ----------------------------------------------------------------------------------------------------- kernels
@@ -65,8 +80,9 @@ _NUM_USES = len(_USE_SLOTS)
 
 @triton.jit
 def _load_pair(pair_ptr, pair):
-    """One pair-table row (12 int32 scalars, order of _PAIR_COLUMNS)."""
-    row = pair_ptr + pair * 12
+    """One pair-table row (PAIR_WIDTH int32 scalars, in the order of _PAIR_COLUMNS)."""
+    tl.static_assert(PAIR_WIDTH == 12, "the unpacking below follows _PAIR_COLUMNS")
+    row = pair_ptr + pair * PAIR_WIDTH
     return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
             tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), tl.load(row + 9),
             tl.load(row + 10), tl.load(row + 11))
@@ -75,75 +91,19 @@ def _load_pair(pair_ptr, pair):
 @triton.jit
 def _load_backward_scalars(coef_ptr, scale_ptr, pair, scale_p, scale_q):
     """A pair's use coefficients (CE on P, CE on Q, KD(P;Q), KD(Q;P)), grad_output g, and the scales of P and Q."""
-    coef = coef_ptr + pair * 5
+    tl.static_assert(COEF_WIDTH == 5, "one coefficient per use slot, then the pair's gradient scale")
+    coef = coef_ptr + pair * COEF_WIDTH
     return (tl.load(coef), tl.load(coef + 1), tl.load(coef + 2), tl.load(coef + 3), tl.load(coef + 4),
             tl.load(scale_ptr + scale_p), tl.load(scale_ptr + scale_q))
-
-
-@triton.jit
-def _dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """a @ b with fp32 accumulation; DOT_FP32 upcasts bf16 operands (Triton 3.8 interpreter bf16 dot bug)."""
-    if DOT_FP32:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def _slab_rows(emb_ptr, slab, first_row, n_cols, width):
-    """Scalar pointer to row ``first_row`` of slab ``slab`` of the (4, N, D) embeddings; int64 so 4 N D may
-    exceed 2^31, while offsets inside a tile (< BLOCK x D) stay int32."""
-    return emb_ptr + (slab.to(tl.int64) * n_cols + first_row) * width
-
-
-@triton.jit
-def _logit_tile(x_ptr, y_ptr, row_ok, col_ok, width,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """Unscaled logits X @ Y^T, (BLOCK_M, BLOCK_N) fp32, for the BLOCK_M rows at x_ptr and BLOCK_N rows at y_ptr.
-
-    D is walked in BLOCK_K chunks, so any width fits the same registers."""
-    r = tl.arange(0, BLOCK_M)
-    c = tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, width, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < width
-        x = tl.load(x_ptr + r[:, None] * width + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        y_t = tl.load(y_ptr + c[None, :] * width + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += _dot(x, y_t, DOT_FP32, PRECISION)  # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N)
-    return acc
-
-
-@triton.jit
-def _positive_logit(x_ptr, y_ptr, row_ok, width, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Unscaled <x_i, y_i> for the BLOCK_M rows at x_ptr and at y_ptr (row i's positive column), (BLOCK_M,) fp32."""
-    r = tl.arange(0, BLOCK_M)
-    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, width, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        mask = row_ok[:, None] & (k < width)[None, :]
-        x = tl.load(x_ptr + r[:, None] * width + k[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + r[:, None] * width + k[None, :], mask=mask, other=0.0).to(tl.float32)
-        acc += tl.sum(x * y, axis=1)
-    return acc
-
-
-@triton.jit
-def _on_positive(row0, col0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) mask of the positive pair: tile entry (i, j) is slab row row0 + i against column col0 + j."""
-    r = tl.arange(0, BLOCK_M)
-    c = tl.arange(0, BLOCK_N)
-    return (c[None, :] - r[:, None]) == (row0 - col0)
 
 
 @triton.jit(do_not_specialize=["n_cols", "row_start", "n_rows"])
 def _relational_fwd_kernel(
     emb_ptr,       # (4, N, D) stacked s_img, s_txt, t_img, t_txt (student dtype)
-    pair_ptr,      # (n_pairs, 12) int32 pair table
-    scale_ptr,     # (5,) fp32 scales, spec.SCALES order
-    lse_ptr,       # out (n_pairs, 2, rows) fp32: lse of P and Q per anchor row
-    row_loss_ptr,  # out (n_pairs, 4, rows) fp32: CE(P), CE(Q), KL(P;Q), KL(Q;P) per anchor row
+    pair_ptr,      # (n_pairs, PAIR_WIDTH) int32 pair table
+    scale_ptr,     # (len(spec.SCALES),) fp32 scales, spec.SCALES order
+    lse_ptr,       # out (n_pairs, PAIR_VIEWS, rows) fp32: lse of P and Q per anchor row
+    row_loss_ptr,  # out (n_pairs, NUM_USES, rows) fp32: CE(P), CE(Q), KL(P;Q), KL(Q;P) per anchor row
     n_cols, width, row_start, n_rows,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
@@ -157,8 +117,8 @@ def _relational_fwd_kernel(
     local = block * BLOCK_M + tl.arange(0, BLOCK_M)  # anchor rows within [0, rows)
     row_ok = local < n_rows
     row0 = row_start + block * BLOCK_M  # slab row of the first anchor = its positive column
-    x_p = _slab_rows(emb_ptr, anchor_p, row0, n_cols, width)
-    x_q = _slab_rows(emb_ptr, anchor_q, row0, n_cols, width)
+    x_p = slab_rows(emb_ptr, anchor_p, row0, n_cols, width)
+    x_q = slab_rows(emb_ptr, anchor_q, row0, n_cols, width)
 
     # Online row statistics: running max, sum of exp, and for KD(a ; g) the sum of e^(g - m_g) (g - a).
     m_p = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -170,23 +130,17 @@ def _relational_fwd_kernel(
     for col0 in range(0, n_cols, BLOCK_N):
         col_ok = col0 + tl.arange(0, BLOCK_N) < n_cols
         # Padding columns, and the self pair of a masked (intra) view, are -inf in both views.
-        valid = col_ok[None, :] & ~((masked != 0) & _on_positive(row0, col0, BLOCK_M, BLOCK_N))
+        valid = col_ok[None, :] & ~((masked != 0) & on_positive(row0, col0, BLOCK_M, BLOCK_N))
         # p, q stay finite (for the KD differences); e_p, e_q are 0 where the logit is -inf.
-        p = s_p * _logit_tile(x_p, _slab_rows(emb_ptr, cand_p, col0, n_cols, width), row_ok, col_ok, width,
+        p = s_p * logit_tile(x_p, slab_rows(emb_ptr, cand_p, col0, n_cols, width), row_ok, col_ok, width,
                               BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
         p_for_softmax = tl.where(valid, p, float("-inf"))
-        m_p_new = tl.maximum(m_p, tl.max(p_for_softmax, axis=1))
-        alpha_p = tl.exp(m_p - m_p_new)
-        e_p = tl.exp(p_for_softmax - m_p_new[:, None])
-        l_p = l_p * alpha_p + tl.sum(e_p, axis=1)
+        m_p_new, l_p, alpha_p, e_p = online_softmax_step(m_p, l_p, p_for_softmax)
         if has_q != 0:
-            q = s_q * _logit_tile(x_q, _slab_rows(emb_ptr, cand_q, col0, n_cols, width), row_ok, col_ok, width,
+            q = s_q * logit_tile(x_q, slab_rows(emb_ptr, cand_q, col0, n_cols, width), row_ok, col_ok, width,
                                   BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
             q_for_softmax = tl.where(valid, q, float("-inf"))
-            m_q_new = tl.maximum(m_q, tl.max(q_for_softmax, axis=1))
-            alpha_q = tl.exp(m_q - m_q_new)
-            e_q = tl.exp(q_for_softmax - m_q_new[:, None])
-            l_q = l_q * alpha_q + tl.sum(e_q, axis=1)
+            m_q_new, l_q, alpha_q, e_q = online_softmax_step(m_q, l_q, q_for_softmax)
             if kd_pq != 0:
                 t_pq = t_pq * alpha_q + tl.sum(e_q * (q - p), axis=1)
             if kd_qp != 0:
@@ -204,20 +158,20 @@ def _relational_fwd_kernel(
     kl_pq_row = tl.zeros((BLOCK_M,), tl.float32)
     kl_qp_row = tl.zeros((BLOCK_M,), tl.float32)
     if ce_p != 0:
-        y_pos = _slab_rows(emb_ptr, cand_p, row0, n_cols, width)
-        ce_p_row = lse_p - s_p * _positive_logit(x_p, y_pos, row_ok, width, BLOCK_M, BLOCK_K)
+        y_pos = slab_rows(emb_ptr, cand_p, row0, n_cols, width)
+        ce_p_row = lse_p - s_p * positive_logit(x_p, y_pos, row_ok, width, BLOCK_M, BLOCK_K)
     if ce_q != 0:
-        y_pos = _slab_rows(emb_ptr, cand_q, row0, n_cols, width)
-        ce_q_row = lse_q - s_q * _positive_logit(x_q, y_pos, row_ok, width, BLOCK_M, BLOCK_K)
+        y_pos = slab_rows(emb_ptr, cand_q, row0, n_cols, width)
+        ce_q_row = lse_q - s_q * positive_logit(x_q, y_pos, row_ok, width, BLOCK_M, BLOCK_K)
     if kd_pq != 0:
         kl_pq_row = t_pq / l_q - lse_q + lse_p
     if kd_qp != 0:
         kl_qp_row = t_qp / l_p - lse_p + lse_q
 
-    lse_row = lse_ptr + pair.to(tl.int64) * 2 * n_rows + local
+    lse_row = lse_ptr + pair.to(tl.int64) * PAIR_VIEWS * n_rows + local
     tl.store(lse_row, lse_p, mask=row_ok)
     tl.store(lse_row + n_rows, lse_q, mask=row_ok & (has_q != 0))
-    loss_row = row_loss_ptr + pair.to(tl.int64) * 4 * n_rows + local
+    loss_row = row_loss_ptr + pair.to(tl.int64) * NUM_USES * n_rows + local
     tl.store(loss_row, ce_p_row, mask=row_ok)
     tl.store(loss_row + n_rows, ce_q_row, mask=row_ok)
     tl.store(loss_row + 2 * n_rows, kl_pq_row, mask=row_ok)
@@ -237,165 +191,87 @@ def _pair_probabilities(x_p, y_p, x_q, y_q, s_p, s_q, lse_p, lse_q, has_q, maske
     """Recomputed tile of a pair from the saved lse: raw logits and softmax of P and Q, and the positive one-hot.
 
     All (BLOCK_M, BLOCK_N) fp32; zero outside valid rows and columns and on a masked view's self pair."""
-    on_pos = _on_positive(row0, col0, BLOCK_M, BLOCK_N)
+    on_pos = on_positive(row0, col0, BLOCK_M, BLOCK_N)
     valid = row_ok[:, None] & col_ok[None, :] & ~((masked != 0) & on_pos)
     onehot = tl.where(valid & on_pos, 1.0, 0.0)
-    p_raw = _logit_tile(x_p, y_p, row_ok, col_ok, width, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
+    p_raw = logit_tile(x_p, y_p, row_ok, col_ok, width, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
     prob_p = tl.exp(tl.where(valid, s_p * p_raw, float("-inf")) - lse_p[:, None])
     q_raw = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     prob_q = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     if has_q != 0:
-        q_raw = _logit_tile(x_q, y_q, row_ok, col_ok, width, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
+        q_raw = logit_tile(x_q, y_q, row_ok, col_ok, width, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
         prob_q = tl.exp(tl.where(valid, s_q * q_raw, float("-inf")) - lse_q[:, None])
     return p_raw, prob_p, q_raw, prob_q, onehot
 
 
-@triton.jit
-def _add_product(out_ptr, grad_logits, operand_ptr, factor, out_ok, operand_ok, width,
-                 OUT_ROWS: tl.constexpr, INNER: tl.constexpr, BLOCK_D: tl.constexpr,
-                 DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """out[:, :D] += factor * grad_logits @ operand[:, :D], D walked in BLOCK_D chunks (one dA tile, any width).
-
-    out_ptr: OUT_ROWS fp32 rows of width D owned by this program alone (read-modify-write without atomics);
-    grad_logits: (OUT_ROWS, INNER) fp32; operand_ptr: INNER rows of the embeddings; out_ok / operand_ok mask rows."""
-    o = tl.arange(0, OUT_ROWS)
-    i = tl.arange(0, INNER)
-    a = grad_logits.to(operand_ptr.dtype.element_ty)  # tensor-core operand in the embedding dtype
-    for d0 in range(0, width, BLOCK_D):
-        dims = d0 + tl.arange(0, BLOCK_D)
-        dim_ok = dims < width
-        operand = tl.load(operand_ptr + i[:, None] * width + dims[None, :],
-                          mask=operand_ok[:, None] & dim_ok[None, :], other=0.0)  # (INNER, BLOCK_D)
-        out = out_ptr + o[:, None] * width + dims[None, :]
-        out_mask = out_ok[:, None] & dim_ok[None, :]
-        partial = tl.load(out, mask=out_mask, other=0.0)  # (OUT_ROWS, BLOCK_D) fp32
-        tl.store(out, partial + factor * _dot(a, operand, DOT_FP32, PRECISION), mask=out_mask)
-    # The next call re-reads these rows, possibly on other threads: order the stores before those loads.
-    tl.debug_barrier()
-
-
-@triton.jit(do_not_specialize=["n_cols", "row_start", "n_rows", "n_pairs", "split_cols"])
-def _relational_bwd_rows_kernel(
-    emb_ptr,        # (4, N, D) stacked embeddings
-    pair_ptr,       # (n_pairs, 12) int32 pair table
-    coef_ptr,       # (n_pairs, 5) fp32: unit coefficients of ce_p, ce_q, kd_pq, kd_qp; gradient scale of the pair
-    scale_ptr,      # (5,) fp32 scales
-    lse_ptr,        # (n_pairs, 2, rows) fp32 from the forward
-    grad_ptr,       # in/out (splits, 2, rows, D) fp32, zero-filled: dX of the owned anchor rows, one slab per split
-    dscale_ptr,     # out (row blocks, 2, splits, n_pairs, 2) fp32: partial sums of dA * (X Y^T) for P and Q
-    n_cols, width, row_start, n_rows, n_pairs, split_cols,
+@triton.jit(do_not_specialize=["n_cols", "row_start", "n_rows", "n_pairs", "split_len"])
+def _relational_bwd_kernel(
+    emb_ptr,     # (4, N, D) stacked embeddings
+    pair_ptr,    # (n_pairs, PAIR_WIDTH) int32 pair table
+    coef_ptr,    # (n_pairs, COEF_WIDTH) fp32: unit coefficients of ce_p, ce_q, kd_pq, kd_qp; gradient scale
+    scale_ptr,   # (len(spec.SCALES),) fp32 scales
+    lse_ptr,     # (n_pairs, PAIR_VIEWS, rows) fp32 from the forward
+    grad_ptr,    # in/out (splits, 2, rows (ROWS) or N, D) fp32, zero-filled: gradient of the owned rows of
+                 # s_img, s_txt as anchors (ROWS) or as candidates, one slab per split
+    dscale_ptr,  # out (owned blocks, 2, splits, n_pairs, PAIR_VIEWS) fp32: partial sums of dA * (X Y^T)
+    n_cols, width, row_start, n_rows, n_pairs, split_len,
+    ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """One body for both backward passes. ROWS = 1: a program owns a block of anchor rows of student slab ``slot``
+    and streams the columns, dX[rows] += s dA @ Y. ROWS = 0: it owns a block of candidate rows and streams the
+    anchor rows, dY[cols] += s dA^T @ X. Split ``split`` streams [split split_len, (split + 1) split_len)."""
     block = tl.program_id(0)
-    slot = tl.program_id(1)  # student slab whose anchor rows this program owns (0 = s_img, 1 = s_txt)
-    split = tl.program_id(2)  # columns [split * split_cols, (split + 1) * split_cols), whole tiles
-    local = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = local < n_rows
-    row0 = row_start + block * BLOCK_M
-    c = tl.arange(0, BLOCK_N)
-    col_begin = split * split_cols
-    col_end = tl.minimum(col_begin + split_cols, n_cols)
-    out = grad_ptr + ((split.to(tl.int64) * _STUDENT_SLABS + slot) * n_rows + block * BLOCK_M) * width
-    program = (block * _STUDENT_SLABS + slot) * tl.num_programs(2) + split
+    slot = tl.program_id(1)  # student slab whose rows this program owns (0 = s_img, 1 = s_txt)
+    split = tl.program_id(2)
+    owned0, begin, end = stream_range(block, split, split_len, n_rows, n_cols, ROWS, BLOCK_M, BLOCK_N)
+    owned_len = n_rows * ROWS + n_cols * (1 - ROWS)
+    out = grad_ptr + ((split.to(tl.int64) * STUDENT_SLABS + slot) * owned_len + owned0) * width
+    program = (block * STUDENT_SLABS + slot) * tl.num_programs(2) + split
     for pair in range(n_pairs):
         anchor_p, cand_p, scale_p, anchor_q, cand_q, scale_q, has_q, masked, ce_p, ce_q, kd_pq, kd_qp = \
             _load_pair(pair_ptr, pair)
-        want_p = (ce_p + kd_pq > 0) & (anchor_p == slot)
-        want_q = (has_q != 0) & (ce_q + kd_qp > 0) & (anchor_q == slot)
+        # The owned side of each view: its anchor in the row pass, its candidate in the column pass.
+        owner_p = anchor_p * ROWS + cand_p * (1 - ROWS)
+        owner_q = anchor_q * ROWS + cand_q * (1 - ROWS)
+        want_p = (ce_p + kd_pq > 0) & (owner_p == slot)
+        want_q = (has_q != 0) & (ce_q + kd_qp > 0) & (owner_q == slot)
         if want_p | want_q:
             c_ce_p, c_ce_q, c_kd_pq, c_kd_qp, g, s_p, s_q = _load_backward_scalars(
                 coef_ptr, scale_ptr, pair, scale_p, scale_q)
-            lse_row = lse_ptr + tl.cast(pair, tl.int64) * 2 * n_rows + local
-            lse_p = tl.load(lse_row, mask=row_ok, other=0.0)
-            lse_q = tl.load(lse_row + n_rows, mask=row_ok & (has_q != 0), other=0.0)
-            x_p = _slab_rows(emb_ptr, anchor_p, row0, n_cols, width)
-            x_q = _slab_rows(emb_ptr, anchor_q, row0, n_cols, width)
             ds_p = tl.zeros((BLOCK_M,), tl.float32)
             ds_q = tl.zeros((BLOCK_M,), tl.float32)
-            for col0 in range(col_begin, col_end, BLOCK_N):
-                col_ok = col0 + c < n_cols
-                y_p = _slab_rows(emb_ptr, cand_p, col0, n_cols, width)
-                y_q = _slab_rows(emb_ptr, cand_q, col0, n_cols, width)
+            for streamed0 in range(begin, end, BLOCK_N * ROWS + BLOCK_M * (1 - ROWS)):
+                local, row_ok, row0, col0, col_ok = tile_axes(owned0, streamed0, row_start, n_rows, n_cols, ROWS,
+                                                              BLOCK_M, BLOCK_N)
+                lse_row = lse_ptr + tl.cast(pair, tl.int64) * PAIR_VIEWS * n_rows + local
+                lse_p = tl.load(lse_row, mask=row_ok, other=0.0)
+                lse_q = tl.load(lse_row + n_rows, mask=row_ok & (has_q != 0), other=0.0)
+                x_p = slab_rows(emb_ptr, anchor_p, row0, n_cols, width)
+                x_q = slab_rows(emb_ptr, anchor_q, row0, n_cols, width)
+                y_p = slab_rows(emb_ptr, cand_p, col0, n_cols, width)
+                y_q = slab_rows(emb_ptr, cand_q, col0, n_cols, width)
                 p_raw, prob_p, q_raw, prob_q, onehot = _pair_probabilities(
                     x_p, y_p, x_q, y_q, s_p, s_q, lse_p, lse_q, has_q, masked, row0, col0, row_ok, col_ok, width,
                     BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
                 if want_p:
                     d_p = _grad_logits(prob_p, prob_q, onehot, c_ce_p, c_kd_pq)  # (BLOCK_M, BLOCK_N)
                     ds_p += tl.sum(d_p * p_raw, axis=1)
-                    _add_product(out, d_p, y_p, g * s_p, row_ok, col_ok, width,
-                                 BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PRECISION)
+                    add_tile_product(out, d_p, x_p, y_p, g * s_p, row_ok, col_ok, width, ROWS,
+                                     BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PRECISION)
                 if want_q:
                     d_q = _grad_logits(prob_q, prob_p, onehot, c_ce_q, c_kd_qp)
                     ds_q += tl.sum(d_q * q_raw, axis=1)
-                    _add_product(out, d_q, y_q, g * s_q, row_ok, col_ok, width,
-                                 BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PRECISION)
-            ds_out = dscale_ptr + (program.to(tl.int64) * n_pairs + pair) * 2
-            tl.store(ds_out, tl.where(want_p, g * tl.sum(ds_p, axis=0), 0.0))
-            tl.store(ds_out + 1, tl.where(want_q, g * tl.sum(ds_q, axis=0), 0.0))
-
-
-@triton.jit(do_not_specialize=["n_cols", "row_start", "n_rows", "n_pairs", "split_rows"])
-def _relational_bwd_cols_kernel(
-    emb_ptr,        # (4, N, D) stacked embeddings
-    pair_ptr,       # (n_pairs, 12) int32 pair table
-    coef_ptr,       # (n_pairs, 5) fp32 coefficients (as in the row pass)
-    scale_ptr,      # (5,) fp32 scales
-    lse_ptr,        # (n_pairs, 2, rows) fp32 from the forward
-    grad_ptr,       # in/out (splits, 2, N, D) fp32, zero-filled: dY of every row of s_img, s_txt, one slab per split
-    dscale_ptr,     # out (column blocks, 2, splits, n_pairs, 2) fp32: scale-gradient partial sums, teacher anchors
-    n_cols, width, row_start, n_rows, n_pairs, split_rows,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-):
-    block = tl.program_id(0)
-    slot = tl.program_id(1)  # student slab whose candidate rows this program owns
-    split = tl.program_id(2)  # anchor rows [split * split_rows, (split + 1) * split_rows), whole tiles
-    col0 = block * BLOCK_N
-    col_ok = col0 + tl.arange(0, BLOCK_N) < n_cols
-    r = tl.arange(0, BLOCK_M)
-    row_begin = split * split_rows
-    row_end = tl.minimum(row_begin + split_rows, n_rows)
-    out = grad_ptr + ((split.to(tl.int64) * _STUDENT_SLABS + slot) * n_cols + col0) * width
-    program = (block * _STUDENT_SLABS + slot) * tl.num_programs(2) + split
-    for pair in range(n_pairs):
-        anchor_p, cand_p, scale_p, anchor_q, cand_q, scale_q, has_q, masked, ce_p, ce_q, kd_pq, kd_qp = \
-            _load_pair(pair_ptr, pair)
-        want_p = (ce_p + kd_pq > 0) & (cand_p == slot)
-        want_q = (has_q != 0) & (ce_q + kd_qp > 0) & (cand_q == slot)
-        if want_p | want_q:
-            c_ce_p, c_ce_q, c_kd_pq, c_kd_qp, g, s_p, s_q = _load_backward_scalars(
-                coef_ptr, scale_ptr, pair, scale_p, scale_q)
-            y_p = _slab_rows(emb_ptr, cand_p, col0, n_cols, width)
-            y_q = _slab_rows(emb_ptr, cand_q, col0, n_cols, width)
-            ds_p = tl.zeros((BLOCK_N,), tl.float32)
-            ds_q = tl.zeros((BLOCK_N,), tl.float32)
-            for start in range(row_begin, row_end, BLOCK_M):
-                local = start + r
-                row_ok = local < n_rows
-                row0 = row_start + start
-                lse_row = lse_ptr + tl.cast(pair, tl.int64) * 2 * n_rows + local
-                lse_p = tl.load(lse_row, mask=row_ok, other=0.0)
-                lse_q = tl.load(lse_row + n_rows, mask=row_ok & (has_q != 0), other=0.0)
-                x_p = _slab_rows(emb_ptr, anchor_p, row0, n_cols, width)
-                x_q = _slab_rows(emb_ptr, anchor_q, row0, n_cols, width)
-                p_raw, prob_p, q_raw, prob_q, onehot = _pair_probabilities(
-                    x_p, y_p, x_q, y_q, s_p, s_q, lse_p, lse_q, has_q, masked, row0, col0, row_ok, col_ok, width,
-                    BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
-                if want_p:
-                    d_p = _grad_logits(prob_p, prob_q, onehot, c_ce_p, c_kd_pq)  # (BLOCK_M, BLOCK_N)
-                    ds_p += tl.sum(d_p * p_raw, axis=0)
-                    _add_product(out, tl.trans(d_p), x_p, g * s_p, col_ok, row_ok, width,
-                                 BLOCK_N, BLOCK_M, BLOCK_D, DOT_FP32, PRECISION)
-                if want_q:
-                    d_q = _grad_logits(prob_q, prob_p, onehot, c_ce_q, c_kd_qp)
-                    ds_q += tl.sum(d_q * q_raw, axis=0)
-                    _add_product(out, tl.trans(d_q), x_q, g * s_q, col_ok, row_ok, width,
-                                 BLOCK_N, BLOCK_M, BLOCK_D, DOT_FP32, PRECISION)
-            # Student-anchored views already gave their scale gradient in the row pass.
-            ds_out = dscale_ptr + (program.to(tl.int64) * n_pairs + pair) * 2
-            tl.store(ds_out, tl.where(want_p & (anchor_p >= _STUDENT_SLABS), g * tl.sum(ds_p, axis=0), 0.0))
-            tl.store(ds_out + 1, tl.where(want_q & (anchor_q >= _STUDENT_SLABS), g * tl.sum(ds_q, axis=0), 0.0))
+                    add_tile_product(out, d_q, x_q, y_q, g * s_q, row_ok, col_ok, width, ROWS,
+                                     BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PRECISION)
+            # Each view's scale gradient comes from the pass owning its anchor: the row pass for student anchors,
+            # the column pass for teacher anchors (whose rows no row pass owns).
+            ds_out = dscale_ptr + (tl.cast(program, tl.int64) * n_pairs + pair) * PAIR_VIEWS
+            scale_p_here = (ROWS != 0) | (anchor_p >= STUDENT_SLABS)
+            scale_q_here = (ROWS != 0) | (anchor_q >= STUDENT_SLABS)
+            tl.store(ds_out, tl.where(want_p & scale_p_here, g * tl.sum(ds_p, axis=0), 0.0))
+            tl.store(ds_out + 1, tl.where(want_q & scale_q_here, g * tl.sum(ds_q, axis=0), 0.0))
 
 
 # ------------------------------------------------------------------------------------------------ pair planning
@@ -449,12 +325,13 @@ class _Plan:
     """Device tensors describing the active pairs, their uses, and how per-row losses combine into terms."""
 
     terms: tuple[str, ...]         # active row-softmax terms, reporting order
-    table: torch.Tensor            # (n_pairs, 12) int32, columns _PAIR_COLUMNS
-    weighted: torch.Tensor         # (n_pairs, 4) fp32: sum of weight * share of the uses in each slot
-    unit: torch.Tensor             # (n_pairs, 4) fp32: weighted / norm, O(1) so fp16 gradient tiles do not underflow
+    table: torch.Tensor            # (n_pairs, PAIR_WIDTH) int32, columns _PAIR_COLUMNS
+    weighted: torch.Tensor         # (n_pairs, NUM_USES) fp32: sum of weight * share of the uses in each slot
+    unit: torch.Tensor             # (n_pairs, NUM_USES) fp32: weighted / norm, O(1) so fp16 gradient tiles do not
+                                   # underflow
     norm: torch.Tensor             # (n_pairs,) fp32: largest |weighted| of each pair
-    term_shares: torch.Tensor      # (n_terms, n_pairs * 4) fp32: share of each slot's mean in each term
-    scale_index: torch.Tensor      # (n_pairs * 2,) int64: scale of P and Q, for the scale-gradient reduction
+    term_shares: torch.Tensor      # (n_terms, n_pairs * NUM_USES) fp32: share of each slot's mean in each term
+    scale_index: torch.Tensor      # (n_pairs * PAIR_VIEWS,) int64: scale of P and Q, for the scale-gradient sum
 
 
 @functools.lru_cache(maxsize=32)
@@ -466,9 +343,9 @@ def _plan(weight_items: tuple[tuple[str, float], ...], device: torch.device) -> 
     table, weighted, shares, scale_index = [], [], {k: [] for k in terms}, []
     for pair in pairs:
         q = pair.q if pair.q is not None else pair.p  # stand-in indices; has_q = 0 keeps them unused
-        flags = [0, 0, 0, 0]
-        slot_weight = [0.0] * 4
-        slot_share = {k: [0.0] * 4 for k in terms}
+        flags = [0] * len(_USE_SLOTS)
+        slot_weight = [0.0] * len(_USE_SLOTS)
+        slot_share = {k: [0.0] * len(_USE_SLOTS) for k in terms}
         for slot, use in pair.uses:
             flags[slot] = 1
             slot_weight[slot] += weights[spec.TERM_WEIGHT[use.term]] * use.share
@@ -481,11 +358,11 @@ def _plan(weight_items: tuple[tuple[str, float], ...], device: torch.device) -> 
         for k in terms:
             shares[k].extend(slot_share[k])
         scale_index += [scale_p, scale_q]
-    weighted_t = torch.tensor(weighted, dtype=torch.float32).reshape(len(pairs), _NUM_USES)
+    weighted_t = torch.tensor(weighted, dtype=torch.float32).reshape(len(pairs), NUM_USES)
     norm = weighted_t.abs().amax(dim=1) if pairs else torch.zeros(0)
     return _Plan(
         terms=terms,
-        table=torch.tensor(table, dtype=torch.int32, device=device).reshape(len(pairs), len(_PAIR_COLUMNS)),
+        table=torch.tensor(table, dtype=torch.int32, device=device).reshape(len(pairs), PAIR_WIDTH),
         weighted=weighted_t.to(device),
         unit=(weighted_t / norm[:, None]).to(device),
         norm=norm.to(device),
@@ -497,58 +374,50 @@ def _plan(weight_items: tuple[tuple[str, float], ...], device: torch.device) -> 
 # ------------------------------------------------------------------------------------------------ host wrappers
 
 
-def _kernel_options(cfg, dtype: torch.dtype) -> dict:
-    """Constexprs shared by every kernel: tile sizes and how tl.dot treats this dtype."""
-    return dict(
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        DOT_FP32=_INTERPRETING and dtype == torch.bfloat16,
-        # fp32 inputs: 3-pass TF32 keeps fp32 accuracy on tensor cores (plain TF32 loses 3 digits of the logits).
-        PRECISION="tf32x3" if dtype == torch.float32 else "ieee",
-    )
-
-
 def _relational_forward(emb: torch.Tensor, plan: _Plan, scales: torch.Tensor, row_start: int, n_rows: int):
-    """emb (4, N, D), scales (5,) fp32 -> lse (n_pairs, 2, rows), row_loss (n_pairs, 4, rows), both fp32."""
+    """emb (4, N, D), scales fp32 -> lse (n_pairs, PAIR_VIEWS, rows), row_loss (n_pairs, NUM_USES, rows), fp32."""
     n_pairs, n_cols, width = plan.table.shape[0], emb.shape[1], emb.shape[2]
     cfg = block_config(width, emb.dtype)
-    lse = torch.empty((n_pairs, 2, n_rows), dtype=torch.float32, device=emb.device)
-    row_loss = torch.empty((n_pairs, _NUM_USES, n_rows), dtype=torch.float32, device=emb.device)
+    lse = torch.empty((n_pairs, PAIR_VIEWS, n_rows), dtype=torch.float32, device=emb.device)
+    row_loss = torch.empty((n_pairs, NUM_USES, n_rows), dtype=torch.float32, device=emb.device)
     grid = (triton.cdiv(n_rows, cfg.block_m), n_pairs)
     _relational_fwd_kernel[grid](
         emb, plan.table, scales, lse, row_loss, n_cols, width, row_start, n_rows,
-        num_warps=cfg.forward_warps, num_stages=cfg.num_stages, **_kernel_options(cfg, emb.dtype),
+        num_warps=cfg.forward_warps, num_stages=cfg.num_stages, **kernel_options(cfg, emb.dtype),
     )
     return lse, row_loss
 
 
 def _relational_backward(emb: torch.Tensor, plan: _Plan, coef: torch.Tensor, scales: torch.Tensor,
                          lse: torch.Tensor, row_start: int, n_rows: int):
-    """-> grad of s_img/s_txt (2, N, D) fp32 and of the scales (5,) fp32; coef (n_pairs, 5) as the kernels read it."""
+    """-> grad of s_img/s_txt (2, N, D) fp32 and of the scales fp32; coef (n_pairs, COEF_WIDTH) as the kernel
+    reads it."""
     n_pairs, n_cols, width = plan.table.shape[0], emb.shape[1], emb.shape[2]
     cfg = block_config(width, emb.dtype)
     options = dict(BLOCK_D=cfg.block_d, num_warps=cfg.backward_warps, num_stages=cfg.num_stages,
-                   **_kernel_options(cfg, emb.dtype))
+                   **kernel_options(cfg, emb.dtype))
     row_blocks, col_blocks = triton.cdiv(n_rows, cfg.block_m), triton.cdiv(n_cols, cfg.block_n)
-    # Each pass owns its output blocks and streams the other axis, split so the pass fills the GPU.
-    row_splits, split_cols = stream_split(row_blocks * _STUDENT_SLABS, col_blocks, cfg.block_n)
-    col_splits, split_rows = stream_split(col_blocks * _STUDENT_SLABS, row_blocks, cfg.block_m)
-    # The kernels accumulate into their own rows of these (read-modify-write): start from zero, and so do the
-    # scale-gradient partial sums of pairs a program skips.
     f32 = dict(dtype=torch.float32, device=emb.device)
-    grad_rows = torch.zeros((row_splits, _STUDENT_SLABS, n_rows, width), **f32)
-    grad_cols = torch.zeros((col_splits, _STUDENT_SLABS, n_cols, width), **f32)
-    ds_rows = torch.zeros((row_blocks * _STUDENT_SLABS * row_splits, n_pairs * 2), **f32)
-    ds_cols = torch.zeros((col_blocks * _STUDENT_SLABS * col_splits, n_pairs * 2), **f32)
-    args = (emb, plan.table, coef, scales, lse)
-    sizes = (n_cols, width, row_start, n_rows, n_pairs)
-    _relational_bwd_rows_kernel[(row_blocks, _STUDENT_SLABS, row_splits)](
-        *args, grad_rows, ds_rows, *sizes, split_cols, **options)
-    _relational_bwd_cols_kernel[(col_blocks, _STUDENT_SLABS, col_splits)](
-        *args, grad_cols, ds_cols, *sizes, split_rows, **options)
-    grad = grad_cols.sum(0) if col_splits > 1 else grad_cols[0]
-    grad[:, row_start:row_start + n_rows] += grad_rows.sum(0)
+    grads, partial_scales = [], torch.zeros(n_pairs * PAIR_VIEWS, **f32)
+    for rows_pass, owned_blocks, owned_len, streamed_blocks, streamed_block in (
+        (1, row_blocks, n_rows, col_blocks, cfg.block_n),
+        (0, col_blocks, n_cols, row_blocks, cfg.block_m),
+    ):
+        # Each pass owns its output blocks and streams the other axis, split so the pass fills the GPU. The kernel
+        # accumulates into its own rows (read-modify-write): start from zero, and so do the scale-gradient partial
+        # sums of pairs a program skips.
+        splits, split_len = stream_split(owned_blocks * STUDENT_SLABS, streamed_blocks, streamed_block)
+        grad = torch.zeros((splits, STUDENT_SLABS, owned_len, width), **f32)
+        dscale = torch.zeros((owned_blocks * STUDENT_SLABS * splits, n_pairs * PAIR_VIEWS), **f32)
+        _relational_bwd_kernel[(owned_blocks, STUDENT_SLABS, splits)](
+            emb, plan.table, coef, scales, lse, grad, dscale, n_cols, width, row_start, n_rows, n_pairs, split_len,
+            ROWS=rows_pass, **options)
+        grads.append(grad.sum(0))
+        partial_scales += dscale.sum(0)
+    grad_rows, grad = grads
+    grad[:, row_start:row_start + n_rows] += grad_rows
     grad_scales = torch.zeros(len(spec.SCALES), dtype=torch.float32, device=emb.device)
-    grad_scales.index_add_(0, plan.scale_index, ds_rows.sum(0) + ds_cols.sum(0))
+    grad_scales.index_add_(0, plan.scale_index, partial_scales)
     return grad, grad_scales
 
 
@@ -556,14 +425,14 @@ def _relational_backward(emb: torch.Tensor, plan: _Plan, coef: torch.Tensor, sca
 
 
 class _RelationalLoss(torch.autograd.Function):
-    """(s_img, s_txt, t_img, t_txt, scales (5,)) -> total (0-dim) and the detached term values (n_terms,)."""
+    """(s_img, s_txt, t_img, t_txt, scales (len(spec.SCALES),)) -> total (0-dim) and the detached term values."""
 
     @staticmethod
     def forward(ctx, s_img, s_txt, t_img, t_txt, scales, plan: _Plan, row_start: int, n_rows: int):
         # One (4, N, D) slab in the student dtype: kernels address any input by its slab index.
         emb = torch.stack((s_img, s_txt, t_img.to(s_img.dtype), t_txt.to(s_img.dtype)))
         lse, row_loss = _relational_forward(emb, plan, scales, row_start, n_rows)
-        slot_mean = row_loss.sum(dim=2) / n_rows  # (n_pairs, 4): mean over the owned rows of each use
+        slot_mean = row_loss.sum(dim=2) / n_rows  # (n_pairs, NUM_USES): mean over the owned rows of each use
         terms = plan.term_shares @ slot_mean.reshape(-1)
         total = (plan.weighted * slot_mean).sum()
         ctx.save_for_backward(emb, scales, lse)
@@ -588,16 +457,14 @@ class _RelationalLoss(torch.autograd.Function):
 
 
 def triton_relational_loss(inputs, scales, weights, row_start, row_stop, group=None):
-    """Row-softmax terms of the objective with the fused Triton kernels (contract in kernels/README.md).
+    """The row-softmax terms and gd of the objective with the fused Triton kernels (contract in kernels/README.md).
 
     inputs: {"s_img","s_txt","t_img","t_txt"} -> (N, D); scales: spec.SCALES -> 0-dim fp32; weights resolved.
     Returns (total, {term: detached 0-dim fp32}) for the active terms among task, icl, hrd, vrd, vrd_ce_img,
-    vrd_ce_txt, xrd, intra, cross_kd; anchors are rows [row_start, row_stop), columns all N. ``group`` is used only
-    by gd, which these kernels do not compute (functional.triton_unsupported sends gd to the chunked backend)."""
-    if weights.get("gd", 0.0) != 0.0:
-        raise ValueError("gd is not implemented in the triton backend; use backend='chunked' or 'reference'")
+    vrd_ce_txt, xrd, intra, cross_kd, gd; anchors are rows [row_start, row_stop), columns all N. ``group`` (a
+    torch.distributed process group or None) makes gd exact across the ranks of a local loss."""
     s_img = inputs["s_img"]
-    if not s_img.is_cuda and not _INTERPRETING:
+    if not s_img.is_cuda and not INTERPRETING:
         raise RuntimeError(
             "triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before kernels.triton_fused is imported "
             f"to run on {s_img.device} tensors; use backend='chunked' on CPU"
@@ -605,10 +472,19 @@ def triton_relational_loss(inputs, scales, weights, row_start, row_stop, group=N
     n_cols, width = s_img.shape
     block_config(width, s_img.dtype)  # unsupported width or dtype: a clear error before any launch
     row_stop = n_cols if row_stop is None else row_stop
+    n_rows = row_stop - row_start
     plan = _plan(tuple(sorted(weights.items())), s_img.device)
-    if not plan.terms:
-        return torch.zeros((), dtype=torch.float32, device=s_img.device), {}
-    scale_vec = torch.stack([scales[name].reshape(()).float() for name in spec.SCALES])
-    total, terms = _RelationalLoss.apply(inputs["s_img"], inputs["s_txt"], inputs["t_img"], inputs["t_txt"],
-                                         scale_vec, plan, row_start, row_stop - row_start)
-    return total, dict(zip(plan.terms, terms.unbind(0)))
+    total = torch.zeros((), dtype=torch.float32, device=s_img.device)
+    terms = {}
+    if plan.terms:
+        scale_vec = torch.stack([scales[name].reshape(()).float() for name in spec.SCALES])
+        total, values = _RelationalLoss.apply(inputs["s_img"], inputs["s_txt"], inputs["t_img"], inputs["t_txt"],
+                                              scale_vec, plan, row_start, n_rows)
+        terms = dict(zip(plan.terms, values.unbind(0)))
+    if weights["gd"] != 0.0:
+        gd_scales = torch.stack([scales[name].reshape(()).float() for name in ("gd_student", "gd_teacher")])
+        gd = GradientDistillation.apply(inputs["s_img"], inputs["s_txt"], inputs["t_img"], inputs["t_txt"],
+                                        gd_scales, row_start, n_rows, group)
+        total = total + weights["gd"] * gd
+        terms["gd"] = gd.detach()
+    return total, terms
