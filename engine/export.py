@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -75,13 +76,24 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
+class _NoRandomInitWarning(logging.Filter):
+    """open_clip warns that a model built without pretrained weights is random; the export loads them next."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
 def _student(checkpoint: dict, path: Path) -> torch.nn.Module:
     """The student with the checkpoint's weights loaded strictly (the architecture check)."""
     name = checkpoint["model"]
+    quiet = _NoRandomInitWarning()
+    logging.getLogger().addFilter(quiet)
     try:
         student = models.create_model(name)
     except ValueError as exc:
         raise ExportError(f"checkpoint {path}: {exc}") from exc
+    finally:
+        logging.getLogger().removeFilter(quiet)
     weights = checkpoint["state_dict"]
     expected = student.state_dict()
     missing = sorted(set(expected) - set(weights))
@@ -111,8 +123,11 @@ def _check_output(output: Path, force: bool) -> None:
 def _atomic_write(path: Path, write) -> None:
     """``write(temp_path)``, then rename over ``path``: a killed export never leaves a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # an ordinary file's permissions (safetensors creates it private)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
