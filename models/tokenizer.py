@@ -65,7 +65,9 @@ class WordTokenizer:
         ``hf_tokenizer_name``. Called as open_clip calls it (``max_length=context_length``, padding to it,
         truncation), it gives the ids of ``__call__``: lower case, the ``[a-z]+`` runs as words (every other
         character separates words and is dropped), unknown words as <unk>, <sot> and <eot> around the words, the
-        words truncated so that <eot> is kept, <pad> (id 0) after it.
+        words truncated so that <eot> is kept, <pad> (id 0) after it. open_clip cleans a text before tokenizing it
+        (``ftfy.fix_text``, HTML entities decoded): a text that this changes, with ``&amp;`` or full-width letters
+        say, can give other ids than ``__call__``; the procedural captions and prompts are not changed by it.
         """
         pad, unk, sot, eot = (HF_SPECIAL_TOKENS[i] for i in (PAD, UNK, SOT, EOT))
         vocab = {pad: PAD, unk: UNK, **self.vocab, sot: SOT, eot: EOT}
