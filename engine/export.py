@@ -201,11 +201,13 @@ def parser() -> argparse.ArgumentParser:
         description="Write a trained student as a folder that plain open_clip loads with "
                     "open_clip.create_model_and_transforms('local-dir:DIR') and "
                     "open_clip.get_tokenizer('local-dir:DIR'). "
-                    "The weights are the checkpoint's, unchanged; the loss module's projections and fusion layers "
-                    "are not part of the student and are left out.")
+                    "The weights are the checkpoint's, unchanged; the loss module's parameters (projections, fusion "
+                    "layers, multipliers) are not part of the student and are left out. The tiny models' word "
+                    "tokenizer is written for open_clip's Hugging Face tokenizer, which needs transformers where "
+                    "the folder is loaded.")
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="a training checkpoint of engine.train, e.g. logs/<name>/checkpoints/epoch_latest.pt")
-    p.add_argument("--output", metavar="DIR", required=True,
+    p.add_argument("--output", metavar="DIR", required=True, default=argparse.SUPPRESS,
                    help="folder to write (created if missing; must be empty unless --force)")
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty DIR, replacing the files of a previous export (other files stay)")

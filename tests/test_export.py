@@ -6,14 +6,19 @@ tokenizer, transformers) can be at work. Its weights, token ids, image tensors a
 checkpoint and with this project's own student, tokenizer and transform.
 """
 import importlib.util
+import io
 import json
 import subprocess
 import sys
 import tarfile
+from contextlib import redirect_stdout
+from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import models
@@ -25,53 +30,54 @@ from models.tokenizer import EOT, SOT
 
 PROJECT_PACKAGES = ("kernels", "engine", "models", "bench", "tests")
 
-# The loading side: plain open_clip. Blocked project packages make any import of them fail.
+# The loading side: plain open_clip, for each exported folder. Blocked project packages make any import of them fail.
 LOAD_IN_PLAIN_OPEN_CLIP = """
 import json, sys
 for name in {packages!r}:
     sys.modules[name] = None
 import open_clip, torch
 from PIL import Image
-folder, texts_file, images, out = sys.argv[1:5]
-model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + folder)
-tokenizer = open_clip.get_tokenizer("local-dir:" + folder)
-model.eval()
-texts = json.load(open(texts_file))
-ids = tokenizer(texts)
-pixels = torch.stack([preprocess(Image.open(p)) for p in images.split(",")])
-with torch.no_grad():
-    image_features, text_features = model.encode_image(pixels), model.encode_text(ids)
-loaded = [n for n in {packages!r} if sys.modules.get(n) is not None]
-torch.save({{"state_dict": model.state_dict(), "ids": ids, "pixels": pixels, "image_features": image_features,
-            "text_features": text_features, "tokenizer": type(tokenizer).__name__, "project_modules": loaded,
-            "sys_path": sys.path}}, out)
+job = json.load(open(sys.argv[1]))
+results = {{}}
+for folder in job["folders"]:
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + folder)
+    tokenizer = open_clip.get_tokenizer("local-dir:" + folder)
+    model.eval()
+    ids = tokenizer(job["texts"])
+    pixels = torch.stack([preprocess(Image.open(p)) for p in job["images"]])
+    with torch.no_grad():
+        image_features, text_features = model.encode_image(pixels), model.encode_text(ids)
+    results[folder] = {{"state_dict": model.state_dict(), "ids": ids, "pixels": pixels, "tokenizer":
+                       type(tokenizer).__name__, "image_features": image_features, "text_features": text_features}}
+results["project_modules"] = [n for n in {packages!r} if sys.modules.get(n) is not None]
+results["sys_path"] = sys.path
+torch.save(results, job["out"])
 """
 
 
-def load_in_plain_open_clip(folder, texts, image_paths, tmp_path) -> dict:
-    texts_file, out = tmp_path / "texts.json", tmp_path / "loaded.pt"
-    texts_file.write_text(json.dumps(texts))
-    elsewhere = tmp_path / "elsewhere"
+def load_in_plain_open_clip(folders, texts, image_paths, work_dir) -> dict:
+    """{folder: what open_clip loads and computes} from an isolated interpreter started in an unrelated folder."""
+    job, out, elsewhere = work_dir / "job.json", work_dir / "loaded.pt", work_dir / "elsewhere"
     elsewhere.mkdir()
+    job.write_text(json.dumps({"folders": list(map(str, folders)), "texts": texts,
+                               "images": list(map(str, image_paths)), "out": str(out)}))
     script = LOAD_IN_PLAIN_OPEN_CLIP.format(packages=PROJECT_PACKAGES)
-    done = subprocess.run([sys.executable, "-I", "-c", script, str(folder), str(texts_file),
-                           ",".join(map(str, image_paths)), str(out)], cwd=elsewhere, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-I", "-c", script, str(job)], cwd=elsewhere, capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = torch.load(out, weights_only=False)
-    assert loaded["project_modules"] == []
-    assert not any(str(elsewhere) == p or p in ("", ".") for p in loaded["sys_path"])
-    return loaded
+    assert loaded.pop("project_modules") == []
+    assert not any(p in ("", ".", str(elsewhere)) for p in loaded.pop("sys_path"))
+    return {Path(folder): result for folder, result in loaded.items()}
 
 
-def project_side(name, state_dict, tokenizer, texts, image_paths) -> dict:
+def project_side(name, state_dict, texts, image_paths) -> dict:
     """What this project computes for the same inputs: its student, tokenizer and evaluation transform."""
-    from PIL import Image
-
     student = models.create_model(name)
     student.load_state_dict(state_dict)
     student.eval()
     preprocess = models.get_preprocess(student)
-    ids = tokenizer(texts)
+    ids = models.get_tokenizer(name)(texts)
     pixels = torch.stack([preprocess(Image.open(p)) for p in image_paths])
     with torch.no_grad():
         return {"ids": ids, "pixels": pixels, "image_features": student.encode_image(pixels),
@@ -127,34 +133,85 @@ def transformers_needed():
         pytest.fail("open_clip loads the word tokenizer through transformers: pip install -e '.[test]'")
 
 
-def test_trained_student_round_trip_in_plain_open_clip(tmp_path, synth_data, teacher_ckpt, store_dir, capsys):
+BPE_MODEL = "export-test-bpe-vit"  # a small model of open_clip's standard kind: BPE tokenizer, 49408 tokens
+BPE_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def round_trips(tmp_path_factory, synth_data, teacher_ckpt, store_dir):
+    """A tiny student trained by engine.train and a BPE-tokenizer student, exported and loaded in plain open_clip.
+
+    {model name: {"checkpoint", "printed", "files", "texts", "loaded", "ours"}}; one isolated interpreter loads both.
+    """
     transformers_needed()
-    logs = tmp_path / "logs"
+    work = tmp_path_factory.mktemp("round_trips")
+    logs = work / "logs"
     train_lib.main(["--train-data", synth_data["train"], "--val-data", synth_data["val"],
                     "--teacher-pretrained", str(teacher_ckpt), "--teacher-store", str(store_dir),
                     "--preset", "clip-kd", "--batch-size", "32", "--epochs", "1", "--logs", str(logs), "--name", "run",
-                    "--no-eval", "--no-progress", "--cache-dir", str(tmp_path / "cache")])
-    checkpoint = torch.load(logs / "run/checkpoints/epoch_latest.pt", weights_only=True)
-    capsys.readouterr()
-    export_lib.main([str(logs / "run/checkpoints/epoch_latest.pt"), "--output", str(tmp_path / "student")])
-    printed = capsys.readouterr().out
-    assert "open_clip_model.safetensors" in printed and "tokenizer.json" in printed
-    assert "left out" in printed and "image_projection.weight" in printed  # 64-wide student, 128-wide teacher
+                    "--no-eval", "--no-progress", "--cache-dir", str(work / "cache")])
+    checkpoints = {"tiny-vit-student": logs / "run" / "checkpoints" / "epoch_latest.pt"}
 
-    texts, images = procedural_texts(), procedural_images(tmp_path)
-    loaded = load_in_plain_open_clip(tmp_path / "student", texts, images, tmp_path)
-    assert loaded["tokenizer"] == "HFTokenizer"
-    assert loaded["state_dict"].keys() == checkpoint["state_dict"].keys()
-    for key, value in checkpoint["state_dict"].items():
+    config_dir = work / "configs"
+    config_dir.mkdir()
+    (config_dir / f"{BPE_MODEL}.json").write_text(json.dumps(BPE_CONFIG))
+    open_clip.add_model_config(config_dir)  # as models/model_configs are registered
+    try:
+        torch.manual_seed(9)
+        checkpoints[BPE_MODEL] = save_checkpoint(work / "epoch_1.pt", BPE_MODEL,
+                                                 models.create_model(BPE_MODEL).state_dict())
+        runs = {}
+        for name, path in checkpoints.items():
+            printed = io.StringIO()
+            with redirect_stdout(printed):
+                export_lib.main([str(path), "--output", str(work / name)])
+            runs[name] = {"checkpoint": torch.load(path, weights_only=True), "printed": printed.getvalue(),
+                          "files": sorted(p.name for p in (work / name).iterdir())}
+        texts, images = procedural_texts(), procedural_images(work)
+        loaded = load_in_plain_open_clip([work / name for name in runs], texts, images, work)
+        for name, run in runs.items():
+            run["texts"], run["loaded"] = texts, loaded[work / name]
+            run["ours"] = project_side(name, run["checkpoint"]["state_dict"], texts, images)
+    finally:
+        open_clip.factory._MODEL_CONFIGS.pop(BPE_MODEL, None)
+    return runs
+
+
+@pytest.mark.parametrize("name, tokenizer", [("tiny-vit-student", "HFTokenizer"), (BPE_MODEL, "SimpleTokenizer")])
+def test_exported_student_loads_in_plain_open_clip_with_identical_weights(round_trips, name, tokenizer):
+    run = round_trips[name]
+    weights, loaded = run["checkpoint"]["state_dict"], run["loaded"]
+    assert loaded["tokenizer"] == tokenizer
+    assert loaded["state_dict"].keys() == weights.keys()
+    for key, value in weights.items():
         assert torch.equal(loaded["state_dict"][key], value), key
 
-    ours = project_side("tiny-vit-student", checkpoint["state_dict"], models.get_tokenizer("tiny-vit-student"),
-                        texts, images)
-    mismatched = [t for t, a, b in zip(texts, ours["ids"], loaded["ids"]) if not torch.equal(a, b)]
+
+@pytest.mark.parametrize("name", ["tiny-vit-student", BPE_MODEL])
+def test_exported_student_tokenizes_transforms_and_embeds_as_the_project(round_trips, name):
+    run = round_trips[name]
+    ours, loaded = run["ours"], run["loaded"]
+    mismatched = [text for text, a, b in zip(run["texts"], ours["ids"], loaded["ids"]) if not torch.equal(a, b)]
     assert not mismatched, mismatched[:5]
     assert torch.equal(ours["pixels"], loaded["pixels"])
     torch.testing.assert_close(loaded["image_features"], ours["image_features"], rtol=0, atol=1e-6)
     torch.testing.assert_close(loaded["text_features"], ours["text_features"], rtol=0, atol=1e-6)
+
+
+def test_export_lists_its_files_and_what_it_left_out(round_trips):
+    tiny, bpe = round_trips["tiny-vit-student"], round_trips[BPE_MODEL]
+    assert tiny["files"] == ["open_clip_config.json", "open_clip_model.safetensors", "tokenizer.json",
+                             "tokenizer_config.json"]
+    assert bpe["files"] == ["open_clip_config.json", "open_clip_model.safetensors"]
+    for name in tiny["files"]:
+        assert name in tiny["printed"]
+    # a 64-wide student under a 128-wide teacher: the loss module's projections exist and are named as left out
+    assert "image_projection.weight" in tiny["checkpoint"]["loss_state_dict"]
+    assert "left out" in tiny["printed"] and "image_projection.weight" in tiny["printed"]
 
 
 def test_word_tokenizer_edge_cases_by_hand(tmp_path, student_ckpt):
@@ -178,37 +235,6 @@ def test_word_tokenizer_edge_cases_by_hand(tmp_path, student_ckpt):
         got = hf([text], max_length=16, padding="max_length", truncation=True, return_tensors="pt").input_ids
         assert got[0].tolist() == expected, text
         assert word([text])[0].tolist() == expected, text
-
-
-def test_bpe_model_round_trip_with_open_clips_own_tokenizer(tmp_path):
-    """A standard open_clip model (BPE tokenizer): a small config of that kind, registered like models/model_configs."""
-    import open_clip
-
-    config_dir = tmp_path / "configs"
-    config_dir.mkdir()
-    name = "export-test-bpe-vit"
-    (config_dir / f"{name}.json").write_text(json.dumps({
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }))
-    open_clip.add_model_config(config_dir)
-    try:
-        torch.manual_seed(9)
-        weights = models.create_model(name).state_dict()
-        ckpt = save_checkpoint(tmp_path / "epoch_1.pt", name, weights)
-        result = export_lib.export(ckpt, tmp_path / "student")
-        assert [p.name for p in result.files] == ["open_clip_model.safetensors", "open_clip_config.json"]
-        texts, images = procedural_texts(20), procedural_images(tmp_path, 2)
-        loaded = load_in_plain_open_clip(tmp_path / "student", texts, images, tmp_path)
-        assert loaded["tokenizer"] == "SimpleTokenizer"
-        for key, value in weights.items():
-            assert torch.equal(loaded["state_dict"][key], value), key
-        ours = project_side(name, weights, models.get_tokenizer(name), texts, images)
-    finally:
-        open_clip.factory._MODEL_CONFIGS.pop(name, None)
-    assert torch.equal(ours["ids"], loaded["ids"]) and torch.equal(ours["pixels"], loaded["pixels"])
-    torch.testing.assert_close(loaded["text_features"], ours["text_features"], rtol=0, atol=1e-6)
 
 
 def test_weights_file_holds_the_checkpoint_tensors_in_their_dtype(tmp_path, student_weights):
