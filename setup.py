@@ -20,7 +20,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib"],
+        # transformers: open_clip loads an exported tiny model's word tokenizer through it (tests/test_export.py)
+        "test": ["pytest>=7", "pytest-benchmark>=4", "transformers"],
         "plots": ["matplotlib"],
         "tensorboard": ["tensorboard"],
     },

@@ -1,0 +1,234 @@
+"""Export a trained student as a folder that plain open_clip loads, without this project installed.
+
+``python -m engine.export logs/<name>/checkpoints/epoch_latest.pt --output student/`` writes what open_clip's
+``local-dir:`` schema reads::
+
+    open_clip_config.json         {"model_cfg": the architecture, "preprocess_cfg": the image transform}
+    open_clip_model.safetensors   the student's weights, exactly as in the checkpoint
+    tokenizer.json, tokenizer_config.json
+                                  only for a model with a Hugging Face tokenizer (the tiny models' word tokenizer
+                                  is written in that form; loading it needs the ``transformers`` package)
+
+and then, in any Python with open_clip::
+
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:student")
+    tokenizer = open_clip.get_tokenizer("local-dir:student")
+
+The loss module's parameters (student-to-teacher projections, fusion layers, learnable multipliers) are used by
+the distillation loss only; the student never calls them, so they are left out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import models
+
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"  # the name open_clip's local-dir: loader prefers
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "spiece.model", "tokenizer.model")
+REQUIRED_KEYS = ("model", "state_dict", "config")
+
+
+class ExportError(ValueError):
+    """A bad checkpoint or output folder, described in one line."""
+
+
+@dataclass
+class ExportResult:
+    output: Path
+    model: str
+    files: list[Path]
+    tensors: int
+    left_out: list[str] = field(default_factory=list)  # the loss module's tensors (not part of the student)
+
+
+def load_training_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint of engine.train (``model``, ``state_dict``, ``config``); anything else is an ExportError."""
+    path = Path(path)
+    if not path.exists():
+        raise ExportError(f"checkpoint {path}: no such file")
+    if not path.is_file():
+        raise ExportError(f"checkpoint {path}: not a file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises several types for files that are not checkpoints
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        raise ExportError(f"checkpoint {path}: not a PyTorch checkpoint ({type(exc).__name__}: {first_line})") from exc
+    missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ExportError(f"checkpoint {path}: not a training checkpoint of engine.train (no {', '.join(missing)}; "
+                          f"expected logs/<name>/checkpoints/epoch_latest.pt or epoch_K.pt)")
+    if not isinstance(state["model"], str):
+        raise ExportError(f"checkpoint {path}: 'model' should be an open_clip model name, got {type(state['model'])}")
+    weights = state["state_dict"]
+    if not isinstance(weights, dict) or not weights or not all(torch.is_tensor(v) for v in weights.values()):
+        raise ExportError(f"checkpoint {path}: 'state_dict' is not a non-empty mapping of tensors")
+    return state
+
+
+class _NoRandomInitWarning(logging.Filter):
+    """open_clip warns that a model built without pretrained weights is random; the export loads them next."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+def _student(checkpoint: dict, path: Path) -> torch.nn.Module:
+    """The student with the checkpoint's weights loaded strictly (the architecture check)."""
+    name = checkpoint["model"]
+    quiet = _NoRandomInitWarning()
+    logging.getLogger().addFilter(quiet)
+    try:
+        student = models.create_model(name)
+    except ValueError as exc:
+        raise ExportError(f"checkpoint {path}: {exc}") from exc
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    weights = checkpoint["state_dict"]
+    expected = student.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
+    if missing or unexpected or wrong_shape:
+        def few(keys):
+            return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        problems = [f"{label}: {few(keys)}" for label, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)) if keys]
+        raise ExportError(f"checkpoint {path}: its state_dict does not fit model {name!r} ({'; '.join(problems)})")
+    for key, tensor in weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ExportError(f"checkpoint {path}: weight {key} holds NaN or infinite values")
+    student.load_state_dict(weights)
+    return student
+
+
+def _check_output(output: Path, force: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"--output {output}: exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise ExportError(f"--output {output}: folder exists and is not empty (pass --force to replace the files "
+                          f"of a previous export there, or choose another folder)")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(temp_path)``, then rename over ``path``: a killed export never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # an ordinary file's permissions (safetensors creates it private)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, obj) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def export(checkpoint_path: str | os.PathLike, output: str | os.PathLike, force: bool = False) -> ExportResult:
+    """Write the student of ``checkpoint_path`` to ``output`` in open_clip's ``local-dir:`` layout.
+
+    Every check (checkpoint format, architecture, finite weights, output folder) runs before anything is written.
+    With ``force``, the export files of a previous export in ``output`` are replaced and other files left alone.
+    """
+    checkpoint_path, output = Path(checkpoint_path), Path(output)
+    checkpoint = load_training_checkpoint(checkpoint_path)
+    _check_output(output, force)
+    name = checkpoint["model"]
+    student = _student(checkpoint, checkpoint_path)
+
+    model_cfg = models.model_config(name)
+    text_cfg = model_cfg.setdefault("text_cfg", {})
+    tokenizer_files: dict[str, dict] = {}
+    hf_tokenizer = None
+    if name in models.WORD_TOKENIZER_MODELS:
+        tokenizer_files = models.get_tokenizer(name).hugging_face_files()
+        # open_clip reads a local-dir: model's tokenizer from the folder itself once text_cfg names one; the name
+        # is where the files are (set it to a hub repository id when uploading the folder)
+        text_cfg["hf_tokenizer_name"] = str(output.resolve())
+    elif text_cfg.get("hf_tokenizer_name"):
+        try:
+            hf_tokenizer = models.get_tokenizer(name)
+        except Exception as exc:  # transformers missing, or the tokenizer not downloadable
+            raise ExportError(f"model {name!r}: could not load its tokenizer {text_cfg['hf_tokenizer_name']!r} to "
+                              f"copy it into the export ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                              ) from exc
+    preprocess_cfg = {key: _jsonable(value) for key, value in student.visual.preprocess_cfg.items()}
+
+    output.mkdir(parents=True, exist_ok=True)
+    # the checkpoint's own tensors (not the student's copies): the export holds exactly what training saved
+    tensors = {key: value.contiguous() for key, value in checkpoint["state_dict"].items()}
+    weights_path = output / WEIGHTS_FILE
+    _atomic_write(weights_path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    files = [weights_path]
+    for stale in TOKENIZER_FILES:  # a previous export's tokenizer must not outlive it (--force)
+        (output / stale).unlink(missing_ok=True)
+    for file_name, content in tokenizer_files.items():
+        _write_json(output / file_name, content)
+        files.append(output / file_name)
+    if hf_tokenizer is not None:
+        before = set(output.iterdir())
+        hf_tokenizer.save_pretrained(str(output))
+        files += sorted(set(output.iterdir()) - before)
+    config_path = output / CONFIG_FILE
+    _write_json(config_path, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
+    files.append(config_path)
+
+    left_out = list(checkpoint.get("loss_state_dict") or {})
+    return ExportResult(output=output, model=name, files=files, tensors=len(tensors), left_out=left_out)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m engine.export", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Write a trained student as a folder that plain open_clip loads with "
+                    "open_clip.create_model_and_transforms('local-dir:DIR') and "
+                    "open_clip.get_tokenizer('local-dir:DIR'). "
+                    "The weights are the checkpoint's, unchanged; the loss module's parameters (projections, fusion "
+                    "layers, multipliers) are not part of the student and are left out. The tiny models' word "
+                    "tokenizer is written for open_clip's Hugging Face tokenizer, which needs transformers where "
+                    "the folder is loaded.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a training checkpoint of engine.train, e.g. logs/<name>/checkpoints/epoch_latest.pt")
+    p.add_argument("--output", metavar="DIR", required=True, default=argparse.SUPPRESS,
+                   help="folder to write (created if missing; must be empty unless --force)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty DIR, replacing the files of a previous export (other files stay)")
+    return p
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        result = export(args.checkpoint, args.output, force=args.force)
+    except (ExportError, OSError) as exc:
+        sys.exit(f"error: {exc}")
+    print(f"exported {result.model} ({result.tensors} tensors, weights as in the checkpoint) to {result.output}:")
+    for path in result.files:
+        print(f"  {path}")
+    if result.left_out:
+        print(f"left out, as not part of the student: the loss module's {len(result.left_out)} tensors "
+              f"({', '.join(result.left_out)}), e.g. student-to-teacher projections and fusion layers")
+    print(f"load it with open_clip.create_model_and_transforms('local-dir:{result.output}') and "
+          f"open_clip.get_tokenizer('local-dir:{result.output}')")
+
+
+if __name__ == "__main__":
+    main()
