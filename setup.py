@@ -20,8 +20,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # transformers: open_clip loads an exported tiny model's word tokenizer through it (tests/test_export.py)
-        "test": ["pytest>=7", "pytest-benchmark>=4", "transformers"],
+        # transformers: open_clip loads an exported tiny model's word tokenizer through it (tests/test_export.py);
+        # matplotlib and tensorboard: the tests check the charts and the event files too
+        "test": ["pytest>=7", "pytest-benchmark>=4", "transformers", "matplotlib", "tensorboard"],
         "plots": ["matplotlib"],
         "tensorboard": ["tensorboard"],
     },
