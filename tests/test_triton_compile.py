@@ -1,8 +1,8 @@
 """Ahead-of-time compile of every fused Triton kernel for sm_80 and sm_90 (no GPU needed): no register spills.
 
-Each kernel is compiled with the constexprs the host wrapper would pass (fp32 / bf16 / fp16 inputs, a small and
-the largest width), then its PTX is assembled by the ptxas that ships in the Triton wheel, whose -v report gives
-registers and spill bytes; shared memory comes from Triton's metadata. The compilation runs in a subprocess
+Each kernel (both directions of the one-body passes) is compiled with the constexprs the host wrapper would pass
+(fp32 / bf16 / fp16 inputs, every distinct width chunk), then its PTX is assembled by the ptxas that ships in the
+Triton wheel, whose -v report gives registers and spill bytes; shared memory comes from Triton's metadata. The compilation runs in a subprocess
 without TRITON_INTERPRET (CI sets it), because under the interpreter @triton.jit gives no compilable kernels.
 
 Run ``python -m tests.test_triton_compile`` to print the table alone.
@@ -16,23 +16,50 @@ import tempfile
 
 TARGETS = (80, 90)
 DTYPES = ("float32", "bfloat16", "float16")
-WIDTHS = (8, 64, 512, 1024)  # smallest tiles, full tiles, and several / the most backward D chunks (ViT-B, ViT-H)
+# One width per distinct compiled variant: 16-wide chunks and a width not divisible by 16, 32-wide chunks, and
+# 64-wide chunks (every D >= 64 compiles to the same code: D is a runtime loop bound; 2048 is the widest supported).
+WIDTHS = (8, 32, 2048)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _signature(kernel, pointer_dtypes: dict, ints: tuple, constexprs: dict):
+EMBEDDING_POINTERS = ("emb_ptr", "ex_ptr", "ey_ptr")  # in the inputs' dtype; every other buffer is fp32 or int32
+INT_POINTERS = ("pair_ptr",)
+FLOAT_SCALARS = ("inv_rows",)
+
+
+def _signature(kernel, emb_dtype: str, constexprs: dict, width: int):
     """Signature and divisibility attributes as Triton's launcher would build them for 16-byte aligned tensors."""
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in pointer_dtypes:
-            signature[name] = "*" + pointer_dtypes[name]
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + (emb_dtype if name in EMBEDDING_POINTERS else "i32" if name in INT_POINTERS
+                                     else "fp32")
             attrs[(index,)] = [["tt.divisibility", 16]]
         else:
-            assert name in ints, f"{kernel.__name__}: unexpected argument {name}"
-            signature[name] = "i32"
+            signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
+            if name == "width" and width % 16 == 0:  # the launcher marks a width divisible by 16
+                attrs[(index,)] = [["tt.divisibility", 16]]
     return signature, attrs
+
+
+def kernel_variants(cfg, dtype):
+    """(kernel, constexprs, warps) for every kernel the host wrappers launch, each backward direction apart."""
+    import kernels.triton_fused as fused
+    import kernels.triton_gd as gd
+
+    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_FP32=False,
+                  PRECISION="tf32x3" if str(dtype) == "torch.float32" else "ieee")
+    passes = [{**common, "BLOCK_D": cfg.block_d, "ROWS": rows} for rows in (1, 0)]
+    return [
+        (fused._relational_fwd_kernel, common, cfg.forward_warps),
+        *((fused._relational_bwd_kernel, c, cfg.backward_warps) for c in passes),
+        (gd._gd_lse_kernel, common, cfg.forward_warps),
+        *((gd._gd_products_kernel, c, cfg.backward_warps) for c in passes),
+        (gd._gd_delta_kernel, common, cfg.backward_warps),
+        *((gd._gd_backward_kernel, c, cfg.backward_warps) for c in passes),
+    ]
 
 
 def _ptxas_report(ptx: str, capability: int) -> dict:
@@ -64,46 +91,36 @@ def compile_report() -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    import kernels.triton_fused as tf
     from kernels.triton_config import block_config
+    from kernels.triton_tiles import INTERPRETING
 
-    assert not tf._INTERPRETING, "compile_report must run without TRITON_INTERPRET=1"
-    ints = ("n_cols", "width", "row_start", "n_rows", "n_pairs", "split_cols", "split_rows")
+    assert not INTERPRETING, "compile_report must run without TRITON_INTERPRET=1"
     rows = []
     for dtype_name in DTYPES:
         dtype = getattr(torch, dtype_name)
         tl_dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype_name]
         for width in WIDTHS:
             cfg = block_config(width, dtype)
-            common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_FP32=False,
-                          PRECISION="tf32x3" if dtype == torch.float32 else "ieee")
-            pointers = {"emb_ptr": tl_dtype, "pair_ptr": "i32", "scale_ptr": "fp32", "lse_ptr": "fp32",
-                        "row_loss_ptr": "fp32", "coef_ptr": "fp32", "grad_ptr": "fp32", "dscale_ptr": "fp32"}
-            variants = [
-                (tf._relational_fwd_kernel, common, cfg.forward_warps),
-                (tf._relational_bwd_rows_kernel, {**common, "BLOCK_D": cfg.block_d}, cfg.backward_warps),
-                (tf._relational_bwd_cols_kernel, {**common, "BLOCK_D": cfg.block_d}, cfg.backward_warps),
-            ]
-            for kernel, constexprs, warps in variants:
-                signature, attrs = _signature(kernel, pointers, ints, constexprs)
-                if width % 16 == 0:  # the launcher marks a width divisible by 16
-                    attrs[(kernel.arg_names.index("width"),)] = [["tt.divisibility", 16]]
+            for kernel, constexprs, warps in kernel_variants(cfg, dtype):
+                signature, attrs = _signature(kernel, tl_dtype, constexprs, width)
+                name = kernel.__name__ + ("" if "ROWS" not in constexprs else
+                                          "[rows]" if constexprs["ROWS"] else "[cols]")
                 for capability in TARGETS:
                     compiled = triton.compile(
                         ASTSource(kernel, signature, constexprs, attrs),
                         target=GPUTarget("cuda", capability, 32),
                         options={"num_warps": warps, "num_stages": cfg.num_stages},
                     )
-                    rows.append({"kernel": kernel.__name__, "dtype": dtype_name, "width": width,
+                    rows.append({"kernel": name, "dtype": dtype_name, "width": width,
                                  "sm": capability, "warps": warps, "shared_bytes": compiled.metadata.shared,
                                  **_ptxas_report(compiled.asm["ptx"], capability)})
     return rows
 
 
 def _format(rows: list[dict]) -> str:
-    lines = [f"{'kernel':32} {'dtype':9} {'D':>5} {'sm':>3} {'warps':>5} {'regs':>5} {'spill st/ld':>12} {'shared':>7}"]
+    lines = [f"{'kernel':28} {'dtype':9} {'D':>5} {'sm':>3} {'warps':>5} {'regs':>5} {'spill st/ld':>12} {'shared':>7}"]
     for r in rows:
-        lines.append(f"{r['kernel']:32} {r['dtype']:9} {r['width']:5d} {r['sm']:3d} {r['warps']:5d} "
+        lines.append(f"{r['kernel']:28} {r['dtype']:9} {r['width']:5d} {r['sm']:3d} {r['warps']:5d} "
                      f"{r['registers']:5d} {r['spill_stores']:>5d}/{r['spill_loads']:<6d} {r['shared_bytes']:7d}")
     return "\n".join(lines)
 
@@ -115,7 +132,7 @@ def test_kernels_compile_for_sm80_sm90_without_spills():
     assert out.returncode == 0, out.stderr[-4000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
     print("\n" + _format(rows))
-    assert len(rows) == 3 * len(DTYPES) * len(WIDTHS) * len(TARGETS)
+    assert len(rows) == 9 * len(DTYPES) * len(WIDTHS) * len(TARGETS)  # 9 kernels and directions
     spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, "register spills:\n" + _format(spilled)
     # sm_80 has 164 KiB of shared memory per block (sm_90: 227 KiB); Triton fails to compile beyond, but be explicit.
