@@ -69,7 +69,8 @@ def test_single_terms_match_reference(small_tiles, weights, n, d):
     compare_backends("triton", n, d, weights)
 
 
-@pytest.mark.parametrize("weights", [PRESETS["clip-rd"], {**PRESETS["intra-kd"], "gd": 1.0}], ids=["clip-rd", "intra+gd"])
+@pytest.mark.parametrize("weights", [PRESETS["clip-rd"], {**PRESETS["intra-kd"], "gd": 1.0}],
+                         ids=["clip-rd", "intra+gd"])
 @pytest.mark.parametrize("rows", [(5, 19), (0, 1), (36, 37)])
 def test_local_rows_match_reference(small_tiles, weights, rows):
     compare_backends("triton", 37, 24, weights, row_start=rows[0], row_stop=rows[1])
