@@ -2,8 +2,9 @@
 
 Each kernel (both directions of the one-body passes) is compiled with the constexprs the host wrapper would pass
 (fp32 / bf16 / fp16 inputs, every distinct width chunk), then its PTX is assembled by the ptxas that ships in the
-Triton wheel, whose -v report gives registers and spill bytes; shared memory comes from Triton's metadata. The compilation runs in a subprocess without
-TRITON_INTERPRET (CI sets it), because under the interpreter @triton.jit gives no compilable kernels.
+Triton wheel, whose -v report gives registers and spill bytes; shared memory comes from Triton's metadata. The
+compilation runs in a subprocess without TRITON_INTERPRET (CI sets it), because under the interpreter @triton.jit
+gives no compilable kernels.
 
 Run ``python -m tests.test_triton_compile`` to print the table alone.
 """
