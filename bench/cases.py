@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from kernels import clip_rd_loss, spec
 
-from .flops import mode_products
+from .config import weights_of
+from .flops import ANCHOR_KINDS, LOGITS_KINDS, mode_products
 
 SCALE_NAMES = ("student_scale", "teacher_scale", "lam_img", "lam_txt", "kappa")
 # Elements of the floor's (rows x columns) product tile: 16 Mi on CPU (64 MiB fp32), 64 Mi on GPU.
@@ -45,10 +46,12 @@ def make_inputs(n: int, d: int, dtype: torch.dtype, device: str, seed: int = 0) 
 
 
 def _loss_total(backend: str, preset: str) -> Callable[..., torch.Tensor]:
+    weights = weights_of(preset)
+
     def total(s_img, s_txt, t_img, t_txt, student_scale, teacher_scale, lam_img, lam_txt, kappa):
         return clip_rd_loss(
             s_img, s_txt, t_img, t_txt, student_scale=student_scale, teacher_scale=teacher_scale,
-            lam_img=lam_img, lam_txt=lam_txt, kappa=kappa, weights=preset, backend=backend,
+            lam_img=lam_img, lam_txt=lam_txt, kappa=kappa, weights=weights, backend=backend,
         )["total"]
 
     return total
@@ -85,7 +88,8 @@ class LossCase:
 
 
 class FloorCase:
-    """Only the unavoidable products: forward (rows x D)@(D x N) logits; backward G@Y and G^T@X per student side.
+    """Only the unavoidable products (bench.flops): forward (rows x D)@(D x N) logits, backward G@Y and G^T@X per
+    student side (and gradient distillation's R Y and R^T X streams).
 
     Tiled over column blocks into one reused buffer (its contents stand in for the logits / their gradients), so
     the floor's memory stays O((N + tile) * D) and its time is the matmuls alone.
@@ -98,13 +102,13 @@ class FloorCase:
         device = x["s_img"].device
         self.columns = max(1, min(n, FLOOR_TILE_ELEMENTS[device.type] // n))
         self.buffer = torch.randn(n * self.columns, device=device).to(x["s_img"].dtype) * 1e-3
-        self.grads = {name: torch.zeros_like(x[name]) for name in spec.STUDENT_INPUTS}
+        self.out = {name: torch.zeros_like(x[name]) for name in spec.INPUTS}  # (N, D) row results per input
         self.forward_products = mode_products(preset, "forward")
         self.gradient_products = mode_products(preset, "backward")
 
     def zero_grad(self):
-        for grad in self.grads.values():
-            grad.zero_()
+        for out in self.out.values():
+            out.zero_()
 
     def _tiles(self):
         n = self.x["s_img"].shape[0]
@@ -112,21 +116,22 @@ class FloorCase:
             stop = min(start + self.columns, n)
             yield start, stop, self.buffer[: n * (stop - start)].view(n, stop - start)
 
-    def forward(self):
-        for product in self.forward_products:
+    def _run(self, products):
+        for product in products:
             anchors, candidates = self.x[product.anchor], self.x[product.candidate]
             for start, stop, tile in self._tiles():
-                torch.mm(anchors, candidates[start:stop].T, out=tile)
-        return None
+                if product.kind in LOGITS_KINDS:  # Z[:, tile] = X @ Y[tile]^T
+                    torch.mm(anchors, candidates[start:stop].T, out=tile)
+                elif product.kind in ANCHOR_KINDS:  # dX[rows] += G[:, tile] @ Y[tile]
+                    self.out[product.anchor].addmm_(tile, candidates[start:stop])
+                else:  # dY[tile] = G[:, tile]^T @ X[rows]
+                    torch.mm(tile.T, anchors, out=self.out[product.candidate][start:stop])
+
+    def forward(self):
+        self._run(self.forward_products)
 
     def backward(self, _state):
-        for product in self.gradient_products:
-            anchors, candidates = self.x[product.anchor], self.x[product.candidate]
-            for start, stop, tile in self._tiles():
-                if product.kind == "grad_anchor":  # dX[rows] += G[:, tile] @ Y[tile]
-                    self.grads[product.anchor].addmm_(tile, candidates[start:stop])
-                else:  # dY[tile] = G[:, tile]^T @ X[rows]
-                    torch.mm(tile.T, anchors, out=self.grads[product.candidate][start:stop])
+        self._run(self.gradient_products)
 
 
 def build_case(backend: str, preset: str, inputs: dict[str, torch.Tensor]):
@@ -141,7 +146,8 @@ def _sync(device: str):
 
 
 def mode_functions(case, mode: str, device: str):
-    """(setup, target) for ``benchmark.pedantic``: setup is untimed and returns (args, kwargs) for target."""
+    """(setup, target) for ``benchmark.pedantic``: setup is untimed and returns (args, kwargs) for target; target
+    returns the loss total it computed or backpropagated (None for the floor)."""
     if mode == "forward":
         def setup():
             case.zero_grad()
@@ -149,8 +155,9 @@ def mode_functions(case, mode: str, device: str):
             return (), {}
 
         def target():
-            case.forward()
+            total = case.forward()
             _sync(device)
+            return total
     elif mode == "backward":
         def setup():
             case.zero_grad()
@@ -161,6 +168,7 @@ def mode_functions(case, mode: str, device: str):
         def target(state):
             case.backward(state)
             _sync(device)
+            return state
     elif mode == "forward+backward":
         def setup():
             case.zero_grad()
@@ -168,20 +176,51 @@ def mode_functions(case, mode: str, device: str):
             return (), {}
 
         def target():
-            case.backward(case.forward())
+            total = case.forward()
+            case.backward(total)
             _sync(device)
+            return total
     else:
         raise ValueError(f"mode: unknown mode {mode!r}")
     return setup, target
 
 
-def run_once(case, mode: str, device: str) -> float:
-    """Run a mode once (setup untimed); return the seconds its timed part took."""
+def run_once(case, mode: str, device: str) -> tuple[float, float | None]:
+    """Run a mode once (setup untimed); return (seconds its timed part took, the loss total or None)."""
     setup, target = mode_functions(case, mode, device)
     args, kwargs = setup()
     start = time.perf_counter()
-    target(*args, **kwargs)
-    return time.perf_counter() - start
+    total = target(*args, **kwargs)
+    seconds = time.perf_counter() - start
+    return seconds, None if total is None else float(total.detach())
+
+
+class ValueLedger:
+    """Loss values of the cases run so far, per (weight set, N): each new one must match the reference's (or the
+    chunked backend's, where the reference did not run) within the dtype's relative tolerance."""
+
+    RTOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+    TRUTH = ("reference", "chunked")  # in order of preference
+
+    def __init__(self):
+        self.values: dict[tuple, dict[str, float]] = {}
+
+    def check(self, backend: str, preset: str, n: int, value: float | None, dtype: torch.dtype) -> dict:
+        """Record ``value``; raise AssertionError on a mismatch; return what was compared (for extra_info)."""
+        if value is None:  # the floor computes no loss
+            return {"value_check": "none (no loss)"}
+        seen = self.values.setdefault((preset, n), {})
+        seen[backend] = value
+        truth_backend = next((b for b in self.TRUTH if b in seen and b != backend), None)
+        if truth_backend is None:
+            return {"value": value, "value_check": "first value at this size (nothing to compare with yet)"}
+        truth = seen[truth_backend]
+        error = abs(value - truth) / max(abs(truth), 1e-12)
+        rtol = self.RTOL[dtype]
+        assert math.isfinite(value) and error <= rtol, (
+            f"{backend} loss {value!r} differs from {truth_backend}'s {truth!r} at {preset} N={n} "
+            f"(relative error {error:.2e} > {rtol:.0e})")
+        return {"value": value, "value_check": f"{truth_backend} (relative error {error:.1e})", "value_error": error}
 
 
 def rounds_for(seconds_per_call: float, case_seconds: float, max_rounds: int) -> int:

@@ -1,10 +1,15 @@
 """What the suite measures on this machine: sizes, dtype, rounds, memory budget (one place, env-overridable).
 
-Three profiles: quick (CI proof that everything runs, seconds), CPU (about 10 minutes on 2 cores), GPU (the full
-sweep to N = 131072 when CUDA is present). Environment overrides, all optional:
-BENCH_QUICK=1, BENCH_NS="256,1024", BENCH_D=512, BENCH_DTYPE=bfloat16, BENCH_BACKENDS="chunked,floor",
-BENCH_PRESETS="clip-rd", BENCH_MODES="forward+backward", BENCH_CASE_SECONDS=2, BENCH_MAX_CALL_SECONDS=25,
-BENCH_MEM_FRACTION=0.7,
+``pytest bench/ --benchmark-only`` picks the device's default profile; ``--bench-profile`` chooses another:
+- ``default``: forward+backward, every backend, the clip-rd and clip-kd presets to N = 8192 and the intra-kd and
+  gd weight sets to N = 4096 on CPU (about 13 minutes on 2 cores); on CUDA the GPU sizes, N = 4096 to 65536;
+- ``full``: all three modes (forward, backward, both) and the long sweep: N = 256 to 16384 on CPU (about an hour
+  on 2 cores), to 131072 on CUDA;
+- ``quick``: tiny sizes, one round (CI's proof that everything runs; also ``--bench-quick``).
+Environment overrides, all optional:
+BENCH_PROFILE=full, BENCH_QUICK=1, BENCH_NS="256,1024", BENCH_D=512, BENCH_DTYPE=bfloat16,
+BENCH_BACKENDS="chunked,floor", BENCH_PRESETS="clip-rd,clip-kd+gd", BENCH_MODES="forward+backward",
+BENCH_CASE_SECONDS=2, BENCH_MAX_CALL_SECONDS=25, BENCH_MEM_FRACTION=0.7,
 BENCH_PEAK_TFLOPS=989 (device peak for the "share of peak" column).
 """
 from __future__ import annotations
@@ -15,9 +20,22 @@ from functools import lru_cache
 
 import torch
 
+from kernels import PRESETS as LOSS_PRESETS
+
 QUICK_ENV = "BENCH_QUICK"
+PROFILE_ENV = "BENCH_PROFILE"
+PROFILES = ("default", "full", "quick")
 MODES = ("forward", "backward", "forward+backward")
-PRESETS = ("clip-rd", "clip-kd")
+# The loss weights a case runs, by name: the two published presets, and two sets for the other kernel paths (the
+# intra-modal term, and gradient distillation's P @ Y and P^T @ X streams).
+WEIGHT_SETS = {
+    "clip-rd": LOSS_PRESETS["clip-rd"],
+    "clip-kd": LOSS_PRESETS["clip-kd"],
+    "intra-kd": LOSS_PRESETS["intra-kd"],
+    "clip-kd+gd": {**LOSS_PRESETS["clip-kd"], "gd": 1.0},
+}
+PRESETS = ("clip-rd", "clip-kd")  # the published presets: every backend, the largest sizes
+EXTRA_SETS = ("intra-kd", "clip-kd+gd")  # other kernel paths, at smaller sizes
 # "floor" is not a loss backend: the matrix multiplications alone (bench.cases.FloorCase).
 LOSS_BACKENDS = ("reference", "compiled", "chunked", "triton")
 ALL_BACKENDS = LOSS_BACKENDS + ("floor",)
@@ -25,8 +43,27 @@ ALL_BACKENDS = LOSS_BACKENDS + ("floor",)
 MATERIALISING = ("reference", "compiled")
 
 
+def weights_of(name: str) -> dict[str, float]:
+    """The loss weights of a case's weight set (or of any kernels preset by name)."""
+    if name in WEIGHT_SETS:
+        return dict(WEIGHT_SETS[name])
+    if name in LOSS_PRESETS:
+        return dict(LOSS_PRESETS[name])
+    raise ValueError(f"unknown weight set {name!r}; expected one of {list(WEIGHT_SETS)}")
+
+
 def quick_mode() -> bool:
     return os.environ.get(QUICK_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def profile_name() -> str:
+    """default, full or quick: --bench-profile (through BENCH_PROFILE), or BENCH_QUICK=1 for quick."""
+    if quick_mode():
+        return "quick"
+    name = os.environ.get(PROFILE_ENV, "default").strip().lower() or "default"
+    if name not in PROFILES:
+        raise ValueError(f"--bench-profile / {PROFILE_ENV}: unknown profile {name!r}; expected one of {PROFILES}")
+    return name
 
 
 def _env_list(name: str, default: tuple) -> tuple:
@@ -52,17 +89,20 @@ class Profile:
     large_backends: tuple[str, ...]
     backends: tuple[str, ...]
     compiled_presets: tuple[str, ...]  # torch.compile costs ~30 s per preset: quick mode compiles one
-    presets: tuple[str, ...]
+    presets: tuple[str, ...]  # weight-set names (WEIGHT_SETS)
+    extra_max_n: int  # largest N of the EXTRA_SETS
     modes: tuple[str, ...]
     case_seconds: float  # timed seconds to aim at per case; rounds = clamp(case_seconds / one call)
     max_call_seconds: float  # sizes whose one call would take longer (extrapolated) are skipped with the estimate
     max_rounds: int
     mem_fraction: float  # share of currently available memory a case may use
 
-    def sweep(self, backend: str, mode: str) -> tuple[int, ...]:
+    def sweep(self, backend: str, mode: str, preset: str = "clip-rd") -> tuple[int, ...]:
         ns = [n for n in self.ns if n <= self.max_n.get(backend, max(self.ns))]
         if mode == "forward+backward" and backend in self.large_backends:
             ns += [n for n in self.large_ns if n not in ns]
+        if preset in EXTRA_SETS:
+            ns = [n for n in ns if n <= self.extra_max_n]
         return tuple(sorted(ns))
 
     def all_ns(self) -> tuple[int, ...]:
@@ -81,29 +121,45 @@ def profile() -> Profile:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     available = [b for b in ALL_BACKENDS if b != "triton" or cuda]
-    if quick_mode():
+    name = profile_name()
+    every_set = PRESETS + EXTRA_SETS
+    if name == "quick":
         base = dict(
             name="quick", d=32, ns=(32, 128), max_n={"compiled": 32}, compiled_presets=("clip-kd",), large_ns=(),
-            large_backends=(), case_seconds=0.0,
-            max_rounds=1, max_call_seconds=0.0, dtype="bfloat16" if cuda else "float32",
+            large_backends=(), case_seconds=0.0, max_rounds=1, max_call_seconds=0.0,
+            dtype="bfloat16" if cuda else "float32", modes=MODES, extra_max_n=128,
         )
     elif cuda:
+        big = name == "full"
         base = dict(
-            name="gpu", d=512, ns=(1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072), max_n={"chunked": 65536},
-            large_ns=(), large_backends=(), case_seconds=1.0, max_rounds=10, max_call_seconds=30.0, dtype="bfloat16",
+            name="gpu-full" if big else "gpu", d=512,
+            ns=(1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072) if big else (4096, 8192, 16384, 32768, 65536),
+            max_n={"chunked": 65536}, large_ns=(), large_backends=(),
+            case_seconds=1.0, max_rounds=10, max_call_seconds=30.0, dtype="bfloat16",
+            modes=MODES if big else ("forward+backward",), extra_max_n=131072 if big else 32768,
         )
-    else:
+    elif name == "full":
         base = dict(
-            name="cpu", d=512, ns=(256, 512, 1024, 2048, 4096), max_n={}, large_ns=(8192, 16384),
-            large_backends=ALL_BACKENDS, case_seconds=2.0, max_rounds=5, max_call_seconds=25.0, dtype="float32",
+            name="cpu-full", d=512, ns=(256, 512, 1024, 2048, 4096), max_n={}, large_ns=(8192, 16384),
+            large_backends=ALL_BACKENDS, case_seconds=2.0, max_rounds=5, max_call_seconds=40.0, dtype="float32",
+            modes=MODES, extra_max_n=8192,
+        )
+    else:  # the default CPU run: about 13 minutes on 2 quiet cores
+        base = dict(
+            name="cpu", d=512, ns=(1024, 2048, 4096, 8192), max_n={}, large_ns=(), large_backends=(),
+            case_seconds=1.0, max_rounds=3, max_call_seconds=40.0, dtype="float32", modes=("forward+backward",),
+            extra_max_n=4096, compiled_presets=PRESETS,
         )
     ns = tuple(int(n) for n in _env_list("BENCH_NS", base["ns"]))
     backends = _env_list("BENCH_BACKENDS", available)
     unknown = sorted(set(backends) - set(ALL_BACKENDS))
     if unknown:
         raise ValueError(f"BENCH_BACKENDS: unknown backend(s) {unknown}; expected a subset of {list(ALL_BACKENDS)}")
-    presets = _env_list("BENCH_PRESETS", PRESETS)
-    modes = _env_list("BENCH_MODES", MODES)
+    presets = _env_list("BENCH_PRESETS", every_set)
+    unknown = sorted(set(presets) - set(WEIGHT_SETS))
+    if unknown:
+        raise ValueError(f"BENCH_PRESETS: unknown weight set(s) {unknown}; expected a subset of {list(WEIGHT_SETS)}")
+    modes = _env_list("BENCH_MODES", base["modes"])
     bad_modes = sorted(set(modes) - set(MODES))
     if bad_modes:
         raise ValueError(f"BENCH_MODES: unknown mode(s) {bad_modes}; expected a subset of {list(MODES)}")
@@ -119,6 +175,7 @@ def profile() -> Profile:
         backends=tuple(b for b in backends if b in available),
         compiled_presets=base.get("compiled_presets", presets),
         presets=presets,
+        extra_max_n=base["extra_max_n"],
         modes=modes,
         case_seconds=float(os.environ.get("BENCH_CASE_SECONDS", base["case_seconds"])),
         max_rounds=base["max_rounds"],

@@ -1,21 +1,49 @@
-"""pytest options and hooks of the benchmark suite: ``--bench-quick``, the machine description, a closing summary."""
+"""pytest options and hooks of the benchmark suite: ``--bench-profile``/``--bench-quick``, the machine description,
+one line per finished case, a closing summary."""
 from __future__ import annotations
 
 import os
 
-from .config import QUICK_ENV
+from .config import PROFILE_ENV, PROFILES, QUICK_ENV
+
+_TERMINAL = []  # the terminal reporter, once configured
 
 
 def pytest_addoption(parser):
     parser.addoption(
+        "--bench-profile", choices=PROFILES, default=None,
+        help=f"default: every backend and preset, forward+backward, N to 8192 on CPU (about 13 min on 2 cores), GPU "
+             f"sizes on CUDA; full: every mode and the long sweep (N to 16384 on CPU); quick: tiny sizes (same as "
+             f"{PROFILE_ENV}=...)",
+    )
+    parser.addoption(
         "--bench-quick", action="store_true", default=False,
-        help=f"CI-sized benchmark run (tiny sizes, one round); same as {QUICK_ENV}=1",
+        help=f"CI-sized benchmark run (tiny sizes, one round); same as --bench-profile quick or {QUICK_ENV}=1",
     )
 
 
 def pytest_configure(config):
+    # before bench.config.profile() is first read, at collection
     if config.getoption("--bench-quick", default=False):
-        os.environ[QUICK_ENV] = "1"  # before bench.config.profile() is first read, at collection
+        os.environ[QUICK_ENV] = "1"
+    if config.getoption("--bench-profile", default=None):
+        os.environ[PROFILE_ENV] = config.getoption("--bench-profile")
+
+
+def pytest_sessionstart(session):
+    _TERMINAL[:] = [session.config.pluginmanager.get_plugin("terminalreporter")]
+
+
+def pytest_runtest_logreport(report):
+    """Print a finished benchmark case's line (recorded by bench/test_loss.py) as soon as it is done."""
+    if report.when != "call" or not _TERMINAL or _TERMINAL[0] is None:
+        return
+    terminal = _TERMINAL[0]
+    for name, value in report.user_properties:
+        if name == "bench_line":
+            if getattr(terminal._tw, "width_of_current_line", 0):  # after the progress dots
+                terminal.write("\n")
+            terminal.write_line(value)
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

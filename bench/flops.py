@@ -3,8 +3,11 @@
 Each distinct logit view ``X[rows] @ Y^T`` is one (rows x D) @ (D x N) product, 2 * rows * N * D FLOPs, in the
 forward pass; in the backward pass a view that is the student side of some use (not only a KD target) needs one
 more product of the same size per student operand: dX[rows] = G @ Y (anchor) and dY = G^T @ X[rows] (candidate).
-For ``clip-rd`` that is 12 forward + 12 gradient products, for ``clip-kd`` 6 + 6. Elementwise work (exp, softmax,
-the O(N D) fd term) is not counted: GFLOP/s here is useful matmul throughput, the same count for every backend.
+For ``clip-rd`` that is 12 forward + 12 gradient products, for ``clip-kd`` 6 + 6. Gradient distillation adds, per
+direction and side, ``R Y`` and ``R^T X`` in the forward (8), and per student direction ``EX Y^T`` and ``X EY^T``
+(its upstream gradient through the logits) and four gradient products ``dA Y``, ``R EY``, ``dA^T X``, ``R^T EX`` in
+the backward (12). Elementwise work (exp, softmax, the O(N D) fd term) is not counted: GFLOP/s here is useful
+matmul throughput, the same count for every backend.
 """
 from __future__ import annotations
 
@@ -12,7 +15,15 @@ from dataclasses import dataclass
 
 from kernels import spec
 
+from .config import weights_of
+
 STUDENT = set(spec.STUDENT_INPUTS)
+# Product kinds by the shape of their result: rows x N logits, anchor rows (rows x D) or candidate rows (N x D).
+LOGITS_KINDS = ("forward", "gd_logits")
+ANCHOR_KINDS = ("grad_anchor", "gd_rows")  # G @ candidates -> anchor rows
+CANDIDATE_KINDS = ("grad_candidate", "gd_cols")  # G^T @ anchors -> candidate rows
+FORWARD_KINDS = ("forward", "gd_rows", "gd_cols")  # the forward pass's products; the others are the backward's
+GD_DIRECTIONS = (("s_img", "s_txt"), ("s_txt", "s_img"), ("t_img", "t_txt"), ("t_txt", "t_img"))
 
 
 @dataclass(frozen=True)
@@ -21,12 +32,13 @@ class Product:
 
     anchor: str
     candidate: str
-    kind: str  # "forward", "grad_anchor" (G @ candidate -> anchor rows), "grad_candidate" (G^T @ anchor -> candidate)
+    kind: str  # "forward" (logits), "grad_anchor" / "grad_candidate", gd's "gd_rows" / "gd_cols" / "gd_logits"
 
 
 def products(preset: str) -> list[Product]:
-    """The products the objective cannot avoid for this preset (views deduplicated by operands, scale ignored)."""
-    uses = spec.active_uses(spec.resolve_weights(preset))
+    """The products the objective cannot avoid for this weight set (views deduplicated by operands, scale ignored)."""
+    weights = spec.resolve_weights(weights_of(preset))
+    uses = spec.active_uses(weights)
     views, graded = {}, {}
     for use in uses:
         key = (use.view.anchor, use.view.candidate)
@@ -39,6 +51,13 @@ def products(preset: str) -> list[Product]:
             out.append(Product(a, c, "grad_anchor"))
         if c in STUDENT:
             out.append(Product(a, c, "grad_candidate"))
+    if weights.get("gd"):
+        for a, c in GD_DIRECTIONS:
+            if (a, c) not in views:
+                out.append(Product(a, c, "forward"))
+            out += [Product(a, c, "gd_rows"), Product(a, c, "gd_cols")]
+        for a, c in GD_DIRECTIONS[:2]:  # the student side's backward
+            out += [Product(a, c, kind) for kind in ("gd_logits",) * 2 + ("grad_anchor",) * 2 + ("grad_candidate",) * 2]
     return out
 
 
@@ -46,9 +65,9 @@ def mode_products(preset: str, mode: str) -> list[Product]:
     """Products timed by a mode: forward -> forward products, backward -> gradient products, both -> all."""
     every = products(preset)
     if mode == "forward":
-        return [p for p in every if p.kind == "forward"]
+        return [p for p in every if p.kind in FORWARD_KINDS]
     if mode == "backward":
-        return [p for p in every if p.kind != "forward"]
+        return [p for p in every if p.kind not in FORWARD_KINDS]
     if mode == "forward+backward":
         return every
     raise ValueError(f"mode: unknown mode {mode!r}; expected forward, backward or forward+backward")

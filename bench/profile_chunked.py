@@ -63,7 +63,7 @@ def profile_case(preset: str, n: int, d: int) -> dict:
     wall = time.perf_counter() - start
     floor = FloorCase(preset, inputs)
     run_once(floor, "forward+backward", "cpu")
-    floor_s = min(run_once(floor, "forward+backward", "cpu") for _ in range(2))
+    floor_s = min(run_once(floor, "forward+backward", "cpu")[0] for _ in range(2))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
     by_category, by_op = defaultdict(float), defaultdict(float)

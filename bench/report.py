@@ -101,6 +101,18 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def case_line(record: dict) -> str:
+    """One finished case: weight set, mode, N, backend, time, peak extra memory, ratio to the reference, value check."""
+    ratio = record.get("reference_ratio")
+    if record["backend"] == "floor":
+        versus = "the matmuls alone"
+    else:
+        versus = f"{ratio:.2f}x the reference's time" if ratio is not None else "no reference time at this size"
+    return (f"{record['preset']} {record['mode']} N={record['n']} {record['backend']}: "
+            f"{record['median_s']:.3f} s, peak extra memory {record['peak_extra_bytes'] / MiB:.0f} MiB, {versus}; "
+            f"value check: {record.get('value_check', '-')}")
+
+
 def summary_lines(records: list[dict]) -> list[str]:
     """Short text summary (also printed at the end of a pytest run)."""
     if not records:

@@ -1,9 +1,11 @@
-"""Loss benchmarks: every backend of ``clip_rd_loss`` and the matmul floor, over mode x preset x N.
+"""Loss benchmarks: every backend of ``clip_rd_loss`` and the matmul floor, over mode x weight set x N.
 
-One benchmark group per (preset, mode, N), so pytest-benchmark's table compares backends at one size. Next to the
-time each case records in ``extra_info``: peak extra memory (bench.memory), FLOPs and GFLOP/s (bench.flops),
-bytes moved, and on a GPU the share of the device's peak. Sizes the machine cannot afford are skipped with the
-estimate that ruled them out (see ``pytest -rs`` or the summary at the end of the run).
+One benchmark group per (weight set, mode, N), so pytest-benchmark's table compares backends at one size. Before a
+backend is timed, the loss value of its warm-up call is checked against the reference's at the same inputs (the
+chunked backend's where the reference cannot run): a fast wrong kernel fails the run. Next to the time each case
+records in ``extra_info``: peak extra memory (bench.memory), FLOPs and GFLOP/s (bench.flops), bytes moved, the
+value check, and on a GPU the share of the device's peak; and it prints one line as it finishes. Sizes the machine
+cannot afford are skipped with the estimate that ruled them out (see the summary at the end of the run).
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import pytest
 import torch
 
 from . import flops, memory
-from .cases import build_case, make_inputs, mode_functions, rounds_for, run_once
+from .cases import ValueLedger, build_case, make_inputs, mode_functions, rounds_for, run_once
 from .config import LOSS_BACKENDS, profile
+from .report import case_line
 
 PROFILE = profile()
 # Order: one group after another, backends together inside a group.
@@ -29,7 +32,7 @@ def _cases():
                 for backend in sorted(PROFILE.backends, key=BACKEND_ORDER.get):
                     if backend == "compiled" and preset not in PROFILE.compiled_presets:
                         continue
-                    if n in PROFILE.sweep(backend, mode):
+                    if n in PROFILE.sweep(backend, mode, preset):
                         cases.append(pytest.param(backend, preset, mode, n, id=f"{preset}-{mode}-N{n}-{backend}"))
     return cases
 
@@ -41,6 +44,9 @@ _INPUTS: dict[int, dict] = {}
 _SECONDS: dict[tuple, dict[int, float]] = {}
 _CUDA_PEAKS: dict[tuple, dict[int, int]] = {}
 _COMPILE_FAILED: dict[str, str] = {}
+# Loss values of the warm-up calls, checked against the reference's; the reference's median per (preset, mode, N).
+_VALUES = ValueLedger()
+_REFERENCE_SECONDS: dict[tuple, float] = {}
 
 
 def _inputs(n: int) -> dict:
@@ -64,7 +70,7 @@ def _cpu_memory(backend, preset, mode, n) -> dict:
 
 
 @pytest.mark.parametrize("backend,preset,mode,n", _cases())
-def test_loss(benchmark, backend, preset, mode, n):
+def test_loss(benchmark, record_property, backend, preset, mode, n):
     device, dtype, d = PROFILE.device, PROFILE.dtype, PROFILE.d
     rows = n  # single device: every row is an anchor
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -90,9 +96,9 @@ def test_loss(benchmark, backend, preset, mode, n):
     case = build_case(backend, preset, _inputs(n))
     try:
         # Warm-up: compiles (torch.compile, Triton) and measures one call to choose the number of rounds.
-        seconds = run_once(case, mode, device)
+        seconds, value = run_once(case, mode, device)
         if backend in ("compiled", "triton") or seconds < PROFILE.case_seconds:
-            seconds = run_once(case, mode, device)
+            seconds, value = run_once(case, mode, device)
         peak = probe["peak_extra_bytes"] if probe else memory.cuda_peak(case, mode, device)
     except torch.OutOfMemoryError as exc:
         pytest.skip(f"{backend} at N={n} ran out of device memory: {str(exc).splitlines()[0]}")
@@ -101,6 +107,7 @@ def test_loss(benchmark, backend, preset, mode, n):
             raise
         _COMPILE_FAILED[preset] = f"torch.compile of the reference failed here: {type(exc).__name__}: {exc}"[:600]
         pytest.skip(_COMPILE_FAILED[preset])
+    checked = _VALUES.check(backend, preset, n, value, dtype)
     _SECONDS.setdefault(key, {})[n] = seconds
     if device != "cpu":
         _CUDA_PEAKS.setdefault(key, {})[n] = peak
@@ -112,6 +119,8 @@ def test_loss(benchmark, backend, preset, mode, n):
     flop = flops.flop_count(preset, mode, rows, n, d)
     # With --benchmark-disable pytest-benchmark runs the target once and keeps no statistics.
     median = benchmark.stats.stats.median if benchmark.stats else seconds
+    if backend == "reference":
+        _REFERENCE_SECONDS[(preset, mode, n)] = median
     peak_flops = None
     if device == "cuda":
         from .config import device_peak_flops
@@ -128,4 +137,8 @@ def test_loss(benchmark, backend, preset, mode, n):
         "device_peak_flops": peak_flops,
         "peak_share": (flop / median / peak_flops) if peak_flops else None,
         "probe_seconds": probe["seconds"] if probe else None,
+        "reference_ratio": (median / _REFERENCE_SECONDS[(preset, mode, n)]
+                            if (preset, mode, n) in _REFERENCE_SECONDS else None),
+        **checked,
     })
+    record_property("bench_line", case_line({**benchmark.extra_info, "median_s": median}))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,9 @@ def test_quick_suite_and_report_run(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "bench summary" in proc.stdout
+    # one line per case as it finishes, with its value checked against the reference's
+    assert re.search(r"clip-kd forward\+backward N=128 chunked: [\d.]+ s, peak extra memory \d+ MiB, [\d.]+x the "
+                     r"reference's time; value check: reference \(relative error", proc.stdout), proc.stdout[-3000:]
     records, machine, _ = report.load(result_json)
     assert {r["backend"] for r in records} == {"floor", "reference", "chunked"}
     assert machine["cpu_cores"] == os.cpu_count()
@@ -142,3 +146,28 @@ def test_quick_suite_and_report_run(tmp_path):
                    check=True, capture_output=True, timeout=300)
     assert "clip-kd, forward+backward" in (out / "report.md").read_text()
     assert (out / "clip-kd.png").exists()
+
+
+def test_value_ledger_fails_a_wrong_backend():
+    from bench.cases import ValueLedger
+
+    ledger = ValueLedger()
+    assert ledger.check("floor", "clip-rd", 64, None, torch.float32)["value_check"].startswith("none")
+    assert "first value" in ledger.check("reference", "clip-rd", 64, 10.0, torch.float32)["value_check"]
+    assert ledger.check("chunked", "clip-rd", 64, 10.0 + 1e-5, torch.float32)["value_error"] == pytest.approx(1e-6)
+    with pytest.raises(AssertionError, match="compiled loss 10.01 differs from reference's 10.0"):
+        ledger.check("compiled", "clip-rd", 64, 10.01, torch.float32)
+    with pytest.raises(AssertionError, match="relative error"):
+        ledger.check("triton", "clip-rd", 64, float("nan"), torch.bfloat16)
+    # where the reference did not run, the chunked backend's value is the ground truth
+    ledger.check("chunked", "clip-rd", 65536, 5.0, torch.bfloat16)
+    assert ledger.check("triton", "clip-rd", 65536, 5.02, torch.bfloat16)["value_check"].startswith("chunked")
+    with pytest.raises(AssertionError):
+        ledger.check("triton", "clip-rd", 65536, 5.5, torch.bfloat16)
+
+
+def test_gd_floor_products_by_hand():
+    # clip-kd's 6 views already hold gd's four logit views; gd adds R Y and R^T X per view (8 forward), and per
+    # student direction two upstream products and four gradient products (12 backward).
+    assert len(flops.mode_products("clip-kd+gd", "forward")) == 6 + 8
+    assert len(flops.mode_products("clip-kd+gd", "backward")) == 6 + 12
