@@ -108,8 +108,10 @@ def case_line(record: dict) -> str:
         versus = "the matmuls alone"
     else:
         versus = f"{ratio:.2f}x the reference's time" if ratio is not None else "no reference time at this size"
+    peak = record["peak_extra_bytes"]
+    memory = "-" if peak is None else f"{peak / MiB:.0f} MiB"
     return (f"{record['preset']} {record['mode']} N={record['n']} {record['backend']}: "
-            f"{record['median_s']:.3f} s, peak extra memory {record['peak_extra_bytes'] / MiB:.0f} MiB, {versus}; "
+            f"{record['median_s']:.3f} s, peak extra memory {memory}, {versus}; "
             f"value check: {record.get('value_check', '-')}")
 
 
