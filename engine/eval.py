@@ -3,11 +3,16 @@
 
 Zero-shot needs labels (``label`` in each sample's .json) and a ``classnames.json`` (classnames + templates)
 next to the validation shards; retrieval works on any image-caption shards.
+
+``imagenet_zero_shot`` is open_clip_train's ImageNet zero-shot evaluation (``--imagenet-val``): an ImageFolder of
+ImageNet's 1000 class folders, open_clip's class names and OpenAI templates, metrics ``imagenet-zeroshot-val-top1``
+and ``-top5``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -88,6 +93,45 @@ def evaluate(model, preprocess, tokenizer, pattern: str, batch_size: int = 500,
         metrics = {**zero_shot_accuracy(features["image"], classifier, features["labels"]), **metrics}
     model.train(was_training)
     return metrics
+
+
+def imagenet_folder(root: str, transform=None):
+    """torchvision's ImageFolder of ``root`` (classes in sorted folder order, as open_clip's class names are);
+    refused in one line if it is missing, has other than 1000 class folders, or no images."""
+    from open_clip import IMAGENET_CLASSNAMES
+    from torchvision.datasets import ImageFolder
+
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--imagenet-val {root}: no such directory")
+    dataset = ImageFolder(root, transform=transform, allow_empty=True)
+    if len(dataset.classes) != len(IMAGENET_CLASSNAMES):
+        raise ValueError(f"--imagenet-val {root}: {len(dataset.classes)} class folders, expected ImageNet's "
+                         f"{len(IMAGENET_CLASSNAMES)} (one folder per class, e.g. n01440764, in ImageNet's order)")
+    if len(dataset) == 0:
+        raise ValueError(f"--imagenet-val {root}: no images in its class folders")
+    return dataset
+
+
+@torch.no_grad()
+def imagenet_zero_shot(model, preprocess, tokenizer, root: str, batch_size: int = 500, workers: int = 0,
+                       device: str | torch.device = "cpu") -> dict[str, float]:
+    """open_clip_train's zero-shot ImageNet top-1/top-5 on the ImageFolder ``root``."""
+    from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier
+
+    was_training = model.training
+    model.eval()
+    classifier = build_zero_shot_classifier(model, tokenizer, IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES,
+                                            num_classes_per_batch=10, device=device).float()  # (D, 1000)
+    loader = torch.utils.data.DataLoader(imagenet_folder(root, preprocess), batch_size=batch_size,
+                                         num_workers=workers)
+    hits, count = {"acc1": 0.0, "acc5": 0.0}, 0
+    for images, labels in loader:
+        features = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)
+        for name, share in zero_shot_accuracy(features, classifier, labels.to(device)).items():
+            hits[name] += share * len(labels)
+        count += len(labels)
+    model.train(was_training)
+    return {"imagenet-zeroshot-val-top1": hits["acc1"] / count, "imagenet-zeroshot-val-top5": hits["acc5"] / count}
 
 
 def latest_checkpoint(logs: str) -> Optional[Path]:
