@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
+import itertools
 import json
 import os
 import random
@@ -297,10 +298,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         skip = worker_skips(counts, self.batches_done)[worker] * self.batch_size
         limit = self.steps_per_epoch(self.epoch)  # equal step counts on every rank
         budget = worker_skips(counts, limit)[worker] * self.batch_size  # samples this worker may emit in total
-        raw = self._raw_samples(shards)
-        if self.shuffle:
-            rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
-            raw = _shuffled(raw, self.shuffle_buffer, rng)
+        raw = self._raw_samples(shards, worker)
         batch = []
         for index, sample in enumerate(raw):
             if index >= budget:
@@ -312,15 +310,18 @@ class ShardStream(torch.utils.data.IterableDataset):
                 yield collate(batch)
                 batch = []
 
-
-    def _raw_samples(self, shards: list[str]) -> Iterator[dict]:
-        """This worker's raw samples in shard order; with sizes from --train-num-samples, over and over."""
-        while True:
+    def _raw_samples(self, shards: list[str], worker: int) -> Iterator[dict]:
+        """This worker's raw samples: its shards in order through a seeded shuffle buffer; with sizes from
+        --train-num-samples, pass after pass (each pass shuffled on its own, the first one as without)."""
+        for repeat in itertools.count():
             count = 0
-            for url in shards:
-                for sample in read_shard(url, self.sizes[url] if self.exact else None):
-                    count += 1
-                    yield sample
+            samples = (s for url in shards for s in read_shard(url, self.sizes[url] if self.exact else None))
+            if self.shuffle:
+                seed = f"{self.seed}-{self.epoch}-{self.rank}-{worker}" + (f"-pass{repeat}" if repeat else "")
+                samples = _shuffled(samples, self.shuffle_buffer, random.Random(seed))
+            for sample in samples:
+                count += 1
+                yield sample
             if self.exact or not shards:
                 return
             if count == 0:

@@ -264,8 +264,8 @@ def create_student(cfg: TrainConfig, device: torch.device) -> nn.Module:
     models.model_config(cfg.model)  # an unknown model name is not the weights' fault
     try:
         return models.create_model(cfg.model, cfg.pretrained, device=device)
-    except (RuntimeError, ValueError, OSError, EOFError, KeyError, pickle.UnpicklingError) as exc:
-        if not cfg.pretrained:
+    except (RuntimeError, ValueError, OSError, EOFError, KeyError, AssertionError, pickle.UnpicklingError) as exc:
+        if not cfg.pretrained:  # AssertionError: open_clip's checks of the checkpoint's shapes
             raise
         detail = " ".join(str(exc).split())  # load_state_dict lists every mismatched key on its own line
         raise ValueError(f"--pretrained {cfg.pretrained}: cannot load it into {cfg.model}: "
