@@ -335,3 +335,15 @@ def test_store_built_from_pipe_shards(tmp_path, synth_data, teacher_ckpt, store_
     for mine, theirs in zip(remote.parts, reference.parts):
         for array in ("keys", "digests", "image", "text"):
             np.testing.assert_array_equal(mine[array], theirs[array], err_msg=array)
+
+
+def test_resume_over_repeated_pipe_shards_is_exact(tmp_path, synth_data, teacher_ckpt, store_dir):
+    """160 samples per epoch from 96: a run stopped in the second pass over the shards resumes at the same sample."""
+    common = dict(train_data=_cat_pipe(synth_data["train"]), train_num_samples=160, eval=False)
+    _run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, name="full", **common))
+    _run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, name="killed", stop_after_steps=8, **common))
+    _run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, name="killed", resume="latest", **common))
+    full, resumed = _checkpoint(tmp_path, "full"), _checkpoint(tmp_path, "killed")
+    assert full["step"] == resumed["step"] == 10
+    for key, value in full["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
