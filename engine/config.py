@@ -21,6 +21,7 @@ class TrainConfig:
     workers: int = 0
     shuffle_buffer: int = 1000
     train_num_samples: Optional[int] = None  # samples in an epoch (open_clip); needed for remote shards
+    val_num_samples: Optional[int] = None  # samples in the validation data (open_clip); checked when read
     imagenet_val: Optional[str] = None  # ImageFolder of ImageNet's 1000 classes for zero-shot evaluation
     # models
     model: str = "tiny-vit-student"
@@ -123,8 +124,9 @@ class TrainConfig:
         for name in ("val_frequency", "zeroshot_frequency", "lock_image_unlocked_groups", "lock_text_unlocked_layers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
-        if self.train_num_samples is not None and self.train_num_samples < 1:
-            raise ValueError(f"--train-num-samples: must be >= 1, got {self.train_num_samples}")
+        for name in ("train_num_samples", "val_num_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
         for tower, companions in (("image", ("lock_image_unlocked_groups", "lock_image_freeze_bn_stats")),
                                   ("text", ("lock_text_unlocked_layers", "lock_text_freeze_layer_norm"))):
             given = [name for name in companions if getattr(self, name)]
@@ -167,6 +169,9 @@ def parser() -> argparse.ArgumentParser:
       help="samples in an epoch, spread evenly over the shards (a worker starts over its shards when they hold "
            "fewer); required for remote shards, whose sizes are unknown (default: the shards' own sizes, from "
            "sizes.json or the tar listing)")
+    a("--val-num-samples", type=int, default=None,
+      help="samples in the validation data: evaluation reads --val-data to its end and refuses another count "
+           "(local shards at start, remote ones when read), so truncated remote shards do not go unnoticed")
     a("--imagenet-val", default=None,
       help="ImageNet validation folder (ImageFolder layout: 1000 class folders, sorted as ImageFolder sorts them) "
            "for zero-shot classification with open_clip's ImageNet class names and templates (default: none)")

@@ -24,8 +24,9 @@ from . import data as data_lib
 
 @torch.no_grad()
 def encode_shards(model, preprocess, tokenizer, pattern: str, batch_size: int = 500,
-                  device: str | torch.device = "cpu") -> dict:
-    """Normalised image/text embeddings and labels (or None) of every sample, in shard order."""
+                  device: str | torch.device = "cpu", num_samples: Optional[int] = None) -> dict:
+    """Normalised image/text embeddings and labels (or None) of every sample, in shard order; ``num_samples``: the
+    count to expect (ShardError naming --val-num-samples otherwise)."""
     codec = data_lib.Codec(images={"image": preprocess}, texts={"text": tokenizer})
     urls = data_lib.expand_urls(pattern)
     sizes = data_lib.shard_sizes(urls)
@@ -37,6 +38,9 @@ def encode_shards(model, preprocess, tokenizer, pattern: str, batch_size: int = 
         images.append(F.normalize(out["image_features"].float(), dim=-1).cpu())
         texts.append(F.normalize(out["text_features"].float(), dim=-1).cpu())
         labels.append(batch.get("label"))
+    read = sum(len(part) for part in images)
+    if num_samples is not None and read != num_samples:
+        raise data_lib.ShardError(f"--val-num-samples {num_samples}: read {read} samples from {pattern!r}")
     has_labels = all(label is not None for label in labels)
     return {"image": torch.cat(images), "text": torch.cat(texts),
             "labels": torch.cat(labels) if has_labels else None}
@@ -83,9 +87,10 @@ def load_classnames(pattern: str, classnames_file: Optional[str] = None) -> Opti
 
 
 def evaluate(model, preprocess, tokenizer, pattern: str, batch_size: int = 500,
-             device: str | torch.device = "cpu", classnames_file: Optional[str] = None) -> dict[str, float]:
+             device: str | torch.device = "cpu", classnames_file: Optional[str] = None,
+             num_samples: Optional[int] = None) -> dict[str, float]:
     was_training = model.training
-    features = encode_shards(model, preprocess, tokenizer, pattern, batch_size, device)
+    features = encode_shards(model, preprocess, tokenizer, pattern, batch_size, device, num_samples)
     metrics = retrieval_recall(features["image"], features["text"])
     names = load_classnames(pattern, classnames_file)
     if names is not None and features["labels"] is not None:

@@ -17,7 +17,7 @@ from typing import Optional
 
 from . import defaults
 from .config import report_to
-from .data import ShardError, expand_urls, require_sizes
+from .data import ShardError, expand_urls, require_sizes, shard_sizes
 from .distributed import DistEnv
 from .eval import imagenet_folder
 from .logger import summary_writer_class
@@ -67,6 +67,18 @@ def check_student_inputs(cfg) -> None:
         summary_writer_class()
 
 
+def _check_val_data(val: str, num_samples: Optional[int]) -> None:
+    """The validation shards exist (local ones) and, local ones, hold --val-num-samples samples when it is given."""
+    try:
+        urls = expand_urls(val)
+        sizes = shard_sizes(urls) if num_samples is not None else {}
+    except ShardError as exc:
+        raise ShardError(f"--val-data: {exc}") from exc
+    known = [size for size in sizes.values() if size is not None]
+    if sizes and len(known) == len(sizes) and sum(known) != num_samples:
+        raise ShardError(f"--val-num-samples {num_samples}: the --val-data shards hold {sum(known)} samples")
+
+
 def resolve(cfg, progress: bool = True) -> Sources:
     """Resolve (and build when needed) the inputs of ``cfg``; every bad one is a one-line error."""
     check_student_inputs(cfg)
@@ -77,10 +89,7 @@ def resolve(cfg, progress: bool = True) -> Sources:
         train, val = patterns["train"], val or patterns["val"]
     require_sizes(expand_urls(train), cfg.train_num_samples)
     if val is not None and cfg.eval:
-        try:
-            expand_urls(val)
-        except ShardError as exc:
-            raise ShardError(f"--val-data: {exc}") from exc
+        _check_val_data(val, cfg.val_num_samples)
     if not needs_teacher(cfg):
         return Sources(train, val, None, None, None)
     if cfg.teacher_store is not None and not cfg.online_teacher:

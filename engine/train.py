@@ -410,7 +410,8 @@ def student_metrics(state: TrainState, sources: Sources, val: bool, zeroshot: bo
     scores = {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if val and sources.val:
-            scores.update(evaluate(student, preprocess, tokenizer, sources.val, device=device))
+            scores.update(evaluate(student, preprocess, tokenizer, sources.val, device=device,
+                                   num_samples=cfg.val_num_samples))
         if zeroshot and cfg.imagenet_val:
             scores.update(imagenet_zero_shot(student, preprocess, tokenizer, cfg.imagenet_val, workers=cfg.workers,
                                              device=device))

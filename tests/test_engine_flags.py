@@ -85,6 +85,8 @@ BAD_FLAGS = [
                                      "'laion-nope' for model 'tiny-vit-student' is neither"),
     (["--imagenet-val", "/nowhere/imagenet/val"], "--imagenet-val /nowhere/imagenet/val: no such directory"),
     (["--train-data", "s3://bucket/train-{0..1}.tar"], "webdataset cannot open 's3' URLs"),
+    (["--val-num-samples", "31"], "--val-num-samples 31: the --val-data shards hold 32 samples"),
+    (["--val-num-samples", "0"], "--val-num-samples: must be >= 1"),
 ]
 
 
@@ -311,6 +313,17 @@ def test_pipe_shards_train_like_local_ones(tmp_path, synth_data, teacher_ckpt, s
     assert local["step"] == pipe["step"] == 3
     for key, value in local["state_dict"].items():
         assert torch.equal(value, pipe["state_dict"][key]), key
+
+
+def test_val_num_samples_checks_remote_validation_shards(tmp_path, synth_data, teacher_ckpt, store_dir):
+    from engine.data import ShardError
+
+    remote_val = dict(val_data=_cat_pipe(synth_data["val"]), stop_after_steps=None, epochs=1, batch_size=32)
+    result = _run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, name="right", val_num_samples=32, **remote_val))
+    assert "image_retrieval_recall@1" in result["metrics"]  # retrieval (classnames.json is looked for beside local
+    assert "acc1" not in result["metrics"]                    # shards only: remote ones get no zero-shot acc1)
+    with pytest.raises(ShardError, match=r"--val-num-samples 40: read 32 samples from 'pipe:cat "):
+        _run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, name="wrong", val_num_samples=40, **remote_val))
 
 
 def test_train_num_samples_sets_the_epoch_length(tmp_path, synth_data, teacher_ckpt, store_dir):
