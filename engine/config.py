@@ -167,17 +167,17 @@ def parser() -> argparse.ArgumentParser:
     a("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="samples in the shuffle buffer of each worker")
     a("--train-num-samples", type=int, default=None,
       help="samples in an epoch, spread evenly over the shards (a worker starts over its shards when they hold "
-           "fewer); required for remote shards, whose sizes are unknown (default: the shards' own sizes, from "
-           "sizes.json or the tar listing)")
+           "fewer); required for remote shards, whose sizes are unknown; None: the shards' own sizes, from "
+           "sizes.json or the tar listing")
     a("--val-num-samples", type=int, default=None,
       help="samples in the validation data: evaluation reads --val-data to its end and refuses another count "
            "(local shards at start, remote ones when read), so truncated remote shards do not go unnoticed")
     a("--imagenet-val", default=None,
       help="ImageNet validation folder (ImageFolder layout: 1000 class folders, sorted as ImageFolder sorts them) "
-           "for zero-shot classification with open_clip's ImageNet class names and templates (default: none)")
+           "for zero-shot classification with open_clip's ImageNet class names and templates; None: no ImageNet")
     a("--model", default=d.model, help="student open_clip model name")
     a("--pretrained", default=None, help="the student's initial weights: open_clip pretrained tag or checkpoint "
-      "file (default: random initialisation)")
+      "file; None: random initialisation")
     a("--lock-image", action="store_true", help="lock the student's image tower (no gradients, not in the "
       "optimizer), as in LiT")
     a("--lock-image-unlocked-groups", type=int, default=d.lock_image_unlocked_groups,
@@ -243,7 +243,8 @@ def parser() -> argparse.ArgumentParser:
     a("--zeroshot-frequency", type=int, default=d.zeroshot_frequency,
       help="zero-shot classification on --imagenet-val after every this many epochs and after the last (0: never)")
     a("--report-to", default=None, help="'tensorboard': also write TensorBoard event files to "
-      "<logs>/<name>/tensorboard/ (needs pip install -e '.[tensorboard]'); open_clip's 'wandb' is not supported")
+      "<logs>/<name>/tensorboard/ (needs pip install -e '.[tensorboard]'); open_clip's 'wandb' is not supported; "
+      "None: metrics.jsonl only")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     a("--stop-after-steps", type=int, default=None,
       help="save epoch_latest.pt and stop after this many optimizer steps in all (continue with --resume latest)")
