@@ -119,7 +119,6 @@ class TrainConfig:
             raise ValueError("--teacher-store and --online-teacher exclude each other: "
                              "the online teacher needs no store")
 
-
     def _validate_open_clip_flags(self) -> None:
         for name in ("val_frequency", "zeroshot_frequency", "lock_image_unlocked_groups", "lock_text_unlocked_layers"):
             if getattr(self, name) < 0:

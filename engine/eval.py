@@ -22,6 +22,11 @@ import torch.nn.functional as F
 from . import data as data_lib
 
 
+def _weight_dtype(model) -> torch.dtype:
+    """fp32, or bf16 / fp16 for a student trained in pure low precision (--precision bf16 / fp16)."""
+    return next(model.parameters()).dtype
+
+
 @torch.no_grad()
 def encode_shards(model, preprocess, tokenizer, pattern: str, batch_size: int = 500,
                   device: str | torch.device = "cpu", num_samples: Optional[int] = None) -> dict:
@@ -34,7 +39,7 @@ def encode_shards(model, preprocess, tokenizer, pattern: str, batch_size: int = 
     model.eval()
     samples = (codec(raw) for url in urls for raw in data_lib.read_shard(url, sizes[url]))
     for batch in data_lib.batched(samples, batch_size):  # decoded as they stream: memory independent of shard size
-        out = model(batch["image"].to(device), batch["text"].to(device))
+        out = model(batch["image"].to(device, _weight_dtype(model)), batch["text"].to(device))
         images.append(F.normalize(out["image_features"].float(), dim=-1).cpu())
         texts.append(F.normalize(out["text_features"].float(), dim=-1).cpu())
         labels.append(batch.get("label"))
@@ -131,7 +136,7 @@ def imagenet_zero_shot(model, preprocess, tokenizer, root: str, batch_size: int 
                                          num_workers=workers)
     hits, count = {"acc1": 0.0, "acc5": 0.0}, 0
     for images, labels in loader:
-        features = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)
+        features = F.normalize(model.encode_image(images.to(device, _weight_dtype(model))).float(), dim=-1)
         for name, share in zero_shot_accuracy(features, classifier, labels.to(device)).items():
             hits[name] += share * len(labels)
         count += len(labels)

@@ -300,6 +300,13 @@ def test_evaluation_rows_follow_the_frequencies(tmp_path, synth_data, teacher_ck
     assert _rows(tmp_path, "never", kind="val") == [] and len(_rows(tmp_path, "never", kind="eval")) == 1
 
 
+def test_pure_bf16_student_is_evaluated(tmp_path, synth_data, teacher_ckpt, store_dir, imagenet_dir, two_templates):
+    """--precision bf16 keeps the student's weights in bf16: evaluation feeds it images of that dtype."""
+    result = _run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, batch_size=32, precision="bf16",
+                       preset="clip-kd", imagenet_val=str(imagenet_dir), zeroshot_frequency=1))
+    assert {"acc1", "image_retrieval_recall@1", "imagenet-zeroshot-val-top1"} <= set(result["metrics"])
+
+
 # ----------------------------------------------------------------------- remote shards, --train-num-samples
 
 
