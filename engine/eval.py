@@ -113,10 +113,11 @@ def imagenet_folder(root: str, transform=None):
 
     if not os.path.isdir(root):
         raise FileNotFoundError(f"--imagenet-val {root}: no such directory")
-    dataset = ImageFolder(root, transform=transform, allow_empty=True)
-    if len(dataset.classes) != len(IMAGENET_CLASSNAMES):
-        raise ValueError(f"--imagenet-val {root}: {len(dataset.classes)} class folders, expected ImageNet's "
+    classes = [entry for entry in os.scandir(root) if entry.is_dir()]  # ImageFolder's classes, before it refuses 0
+    if len(classes) != len(IMAGENET_CLASSNAMES):
+        raise ValueError(f"--imagenet-val {root}: {len(classes)} class folders, expected ImageNet's "
                          f"{len(IMAGENET_CLASSNAMES)} (one folder per class, e.g. n01440764, in ImageNet's order)")
+    dataset = ImageFolder(root, transform=transform, allow_empty=True)
     if len(dataset) == 0:
         raise ValueError(f"--imagenet-val {root}: no images in its class folders")
     return dataset
@@ -169,6 +170,9 @@ def main(argv=None) -> None:
     parser.add_argument("--val-data", default=None, help="validation shards (default: embedded validation split)")
     parser.add_argument("--classnames", default=None, help="JSON with classnames and templates (default: the "
                         "classnames.json beside the validation shards)")
+    parser.add_argument("--imagenet-val", default=None,
+                        help="also zero-shot ImageNet (open_clip_train's --imagenet-val): an ImageFolder of the 1000 "
+                             "class folders; None: the validation shards only")
     parser.add_argument("--batch-size", type=int, default=500, help="samples per forward pass")
     parser.add_argument("--cache-dir", default=None,
                         help="cache of the embedded dataset (default: $CLIP_RD_CACHE or ~/.cache/clip_rd)")
@@ -190,9 +194,13 @@ def main(argv=None) -> None:
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     val = args.val_data or ensure_default_data(cache)["val"]
     try:
+        if args.imagenet_val is not None:
+            imagenet_folder(args.imagenet_val)  # refused before the model is built
         model = models.create_model(model_name, pretrained)
-        metrics = evaluate(model, models.get_preprocess(model), models.get_tokenizer(model_name), val,
-                           args.batch_size, classnames_file=args.classnames)
+        preprocess, tokenizer = models.get_preprocess(model), models.get_tokenizer(model_name)
+        metrics = evaluate(model, preprocess, tokenizer, val, args.batch_size, classnames_file=args.classnames)
+        if args.imagenet_val is not None:
+            metrics.update(imagenet_zero_shot(model, preprocess, tokenizer, args.imagenet_val, args.batch_size))
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         sys.exit(f"error: {exc}")
     print(json.dumps(metrics, indent=1))

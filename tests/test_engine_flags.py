@@ -284,6 +284,18 @@ def test_imagenet_zero_shot_against_a_hand_built_classifier(tmp_path, imagenet_d
     assert scores == pytest.approx({"imagenet-zeroshot-val-top1": 1 / 3, "imagenet-zeroshot-val-top5": 2 / 3})
 
 
+def test_eval_command_adds_imagenet_zero_shot(tmp_path, synth_data, student_ckpt, imagenet_dir, two_templates):
+    from engine.eval import main as eval_main
+
+    out = tmp_path / "metrics.json"
+    eval_main(["--pretrained", str(student_ckpt), "--model", "tiny-vit-student", "--val-data", synth_data["val"],
+               "--imagenet-val", str(imagenet_dir), "--output", str(out)])
+    assert {"acc1", "imagenet-zeroshot-val-top1", "imagenet-zeroshot-val-top5"} <= set(json.loads(out.read_text()))
+    with pytest.raises(SystemExit, match=f"error: --imagenet-val {tmp_path}: 0 class folders"):
+        eval_main(["--pretrained", str(student_ckpt), "--val-data", synth_data["val"], "--imagenet-val",
+                   str(tmp_path)])
+
+
 def test_evaluation_rows_follow_the_frequencies(tmp_path, synth_data, teacher_ckpt, store_dir, imagenet_dir,
                                                 two_templates):
     result = _run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, epochs=3, batch_size=32, val_frequency=2,
