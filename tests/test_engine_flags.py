@@ -322,13 +322,33 @@ def test_pure_bf16_student_is_evaluated(tmp_path, synth_data, teacher_ckpt, stor
 # ----------------------------------------------------------------------- remote shards, --train-num-samples
 
 
-def test_pipe_shards_train_like_local_ones(tmp_path, synth_data, teacher_ckpt, store_dir):
-    """``pipe:cat`` shards with --train-num-samples equal to their size: the same batches, the same weights."""
+@pytest.fixture(scope="module")
+def http_root(synth_data):
+    """The synthetic shards served over HTTP on localhost (webdataset reads http:// URLs through curl)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(synth_data["root"])))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("scheme", ["pipe", "http"])
+def test_remote_shards_train_like_local_ones(tmp_path, synth_data, teacher_ckpt, store_dir, http_root, scheme):
+    """Shards read through ``pipe:cat`` or ``http://``, --train-num-samples equal to their size: the same batches
+    as the local files, the same weights (the store built from the local files serves them)."""
+    remote = _cat_pipe(synth_data["train"]) if scheme == "pipe" else f"{http_root}/train-{{00000..00002}}.tar"
     common = dict(stop_after_steps=3, val_data=None, eval=False, workers=1)
     _run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, name="local", **common))
-    _run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, name="pipe", train_data=_cat_pipe(synth_data["train"]),
-              train_num_samples=96, **common))
-    local, pipe = _checkpoint(tmp_path, "local"), _checkpoint(tmp_path, "pipe")
+    _run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, name="remote", train_data=remote, train_num_samples=96,
+              **common))
+    local, pipe = _checkpoint(tmp_path, "local"), _checkpoint(tmp_path, "remote")
     assert local["step"] == pipe["step"] == 3
     for key, value in local["state_dict"].items():
         assert torch.equal(value, pipe["state_dict"][key]), key
