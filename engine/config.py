@@ -20,8 +20,18 @@ class TrainConfig:
     cache_dir: Optional[str] = None
     workers: int = 0
     shuffle_buffer: int = 1000
+    train_num_samples: Optional[int] = None  # samples in an epoch (open_clip); needed for remote shards
+    val_num_samples: Optional[int] = None  # samples in the validation data (open_clip); checked when read
+    imagenet_val: Optional[str] = None  # ImageFolder of ImageNet's 1000 classes for zero-shot evaluation
     # models
     model: str = "tiny-vit-student"
+    pretrained: Optional[str] = None  # the student's initial weights: open_clip tag or checkpoint file
+    lock_image: bool = False  # open_clip's LiT locking, applied before the optimizer is built
+    lock_image_unlocked_groups: int = 0
+    lock_image_freeze_bn_stats: bool = False
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
+    lock_text_freeze_layer_norm: bool = False
     teacher: str = "tiny-vit-teacher"
     teacher_pretrained: Optional[str] = None  # open_clip tag or checkpoint file; None: the shipped default teacher
     teacher_store: Optional[str] = None  # None: the cache's store for (teacher, data)
@@ -55,6 +65,9 @@ class TrainConfig:
     save_frequency: int = 1
     log_every_n_steps: int = 10
     eval: bool = True
+    val_frequency: int = 1  # evaluate on the validation data every this many epochs (0: never)
+    zeroshot_frequency: int = 2  # zero-shot on --imagenet-val every this many epochs (0: never)
+    report_to: Optional[str] = None  # "tensorboard": also write TensorBoard event files
     progress: bool = True
     stop_after_steps: Optional[int] = None  # checkpoint and stop after this many optimizer steps (resumable)
     allow_config_change: bool = False  # --resume with other settings than the checkpoint's
@@ -101,9 +114,37 @@ class TrainConfig:
                 raise ValueError(f"--{name}: must be in [0, 1), got {getattr(self, name)}")
         if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
             raise ValueError(f"--grad-clip-norm: must be > 0 (leave it out for no clipping), got {self.grad_clip_norm}")
+        self._validate_open_clip_flags()
         if self.teacher_store is not None and self.online_teacher:
             raise ValueError("--teacher-store and --online-teacher exclude each other: "
                              "the online teacher needs no store")
+
+    def _validate_open_clip_flags(self) -> None:
+        for name in ("val_frequency", "zeroshot_frequency", "lock_image_unlocked_groups", "lock_text_unlocked_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
+        for name in ("train_num_samples", "val_num_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+        for tower, companions in (("image", ("lock_image_unlocked_groups", "lock_image_freeze_bn_stats")),
+                                  ("text", ("lock_text_unlocked_layers", "lock_text_freeze_layer_norm"))):
+            given = [name for name in companions if getattr(self, name)]
+            if given and not getattr(self, f"lock_{tower}"):
+                raise ValueError(f"--{given[0].replace('_', '-')} only applies with --lock-{tower}")
+        report_to(self.report_to)
+
+
+def report_to(value: Optional[str]) -> set:
+    """The logging backends of open_clip's comma-separated --report-to that this engine writes: tensorboard."""
+    backends = {part.strip() for part in (value or "").split(",") if part.strip()}
+    unsupported = sorted(backends & {"wandb", "trackio", "all"})
+    if unsupported:
+        raise ValueError(f"--report-to {value}: {unsupported[0]!r} is not supported here (only 'tensorboard'; every "
+                         f"metric is also in logs/<name>/metrics.jsonl)")
+    unknown = sorted(backends - {"tensorboard"})
+    if unknown:
+        raise ValueError(f"--report-to {value}: unknown backend {unknown[0]!r}; expected 'tensorboard'")
+    return backends
 
 
 def parser() -> argparse.ArgumentParser:
@@ -123,7 +164,31 @@ def parser() -> argparse.ArgumentParser:
     a("--workers", type=int, default=d.workers, help="DataLoader worker processes per rank (0: load in the main "
       "process)")
     a("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="samples in the shuffle buffer of each worker")
+    a("--train-num-samples", type=int, default=None,
+      help="samples in an epoch, spread evenly over the shards (a worker starts over its shards when they hold "
+           "fewer); required for remote shards, whose sizes are unknown; None: the shards' own sizes, from "
+           "sizes.json or the tar listing")
+    a("--val-num-samples", type=int, default=None,
+      help="samples in the validation data: evaluation reads --val-data to its end and refuses another count "
+           "(local shards at start, remote ones when read), so truncated remote shards do not go unnoticed")
+    a("--imagenet-val", default=None,
+      help="ImageNet validation folder (ImageFolder layout: 1000 class folders, sorted as ImageFolder sorts them) "
+           "for zero-shot classification with open_clip's ImageNet class names and templates; None: no ImageNet")
     a("--model", default=d.model, help="student open_clip model name")
+    a("--pretrained", default=None, help="the student's initial weights: open_clip pretrained tag or checkpoint "
+      "file; None: random initialisation")
+    a("--lock-image", action="store_true", help="lock the student's image tower (no gradients, not in the "
+      "optimizer), as in LiT")
+    a("--lock-image-unlocked-groups", type=int, default=d.lock_image_unlocked_groups,
+      help="with --lock-image: leave the last n image tower layer groups unlocked")
+    a("--lock-image-freeze-bn-stats", action="store_true",
+      help="with --lock-image: freeze BatchNorm running stats in the locked layers of the image tower")
+    a("--lock-text", action="store_true", help="lock the student's text tower (no gradients, not in the optimizer)")
+    a("--lock-text-unlocked-layers", type=int, default=d.lock_text_unlocked_layers,
+      help="with --lock-text: leave the last n text tower layer groups unlocked")
+    a("--lock-text-freeze-layer-norm", action="store_true",
+      help="with --lock-text: freeze the LayerNorms of the locked layers too (open_clip's CLIP text towers "
+           "support only this)")
     a("--teacher", "--distill-model", dest="teacher", default=d.teacher,
       help="teacher open_clip model name (open_clip_train's --distill-model)")
     a("--teacher-pretrained", "--distill-pretrained", dest="teacher_pretrained", default=None,
@@ -170,7 +235,15 @@ def parser() -> argparse.ArgumentParser:
     a("--save-frequency", type=int, default=d.save_frequency, help="keep epoch_K.pt every this many epochs")
     a("--log-every-n-steps", type=int, default=d.log_every_n_steps, help="one log line and metrics row every this "
       "many steps")
-    a("--no-eval", dest="eval", action="store_false", help="skip the evaluation at the end")
+    a("--no-eval", dest="eval", action="store_false", help="no evaluation: neither per epoch nor at the end")
+    a("--val-frequency", type=int, default=d.val_frequency,
+      help="evaluate on --val-data after every this many epochs and after the last (0: never; 'val' rows of "
+           "metrics.jsonl); the evaluation at the end (results.json) is separate")
+    a("--zeroshot-frequency", type=int, default=d.zeroshot_frequency,
+      help="zero-shot classification on --imagenet-val after every this many epochs and after the last (0: never)")
+    a("--report-to", default=None, help="'tensorboard': also write TensorBoard event files to "
+      "<logs>/<name>/tensorboard/ (needs pip install -e '.[tensorboard]'); open_clip's 'wandb' is not supported; "
+      "None: metrics.jsonl only")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     a("--stop-after-steps", type=int, default=None,
       help="save epoch_latest.pt and stop after this many optimizer steps in all (continue with --resume latest)")

@@ -6,11 +6,20 @@ One epoch's sample order is a pure function of (seed, epoch, rank, worker): shar
 a seeded shuffle buffer and cuts fixed-size batches (the last partial batch is dropped). PyTorch's DataLoader
 returns worker batches round-robin, so the first n batches of an epoch hold a computable number of batches from
 each worker: resume skips exactly those (before decoding) and continues with batch n.
+
+Shards are local tar files or webdataset URLs (``pipe:<command writing the tar to stdout>``, ``http(s)://...``):
+remote shards are not checked for existence and their sizes are unknown, so an epoch's length then comes from
+``--train-num-samples`` (open_clip's meaning: the samples in an epoch), spread evenly over the shards; a worker
+whose shards hold fewer samples than their share starts over its shards, one whose shards hold more stops at its
+share. The order stays a pure function of (seed, epoch, rank, worker), so resume stays exact for data that does
+not change.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
+import itertools
 import json
 import os
 import random
@@ -54,22 +63,43 @@ def key_hash(key: str) -> int:
     return _hash64([key.encode()])
 
 
+def _url_scheme(url: str) -> Optional[str]:
+    match = re.match(r"^([a-z][a-z0-9+.-]*):(//)?", url)
+    return match.group(1) if match and (match.group(2) or match.group(1) == "pipe") else None
+
+
+def is_remote(url: str) -> bool:
+    """A webdataset URL (``pipe:...``, ``http(s)://...``, any scheme webdataset opens) rather than a local file."""
+    return _url_scheme(url) is not None
+
+
 def expand_urls(pattern: str) -> list[str]:
-    """``a-{000..009}.tar::b.tar`` -> list of shard paths (open_clip's ``::`` separator); checks they exist."""
+    """``a-{000..009}.tar::b.tar`` -> list of shard paths or URLs (open_clip's ``::`` separator); checks that local
+    ones exist and that remote ones have a scheme webdataset can open."""
     urls = [url for part in pattern.split("::") for url in braceexpand.braceexpand(part)]
     if not urls:
         raise ShardError(f"no shards in {pattern!r}")
-    missing = [url for url in urls if not os.path.isfile(url)]
+    schemes = importlib.import_module("webdataset.gopen").gopen_schemes
+    foreign = [url for url in urls if is_remote(url) and _url_scheme(url) not in schemes]
+    if foreign:
+        known = sorted(s for s in schemes if not s.startswith("_"))
+        raise ShardError(f"shard {foreign[0]}: webdataset cannot open {_url_scheme(foreign[0])!r} URLs (it opens "
+                         f"{known}; other sources through pipe:<command>)")
+    missing = [url for url in urls if not is_remote(url) and not os.path.isfile(url)]
     if missing:
         raise ShardError(f"missing shard(s): {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                          f"({len(missing)} of {len(urls)} in {pattern!r})")
     return urls
 
 
-def shard_sizes(urls: list[str]) -> dict[str, int]:
-    """Samples per shard from the ``sizes.json`` next to the shards, else by listing each tar's members."""
+def shard_sizes(urls: list[str]) -> dict[str, Optional[int]]:
+    """Samples per local shard from the ``sizes.json`` next to it, else by listing the tar's members; None for a
+    remote shard (unknown)."""
     sizes = {}
     for url in urls:
+        if is_remote(url):
+            sizes[url] = None
+            continue
         sizes_file = Path(url).parent / "sizes.json"
         known = json.loads(sizes_file.read_text()) if sizes_file.exists() else {}
         if Path(url).name in known:
@@ -79,8 +109,27 @@ def shard_sizes(urls: list[str]) -> dict[str, int]:
     return sizes
 
 
+def require_sizes(urls: list[str], num_samples: Optional[int]) -> None:
+    """Refuse remote shards without ``num_samples`` (--train-num-samples): their sizes are unknown."""
+    remote = [url for url in urls if is_remote(url)]
+    if remote and num_samples is None:
+        raise ShardError(f"--train-data: the size of remote shard {remote[0]!r} is unknown ({len(remote)} remote "
+                         f"shard(s)): pass --train-num-samples, the number of samples in an epoch")
+
+
+def epoch_sizes(urls: list[str], num_samples: Optional[int] = None) -> dict[str, int]:
+    """Samples each shard contributes to an epoch: ``num_samples`` (--train-num-samples) spread evenly over the
+    shards, else the shards' own sizes."""
+    require_sizes(urls, num_samples)
+    if num_samples is not None:
+        return {url: num_samples * (i + 1) // len(urls) - num_samples * i // len(urls) for i, url in enumerate(urls)}
+    return shard_sizes(urls)
+
+
 def shard_keys(url: str) -> list[str]:
-    """The ``__key__`` of every sample in a shard, in order (reads only the tar headers)."""
+    """The ``__key__`` of every sample in a shard, in order (a local shard: only its tar headers are read)."""
+    if is_remote(url):
+        return [sample["__key__"] for sample in read_shard(url)]
     try:
         with tarfile.open(url) as tar:
             names = tar.getnames()
@@ -207,9 +256,12 @@ class ShardStream(torch.utils.data.IterableDataset):
     """Batches of one epoch for one rank; call ``set_epoch(epoch, batches_done)`` before iterating."""
 
     def __init__(self, pattern: str, codec: Codec, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, workers: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000):
+                 world_size: int = 1, workers: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
+                 num_samples: Optional[int] = None):
+        """``num_samples``: the samples in an epoch, spread evenly over the shards (None: the shards' sizes)."""
         self.urls = expand_urls(pattern)
-        self.sizes = shard_sizes(self.urls)
+        self.sizes = epoch_sizes(self.urls, num_samples)
+        self.exact = num_samples is None  # the sizes are the shards' own: a short read is a corrupt shard
         self.codec, self.batch_size, self.seed = codec, batch_size, seed
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
@@ -246,10 +298,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         skip = worker_skips(counts, self.batches_done)[worker] * self.batch_size
         limit = self.steps_per_epoch(self.epoch)  # equal step counts on every rank
         budget = worker_skips(counts, limit)[worker] * self.batch_size  # samples this worker may emit in total
-        raw = (s for url in shards for s in read_shard(url, self.sizes[url]))
-        if self.shuffle:
-            rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
-            raw = _shuffled(raw, self.shuffle_buffer, rng)
+        raw = self._raw_samples(shards, worker)
         batch = []
         for index, sample in enumerate(raw):
             if index >= budget:
@@ -260,6 +309,23 @@ class ShardStream(torch.utils.data.IterableDataset):
             if len(batch) == self.batch_size:
                 yield collate(batch)
                 batch = []
+
+    def _raw_samples(self, shards: list[str], worker: int) -> Iterator[dict]:
+        """This worker's raw samples: its shards in order through a seeded shuffle buffer; with sizes from
+        --train-num-samples, pass after pass (each pass shuffled on its own, the first one as without)."""
+        for repeat in itertools.count():
+            count = 0
+            samples = (s for url in shards for s in read_shard(url, self.sizes[url] if self.exact else None))
+            if self.shuffle:
+                seed = f"{self.seed}-{self.epoch}-{self.rank}-{worker}" + (f"-pass{repeat}" if repeat else "")
+                samples = _shuffled(samples, self.shuffle_buffer, random.Random(seed))
+            for sample in samples:
+                count += 1
+                yield sample
+            if self.exact or not shards:
+                return
+            if count == 0:
+                raise ShardError(f"shards {shards[:3]}{' ...' if len(shards) > 3 else ''} hold no samples")
 
 
 def _shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:

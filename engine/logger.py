@@ -1,4 +1,5 @@
-"""Run outputs under logs/<name>/: params.txt, out.log, metrics.jsonl, tensorboard/ (when installed), plots."""
+"""Run outputs under logs/<name>/: params.txt, out.log, metrics.jsonl, tensorboard/ (--report-to tensorboard),
+plots."""
 from __future__ import annotations
 
 import json
@@ -31,12 +32,24 @@ def write_params(path: Path, cfg) -> None:
             handle.write(f"{key}: {value}\n")
 
 
-class MetricsWriter:
-    """One JSON object per line (``kind`` = train | eval), mirrored to TensorBoard when it is installed."""
+def summary_writer_class():
+    """TensorBoard's SummaryWriter; a one-line ValueError naming --report-to when the package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ValueError("--report-to tensorboard: the tensorboard package is not installed; "
+                         "pip install -e '.[tensorboard]'") from exc
+    return SummaryWriter
 
-    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None):
+
+class MetricsWriter:
+    """One JSON object per line (``kind`` = train | val | eval), mirrored to TensorBoard with ``tensorboard``."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None,
+                 tensorboard: bool = False):
         """``resume_step``: rows after this step (written by a run that went on past its last checkpoint) are
-        dropped, so that a resumed run's file holds every step once."""
+        dropped, so that a resumed run's file holds every step once. ``tensorboard``: also write event files to
+        ``run_dir/tensorboard`` (scalars tagged ``<kind>/<name>``)."""
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self.tensorboard = None
@@ -45,13 +58,8 @@ class MetricsWriter:
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
             tmp.replace(self.path)
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                self.tensorboard = None
+        if enabled and tensorboard:
+            self.tensorboard = summary_writer_class()(str(run_dir / "tensorboard"))
 
     def write(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:

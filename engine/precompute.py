@@ -16,16 +16,21 @@ from . import data as data_lib
 from . import store as store_lib
 
 
-def check_unique_keys(urls: list[str]) -> None:
-    """Refuse a dataset in which a ``__key__`` repeats (in one shard or across two), naming the key and shards."""
+def check_unique_keys(urls: list[str]) -> dict[str, int]:
+    """Refuse a dataset in which a ``__key__`` repeats (in one shard or across two), naming the key and shards;
+    returns the samples in each shard."""
     seen: dict[str, str] = {}
+    counts = {}
     for url in urls:
-        for key in data_lib.shard_keys(url):
+        keys = data_lib.shard_keys(url)  # a remote shard is read through once
+        counts[url] = len(keys)
+        for key in keys:
             if key in seen:
                 where = f"twice in shard {url}" if seen[key] == url else f"in shards {seen[key]} and {url}"
                 raise store_lib.StoreError(f"sample key {key!r} appears {where}; every sample needs a unique "
                                            f"__key__ for its teacher embeddings to be found")
             seen[key] = url
+    return counts
 
 
 @torch.no_grad()
@@ -39,8 +44,8 @@ def build_store(pattern: str, teacher_name: str, pretrained: str, root: str | Pa
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     root = Path(root)
     urls = data_lib.expand_urls(pattern)
-    check_unique_keys(urls)
-    sizes = data_lib.shard_sizes(urls)
+    counts = check_unique_keys(urls)
+    sizes = {url: counts[url] if size is None else size for url, size in data_lib.shard_sizes(urls).items()}
     teacher = models.create_teacher(teacher_name, pretrained, device=device)
     teacher_info = {"model": teacher_name, "pretrained": str(pretrained),
                     "fingerprint": store_lib.teacher_fingerprint(teacher_name, pretrained)}

@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Optional
 
 from . import defaults
-from .data import ShardError, expand_urls
+from .config import report_to
+from .data import ShardError, expand_urls, require_sizes, shard_sizes
 from .distributed import DistEnv
+from .eval import imagenet_folder
+from .logger import summary_writer_class
 from .precompute import build_store
 from .store import StoreError, read_manifest, teacher_fingerprint
 
@@ -44,25 +47,49 @@ def _teacher_weights(cfg) -> str:
         if cfg.teacher != defaults.DEFAULT_TEACHER:
             raise ValueError(f"--teacher {cfg.teacher}: pass --teacher-pretrained (open_clip tag or checkpoint file)")
         return str(defaults.default_teacher_path())
-    if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+    if _looks_like_file(pretrained):
         if not os.path.isfile(pretrained):
             raise FileNotFoundError(f"--teacher-pretrained: checkpoint file {pretrained} does not exist")
     return pretrained
 
 
+def _looks_like_file(pretrained: str) -> bool:
+    return os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def check_student_inputs(cfg) -> None:
+    """The student's --pretrained file, --imagenet-val and --report-to, checked before anything is built."""
+    if cfg.pretrained and _looks_like_file(cfg.pretrained) and not os.path.isfile(cfg.pretrained):
+        raise FileNotFoundError(f"--pretrained: checkpoint file {cfg.pretrained} does not exist")
+    if cfg.imagenet_val is not None:
+        imagenet_folder(cfg.imagenet_val)
+    if "tensorboard" in report_to(cfg.report_to):
+        summary_writer_class()
+
+
+def _check_val_data(val: str, num_samples: Optional[int]) -> None:
+    """The validation shards exist (local ones) and, local ones, hold --val-num-samples samples when it is given."""
+    try:
+        urls = expand_urls(val)
+        sizes = shard_sizes(urls) if num_samples is not None else {}
+    except ShardError as exc:
+        raise ShardError(f"--val-data: {exc}") from exc
+    known = [size for size in sizes.values() if size is not None]
+    if sizes and len(known) == len(sizes) and sum(known) != num_samples:
+        raise ShardError(f"--val-num-samples {num_samples}: the --val-data shards hold {sum(known)} samples")
+
+
 def resolve(cfg, progress: bool = True) -> Sources:
     """Resolve (and build when needed) the inputs of ``cfg``; every bad one is a one-line error."""
+    check_student_inputs(cfg)
     cache = defaults.cache_root(cfg.cache_dir)
     train, val = cfg.train_data, cfg.val_data
     if train is None:
         patterns = defaults.ensure_default_data(cache, progress)
         train, val = patterns["train"], val or patterns["val"]
-    expand_urls(train)
+    require_sizes(expand_urls(train), cfg.train_num_samples)
     if val is not None and cfg.eval:
-        try:
-            expand_urls(val)
-        except ShardError as exc:
-            raise ShardError(f"--val-data: {exc}") from exc
+        _check_val_data(val, cfg.val_num_samples)
     if not needs_teacher(cfg):
         return Sources(train, val, None, None, None)
     if cfg.teacher_store is not None and not cfg.online_teacher:

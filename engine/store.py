@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .data import ShardError, expand_urls, key_hash, read_shard, sample_digest, shard_keys, shard_sizes
+from .data import ShardError, expand_urls, is_remote, key_hash, read_shard, sample_digest, shard_keys, shard_sizes
 
 FORMAT_VERSION = 2
 AUGMENTATION = "none: one embedding per sample of the teacher's deterministic evaluation view"
@@ -182,7 +182,8 @@ class PartWriter:
         shutil.rmtree(final, ignore_errors=True)  # a leftover of an interrupted build, never recorded
         os.replace(self.tmp, final)
         self.manifest["parts"][Path(self.url).name] = {
-            "dir": f"parts/{self.name}", "count": self.count, "shard_bytes": os.path.getsize(self.url),
+            "dir": f"parts/{self.name}", "count": self.count,
+            "shard_bytes": None if is_remote(self.url) else os.path.getsize(self.url),
             "sha256": {array: sha256_file(final / f"{array}.npy") for array in PART_ARRAYS}}
         self.manifest["count"] = sum(part["count"] for part in self.manifest["parts"].values())
         _write_manifest(self.root, self.manifest)
@@ -300,7 +301,9 @@ class TeacherStore:
                              f"{state}")
         for url, part in zip(urls, self.parts):
             record = manifest["parts"][part["shard"]]
-            if os.path.getsize(url) != record["shard_bytes"]:
+            if is_remote(url):  # read only as it streams: checked sample by sample at lookup (key and digest)
+                continue
+            if record["shard_bytes"] is not None and os.path.getsize(url) != record["shard_bytes"]:
                 raise StoreError(f"{self.root}: shard {url} changed since the store was built "
                                  f"({os.path.getsize(url)} bytes, store recorded {record['shard_bytes']}); rebuild")
             if check_keys:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import random
 import sys
 import time
@@ -23,7 +24,7 @@ import models
 from kernels import ClipRDLoss
 
 from . import checkpoint as ckpt_lib
-from .config import AUTOCAST, PURE, TrainConfig, parse_args
+from .config import AUTOCAST, PURE, TrainConfig, parse_args, report_to
 from .data import Codec, ShardError, ShardStream, expand_urls, make_loader
 from .distributed import (
     DistEnv,
@@ -34,7 +35,7 @@ from .distributed import (
     mean_over_ranks,
     wrap,
 )
-from .eval import evaluate
+from .eval import evaluate, imagenet_zero_shot
 from .logger import MetricsWriter, plot_metrics, setup_logging, write_params
 from .prepare import Sources, needs_teacher, prepare
 from .schedule import cosine_lr
@@ -44,7 +45,9 @@ from .task import DistillationTask, NoTeacher, OnlineTeacher, StoreTeacher
 LOGIT_SCALE_MAX = math.log(100)
 # Settings a resumed run must share with its checkpoint (else --allow-config-change).
 RESUME_INVARIANTS = ("model", "teacher", "teacher_pretrained", "teacher_store", "online_teacher", "train_data",
-                     "preset", "weights", "batch_size", "accum_freq", "seed", "mfd_mask_ratio", "local_loss")
+                     "preset", "weights", "batch_size", "accum_freq", "seed", "mfd_mask_ratio", "local_loss",
+                     "pretrained", "lock_image", "lock_image_unlocked_groups", "lock_image_freeze_bn_stats",
+                     "lock_text", "lock_text_unlocked_layers", "lock_text_freeze_layer_norm", "train_num_samples")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -256,9 +259,36 @@ def build_optimizer_state(cfg: TrainConfig, student: nn.Module, teacher, device:
     return TrainState(task, student, loss_fn, optimizer, scaler, cfg, env, total_steps=total_steps)
 
 
+def create_student(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The student, from --pretrained when given (one line naming the file when it does not load into the model)."""
+    models.model_config(cfg.model)  # an unknown model name is not the weights' fault
+    try:
+        return models.create_model(cfg.model, cfg.pretrained, device=device)
+    except (RuntimeError, ValueError, OSError, EOFError, KeyError, AssertionError, pickle.UnpicklingError) as exc:
+        if not cfg.pretrained:  # AssertionError: open_clip's checks of the checkpoint's shapes
+            raise
+        detail = " ".join(str(exc).split())  # load_state_dict lists every mismatched key on its own line
+        raise ValueError(f"--pretrained {cfg.pretrained}: cannot load it into {cfg.model}: "
+                         f"{detail[:400]}{' ...' if len(detail) > 400 else ''}") from exc
+
+
+def lock_towers(student: nn.Module, cfg: TrainConfig) -> None:
+    """open_clip_train's --lock-image / --lock-text (requires_grad off), before the optimizer collects parameters."""
+    if cfg.lock_image:
+        student.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups,
+                                 freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
+    if cfg.lock_text:
+        try:
+            student.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers,
+                                    freeze_layer_norm=cfg.lock_text_freeze_layer_norm)
+        except AssertionError as exc:  # open_clip's CLIP text tower cannot leave its LayerNorms unlocked
+            raise ValueError(f"--lock-text: {cfg.model}: {exc} Add --lock-text-freeze-layer-norm") from exc
+
+
 def build_state(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.device):
     """Student, teacher source, loss, optimizer and the data stream of a run (nothing trained yet)."""
-    student = models.create_model(cfg.model, device=device)
+    student = create_student(cfg, device)
+    lock_towers(student, cfg)
     if cfg.precision in PURE:  # open_clip's pure bf16 / fp16: the student's weights themselves in that dtype
         student.to(getattr(torch, PURE[cfg.precision]))
     student.set_grad_checkpointing(cfg.grad_checkpointing)
@@ -277,7 +307,7 @@ def build_state(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.
                   {"text": models.get_tokenizer(cfg.model), **teacher.texts})
     # a step's batch holds its --accum-freq micro-batches: the same samples as one batch of batch-size x accum-freq
     stream = ShardStream(sources.train, codec, cfg.batch_size * cfg.accum_freq, cfg.seed, env.rank, env.world_size,
-                         cfg.workers, shuffle_buffer=cfg.shuffle_buffer)
+                         cfg.workers, shuffle_buffer=cfg.shuffle_buffer, num_samples=cfg.train_num_samples)
     total_steps = sum(stream.steps_per_epoch(e) for e in range(cfg.epochs))
     return build_optimizer_state(cfg, student, teacher, device, total_steps, env), stream
 
@@ -342,36 +372,77 @@ def run(cfg: TrainConfig, sources: Sources, env: DistEnv = DistEnv(), device=tor
     resume_path = ckpt_lib.resolve_resume(cfg.resume, ckpt_dir)
     if resume_path is not None:
         resume(state, resume_path, log)
-    metrics = MetricsWriter(run_dir, enabled=env.is_main, resume_step=state.step)
+    metrics = MetricsWriter(run_dir, enabled=env.is_main, resume_step=state.step,
+                            tensorboard="tensorboard" in report_to(cfg.report_to))
     from tqdm import tqdm
 
     bar = tqdm(total=state.total_steps, initial=state.step, disable=not (cfg.progress and env.is_main), desc="train")
     loader = make_loader(stream)
     state.model.train()
+    last_eval = {}
     try:
         while state.epoch < cfg.epochs:
             stream.set_epoch(state.epoch, state.batches_done)
             if train_one_epoch(state, loader, ckpt_dir, metrics, bar, log):
                 return {"stopped_at_step": state.step, "run_dir": str(run_dir)}
             state.epoch, state.batches_done = state.epoch + 1, 0
+            last_eval = evaluate_epoch(state, sources, metrics, log)  # before the checkpoint: a resume redoes it
             last = state.epoch == cfg.epochs
             save_checkpoint(state, ckpt_dir, [ckpt_lib.LATEST] + (
                 [f"epoch_{state.epoch}.pt"] if state.epoch % cfg.save_frequency == 0 or last else []))
     finally:
         bar.close()
         metrics.close()
-    return summarise(state, sources, run_dir, log)
+    return summarise(state, sources, run_dir, log, last_eval)
 
 
-def summarise(state: TrainState, sources: Sources, run_dir: Path, log) -> dict:
-    """Evaluate the student (rank 0), write results.json and the metrics plot."""
+def due(frequency: int, epoch: int, epochs: int) -> bool:
+    """open_clip_train's schedule: after every ``frequency``-th epoch and after the last one; 0: never."""
+    return frequency > 0 and (epoch % frequency == 0 or epoch == epochs)
+
+
+def student_metrics(state: TrainState, sources: Sources, val: bool, zeroshot: bool) -> dict:
+    """The student's metrics on --val-data (``val``) and --imagenet-val (``zeroshot``), where given; the training
+    random streams are left as they were."""
+    cfg, student = state.cfg, state.student
+    device = next(student.parameters()).device
+    preprocess, tokenizer = models.get_preprocess(student), models.get_tokenizer(cfg.model)
+    scores = {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if val and sources.val:
+            scores.update(evaluate(student, preprocess, tokenizer, sources.val, device=device,
+                                   num_samples=cfg.val_num_samples))
+        if zeroshot and cfg.imagenet_val:
+            scores.update(imagenet_zero_shot(student, preprocess, tokenizer, cfg.imagenet_val, workers=cfg.workers,
+                                             device=device))
+    return scores
+
+
+def evaluate_epoch(state: TrainState, sources: Sources, metrics: MetricsWriter, log) -> dict:
+    """After an epoch (rank 0, as open_clip_train): --val-data when --val-frequency is due, --imagenet-val when
+    --zeroshot-frequency is; one 'val' row of metrics.jsonl. Returns the scores ({} when none was due)."""
+    cfg = state.cfg
+    if not (cfg.eval and state.env.is_main):
+        return {}
+    scores = student_metrics(state, sources, due(cfg.val_frequency, state.epoch, cfg.epochs),
+                             due(cfg.zeroshot_frequency, state.epoch, cfg.epochs))
+    if scores:
+        metrics.write("val", state.step, {"epoch": state.epoch, **scores})
+        log.info(f"val epoch {state.epoch} " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return scores
+
+
+def summarise(state: TrainState, sources: Sources, run_dir: Path, log, last_eval: dict) -> dict:
+    """Evaluate the student (rank 0; the last epoch's evaluation when it covered everything), write results.json
+    and the metrics plot."""
     result = {"run_dir": str(run_dir), "steps": state.step}
     if not state.env.is_main:
         return result
-    metrics = MetricsWriter(run_dir, enabled=True)
-    if state.cfg.eval and sources.val:
-        scores = evaluate(state.student, models.get_preprocess(state.student), models.get_tokenizer(state.cfg.model),
-                          sources.val, device=next(state.student.parameters()).device)
+    cfg = state.cfg
+    metrics = MetricsWriter(run_dir, enabled=True, tensorboard="tensorboard" in report_to(cfg.report_to))
+    if cfg.eval and (sources.val or cfg.imagenet_val):
+        covered = (cfg.val_frequency or not sources.val) and (cfg.zeroshot_frequency or not cfg.imagenet_val)
+        scores = last_eval if last_eval and covered else student_metrics(state, sources, True, True)
         metrics.write("eval", state.step, {"epoch": state.epoch, **scores})
         log.info("eval " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         result["metrics"] = scores
