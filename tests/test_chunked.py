@@ -38,6 +38,14 @@ def test_local_rows_match_reference(preset, rows):
     compare_backends("chunked", 37, 24, preset, row_start=rows[0], row_stop=rows[1])
 
 
+@pytest.mark.parametrize("d", [1152, 1280])
+@pytest.mark.parametrize("weights", [*sorted(PRESETS), {**PRESETS["clip-kd"], "vrd": 1.0, "xrd": 1.0, "gd": 1.0}],
+                         ids=lambda w: w if isinstance(w, str) else "every-term")
+def test_wide_teachers_match_reference(weights, d):
+    """SigLIP SO400M (1152) and ViT-bigG-14 (1280) widths: every preset, and every term with gd at once."""
+    compare_backends("chunked", 37, d, weights)
+
+
 def test_gd_local_rows_match_reference():
     compare_backends("chunked", 37, 24, {"gd": 1.0, "hrd": 1.0}, row_start=3, row_stop=30)
 
