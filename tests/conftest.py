@@ -1,6 +1,7 @@
 """Shared fixtures for the engine tests: a small procedural dataset and a random-weight teacher checkpoint."""
 import pytest
-import torch
+
+from tests.helpers import seeded_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -15,14 +16,7 @@ def synth_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def teacher_ckpt(tmp_path_factory):
-    """A tiny-vit-teacher with seeded random weights saved as an open_clip-loadable checkpoint file."""
-    import models
-
-    torch.manual_seed(123)
-    teacher = models.create_model("tiny-vit-teacher")
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save({"state_dict": teacher.state_dict()}, path)
-    return path
+    return seeded_checkpoint(tmp_path_factory, "tiny-vit-teacher", 123)
 
 
 @pytest.fixture(scope="session")

@@ -110,3 +110,34 @@ def assert_same_weights(a: dict, b: dict, rtol: float, atol: float = 2e-6) -> No
                 value = torch.cat([value[:width], value[2 * width:]])
                 other = torch.cat([other[:width], other[2 * width:]])
             torch.testing.assert_close(other, value, rtol=rtol, atol=atol, msg=f"{part} {key}")
+
+
+def train_cli(tmp_path, synth_data, store_dir, *extra, name="bad"):
+    """engine.train's command line on the small data; returns the exit message (None: the run succeeded)."""
+    from engine import train as train_lib
+
+    argv = ["--train-data", synth_data["train"], "--val-data", synth_data["val"], "--teacher-store", str(store_dir),
+            "--batch-size", "16", "--epochs", "1", "--logs", str(tmp_path / "logs"), "--name", name, "--no-progress",
+            "--fused", "--cache-dir", str(tmp_path / "cache"), *extra]
+    try:
+        train_lib.main(argv)
+    except SystemExit as exc:
+        return str(exc.code)
+    return None
+
+
+def assert_refused_before_any_step(tmp_path, message, got, name="bad"):
+    """``got`` (train_cli's exit message) is one line holding ``message``, and no step was checkpointed."""
+    assert got is not None and got.startswith("error: ") and message in got and "\n" not in got, got
+    assert not (tmp_path / "logs" / name / "checkpoints" / "epoch_latest.pt").exists()
+
+
+def seeded_checkpoint(tmp_path_factory, model: str, seed: int):
+    """``model`` with seeded random weights (not the engine's own initialisation) saved as an open_clip-loadable
+    checkpoint file."""
+    import models
+
+    torch.manual_seed(seed)
+    path = tmp_path_factory.mktemp(model) / f"{model}.pt"
+    torch.save({"state_dict": models.create_model(model).state_dict()}, path)
+    return path

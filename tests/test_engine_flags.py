@@ -13,6 +13,7 @@ from engine import train as train_lib
 from engine.config import TrainConfig, parse_args, parser
 from engine.distributed import DistEnv
 from engine.prepare import resolve
+from tests.helpers import assert_refused_before_any_step, seeded_checkpoint, train_cli
 
 TEXT_TOWER = ("positional_embedding", "text_projection", "transformer.", "token_embedding.", "ln_final.")
 
@@ -31,18 +32,6 @@ def _cfg(tmp_path, synth_data, teacher_ckpt, store_dir, **overrides):
     return TrainConfig(**base)
 
 
-def _cli(tmp_path, synth_data, store_dir, *extra):
-    """engine.train's command line on the small data; returns the exit message (None: the run succeeded)."""
-    argv = ["--train-data", synth_data["train"], "--val-data", synth_data["val"], "--teacher-store", str(store_dir),
-            "--batch-size", "16", "--epochs", "1", "--logs", str(tmp_path / "logs"), "--name", "bad",
-            "--no-progress", "--fused", "--cache-dir", str(tmp_path / "cache"), *extra]
-    try:
-        train_lib.main(argv)
-    except SystemExit as exc:
-        return str(exc.code)
-    return None
-
-
 def _rows(tmp_path, name="run", kind=None):
     lines = (tmp_path / "logs" / name / "metrics.jsonl").read_text().splitlines()
     return [row for row in map(json.loads, lines) if kind is None or row["kind"] == kind]
@@ -54,12 +43,7 @@ def _checkpoint(tmp_path, name="run"):
 
 @pytest.fixture(scope="session")
 def student_ckpt(tmp_path_factory):
-    """A tiny-vit-student with seeded random weights (not the engine's own initialisation) as a checkpoint file."""
-    torch.manual_seed(321)
-    student = models.create_model("tiny-vit-student")
-    path = tmp_path_factory.mktemp("student") / "student.pt"
-    torch.save({"state_dict": student.state_dict()}, path)
-    return path
+    return seeded_checkpoint(tmp_path_factory, "tiny-vit-student", 321)
 
 
 def _cat_pipe(pattern: str) -> str:
@@ -92,9 +76,7 @@ BAD_FLAGS = [
 
 @pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
 def test_bad_flag_stops_before_any_step(tmp_path, synth_data, store_dir, flags, message):
-    got = _cli(tmp_path, synth_data, store_dir, *flags)
-    assert got is not None and got.startswith("error: ") and message in got and "\n" not in got, got
-    assert not (tmp_path / "logs" / "bad" / "checkpoints" / "epoch_latest.pt").exists()  # no step was taken
+    assert_refused_before_any_step(tmp_path, message, train_cli(tmp_path, synth_data, store_dir, *flags))
 
 
 def test_bad_files_stop_before_any_step(tmp_path, synth_data, store_dir, teacher_ckpt):
@@ -119,14 +101,14 @@ def test_bad_files_stop_before_any_step(tmp_path, synth_data, store_dir, teacher
                                                                  "'pipe:cat "),
              (["--train-data", _cat_pipe(synth_data["train"])], "pass --train-num-samples")]
     for flags, message in cases:
-        got = _cli(tmp_path, synth_data, store_dir, *flags)
+        got = train_cli(tmp_path, synth_data, store_dir, *flags)
         assert got is not None and got.startswith("error: ") and message in got and "\n" not in got, (flags, got)
         assert not (tmp_path / "logs" / "bad" / "checkpoints" / "epoch_latest.pt").exists()
 
 
 def test_missing_tensorboard_is_refused_at_start(tmp_path, synth_data, store_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` of it now raises ImportError
-    got = _cli(tmp_path, synth_data, store_dir, "--report-to", "tensorboard")
+    got = train_cli(tmp_path, synth_data, store_dir, "--report-to", "tensorboard")
     assert got == ("error: --report-to tensorboard: the tensorboard package is not installed; "
                    "pip install -e '.[tensorboard]'")
     assert not (tmp_path / "logs" / "bad" / "checkpoints").exists()

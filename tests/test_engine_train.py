@@ -12,6 +12,7 @@ from engine.prepare import resolve
 from engine.schedule import cosine_lr
 from engine.store import StoreError
 from engine.train import NonFiniteLossError
+from tests.helpers import assert_refused_before_any_step, train_cli
 
 
 def run(cfg):
@@ -115,18 +116,6 @@ def test_bad_inputs_have_clear_errors(tmp_path, synth_data, teacher_ckpt, store_
         TrainConfig(weights={"xyz": 1.0}).validate()
 
 
-def _cli(tmp_path, synth_data, store_dir, *extra, name="bad"):
-    """engine.train's command line on the small data; returns the exit message (None: the run succeeded)."""
-    argv = ["--train-data", synth_data["train"], "--val-data", synth_data["val"], "--teacher-store", str(store_dir),
-            "--batch-size", "16", "--epochs", "1", "--logs", str(tmp_path / "logs"), "--name", name, "--no-progress",
-            "--fused", "--cache-dir", str(tmp_path / "cache"), *extra]
-    try:
-        train_lib.main(argv)
-    except SystemExit as exc:
-        return str(exc.code)
-    return None
-
-
 BAD_FLAGS = [
     (["--grad-clip-norm", "-1"], "--grad-clip-norm: must be > 0"),
     (["--save-frequency", "0"], "--save-frequency: must be >= 1"),
@@ -144,9 +133,7 @@ BAD_FLAGS = [
 
 @pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
 def test_bad_flag_stops_before_any_step(tmp_path, synth_data, store_dir, flags, message):
-    got = _cli(tmp_path, synth_data, store_dir, *flags)
-    assert got is not None and got.startswith("error: ") and message in got and "\n" not in got, got
-    assert not (tmp_path / "logs" / "bad" / "checkpoints" / "epoch_latest.pt").exists()  # no step was taken
+    assert_refused_before_any_step(tmp_path, message, train_cli(tmp_path, synth_data, store_dir, *flags))
 
 
 def test_bad_files_stop_before_any_step(tmp_path, synth_data, store_dir, teacher_ckpt):
@@ -159,35 +146,35 @@ def test_bad_files_stop_before_any_step(tmp_path, synth_data, store_dir, teacher
              (["--teacher-store", str(text)], f"{text}: is a file"),
              (["--logs", str(text)], f"--logs {text}: cannot write the run directory")]
     for flags, message in cases:
-        got = _cli(tmp_path, synth_data, store_dir, *flags)
+        got = train_cli(tmp_path, synth_data, store_dir, *flags)
         assert got is not None and message in got and "\n" not in got, (flags, got)
 
 
 def test_resume_with_other_settings_refused_unless_allowed(tmp_path, synth_data, store_dir):
-    assert _cli(tmp_path, synth_data, store_dir, "--stop-after-steps", "2", "--no-eval") is None
-    got = _cli(tmp_path, synth_data, store_dir, "--resume", "latest", "--batch-size", "8", "--preset", "clip-kd",
+    assert train_cli(tmp_path, synth_data, store_dir, "--stop-after-steps", "2", "--no-eval") is None
+    got = train_cli(tmp_path, synth_data, store_dir, "--resume", "latest", "--batch-size", "8", "--preset", "clip-kd",
                "--no-eval")
     assert got is not None and "settings differ from the checkpoint's" in got
     assert "batch_size 16 -> 8" in got and "preset 'clip-rd' -> 'clip-kd'" in got and "--allow-config-change" in got
-    assert _cli(tmp_path, synth_data, store_dir, "--resume", "latest", "--batch-size", "8", "--no-eval",
+    assert train_cli(tmp_path, synth_data, store_dir, "--resume", "latest", "--batch-size", "8", "--no-eval",
                 "--allow-config-change") is None
 
 
 def test_metrics_after_resume_hold_each_step_once(tmp_path, synth_data, store_dir):
     """A run killed after its checkpoint but past further logged steps, then resumed: every step logged once."""
     common = ["--log-every-n-steps", "1", "--no-eval", "--epochs", "2"]
-    assert _cli(tmp_path, synth_data, store_dir, *common, "--stop-after-steps", "2") is None
+    assert train_cli(tmp_path, synth_data, store_dir, *common, "--stop-after-steps", "2") is None
     metrics = tmp_path / "logs" / "bad" / "metrics.jsonl"
     with open(metrics, "a") as handle:  # rows of steps 3 and 4 that the killed run logged after its checkpoint
         for step in (3, 4):
             handle.write(json.dumps({"kind": "train", "step": step, "total": 1.0}) + "\n")
-    assert _cli(tmp_path, synth_data, store_dir, *common, "--resume", "latest") is None
+    assert train_cli(tmp_path, synth_data, store_dir, *common, "--resume", "latest") is None
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, 13))
 
 
 def test_full_disk_keeps_the_last_good_checkpoint(tmp_path, synth_data, store_dir, monkeypatch):
-    assert _cli(tmp_path, synth_data, store_dir, "--stop-after-steps", "2", "--no-eval") is None
+    assert train_cli(tmp_path, synth_data, store_dir, "--stop-after-steps", "2", "--no-eval") is None
     latest = tmp_path / "logs" / "bad" / "checkpoints" / "epoch_latest.pt"
     good = torch.load(latest, weights_only=True)
     real_save = torch.save
@@ -198,7 +185,7 @@ def test_full_disk_keeps_the_last_good_checkpoint(tmp_path, synth_data, store_di
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    got = _cli(tmp_path, synth_data, store_dir, "--resume", "latest", "--stop-after-steps", "4", "--no-eval")
+    got = train_cli(tmp_path, synth_data, store_dir, "--resume", "latest", "--stop-after-steps", "4", "--no-eval")
     monkeypatch.setattr(torch, "save", real_save)
     assert got is not None and f"could not write checkpoint {latest}" in got and "No space left" in got
     assert torch.load(latest, weights_only=True)["step"] == good["step"] == 2  # still loadable, still step 2
@@ -206,10 +193,11 @@ def test_full_disk_keeps_the_last_good_checkpoint(tmp_path, synth_data, store_di
 
 
 def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path, synth_data, store_dir):
-    assert _cli(tmp_path, synth_data, store_dir, "--stop-after-steps", "2", "--no-eval") is None
+    assert train_cli(tmp_path, synth_data, store_dir, "--stop-after-steps", "2", "--no-eval") is None
     checkpoints = tmp_path / "logs" / "bad" / "checkpoints"
     (checkpoints / ".epoch_latest.pt.tmp4242").write_bytes(b"half a checkpoint")  # a kill during a write
-    assert _cli(tmp_path, synth_data, store_dir, "--resume", "latest", "--stop-after-steps", "3", "--no-eval") is None
+    assert train_cli(tmp_path, synth_data, store_dir, "--resume", "latest", "--stop-after-steps", "3",
+                     "--no-eval") is None
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_latest.pt"]
 
 
