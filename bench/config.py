@@ -2,7 +2,7 @@
 
 ``pytest bench/ --benchmark-only`` picks the device's default profile; ``--bench-profile`` chooses another:
 - ``default``: forward+backward, every backend, the clip-rd and clip-kd presets to N = 8192 and the intra-kd and
-  gd weight sets to N = 2048 on CPU (about 14 minutes on 2 cores); on CUDA the GPU sizes, N = 4096 to 65536;
+  gd weight sets to N = 2048 on CPU (about 12 minutes on 2 cores); on CUDA the GPU sizes, N = 4096 to 65536;
 - ``full``: all three modes (forward, backward, both) and the long sweep: N = 256 to 16384 on CPU (about an hour
   on 2 cores), to 131072 on CUDA;
 - ``quick``: tiny sizes, one round (CI's proof that everything runs; also ``--bench-quick``).
@@ -144,7 +144,7 @@ def profile() -> Profile:
             large_backends=ALL_BACKENDS, case_seconds=2.0, max_rounds=5, max_call_seconds=40.0, dtype="float32",
             modes=MODES, extra_max_n=8192,
         )
-    else:  # the default CPU run: about 14 minutes on 2 quiet cores
+    else:  # the default CPU run: about 12 minutes on 2 quiet cores
         base = dict(
             name="cpu", d=512, ns=(1024, 2048, 4096, 8192), max_n={}, large_ns=(), large_backends=(),
             case_seconds=1.0, max_rounds=3, max_call_seconds=40.0, dtype="float32", modes=("forward+backward",),

@@ -12,7 +12,7 @@ _TERMINAL = []  # the terminal reporter, once configured
 def pytest_addoption(parser):
     parser.addoption(
         "--bench-profile", choices=PROFILES, default=None,
-        help=f"default: every backend and preset, forward+backward, N to 8192 on CPU (about 14 min on 2 cores), GPU "
+        help=f"default: every backend and preset, forward+backward, N to 8192 on CPU (about 12 min on 2 cores), GPU "
              f"sizes on CUDA; full: every mode and the long sweep (N to 16384 on CPU); quick: tiny sizes (same as "
              f"{PROFILE_ENV}=...)",
     )
