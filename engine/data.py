@@ -22,16 +22,22 @@ import io
 import itertools
 import json
 import os
+import queue
 import random
 import re
 import tarfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import braceexpand
+import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import Compose, Normalize
+
+from . import tario
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 
@@ -180,12 +186,40 @@ def next_worker(counts: list[int], batches_done: int) -> int:
     return order[batches_done] if batches_done < len(order) else 0
 
 
+TO_TENSOR = ("ToTensor", "MaybeToTensor")  # torchvision's and open_clip's (which passes tensors through)
+
+
+def split_transform(transform: Callable) -> tuple[Callable, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+    """An open_clip evaluation transform (PIL steps, to-tensor, normalise) as its per-image part, which ends in a
+    uint8 (C, H, W) tensor, and the (mean, std) of its normalisation, which ``Codec.collate`` applies to a whole
+    batch at once: the same float operations in the same order (bit-identical), for a third less decoding time.
+    Any other transform comes back whole, with None."""
+    steps = getattr(transform, "transforms", [])
+    if len(steps) < 2 or not isinstance(steps[-1], Normalize) or type(steps[-2]).__name__ not in TO_TENSOR:
+        return transform, None
+    mean, std = (torch.as_tensor(v, dtype=torch.get_default_dtype()).view(1, -1, 1, 1)
+                 for v in (steps[-1].mean, steps[-1].std))
+    return Compose([*steps[:-2], _uint8_chw]), (mean, std)
+
+
+def _uint8_chw(image: Image.Image) -> torch.Tensor:
+    """(H, W, C) RGB pixels as a (C, H, W) uint8 view, what to-tensor makes before its division by 255."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
 @dataclass
 class Codec:
-    """Turns one raw sample into tensors: ``images``/``texts`` map an output name to a transform/tokenizer."""
+    """Turns raw samples into tensors: ``images``/``texts`` map an output name to a transform/tokenizer.
+
+    ``codec(raw)`` decodes one sample; ``codec.collate(samples)`` stacks decoded samples into a batch and finishes
+    the images' float conversion there (see ``split_transform``), so a decoded sample is only usable collated.
+    """
 
     images: dict[str, Callable]
     texts: dict[str, Callable]
+
+    def __post_init__(self):
+        self._split = {name: split_transform(transform) for name, transform in self.images.items()}
 
     def __call__(self, raw: dict) -> dict:
         key, url = raw["__key__"], raw.get("__url__")
@@ -199,8 +233,8 @@ class Codec:
         except Exception as exc:  # PIL raises several types for damaged files
             raise ShardError(f"corrupt shard {url}: sample {key!r} cannot be decoded: {exc}") from exc
         out = {"key": key, "url": url, "digest": sample_digest(raw), "caption": caption}
-        for name, transform in self.images.items():
-            out[name] = transform(image)
+        for name, (per_image, _) in self._split.items():
+            out[name] = per_image(image)
         for name, tokenizer in self.texts.items():
             out[name] = tokenizer([caption])[0]
         if "json" in raw:
@@ -208,6 +242,14 @@ class Codec:
             if label is not None:
                 out["label"] = int(label)
         return out
+
+    def collate(self, samples: list[dict]) -> dict:
+        batch = collate(samples)
+        for name, (_, normalisation) in self._split.items():
+            if normalisation is not None:  # to-tensor's float(x) / 255, then normalise's (x - mean) / std
+                mean, std = normalisation
+                batch[name] = batch[name].to(mean.dtype).div_(255).sub_(mean).div_(std)
+        return batch
 
 
 def collate(samples: list[dict]) -> dict:
@@ -223,16 +265,16 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
-def batched(samples: Iterator[dict], batch_size: int) -> Iterator[dict]:
+def batched(samples: Iterator[dict], batch_size: int, collate_fn: Callable = collate) -> Iterator[dict]:
     """Collated batches of ``batch_size`` decoded samples as they stream, the last one possibly smaller."""
     chunk = []
     for sample in samples:
         chunk.append(sample)
         if len(chunk) == batch_size:
-            yield collate(chunk)
+            yield collate_fn(chunk)
             chunk = []
     if chunk:
-        yield collate(chunk)
+        yield collate_fn(chunk)
 
 
 def _raise_shard_error(exc: Exception) -> bool:
@@ -241,15 +283,40 @@ def _raise_shard_error(exc: Exception) -> bool:
 
 
 def read_shard(url: str, expected: Optional[int] = None) -> Iterator[dict]:
-    """Raw samples of one shard via webdataset's tar reader; a short read is reported as a corrupt shard."""
-    import webdataset as wds
-
+    """Raw samples of one shard, grouped by key as webdataset groups them; a short read is reported as a corrupt
+    shard. A local uncompressed tar is read by ``engine.tario`` (several times faster than ``tarfile``), anything
+    else (remote URLs, compressed tars) by webdataset's own reader."""
     count = 0
-    for sample in wds.tarfile_samples([{"url": url}], handler=_raise_shard_error):
+    for sample in _tar_samples(url):
         count += 1
         yield sample
     if expected is not None and count != expected:
         raise ShardError(f"corrupt shard {url}: read {count} samples, sizes file says {expected} (truncated?)")
+
+
+WEBDATASET_META = re.compile(r"__[^/]*__($|/)")  # members webdataset's reader skips (e.g. __index__)
+
+
+def _tar_samples(url: str) -> Iterator[dict]:
+    import webdataset as wds
+
+    if is_remote(url):
+        yield from wds.tarfile_samples([{"url": url}], handler=_raise_shard_error)
+        return
+    try:
+        stream = open(url, "rb")
+    except OSError as exc:
+        raise ShardError(f"corrupt shard {url}: {exc}") from exc
+    with stream:
+        if tario.is_compressed(stream.peek(8)):
+            yield from wds.tarfile_samples([{"url": url}], handler=_raise_shard_error)
+            return
+        members = ({"fname": name, "data": data, "__url__": url} for name, data in tario.regular_members(stream)
+                   if not WEBDATASET_META.match(name))
+        try:
+            yield from wds.tariterators.group_by_keys(members, handler=_raise_shard_error)
+        except tario.TarFormatError as exc:
+            raise ShardError(f"corrupt shard {url}: {exc}") from exc
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -307,7 +374,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 continue
             batch.append(self.codec(sample))
             if len(batch) == self.batch_size:
-                yield collate(batch)
+                yield self.codec.collate(batch)
                 batch = []
 
     def _raw_samples(self, shards: list[str], worker: int) -> Iterator[dict]:
@@ -342,9 +409,58 @@ def _shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterato
     yield from buffer
 
 
-def make_loader(stream: ShardStream) -> torch.utils.data.DataLoader:
+class Prefetcher:
+    """Iterates ``loader`` in a background thread, ``depth`` batches ahead of its consumer.
+
+    With --workers 0 the next batch is then read and decoded while the current step computes (tar reading, PIL
+    decoding and torch's operators release the GIL), instead of after it: the same batches in the same order,
+    about 10 % less time for the default run on 2 cores. An exception in the thread is raised in the consumer;
+    a consumer that stops early stops the thread.
+    """
+
+    def __init__(self, loader, depth: int = 2):
+        self.loader, self.depth = loader, depth
+
+    def __iter__(self) -> Iterator:
+        items, stop = queue.Queue(self.depth), threading.Event()
+
+        def put(item) -> bool:  # False once the consumer has stopped
+            while not stop.is_set():
+                try:
+                    items.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce():
+            try:
+                for batch in self.loader:
+                    if not put(("batch", batch)):
+                        return
+                put(("end", None))
+            except BaseException as exc:  # noqa: BLE001 (handed to the consumer, which raises it)
+                put(("error", exc))
+
+        thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, value = items.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            stop.set()
+            thread.join()
+
+
+def make_loader(stream: ShardStream):
     # own generator: creating an iterator then draws its base seed from it, not from the global RNG that a
     # checkpoint restores (otherwise a resumed epoch would shift every later random draw)
     generator = torch.Generator().manual_seed(stream.seed)
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=stream.workers, generator=generator,
-                                       persistent_workers=False, prefetch_factor=2 if stream.workers else None)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=stream.workers, generator=generator,
+                                         persistent_workers=False, prefetch_factor=2 if stream.workers else None)
+    return loader if stream.workers else Prefetcher(loader)  # worker processes prefetch on their own

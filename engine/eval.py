@@ -38,7 +38,8 @@ def encode_shards(model, preprocess, tokenizer, pattern: str, batch_size: int = 
     images, texts, labels = [], [], []
     model.eval()
     samples = (codec(raw) for url in urls for raw in data_lib.read_shard(url, sizes[url]))
-    for batch in data_lib.batched(samples, batch_size):  # decoded as they stream: memory independent of shard size
+    # decoded as they stream: memory independent of shard size
+    for batch in data_lib.batched(samples, batch_size, codec.collate):
         out = model(batch["image"].to(device, _weight_dtype(model)), batch["text"].to(device))
         images.append(F.normalize(out["image_features"].float(), dim=-1).cpu())
         texts.append(F.normalize(out["text_features"].float(), dim=-1).cpu())

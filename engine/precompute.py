@@ -57,7 +57,8 @@ def build_store(pattern: str, teacher_name: str, pretrained: str, root: str | Pa
     for url in todo:
         writer = store_lib.PartWriter(root, manifest, url, sizes[url])
         try:
-            for batch in data_lib.batched((codec(raw) for raw in data_lib.read_shard(url, sizes[url])), batch_size):
+            decoded = (codec(raw) for raw in data_lib.read_shard(url, sizes[url]))
+            for batch in data_lib.batched(decoded, batch_size, codec.collate):
                 out = teacher(batch["image"].to(device), batch["text"].to(device))
                 writer.append(batch["key"], batch["digest"].tolist(),
                               F.normalize(out["image_features"].float(), dim=-1).cpu(),

@@ -4,6 +4,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from engine import data as data_lib
 from engine import synthetic
@@ -102,3 +103,56 @@ def test_batch_larger_than_dataset(synth_data):
 def test_round_robin_order():
     assert data_lib.round_robin([4, 2]) == [0, 1, 0, 1, 0, 0]
     assert data_lib.next_worker([4, 2], 3) == 1 and data_lib.next_worker([4, 2], 6) == 0
+
+
+@pytest.mark.parametrize("model", ["tiny-vit-student", "openai-224"])
+def test_codec_batches_equal_the_whole_transform(synth_data, model):
+    """The codec's split transform (uint8 per image, float conversion per batch) is bit-identical to open_clip's
+    transform applied image by image; openai-224 resizes the 32-pixel images to 224 with CLIP's mean and std."""
+    import io
+
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    from PIL import Image
+
+    import models
+
+    if model == "openai-224":
+        preprocess = image_transform_v2(PreprocessCfg(size=224, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD),
+                                        is_train=False)
+    else:
+        preprocess = models.get_preprocess(models.create_model(model))
+    codec = data_lib.Codec({"image": preprocess}, {"text": lambda caps: torch.zeros(len(caps), 2)})
+    raws = list(data_lib.read_shard(str(synth_data["root"] / "train-00002.tar")))[:7]
+    batch = codec.collate([codec(raw) for raw in raws])
+    whole = torch.stack([preprocess(Image.open(io.BytesIO(raw["png"])).convert("RGB")) for raw in raws])
+    assert batch["image"].dtype == whole.dtype == torch.float32 and torch.equal(batch["image"], whole)
+
+
+def test_codec_keeps_other_transforms_whole(synth_data):
+    calls = []
+    codec = data_lib.Codec({"image": lambda im: calls.append(im.size) or torch.ones(2)}, {})
+    raws = list(data_lib.read_shard(str(synth_data["root"] / "train-00002.tar")))[:3]
+    batch = codec.collate([codec(raw) for raw in raws])
+    assert torch.equal(batch["image"], torch.ones(3, 2)) and calls == [(32, 32)] * 3
+
+
+def test_prefetcher_same_batches_errors_and_early_stop(synth_data):
+    import threading
+
+    stream = _stream(synth_data["train"])
+    direct = [b["key"] for b in data_lib.make_loader(_stream(synth_data["train"])).loader]
+    loader = data_lib.make_loader(stream)
+    assert isinstance(loader, data_lib.Prefetcher)
+    assert [b["key"] for b in loader] == direct and len(direct) == 6
+
+    def failing():
+        yield 1
+        raise data_lib.ShardError("corrupt shard x.tar: damaged")
+
+    with pytest.raises(data_lib.ShardError, match="corrupt shard x.tar"):
+        list(data_lib.Prefetcher(failing()))
+    before = threading.active_count()
+    batches = iter(data_lib.Prefetcher(iter(range(100)), depth=2))
+    assert next(batches) == 0 and threading.active_count() == before + 1
+    batches.close()  # a consumer that stops early (--stop-after-steps, an error in the step) stops the thread
+    assert threading.active_count() == before

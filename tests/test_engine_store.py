@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import models
 from engine import data as data_lib
@@ -29,13 +30,13 @@ def test_store_matches_teacher_embeddings(synth_data, teacher_ckpt, store_dir):
     assert "augmentation" in manifest and len(manifest["parts"]) == 3
     # independent recomputation for the first samples of shard 1
     teacher = models.create_teacher("tiny-vit-teacher", str(teacher_ckpt))
-    codec = data_lib.Codec({"image": models.get_preprocess(teacher)},
-                           {"text": models.get_tokenizer("tiny-vit-teacher")})
-    samples = [codec(raw) for raw in data_lib.read_shard(urls[1])][:5]
-    batch = data_lib.collate(samples)
+    raws = list(data_lib.read_shard(urls[1]))[:5]
+    preprocess, tokenizer = models.get_preprocess(teacher), models.get_tokenizer("tiny-vit-teacher")
+    images = torch.stack([preprocess(Image.open(io.BytesIO(raw["png"])).convert("RGB")) for raw in raws])
     with torch.no_grad():
-        out = teacher(batch["image"], batch["text"])
-    image, text = store.lookup(batch["key"], batch["digest"].tolist(), batch["url"])
+        out = teacher(images, tokenizer([raw["txt"].decode() for raw in raws]))
+    image, text = store.lookup([raw["__key__"] for raw in raws], [data_lib.sample_digest(raw) for raw in raws],
+                               [raw["__url__"] for raw in raws])
     assert image.dtype == torch.float16 and image.shape == (5, 128)
     torch.testing.assert_close(image.float(), F.normalize(out["image_features"], dim=-1), atol=2e-3, rtol=0)
     torch.testing.assert_close(text.float(), F.normalize(out["text_features"], dim=-1), atol=2e-3, rtol=0)
