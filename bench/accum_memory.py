@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from engine.cli import HelpFormatter
+
 DEFAULT_OUT = Path(__file__).parent / "results" / "accum"
 
 _CHILD = r"""
@@ -46,7 +48,7 @@ def measure(effective: int, micro: int) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.accum_memory", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--batches", default="256,512,1024,2048,4096,8192,16384",
                         help="effective batch sizes, comma-separated")
     parser.add_argument("--micro", type=int, default=256, help="micro-batch of the accumulated runs")

@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from kernels import clip_rd_loss
+from engine.cli import HelpFormatter
+from kernels import PRESETS, clip_rd_loss
 
 from .memory import available_bytes, first_estimate, reset_peak_rss, status_bytes
 
@@ -87,13 +88,14 @@ def measure(rows: int, d: int, backend: str, preset: str, rank: int, world: int,
 def main() -> None:
     p = argparse.ArgumentParser(prog="torchrun ... -m bench.distributed_memory --",
                                 description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--backend", default="chunked", help="reference | chunked | triton | auto ('fused')")
-    p.add_argument("--preset", default="clip-rd")
-    p.add_argument("--global-batch", type=int, nargs="+", default=[16384])
-    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--preset", default="clip-rd", choices=sorted(PRESETS), help="loss weight preset")
+    p.add_argument("--global-batch", type=int, nargs="+", default=[16384],
+                   help="global batch sizes to measure, split evenly over the ranks")
+    p.add_argument("--dim", type=int, default=512, help="embedding width D of student and teacher")
     p.add_argument("--mem-fraction", type=float, default=0.8, help="share of available memory the ranks may use")
-    p.add_argument("--out-dir", default=str(OUT_DIR))
+    p.add_argument("--out-dir", default=str(OUT_DIR), help="where the per-rank JSON results go")
     args = p.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))

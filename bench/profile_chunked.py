@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from engine.cli import HelpFormatter
 from kernels import clip_rd_loss
 
 from .cases import FloorCase, make_inputs, run_once
@@ -97,7 +98,7 @@ def markdown(records: list[dict]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_chunked", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--ns", default="4096,8192", help="comma-separated batch sizes N")
     parser.add_argument("--presets", default="clip-rd,clip-kd", help="comma-separated loss presets")
     parser.add_argument("--d", type=int, default=512, help="embedding width D")

@@ -16,6 +16,7 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
+from engine.cli import HelpFormatter
 from engine.logger import pyplot
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -257,7 +258,7 @@ def default_out_dir(records: list[dict], machine: dict) -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("json", type=Path, help="a pytest --benchmark-json file of bench/")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/<device>)")
     args = parser.parse_args(argv)

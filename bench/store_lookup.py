@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from engine import store as store_lib
+from engine.cli import HelpFormatter
 
 BATCH = 256
 DEFAULT_OUT = Path(__file__).parent / "results" / "store" / "lookup.json"
@@ -81,7 +82,7 @@ def _lookup_worker(root: str, samples: int, seconds: float, seed: int, results) 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.store_lookup", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--samples", type=int, default=2_000_000, help="samples in the store")
     parser.add_argument("--dim", type=int, default=512, help="embedding width")
     parser.add_argument("--part-size", type=int, default=100_000, help="samples per part (per shard)")

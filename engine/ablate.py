@@ -33,6 +33,7 @@ from typing import Optional
 
 from kernels import resolve_weights
 
+from .cli import HelpFormatter
 from .config import TrainConfig
 from .defaults import cache_root
 from .logger import pyplot
@@ -509,26 +510,26 @@ def ablate(settings: AblationSettings, quick: bool = False) -> dict:
 
 def parse_args(argv=None) -> tuple[AblationSettings, bool]:
     p = argparse.ArgumentParser(prog="python -m engine.ablate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     a = p.add_argument
     a("--quick", action="store_true", help="CI-sized: small data and teacher, presets baseline and clip-rd, 1 seed, "
                                            "batch 32, 2 epochs (each default below can still be overridden)")
     a("--presets", nargs="+", default=None, help=f"ablation presets (default: all of {list(ABLATION_PRESETS)})")
-    a("--seeds", nargs="+", type=int, default=None, help="seeds (default 0 1 2)")
+    a("--seeds", nargs="+", type=int, default=None, help="seeds (default: 0 1 2)")
     a("--epochs", type=int, default=None, help="epochs per run (default: the engine's, 4)")
     a("--batch-size", type=int, default=None, help="batch size per run (default: the engine's, 256)")
-    a("--lr", type=float, default=None)
-    a("--workers", type=int, default=0)
+    a("--lr", type=float, default=None, help="learning rate per run (default: the engine's, 0.002)")
+    a("--workers", type=int, default=0, help="data-loading worker processes per run (0: a background thread)")
     a("--equivalence-steps", type=int, default=200, help="steps of the fused-vs-reference check (0: skip it)")
     a("--train-data", default=None, help="webdataset shards (default: the embedded procedural dataset)")
-    a("--val-data", default=None)
-    a("--cache-dir", default=None, help="cache of the embedded data/teacher/store (default $CLIP_RD_CACHE or "
+    a("--val-data", default=None, help="validation shards (default: the embedded validation split)")
+    a("--cache-dir", default=None, help="cache of the embedded data/teacher/store (default: $CLIP_RD_CACHE or "
                                         "~/.cache/clip_rd)")
     a("--model", default=TrainConfig.model, help="student model")
-    a("--teacher", default=TrainConfig.teacher)
+    a("--teacher", default=TrainConfig.teacher, help="teacher open_clip model name")
     a("--teacher-pretrained", default=None, help="teacher weights (default: the cached default teacher)")
-    a("--logs", default="./logs")
-    a("--name", default=None, help="logs/<name>/ (default 'ablation', with --quick 'ablation-quick'); "
+    a("--logs", default="./logs", help="where the ablation folder goes: <logs>/<name>/")
+    a("--name", default=None, help="logs/<name>/ (default: 'ablation', with --quick 'ablation-quick'); "
                                    "a rerun with the same name resumes")
     a("--verbose", action="store_true", help="show the engine's own log lines and per-step bars")
     args = p.parse_args(argv)

@@ -7,6 +7,8 @@ from typing import Optional
 
 from kernels import PRESETS, WEIGHT_KEYS
 
+from .cli import HelpFormatter
+
 PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "fp32")  # open_clip_train's choices and meanings
 AUTOCAST = {"amp": "float16", "amp_bf16": "bfloat16", "amp_bfloat16": "bfloat16"}
 PURE = {"bf16": "bfloat16", "fp16": "float16"}  # the student's weights in this dtype
@@ -150,7 +152,7 @@ def report_to(value: Optional[str]) -> set:
 def parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(
-        prog="python -m engine.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m engine.train", formatter_class=HelpFormatter,
         description="Distil a student CLIP from a teacher's precomputed embeddings (CLIP-KD and CLIP-RD losses). "
                     "With no arguments: the embedded procedural dataset (generated once into the cache), the shipped "
                     "default teacher and its embedding store, a clip-rd student run and its evaluation; outputs go "

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as data_lib
+from .cli import HelpFormatter
 
 
 def _weight_dtype(model) -> torch.dtype:
@@ -161,7 +162,7 @@ def main(argv=None) -> None:
     from .paths import default_cache_dir
 
     parser = argparse.ArgumentParser(prog="python -m engine.eval", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", default=None,
                         help="open_clip model name (default: the checkpoint's model, else tiny-vit-student)")
     parser.add_argument("--pretrained", default=None,

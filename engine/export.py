@@ -32,6 +32,8 @@ from safetensors.torch import save_file
 
 import models
 
+from .cli import HelpFormatter
+
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"  # the name open_clip's local-dir: loader prefers
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -197,7 +199,7 @@ def export(checkpoint_path: str | os.PathLike, output: str | os.PathLike, force:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m engine.export", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m engine.export", formatter_class=HelpFormatter,
         description="Write a trained student as a folder that plain open_clip loads with "
                     "open_clip.create_model_and_transforms('local-dir:DIR') and "
                     "open_clip.get_tokenizer('local-dir:DIR'). "

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from . import data as data_lib
 from . import store as store_lib
+from .cli import HelpFormatter
 
 
 def check_unique_keys(urls: list[str]) -> dict[str, int]:
@@ -79,7 +80,7 @@ def main(argv=None) -> None:
     from .defaults import DEFAULT_TEACHER, cache_root, default_store_dir, default_teacher_path, ensure_default_data
 
     parser = argparse.ArgumentParser(prog="python -m engine.precompute", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--train-data", default=None,
                         help="webdataset shards, brace-expandable, '::'-separated (default: the embedded dataset)")
     parser.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher open_clip model name")

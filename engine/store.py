@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .cli import HelpFormatter
 from .data import ShardError, expand_urls, is_remote, key_hash, read_shard, sample_digest, shard_keys, shard_sizes
 
 FORMAT_VERSION = 2
@@ -413,14 +414,14 @@ def describe(root: str) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine.store", description="Inspect or verify a teacher "
                                      "embedding store built by engine.precompute.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="print the manifest: teacher, logit scale, width, parts",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                               formatter_class=HelpFormatter)
     info.add_argument("store", help="store directory")
     check = commands.add_parser("verify", help="check checksums, finiteness and unique keys; with --train-data, "
                                 "also that every training sample is the one the store was built from",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     check.add_argument("store", help="store directory")
     check.add_argument("--train-data", default=None,
                        help="webdataset shards (brace-expandable, '::'-separated) to check sample by sample")

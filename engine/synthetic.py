@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .cli import HelpFormatter
+
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230),
@@ -198,7 +200,7 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m engine.synthetic",
                                      description="Generate the procedural image-caption dataset as webdataset shards.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--data-dir", default=str(default_cache_dir() / "data"),
                         help="output folder (shards, sizes.json, classnames.json, dataset.json)")
     parser.add_argument("--train-samples", type=int, default=SyntheticSpec.train_samples, help="training samples")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import defaults
+from .cli import HelpFormatter
 from .config import TrainConfig
 from .distributed import DistEnv
 from .prepare import resolve
@@ -59,7 +60,7 @@ def train_default_teacher(cache: Path, output: Path, epochs: int = TEACHER_EPOCH
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine.teacher", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--cache-dir", default=None,
                         help="where the data and the teacher's run go (default: $CLIP_RD_CACHE or ~/.cache/clip_rd)")
     parser.add_argument("--epochs", type=int, default=TEACHER_EPOCHS, help="training epochs")
