@@ -164,7 +164,7 @@ def parser() -> argparse.ArgumentParser:
     a("--cache-dir", default=None, help="cache of the embedded data and teacher stores (default: $CLIP_RD_CACHE, "
       "else ~/.cache/clip_rd)")
     a("--workers", type=int, default=d.workers, help="DataLoader worker processes per rank (0: load in the main "
-      "process)")
+      "process, in a background thread that prepares the next batch while a step runs)")
     a("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="samples in the shuffle buffer of each worker")
     a("--train-num-samples", type=int, default=None,
       help="samples in an epoch, spread evenly over the shards (a worker starts over its shards when they hold "
