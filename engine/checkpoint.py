@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +14,7 @@ LATEST = "epoch_latest.pt"
 
 
 TEMP_PATTERN = ".*.tmp*"
+FULL_DISK_BYTES = 1 << 20  # less free space than this after a failed write: the disk is full
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
@@ -26,8 +28,12 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
         torch.save(obj, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+        # torch's message for a full disk is an internal zip-writer assertion: say what happened instead
+        full = tmp.exists() and shutil.disk_usage(tmp.parent).free < FULL_DISK_BYTES
         tmp.unlink(missing_ok=True)
-        raise OSError(f"could not write checkpoint {path}: {exc}; the previous file there, if any, is intact") from exc
+        reason = "no space left on the device" if full else " ".join(str(exc).split())
+        raise OSError(f"could not write checkpoint {path}: {reason}; the previous file there, if any, is intact") \
+            from exc
 
 
 def remove_stale_temporaries(checkpoint_dir: Path) -> list[Path]:
@@ -64,13 +70,30 @@ def resolve_resume(resume: Optional[str], checkpoint_dir: Path) -> Optional[Path
     return Path(resume)
 
 
+def describe_unloadable(path: str | os.PathLike, exc: Exception) -> str:
+    """What a file that torch.load refused looks like, in a few words (torch's own message is about pickling)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "the file is empty"
+    if head[257:262] == b"ustar":
+        return "it is a tar archive, such as a webdataset shard"
+    if head[:2] == b"\x1f\x8b":
+        return "it is gzip-compressed"
+    reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0].split('. ')[0][:160]}"
+    if head[:4] == b"PK\x03\x04":  # torch.save's zip container
+        return f"a damaged or incomplete torch.save file, {reason}"
+    if all(byte in b"\t\n\r" or byte >= 32 for byte in head):
+        return "it is a text file"
+    return reason
+
+
 def load(path: Path) -> dict:
     """A training checkpoint of engine.train; anything else (text, shard, model weights) is a one-line error."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises several types for files that are not checkpoints
-        raise ValueError(f"--resume {path}: not a checkpoint file ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200]})") from exc
+        raise ValueError(f"--resume {path}: not a checkpoint file ({describe_unloadable(path, exc)})") from exc
     required = ("config", "optimizer", "state_dict", "step")
     missing = [key for key in required if not isinstance(state, dict) or key not in state]
     if missing:

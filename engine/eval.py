@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as data_lib
+from .checkpoint import describe_unloadable
 from .cli import HelpFormatter
 
 
@@ -190,8 +191,13 @@ def main(argv=None) -> None:
                      f"--pretrained (e.g. logs/<name>/checkpoints/epoch_latest.pt) or 'default-teacher'")
         pretrained = str(latest)
         print(f"evaluating the latest run's student: {latest}", file=sys.stderr)
-    if model_name is None and Path(pretrained).is_file():
-        model_name = torch.load(pretrained, map_location="cpu", weights_only=False).get("model")
+    if model_name is None and Path(pretrained).is_file():  # an engine checkpoint names its model
+        try:
+            saved = torch.load(pretrained, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch.load raises several types for files that are not checkpoints
+            reason = describe_unloadable(pretrained, exc)
+            sys.exit(f"error: --pretrained {pretrained}: not a checkpoint file ({reason})")
+        model_name = saved.get("model") if isinstance(saved, dict) else None
     model_name = model_name or "tiny-vit-student"
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     val = args.val_data or ensure_default_data(cache)["val"]

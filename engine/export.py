@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 import models
 
+from .checkpoint import describe_unloadable
 from .cli import HelpFormatter
 
 CONFIG_FILE = "open_clip_config.json"
@@ -64,8 +65,7 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises several types for files that are not checkpoints
-        first_line = (str(exc).splitlines() or [""])[0][:200]
-        raise ExportError(f"checkpoint {path}: not a PyTorch checkpoint ({type(exc).__name__}: {first_line})") from exc
+        raise ExportError(f"checkpoint {path}: not a PyTorch checkpoint ({describe_unloadable(path, exc)})") from exc
     missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise ExportError(f"checkpoint {path}: not a training checkpoint of engine.train (no {', '.join(missing)}; "

@@ -38,3 +38,24 @@ def test_evaluate_on_shards(synth_data, teacher_ckpt):
     recalls = (f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10))
     assert set(metrics) == {"acc1", "acc5", *recalls}
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
+
+
+def test_eval_refuses_files_that_are_not_checkpoints(tmp_path, synth_data, capsys):
+    """engine.eval --pretrained with a text file, a shard, an empty or a cut-short file: one line, no traceback."""
+    from engine.eval import main as eval_main
+
+    text, empty, cut = tmp_path / "notes.txt", tmp_path / "empty.pt", tmp_path / "cut.pt"
+    text.write_text("not a checkpoint\n")
+    empty.write_bytes(b"")
+    torch.save({"model": "tiny-vit-student", "state_dict": {"w": torch.zeros(64, 64)}}, cut)
+    cut.write_bytes(cut.read_bytes()[:600])  # a copy interrupted mid-transfer
+    shard = sorted(synth_data["root"].glob("train-*.tar"))[0]
+    cases = {text: "it is a text file", empty: "the file is empty", cut: "a damaged or incomplete torch.save file",
+             shard: "it is a tar archive, such as a webdataset shard"}
+    for path, reason in cases.items():
+        with pytest.raises(SystemExit) as stop:
+            eval_main(["--pretrained", str(path), "--val-data", synth_data["val"]])
+        message = str(stop.value.code)
+        expected = f"error: --pretrained {path}: not a checkpoint file ({reason}"
+        assert message.startswith(expected) and "\n" not in message, message
+    assert capsys.readouterr().out == ""  # no metrics printed

@@ -140,8 +140,8 @@ def test_bad_files_stop_before_any_step(tmp_path, synth_data, store_dir, teacher
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint")
     shard = synth_data["root"] / "train-00000.tar"
-    cases = [(["--resume", str(text)], f"--resume {text}: not a checkpoint file"),
-             (["--resume", str(shard)], f"--resume {shard}: not a checkpoint file"),
+    cases = [(["--resume", str(text)], f"--resume {text}: not a checkpoint file (it is a text file)"),
+             (["--resume", str(shard)], f"--resume {shard}: not a checkpoint file (it is a tar archive"),
              (["--resume", str(teacher_ckpt)], f"--resume {teacher_ckpt}: not a training checkpoint"),
              (["--teacher-store", str(text)], f"{text}: is a file"),
              (["--logs", str(text)], f"--logs {text}: cannot write the run directory")]
