@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -48,5 +49,11 @@ def default_teacher_record() -> dict:
 
 
 def default_store_dir(cache: Path, fingerprint: str, train_pattern: str) -> Path:
+    """<cache>/stores/<teacher fingerprint>-<hash of the data's pattern>; a pattern inside the cache is hashed
+    relative to it, so a moved or copied cache keeps using its store (every lookup still checks each sample)."""
+    if "://" not in train_pattern and not train_pattern.startswith("pipe:"):
+        relative = os.path.relpath(os.path.abspath(train_pattern), os.path.abspath(cache))
+        if not relative.startswith(os.pardir):
+            train_pattern = relative
     data_id = hashlib.sha256(train_pattern.encode()).hexdigest()[:10]
     return cache / "stores" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', fingerprint)}-{data_id}"

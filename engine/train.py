@@ -312,15 +312,31 @@ def build_state(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.
     return build_optimizer_state(cfg, student, teacher, device, total_steps, env), stream
 
 
+def changed_settings(path: Path, saved_config: dict, cfg: TrainConfig) -> list[str]:
+    """The settings this run changes from the checkpoint's; a ValueError naming them unless --allow-config-change."""
+    changed = [f"{k} {saved_config.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_INVARIANTS
+               if saved_config.get(k) != getattr(cfg, k)]
+    if changed and not cfg.allow_config_change:
+        raise ValueError(f"--resume {path}: this run's settings differ from the checkpoint's ({'; '.join(changed)}); "
+                         f"pass --allow-config-change if that is meant, or another --name")
+    return changed
+
+
+def check_resume(cfg: TrainConfig) -> None:
+    """Refuse a --resume file that is no training checkpoint, or one with other settings, before data, teacher and
+    store are prepared (hours, on real data)."""
+    if cfg.resume is None or (cfg.resume == "latest" and not cfg.name):  # no --name: a new run, nothing to resume
+        return
+    path = ckpt_lib.resolve_resume(cfg.resume, Path(cfg.logs) / (cfg.name or "") / "checkpoints")
+    if path is not None:
+        changed_settings(path, ckpt_lib.load(path)["config"], cfg)
+
+
 def resume(state: TrainState, path: Path, log) -> None:
     """Load a checkpoint into ``state`` and this rank's RNG streams; refuse other settings unless allowed."""
     saved = ckpt_lib.load(path)
     cfg, env = state.cfg, state.env
-    changed = [f"{k} {saved['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_INVARIANTS
-               if saved["config"].get(k) != getattr(cfg, k)]
-    if changed and not cfg.allow_config_change:
-        raise ValueError(f"--resume {path}: this run's settings differ from the checkpoint's ({'; '.join(changed)}); "
-                         f"pass --allow-config-change if that is meant, or another --name")
+    changed = changed_settings(path, saved["config"], cfg)
     if changed:
         log.warning(f"resuming with changed settings: {'; '.join(changed)}")
     state.load_state_dict(saved)
@@ -461,6 +477,7 @@ def summarise(state: TrainState, sources: Sources, run_dir: Path, log, last_eval
 def main(argv=None) -> None:
     try:
         cfg = parse_args(argv)
+        check_resume(cfg)
         env, device = init_distributed()
         run(cfg, prepare(cfg, env), env, device)
     except (ShardError, StoreError, NonFiniteLossError, ValueError, FileNotFoundError, TimeoutError) as exc:

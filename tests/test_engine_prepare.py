@@ -54,3 +54,16 @@ def test_torchrun_first_run_rank0_prepares_while_the_other_waits(tmp_path, synth
     assert proc.returncode != 0
     assert f"--teacher-pretrained: checkpoint file {tmp_path / 'missing.pt'} does not exist" in proc.stderr
     assert "rank 0 could not prepare the run" in proc.stderr
+
+
+def test_store_folder_follows_a_moved_cache(tmp_path):
+    """The default store's folder is named by the data's place inside the cache, so a copied or moved cache keeps
+    its store, while other data (outside the cache, or remote) gets a store of its own."""
+    default_store_dir = defaults.default_store_dir
+    first, moved = tmp_path / "cache", tmp_path / "elsewhere" / "cache"
+    name = default_store_dir(first, "teacher", f"{first}/data/train-{{00000..00015}}.tar").name
+    assert default_store_dir(moved, "teacher", f"{moved}/data/train-{{00000..00015}}.tar").name == name
+    assert default_store_dir(moved, "teacher", f"{first}/data/train-{{00000..00015}}.tar").name != name
+    assert default_store_dir(first, "teacher", f"{first}/data/train-{{00000..00014}}.tar").name != name
+    assert default_store_dir(first, "other-teacher", f"{first}/data/train-{{00000..00015}}.tar").name != name
+    assert default_store_dir(first, "teacher", "pipe:cat data/train-{00000..00015}.tar").name != name

@@ -150,10 +150,16 @@ def test_bad_files_stop_before_any_step(tmp_path, synth_data, store_dir, teacher
         assert got is not None and message in got and "\n" not in got, (flags, got)
 
 
-def test_resume_with_other_settings_refused_unless_allowed(tmp_path, synth_data, store_dir):
+def test_resume_with_other_settings_refused_unless_allowed(tmp_path, synth_data, store_dir, monkeypatch):
+    from engine import train as train_lib
+
     assert train_cli(tmp_path, synth_data, store_dir, "--stop-after-steps", "2", "--no-eval") is None
-    got = train_cli(tmp_path, synth_data, store_dir, "--resume", "latest", "--batch-size", "8", "--preset", "clip-kd",
-               "--no-eval")
+    prepared = []  # the refusal comes before data, teacher and store are prepared (hours, on real data)
+    with monkeypatch.context() as patch:
+        patch.setattr(train_lib, "prepare", lambda *args: prepared.append(args))
+        got = train_cli(tmp_path, synth_data, store_dir, "--resume", "latest", "--batch-size", "8", "--preset",
+                        "clip-kd", "--no-eval")
+    assert not prepared
     assert got is not None and "settings differ from the checkpoint's" in got
     assert "batch_size 16 -> 8" in got and "preset 'clip-rd' -> 'clip-kd'" in got and "--allow-config-change" in got
     assert train_cli(tmp_path, synth_data, store_dir, "--resume", "latest", "--batch-size", "8", "--no-eval",
