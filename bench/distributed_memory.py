@@ -89,10 +89,12 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="torchrun ... -m bench.distributed_memory --",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--backend", default="chunked", help="reference | chunked | triton | auto ('fused')")
+    p.add_argument("--backend", default="chunked", help="loss backend: reference, chunked, triton, or auto "
+                   "(Triton on CUDA, chunked otherwise: what engine.train --fused selects)")
     p.add_argument("--preset", default="clip-rd", choices=sorted(PRESETS), help="loss weight preset")
     p.add_argument("--global-batch", type=int, nargs="+", default=[16384],
-                   help="global batch sizes to measure, split evenly over the ranks")
+                   help="global batch sizes to measure, split evenly over the ranks "
+                   "(default: 16384)")
     p.add_argument("--dim", type=int, default=512, help="embedding width D of student and teacher")
     p.add_argument("--mem-fraction", type=float, default=0.8, help="share of available memory the ranks may use")
     p.add_argument("--out-dir", default=str(OUT_DIR), help="where the per-rank JSON results go")

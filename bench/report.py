@@ -260,7 +260,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("json", type=Path, help="a pytest --benchmark-json file of bench/")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/<device>)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: bench/results/<device>)")
     args = parser.parse_args(argv)
     if not args.json.is_file():
         parser.error(f"{args.json}: no such file (run: pytest bench/ --benchmark-only --benchmark-json={args.json})")

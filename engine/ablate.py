@@ -527,7 +527,8 @@ def parse_args(argv=None) -> tuple[AblationSettings, bool]:
                                         "~/.cache/clip_rd)")
     a("--model", default=TrainConfig.model, help="student model")
     a("--teacher", default=TrainConfig.teacher, help="teacher open_clip model name")
-    a("--teacher-pretrained", default=None, help="teacher weights (default: the cached default teacher)")
+    a("--teacher-pretrained", default=None, help="teacher weights (default: the shipped default teacher; with --quick, "
+                                                 "a small teacher trained in the cache)")
     a("--logs", default="./logs", help="where the ablation folder goes: <logs>/<name>/")
     a("--name", default=None, help="logs/<name>/ (default: 'ablation', with --quick 'ablation-quick'); "
                                    "a rerun with the same name resumes")

@@ -229,7 +229,7 @@ def parser() -> argparse.ArgumentParser:
       "clipping)")
     a("--seed", type=int, default=d.seed, help="seed of the initialisation and the data order")
     a("--local-loss", action="store_true", help="torchrun: each rank's loss over its own anchor rows against all "
-      "gathered columns (exact, O(N / ranks) rows per rank)")
+      "gathered columns (N / ranks rows per rank); the whole batch's exact gradient with --gather-with-grad")
     a("--gather-with-grad", action="store_true", help="torchrun: all-gather embeddings with their gradient")
     a("--logs", default=d.logs, help="where run folders go: <logs>/<name>/")
     a("--name", default=None, help="run name (default: time, model and preset)")

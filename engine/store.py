@@ -416,12 +416,12 @@ def main(argv=None) -> None:
                                      "embedding store built by engine.precompute.",
                                      formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    info = commands.add_parser("info", help="print the manifest: teacher, logit scale, width, parts",
-                               formatter_class=HelpFormatter)
+    about_info = "Print the manifest: teacher, logit scale, width, parts."
+    info = commands.add_parser("info", help=about_info, description=about_info, formatter_class=HelpFormatter)
     info.add_argument("store", help="store directory")
-    check = commands.add_parser("verify", help="check checksums, finiteness and unique keys; with --train-data, "
-                                "also that every training sample is the one the store was built from",
-                                formatter_class=HelpFormatter)
+    about_verify = ("Check checksums, finiteness and unique keys; with --train-data, also that every training "
+                    "sample is the one the store was built from.")
+    check = commands.add_parser("verify", help=about_verify, description=about_verify, formatter_class=HelpFormatter)
     check.add_argument("store", help="store directory")
     check.add_argument("--train-data", default=None,
                        help="webdataset shards (brace-expandable, '::'-separated) to check sample by sample")

@@ -65,7 +65,8 @@ def main(argv=None) -> None:
                         help="where the data and the teacher's run go (default: $CLIP_RD_CACHE or ~/.cache/clip_rd)")
     parser.add_argument("--epochs", type=int, default=TEACHER_EPOCHS, help="training epochs")
     parser.add_argument("--output", default=str(defaults.SHIPPED_TEACHER),
-                        help="checkpoint file to write (its .json record is written beside it)")
+                        help="checkpoint file to write, its .json record beside it (the default "
+                        "replaces the shipped teacher: stores built from the old one are then rebuilt once)")
     args = parser.parse_args(argv)
     path = train_default_teacher(defaults.cache_root(args.cache_dir), Path(args.output), args.epochs)
     print(f"default teacher: {path} (record: {path.with_suffix('.json')})")
