@@ -91,6 +91,10 @@ def expand_urls(pattern: str) -> list[str]:
         known = sorted(s for s in schemes if not s.startswith("_"))
         raise ShardError(f"shard {foreign[0]}: webdataset cannot open {_url_scheme(foreign[0])!r} URLs (it opens "
                          f"{known}; other sources through pipe:<command>)")
+    folder = next((url for url in urls if not is_remote(url) and os.path.isdir(url)), None)
+    if folder is not None:
+        raise ShardError(f"{folder} is a directory, not a shard: give its shards as a pattern such as "
+                         f"{os.path.join(folder, 'train-{00000..00015}.tar')}")
     missing = [url for url in urls if not is_remote(url) and not os.path.isfile(url)]
     if missing:
         raise ShardError(f"missing shard(s): {missing[:5]}{' ...' if len(missing) > 5 else ''} "
@@ -106,13 +110,24 @@ def shard_sizes(urls: list[str]) -> dict[str, Optional[int]]:
         if is_remote(url):
             sizes[url] = None
             continue
-        sizes_file = Path(url).parent / "sizes.json"
-        known = json.loads(sizes_file.read_text()) if sizes_file.exists() else {}
-        if Path(url).name in known:
-            sizes[url] = int(known[Path(url).name])
-        else:
-            sizes[url] = len(shard_keys(url))
+        known = read_sizes_file(Path(url).parent / "sizes.json")
+        sizes[url] = known[Path(url).name] if Path(url).name in known else len(shard_keys(url))
     return sizes
+
+
+def read_sizes_file(path: Path) -> dict[str, int]:
+    """A ``sizes.json`` (shard name -> samples), {} when there is none; a damaged one is refused, naming it."""
+    if not path.exists():
+        return {}
+    try:
+        known = json.loads(path.read_text())
+        if not isinstance(known, dict) or not all(type(n) is int and n >= 0 for n in known.values()):
+            raise ValueError("not a map of shard names to sample counts")
+    except (OSError, ValueError) as exc:  # a directory, unreadable, not UTF-8, not JSON, or not counts
+        reason = exc.strerror if isinstance(exc, OSError) else exc
+        raise ShardError(f"{path}: damaged sizes file ({reason}); repair or delete it (without it, the shards' "
+                         f"samples are counted)") from exc
+    return known
 
 
 def require_sizes(urls: list[str], num_samples: Optional[int]) -> None:
@@ -140,7 +155,9 @@ def shard_keys(url: str) -> list[str]:
         with tarfile.open(url) as tar:
             names = tar.getnames()
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise ShardError(f"corrupt shard {url}: {exc}") from exc
+        # tarfile.open's own message lists every compression it tried, one per line
+        reason = "not a tar archive" if str(exc).startswith("file could not be opened successfully") else exc
+        raise ShardError(f"corrupt shard {url}: {reason}") from exc
     keys = []
     for name in names:
         match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)  # webdataset's base_plus_ext grouping
@@ -238,9 +255,14 @@ class Codec:
         for name, tokenizer in self.texts.items():
             out[name] = tokenizer([caption])[0]
         if "json" in raw:
-            label = json.loads(raw["json"]).get("label")
-            if label is not None:
-                out["label"] = int(label)
+            try:
+                meta = json.loads(raw["json"])
+                label = meta.get("label") if isinstance(meta, dict) else None
+                if label is not None:
+                    out["label"] = int(label)
+            except (ValueError, TypeError) as exc:  # not UTF-8, not JSON, or a label that is not a number
+                raise ShardError(f"corrupt shard {url}: sample {key!r}: its .json member cannot be read: {exc}") \
+                    from exc
         return out
 
     def collate(self, samples: list[dict]) -> dict:

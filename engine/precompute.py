@@ -1,7 +1,7 @@
 """``python -m engine.precompute``: run the teacher once over the shards and write the embedding store.
 
-Resumable: shards already in the store are skipped (each part is written atomically). See engine.store for the
-layout and the augmentation decision.
+Resumable: shards already in the store are skipped (each part is written atomically); a part that is damaged or
+was built from other data is refused. See engine.store for the layout and the augmentation decision.
 """
 from __future__ import annotations
 
@@ -47,13 +47,15 @@ def build_store(pattern: str, teacher_name: str, pretrained: str, root: str | Pa
     urls = data_lib.expand_urls(pattern)
     counts = check_unique_keys(urls)
     sizes = {url: counts[url] if size is None else size for url, size in data_lib.shard_sizes(urls).items()}
+    fingerprint = store_lib.teacher_fingerprint(teacher_name, pretrained)
+    previous = store_lib.reopen(root, fingerprint)  # the output is checked before the teacher is loaded
+    todo = store_lib.shards_to_build(root, previous, urls) if previous else urls
     teacher = models.create_teacher(teacher_name, pretrained, device=device)
-    teacher_info = {"model": teacher_name, "pretrained": str(pretrained),
-                    "fingerprint": store_lib.teacher_fingerprint(teacher_name, pretrained)}
-    manifest = store_lib.begin(root, teacher_info, teacher.logit_scale.exp().item(), models.embed_dim(teacher_name))
+    teacher_info = {"model": teacher_name, "pretrained": str(pretrained), "fingerprint": fingerprint}
+    manifest = previous or store_lib.begin(root, teacher_info, teacher.logit_scale.exp().item(),
+                                           models.embed_dim(teacher_name))
     codec = data_lib.Codec(images={"image": models.get_preprocess(teacher)},
                            texts={"text": models.get_tokenizer(teacher_name)})
-    todo = [u for u in urls if Path(u).name not in manifest["parts"]]
     bar = tqdm(total=sum(sizes[u] for u in todo), desc="teacher embeddings", disable=not progress, leave=False)
     for url in todo:
         writer = store_lib.PartWriter(root, manifest, url, sizes[url])
@@ -93,8 +95,13 @@ def main(argv=None) -> None:
                         help="cache of the embedded dataset and default stores (default: $CLIP_RD_CACHE or "
                              "~/.cache/clip_rd)")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        sys.exit(f"error: --batch-size: must be >= 1, got {args.batch_size}")
     cache = cache_root(args.cache_dir)
-    train = args.train_data or ensure_default_data(cache)["train"]
+    try:
+        train = args.train_data or ensure_default_data(cache)["train"]
+    except (ValueError, OSError) as exc:  # a --cache-dir that is a file or read-only, or holds other data
+        sys.exit(f"error: --cache-dir {cache}: cannot prepare the embedded dataset there: {exc}")
     pretrained = args.teacher_pretrained
     if pretrained is None:
         if args.teacher != DEFAULT_TEACHER:

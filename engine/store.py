@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -98,6 +99,9 @@ def read_manifest(root: str | os.PathLike) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise StoreError(f"{path}: not valid JSON ({exc}): the file is damaged or truncated; rebuild the store "
                          f"with engine.precompute") from exc
+    except OSError as exc:  # a directory in its place, or unreadable
+        raise StoreError(f"{path}: cannot read it ({exc.strerror}); restore it or rebuild the store with "
+                         f"engine.precompute") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise StoreError(f"{path}: store format {found} is not {FORMAT_VERSION} (an older or foreign store); "
@@ -108,16 +112,67 @@ def read_manifest(root: str | os.PathLike) -> dict:
     return manifest
 
 
+def create_root(root: Path) -> None:
+    """Create the store directory and its parts/ folder, and make sure files can be written there."""
+    probe = root / f".write-test.tmp{os.getpid()}"
+    try:
+        (root / "parts").mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:  # a file in the way, a read-only or immutable folder
+        raise StoreError(f"--teacher-store {root}: cannot write the store there ({exc.strerror}: {exc.filename})") \
+            from exc
+
+
+def reopen(root: Path, fingerprint: str) -> Optional[dict]:
+    """The manifest of a store begun earlier, None for a new one (its directory is created); refuses a store that
+    cannot be written or that another teacher began. Needs no teacher: a build checks its output first."""
+    create_root(root)
+    if not (root / "manifest.json").exists():
+        return None
+    manifest = read_manifest(root)
+    if manifest["teacher"]["fingerprint"] != fingerprint:
+        raise StoreError(f"{root}: store was built by teacher {manifest['teacher']['fingerprint']}, "
+                         f"not {fingerprint}; use another --teacher-store directory")
+    return manifest
+
+
+def shards_to_build(root: Path, manifest: dict, urls: list[str]) -> list[str]:
+    """The shards that have no part yet in a reopened store.
+
+    A recorded part whose files are missing or changed, or whose shard changed size or begins with another sample,
+    is refused rather than rebuilt: the store was then built from other data (or damaged), and rebuilding only the
+    parts that differ would mix two datasets in one store without a word; the user chooses another --teacher-store
+    or deletes this one. Only a shard's first sample is compared, so resuming does not read the data again (every
+    lookup in training compares the samples one by one).
+    """
+    for url in urls:
+        record = manifest["parts"].get(Path(url).name)
+        problem = record and (part_damage(root, record) or shard_change(url, record)
+                              or _first_sample_change(root, record, url))
+        if problem:
+            raise StoreError(f"--teacher-store {root}: cannot resume its build: {problem}; the store was built from "
+                             f"other data or is damaged: pass another --teacher-store, or delete {root} to rebuild it")
+    return [url for url in urls if Path(url).name not in manifest["parts"]]
+
+
+def _first_sample_change(root: Path, record: dict, url: str) -> Optional[str]:
+    """None if a local shard begins with the sample (key and content digest) that its part begins with."""
+    if is_remote(url):
+        return None
+    stored = zip(np.load(root / record["dir"] / "keys.npy", mmap_mode="r")[:1],
+                 np.load(root / record["dir"] / "digests.npy", mmap_mode="r")[:1])
+    found = [(raw["__key__"], sample_digest(raw)) for raw in itertools.islice(read_shard(url), 1)]
+    if found == [(str(key), int(digest)) for key, digest in stored]:
+        return None
+    return f"shard {url} does not begin with the sample its part was built from (key or content differs)"
+
+
 def begin(root: Path, teacher: dict, logit_scale: float, embed_dim: int) -> dict:
     """Create or reopen a store for resuming; refuses a store begun by another teacher."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "parts").mkdir(exist_ok=True)
-    if (root / "manifest.json").exists():
-        manifest = read_manifest(root)
-        if manifest["teacher"]["fingerprint"] != teacher["fingerprint"]:
-            raise StoreError(f"{root}: store was built by teacher {manifest['teacher']['fingerprint']}, "
-                             f"not {teacher['fingerprint']}; use another --teacher-store directory")
+    manifest = reopen(root, teacher["fingerprint"])
+    if manifest is not None:
         return manifest
     manifest = {"format": FORMAT_VERSION, "teacher": teacher, "logit_scale": float(logit_scale),
                 "embed_dim": int(embed_dim), "dtype": "float16", "normalized": True, "augmentation": AUGMENTATION,
@@ -200,8 +255,12 @@ def verify_part_file(path: Path, expected_sha256: str, check_finite: bool) -> Op
     """
     if not path.exists():
         return f"{path} is missing"
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:  # a directory in its place, or unreadable
+        return f"{path} cannot be read ({exc.strerror})"
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with handle:
         try:
             version = np.lib.format.read_magic(handle)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
@@ -224,6 +283,24 @@ def verify_part_file(path: Path, expected_sha256: str, check_finite: bool) -> Op
     if digest.hexdigest() != expected_sha256:
         return f"{path}: checksum does not match the manifest (the file was changed or damaged)"
     return None
+
+
+def part_damage(root: Path, record: dict) -> Optional[str]:
+    """None if every file of a part has its recorded checksum (and the embeddings are finite), else what is wrong."""
+    for array in PART_ARRAYS:
+        problem = verify_part_file(root / record["dir"] / f"{array}.npy", record["sha256"][array],
+                                   array in ("image", "text"))
+        if problem:
+            return problem
+    return None
+
+
+def shard_change(url: str, record: dict) -> Optional[str]:
+    """None if a local shard has the size recorded when its part was built (a remote one is not checked here)."""
+    if is_remote(url) or record["shard_bytes"] is None or os.path.getsize(url) == record["shard_bytes"]:
+        return None
+    return (f"shard {url} changed since the store was built ({os.path.getsize(url)} bytes, store recorded "
+            f"{record['shard_bytes']})")
 
 
 # --------------------------------------------------------------------------------------------------------- store
@@ -259,10 +336,9 @@ class TeacherStore:
     def _open_part(self, shard: str) -> dict:
         record = self.manifest["parts"][shard]
         folder = self.root / record["dir"]
-        for array in PART_ARRAYS:
-            problem = verify_part_file(folder / f"{array}.npy", record["sha256"][array], array in ("image", "text"))
-            if problem:
-                raise StoreError(f"{self.root}: part of shard {shard}: {problem}; rebuild the store")
+        problem = part_damage(self.root, record)
+        if problem:
+            raise StoreError(f"{self.root}: part of shard {shard}: {problem}; rebuild the store")
         arrays = {array: np.load(folder / f"{array}.npy", mmap_mode="r") for array in PART_ARRAYS}
         if any(len(arrays[a]) != record["count"] for a in PART_ARRAYS):
             raise StoreError(f"{self.root}: part of shard {shard} does not hold the {record['count']} rows the "
@@ -301,12 +377,11 @@ class TeacherStore:
                              f"{[Path(u).name for u in missing[:5]]}; keys without embeddings include {absent}"
                              f"{state}")
         for url, part in zip(urls, self.parts):
-            record = manifest["parts"][part["shard"]]
             if is_remote(url):  # read only as it streams: checked sample by sample at lookup (key and digest)
                 continue
-            if record["shard_bytes"] is not None and os.path.getsize(url) != record["shard_bytes"]:
-                raise StoreError(f"{self.root}: shard {url} changed since the store was built "
-                                 f"({os.path.getsize(url)} bytes, store recorded {record['shard_bytes']}); rebuild")
+            changed = shard_change(url, manifest["parts"][part["shard"]])
+            if changed:
+                raise StoreError(f"{self.root}: {changed}; rebuild")
             if check_keys:
                 keys = shard_keys(url)
                 if keys != list(map(str, part["keys"])):
@@ -371,13 +446,16 @@ def verify(root: str, train_data: Optional[str] = None) -> list[str]:
         return problems
     try:
         urls = expand_urls(train_data)
+        sizes = shard_sizes(urls)
     except ShardError as exc:
         return problems + [str(exc)]
-    sizes = shard_sizes(urls)
     for url in urls:
         if Path(url).name not in store.manifest["parts"]:
             problems.append(f"shard {url}: no part in the store")
             continue
+        changed = shard_change(url, store.manifest["parts"][Path(url).name])
+        if changed:
+            problems.append(changed)
         mismatched, unknown = [], []
         try:
             for raw in read_shard(url, sizes[url]):

@@ -14,6 +14,7 @@ from typing import Optional
 
 import open_clip
 import torch
+from open_clip.factory import load_state_dict
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from .tokenizer import WordTokenizer
@@ -61,6 +62,19 @@ def _check_pretrained(name: str, pretrained: str) -> None:
         )
 
 
+def _unloadable(path: str, exc: Exception) -> str:
+    """Why a checkpoint file did not load, in one line: what the file is when it cannot be read at all (torch's
+    own message is about pickling), else the loader's complaint (a checkpoint of another architecture)."""
+    from engine.checkpoint import describe_unloadable  # here: models imports without engine (tests/test_models.py)
+
+    try:
+        load_state_dict(path)
+    except Exception as unreadable:  # torch.load raises many types for a file that is not a checkpoint
+        return describe_unloadable(path, unreadable)
+    detail = " ".join(str(exc).split())  # load_state_dict lists every mismatched key on its own line
+    return f"{detail[:400]}{' ...' if len(detail) > 400 else ''}"
+
+
 def create_model(
     name: str,
     pretrained: Optional[str] = None,
@@ -81,7 +95,14 @@ def create_teacher(name: str, pretrained: Optional[str], device: str | torch.dev
     """A frozen teacher in eval mode (weights from an open_clip tag or a local checkpoint file)."""
     if not pretrained:
         raise ValueError(f"teacher {name!r}: need pretrained weights (an open_clip tag or a checkpoint file)")
-    teacher = create_model(name, pretrained, device=device)
+    model_config(name)  # an unknown model name is not the weights' fault
+    try:
+        teacher = create_model(name, pretrained, device=device)
+    except Exception as exc:  # torch.load and open_clip's shape checks raise many types for a file that does not fit
+        if not os.path.isfile(pretrained):
+            raise
+        raise ValueError(f"--teacher-pretrained {pretrained}: cannot load it into {name}: "
+                         f"{_unloadable(pretrained, exc)}") from exc
     teacher.eval().requires_grad_(False)
     return teacher
 

@@ -1,4 +1,6 @@
+import io
 import json
+import shutil
 import tarfile
 
 import numpy as np
@@ -156,3 +158,48 @@ def test_prefetcher_same_batches_errors_and_early_stop(synth_data):
     assert next(batches) == 0 and threading.active_count() == before + 1
     batches.close()  # a consumer that stops early (--stop-after-steps, an error in the step) stops the thread
     assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a count", "a directory"])
+def test_damaged_sizes_file_named(tmp_path, synth_data, damage):
+    shutil.copy(synth_data["root"] / "train-00000.tar", tmp_path)
+    sizes = tmp_path / "sizes.json"
+    if damage == "truncated":
+        sizes.write_text(json.dumps({"train-00000.tar": 32}, indent=1)[:20])
+    elif damage == "not a count":
+        sizes.write_text(json.dumps({"train-00000.tar": "abc"}))
+    else:
+        sizes.mkdir()
+    with pytest.raises(data_lib.ShardError) as exc:
+        data_lib.shard_sizes([str(tmp_path / "train-00000.tar")])
+    assert str(exc.value).startswith(f"{sizes}: damaged sizes file (") and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"a caption, not a tar\n" * 50], ids=["empty", "text"])
+def test_non_tar_shard_is_one_line(tmp_path, content):
+    shard = tmp_path / "train-00000.tar"
+    shard.write_bytes(content)
+    with pytest.raises(data_lib.ShardError) as exc:
+        data_lib.shard_keys(str(shard))
+    assert str(exc.value) == f"corrupt shard {shard}: not a tar archive"
+
+
+def test_unreadable_json_member_names_shard_and_sample(tmp_path, synth_data):
+    shard = tmp_path / "train-00000.tar"
+    with tarfile.open(synth_data["root"] / "train-00000.tar") as tar_in, tarfile.open(shard, "w") as tar_out:
+        for member in tar_in.getmembers():
+            payload = b"{" if member.name == "1000000003.json" else tar_in.extractfile(member).read()
+            member.size = len(payload)
+            tar_out.addfile(member, io.BytesIO(payload))
+    codec = data_lib.Codec({"image": lambda im: torch.zeros(1)}, {})
+    with pytest.raises(data_lib.ShardError, match=rf"^corrupt shard {shard}: sample '1000000003': its \.json member "
+                                                  r"cannot be read: Expecting property name"):
+        [codec(raw) for raw in data_lib.read_shard(str(shard))]
+
+
+def test_directory_as_shards_says_so(synth_data):
+    root = synth_data["root"]
+    with pytest.raises(data_lib.ShardError) as exc:
+        data_lib.expand_urls(str(root))
+    assert str(exc.value) == (f"{root} is a directory, not a shard: give its shards as a pattern such as "
+                              f"{root}/train-{{00000..00015}}.tar")

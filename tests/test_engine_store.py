@@ -275,3 +275,115 @@ def test_precompute_memory_does_not_grow_with_shard_size(tmp_path):
     small, large = _peak_rss_of_precompute(tmp_path, 256), _peak_rss_of_precompute(tmp_path, 4096)
     print(f"precompute peak RSS: 256-sample shard {small / 2**20:.1f} MiB, 4096-sample shard {large / 2**20:.1f} MiB")
     assert large - small < 100 * 2**20
+
+
+# ------------------------------------------------------------------------------------- precompute's input checks
+
+
+def _precompute(*argv) -> str:
+    """engine.precompute's command line; returns its exit message (the test fails if it succeeds)."""
+    from engine.precompute import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    return str(exc.value.code)
+
+
+@pytest.fixture
+def no_teacher(monkeypatch):
+    """A refusal must come before the teacher is loaded."""
+    monkeypatch.setattr(models, "create_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+
+
+def test_resume_refuses_a_store_of_other_data_or_damaged(tmp_path, synth_data, teacher_ckpt, store_dir, no_teacher):
+    other = synthetic.build(tmp_path / "other", synthetic.SyntheticSpec(train_samples=96, val_samples=32,
+                                                                       shard_size=32, seed=1), progress=False)
+    copy = tmp_path / "store"
+    shutil.copytree(store_dir, copy)
+    fix = f"the store was built from other data or is damaged: pass another --teacher-store, or delete {copy} to " \
+          f"rebuild it"
+    teacher = ["--teacher", "tiny-vit-teacher", "--teacher-pretrained", str(teacher_ckpt), "--teacher-store", str(copy)]
+    assert _precompute("--train-data", other["train"], *teacher) == (
+        f"error: --teacher-store {copy}: cannot resume its build: shard {tmp_path / 'other/train-00000.tar'} does "
+        f"not begin with the sample its part was built from (key or content differs); {fix}")
+    shutil.rmtree(copy / "parts" / "train-00001")
+    assert _precompute("--train-data", synth_data["train"], *teacher) == (
+        f"error: --teacher-store {copy}: cannot resume its build: {copy / 'parts/train-00001/keys.npy'} is missing; "
+        f"{fix}")
+
+
+def test_precompute_checks_batch_size_output_and_cache(tmp_path, synth_data, teacher_ckpt, no_teacher):
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    args = ["--train-data", synth_data["train"], "--teacher", "tiny-vit-teacher", "--teacher-pretrained",
+            str(teacher_ckpt)]
+    assert _precompute(*args, "--batch-size", "0") == "error: --batch-size: must be >= 1, got 0"
+    cases = {a_file / "store": f"Not a directory: {a_file / 'store/parts'}",
+             a_file: f"Not a directory: {a_file / 'parts'}"}
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode == 0:  # root on ext4 etc.
+        cases[locked / "store"] = f"Operation not permitted: {locked / 'store'}"
+    try:
+        for store, reason in cases.items():
+            assert _precompute(*args, "--teacher-store", str(store)) == \
+                f"error: --teacher-store {store}: cannot write the store there ({reason})"
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], capture_output=True)
+    message = _precompute("--cache-dir", str(a_file))
+    assert message.startswith(f"error: --cache-dir {a_file}: cannot prepare the embedded dataset there: ")
+    assert "\n" not in message
+
+
+def test_precompute_refuses_teacher_weights_that_do_not_load(tmp_path, synth_data, teacher_ckpt):
+    text, empty, truncated, student = (tmp_path / name for name in ("notes.pt", "empty.pt", "cut.pt", "student.pt"))
+    text.write_text("not a checkpoint\n")
+    empty.write_bytes(b"")
+    truncated.write_bytes(teacher_ckpt.read_bytes()[:5000])
+    torch.save({"state_dict": models.create_model("tiny-vit-student").state_dict()}, student)
+    cases = {text: "it is a text file", empty: "the file is empty",
+             truncated: "a damaged or incomplete torch.save file",
+             student: "text pos_embed width changed"}
+    for weights, reason in cases.items():
+        message = _precompute("--train-data", synth_data["train"], "--teacher", "tiny-vit-teacher",
+                              "--teacher-pretrained", str(weights), "--teacher-store", str(tmp_path / "store"))
+        assert message.startswith(f"error: --teacher-pretrained {weights}: cannot load it into tiny-vit-teacher: "
+                                  f"{reason}") and "\n" not in message, message
+
+
+def test_store_command_names_damaged_files(tmp_path, synth_data, store_dir, capsys):
+    copy = tmp_path / "store"
+    shutil.copytree(store_dir, copy)
+    part_file = copy / "parts" / "train-00001" / "image.npy"
+    part_file.unlink()
+    part_file.mkdir()
+    data = tmp_path / "data"
+    shutil.copytree(synth_data["root"], data)
+    (data / "sizes.json").write_text('{"train-00000.tar": 32,')
+    for argv, message in [(["verify", str(copy)], f"part of shard train-00001.tar: {part_file} cannot be read (Is a "
+                                                  f"directory); rebuild the store"),
+                          (["verify", str(store_dir), "--train-data", str(data / "train-{00000..00002}.tar")],
+                           f"error: {data / 'sizes.json'}: damaged sizes file (Expecting property name")]:
+        with pytest.raises(SystemExit):
+            store_lib.main(argv)
+        out = capsys.readouterr().out
+        assert out.count("\n") == 1 and out.startswith("error: ") and message in out, out
+    manifest = copy / "manifest.json"
+    manifest.unlink()
+    manifest.mkdir()
+    for command in ("info", "verify"):
+        with pytest.raises(SystemExit) as exc:
+            store_lib.main([command, str(copy)])
+        reported = str(exc.value.code) if command == "info" else capsys.readouterr().out.strip()
+        assert reported == (f"error: {manifest}: cannot read it (Is a directory); restore it or rebuild the store "
+                            f"with engine.precompute")
+
+
+def test_verify_compares_shard_sizes(tmp_path, synth_data, store_dir):
+    data = tmp_path / "data"
+    shutil.copytree(synth_data["root"], data)
+    shard = data / "train-00002.tar"
+    os.truncate(shard, os.path.getsize(shard) - 1024)  # only the end-of-archive blocks: every sample still reads
+    problems = store_lib.verify(str(store_dir), str(data / "train-{00000..00002}.tar"))
+    assert problems == [f"shard {shard} changed since the store was built ({os.path.getsize(shard)} bytes, store "
+                        f"recorded {os.path.getsize(shard) + 1024})"]
