@@ -4,15 +4,18 @@ Reads a ``pytest bench/ --benchmark-json=...`` file and writes, under ``bench/re
 ``--out`` says otherwise: ``report.md`` (machine, one table per preset and mode, chunked vs reference ratios at
 the largest N both ran, fitted memory-growth exponents), ``summary.json`` (the same figures, machine-readable),
 ``<preset>.png`` (time and memory vs N, log-log, one line per backend, one row per mode) and a copy of the input
-as ``benchmark.json``.
+as ``benchmark.json``. The input is checked whole before any file is written; then every file is written, or none.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import re
 import shutil
+import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,9 +28,19 @@ BACKEND_ORDER = ("floor", "reference", "compiled", "chunked", "triton")
 MiB = float(1 << 20)
 
 
+class ReportError(ValueError):
+    """A benchmark file or output folder this report cannot use, described in one line."""
+
+
 def load(path: Path) -> tuple[list[dict], dict, dict]:
-    """(records, machine description, run metadata) from a pytest-benchmark JSON file."""
-    data = json.loads(Path(path).read_text())
+    """(records, machine description, run metadata) from a pytest-benchmark JSON file, checked whole first."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ReportError(f"{path}: not a readable JSON file ({exc})") from exc
+    problem = _file_problem(data)
+    if problem:
+        raise ReportError(f"{path}: {problem} (expected a pytest --benchmark-json file of bench/)")
     records = []
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info") or {}
@@ -40,6 +53,63 @@ def load(path: Path) -> tuple[list[dict], dict, dict]:
     meta = {"datetime": data.get("datetime"), "version": data.get("version"),
             "engine": [b for b in data.get("benchmarks", []) if (b.get("extra_info") or {}).get("kind") == "engine"]}
     return records, machine, meta
+
+
+def _number(value, positive: bool = False) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and (value > 0 if positive else value >= 0))
+
+
+def _file_problem(data) -> str | None:
+    """What is wrong with the file's structure, naming the first bad entry (None: nothing)."""
+    if not isinstance(data, dict):
+        return f"holds a {type(data).__name__}, not an object"
+    if not isinstance(data.get("benchmarks", []), list):
+        return "'benchmarks' is not a list"
+    machine = data.get("machine_info", {})
+    if not isinstance(machine, dict) or not isinstance(machine.get("bench_machine", {}), dict):
+        return "'machine_info.bench_machine' is not an object"
+    gpu = machine.get("bench_machine", {}).get("gpu")
+    if gpu is not None and not (isinstance(gpu, dict) and {"name", "memory_gib", "capability", "cuda"} <= set(gpu)
+                                and isinstance(gpu["name"], str)):
+        return "'machine_info.bench_machine.gpu' lacks name, memory_gib, capability or cuda"
+    for number, bench in enumerate(data.get("benchmarks", [])):
+        problem = _bench_problem(bench)
+        if problem:
+            name = bench.get("name") if isinstance(bench, dict) else None
+            return f"benchmark {number}" + (f" ({name})" if name else "") + f": {problem}"
+    return None
+
+
+def _bench_problem(bench) -> str | None:
+    if not isinstance(bench, dict) or not isinstance(bench.get("extra_info") or {}, dict):
+        return "not an object with an extra_info object"
+    info = bench.get("extra_info") or {}
+    if "backend" not in info and info.get("kind") != "engine":
+        return None  # not a bench/ result: left out of the report
+    stats = bench.get("stats")
+    if not isinstance(stats, dict):
+        return "no stats"
+    if not _number(stats.get("median"), positive=True):
+        return f"stats.median {stats.get('median')!r} is not a positive number"
+    bad = [key for key in ("mean", "min", "stddev") if not _number(stats.get(key))]
+    if bad or not isinstance(stats.get("rounds"), int):
+        return f"stats.{(bad or ['rounds'])[0]} is missing or not a number"
+    if "backend" not in info:
+        return None if "teacher" in info or "name" in bench else "an engine entry without teacher or name"
+    if not all(isinstance(info.get(key), str) for key in ("backend", "preset")):
+        return "extra_info lacks backend or preset"
+    if info.get("mode") not in MODES:
+        return f"extra_info.mode {info.get('mode')!r} is not one of {MODES}"
+    if not isinstance(info.get("n"), int) or info["n"] < 1:
+        return f"extra_info.n {info.get('n')!r} is not a positive integer"
+    if not _number(info.get("gflops_per_s")):
+        return f"extra_info.gflops_per_s {info.get('gflops_per_s')!r} is not a number"
+    if info["backend"] != "floor" and not _number(info.get("peak_extra_bytes")):
+        return f"extra_info.peak_extra_bytes {info.get('peak_extra_bytes')!r} is not a number"
+    if info.get("peak_share") is not None and not _number(info["peak_share"]):
+        return f"extra_info.peak_share {info['peak_share']!r} is not a number"
+    return None
 
 
 def fit_exponent(points: dict[int, float]) -> float | None:
@@ -256,26 +326,48 @@ def default_out_dir(records: list[dict], machine: dict) -> Path:
     return RESULTS / ("quick" if records and records[0].get("profile") == "quick" else "cpu")
 
 
+def write_report(out_dir: Path, files: dict[str, str], records: list[dict]) -> list[Path]:
+    """Every file into a staging folder in ``out_dir`` first, then renamed into place: all of them or none."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ReportError(f"--out {out_dir}: exists and is not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
+        try:
+            for name, text in files.items():
+                (staging / name).write_text(text)
+            plots = plot(records, staging) if records else []
+            for path in staging.iterdir():
+                os.replace(path, out_dir / path.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as exc:
+        raise ReportError(f"--out {out_dir}: could not write the report ({exc.strerror or exc})") from exc
+    return [out_dir / path.name for path in plots]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("json", type=Path, help="a pytest --benchmark-json file of bench/")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: bench/results/<device>)")
     args = parser.parse_args(argv)
-    if not args.json.is_file():
-        parser.error(f"{args.json}: no such file (run: pytest bench/ --benchmark-only --benchmark-json={args.json})")
-    records, machine, meta = load(args.json)
-    if not records and not meta["engine"]:
-        parser.error(f"{args.json}: holds no bench/ benchmark results (no extra_info with a backend)")
-    out_dir = args.out or default_out_dir(records, machine)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.md").write_text(markdown(records, machine, meta) + "\n")
-    summary = {"machine": machine, **analyse(records), "cases": [
-        {**r, "x_floor": floor_multiple(index(records), r)} for r in records]}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    plots = plot(records, out_dir) if records else []
-    if args.json.resolve() != (out_dir / "benchmark.json").resolve():
-        shutil.copyfile(args.json, out_dir / "benchmark.json")
+    try:
+        if not args.json.is_file():
+            reason = "not a file" if args.json.exists() else "no such file"
+            raise ReportError(f"{args.json}: {reason} (run: pytest bench/ --benchmark-only "
+                              f"--benchmark-json={args.json})")
+        records, machine, meta = load(args.json)
+        if not records and not meta["engine"]:
+            raise ReportError(f"{args.json}: holds no bench/ benchmark results (no extra_info with a backend)")
+        out_dir = args.out or default_out_dir(records, machine)
+        summary = {"machine": machine, **analyse(records), "cases": [
+            {**r, "x_floor": floor_multiple(index(records), r)} for r in records]}
+        files = {"report.md": markdown(records, machine, meta) + "\n",
+                 "summary.json": json.dumps(summary, indent=1) + "\n", "benchmark.json": args.json.read_text()}
+        plots = write_report(out_dir, files, records)
+    except ReportError as exc:
+        sys.exit(f"error: {exc}")
     print(f"wrote {out_dir / 'report.md'}, {out_dir / 'summary.json'}, " + ", ".join(str(p) for p in plots))
     for line in summary_lines(records):
         print(line)

@@ -106,7 +106,13 @@ def check_settings(settings: AblationSettings) -> None:
     path = settings.out_dir / "ablation.json"
     shared = shared_settings(settings.base)
     if path.exists():
-        found = json.loads(path.read_text())["shared"]
+        try:
+            found = json.loads(path.read_text())["shared"]
+            if not isinstance(found, dict):
+                raise TypeError("'shared' is not a mapping")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: unreadable or damaged ({type(exc).__name__}: {exc}); "
+                             "pass another --name or delete the folder") from exc
         diff = {k: (found.get(k), v) for k, v in shared.items() if found.get(k) != v}
         if diff:
             raise ValueError(f"{settings.out_dir} holds runs made with other settings (was, now): {diff}; "
@@ -477,16 +483,41 @@ def plot_equivalence(path: Path, fused: list[dict], reference: list[dict], diffs
 # --- entry point --------------------------------------------------------------------------------------------------
 
 
+def validate(settings: AblationSettings) -> None:
+    """Every flag and input, checked before anything is written or built: one line naming the flag."""
+    import models
+
+    from .data import ShardError, expand_urls
+
+    unknown = [p for p in settings.presets if p not in ABLATION_PRESETS]
+    if unknown:
+        raise ValueError(f"--presets: unknown ablation preset(s) {unknown}; expected some of {list(ABLATION_PRESETS)}")
+    if settings.equivalence_steps < 0:
+        raise ValueError(f"--equivalence-steps: must be >= 0 (0 skips the check), got {settings.equivalence_steps}")
+    settings.base.validate()
+    for flag, name in (("--model", settings.base.model), ("--teacher", settings.base.teacher)):
+        try:
+            models.model_config(name)
+        except ValueError as exc:
+            raise ValueError(f"{flag}: {exc}") from exc
+    given = {"--train-data": settings.base.train_data, "--val-data": settings.base.val_data}
+    for flag, pattern in ((flag, pattern) for flag, pattern in given.items() if pattern is not None):
+        try:
+            expand_urls(pattern)
+        except ShardError as exc:
+            raise ShardError(f"{flag}: {exc}") from exc
+
+
 def ablate(settings: AblationSettings, quick: bool = False) -> dict:
-    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    validate(settings)
+    try:
+        settings.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--logs {settings.logs}: cannot create {settings.out_dir} ({exc.strerror})") from exc
     log = _logger(settings.out_dir)
     start = time.perf_counter()
     if quick:
         settings = replace(settings, base=prepare_quick(settings.base, log, settings.verbose))
-    unknown = [p for p in settings.presets if p not in ABLATION_PRESETS]
-    if unknown:
-        raise ValueError(f"--presets: unknown ablation preset(s) {unknown}; expected some of {list(ABLATION_PRESETS)}")
-    settings.base.validate()
     check_settings(settings)
     log.info(f"ablation {settings.out_dir}: presets {settings.presets}, seeds {settings.seeds}, "
              f"{settings.base.epochs} epochs, batch {settings.base.batch_size}, fused backend; "
@@ -539,8 +570,8 @@ def parse_args(argv=None) -> tuple[AblationSettings, bool]:
                        workers=args.workers, model=args.model, teacher=args.teacher,
                        teacher_pretrained=args.teacher_pretrained,
                        grad_clip_norm=1.0)  # the recipe of the committed results (bench/results/ablation)
-    overrides = {"epochs": args.epochs or (2 if quick else None),
-                 "batch_size": args.batch_size or (32 if quick else None),
+    overrides = {"epochs": (2 if quick else None) if args.epochs is None else args.epochs,
+                 "batch_size": (32 if quick else None) if args.batch_size is None else args.batch_size,
                  "lr": args.lr}
     base = replace(base, **{k: v for k, v in overrides.items() if v is not None})
     settings = AblationSettings(
@@ -559,7 +590,7 @@ def main(argv=None) -> None:
     settings, quick = parse_args(argv)
     try:
         ablate(settings, quick)
-    except (ShardError, StoreError, NonFiniteLossError, ValueError, FileNotFoundError) as exc:
+    except (ShardError, StoreError, NonFiniteLossError, ValueError, OSError) as exc:
         sys.exit(f"error: {exc}")
 
 

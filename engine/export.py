@@ -23,11 +23,13 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import models
@@ -39,6 +41,8 @@ CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"  # the name open_clip's local-dir: loader prefers
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "spiece.model", "tokenizer.model")
+# a previous export's files, not carried into the new folder by --force (a stale tokenizer must not outlive it)
+EXPORT_FILES = (CONFIG_FILE, WEIGHTS_FILE) + TOKENIZER_FILES
 REQUIRED_KEYS = ("model", "state_dict", "config")
 
 
@@ -120,6 +124,13 @@ def _check_output(output: Path, force: bool) -> None:
     if output.is_dir() and any(output.iterdir()) and not force:
         raise ExportError(f"--output {output}: folder exists and is not empty (pass --force to replace the files "
                           f"of a previous export there, or choose another folder)")
+    parent = output.absolute().parent
+    while not parent.exists():  # the folders to create: the nearest existing one must take them
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ExportError(f"--output {output}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"--output {output}: cannot write in {parent}")
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -174,27 +185,75 @@ def export(checkpoint_path: str | os.PathLike, output: str | os.PathLike, force:
                               ) from exc
     preprocess_cfg = {key: _jsonable(value) for key, value in student.visual.preprocess_cfg.items()}
 
-    output.mkdir(parents=True, exist_ok=True)
+    # written in a sibling folder, then swapped in: a failed export leaves the old folder as it was
+    target = output.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.export{os.getpid()}")
+    try:
+        if target.is_dir():  # --force: the other files stay, linked (not copied) into the new folder
+            def previous_export(folder, names):
+                return [n for n in names if n in EXPORT_FILES] if folder == str(target) else []
+            shutil.copytree(target, staging, symlinks=True, ignore=previous_export, copy_function=_link_or_copy)
+        else:
+            staging.mkdir()
+        names = _write_export(staging, checkpoint, model_cfg, preprocess_cfg, tokenizer_files, hf_tokenizer)
+        _swap(staging, target, output)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise ExportError(f"--output {output}: could not write the export ({exc}); a previous export there is "
+                              "left as it was") from exc
+        raise
+    return ExportResult(output=output, model=name, files=[output / n for n in names],
+                        tensors=len(checkpoint["state_dict"]), left_out=list(checkpoint.get("loss_state_dict") or {}))
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:  # no hard links here (another kind of filesystem, an immutable file)
+        shutil.copy2(source, destination)
+
+
+def _write_export(folder: Path, checkpoint: dict, model_cfg: dict, preprocess_cfg: dict, tokenizer_files: dict,
+                  hf_tokenizer) -> list[str]:
+    """The export's files in ``folder``; returns their names."""
     # the checkpoint's own tensors (not the student's copies): the export holds exactly what training saved
     tensors = {key: value.contiguous() for key, value in checkpoint["state_dict"].items()}
-    weights_path = output / WEIGHTS_FILE
-    _atomic_write(weights_path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    files = [weights_path]
-    for stale in TOKENIZER_FILES:  # a previous export's tokenizer must not outlive it (--force)
-        (output / stale).unlink(missing_ok=True)
+    try:
+        _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    except SafetensorError as exc:  # safetensors reports a failed write as its own error type
+        raise OSError(f"{folder / WEIGHTS_FILE}: {exc}") from exc
+    names = [WEIGHTS_FILE]
     for file_name, content in tokenizer_files.items():
-        _write_json(output / file_name, content)
-        files.append(output / file_name)
+        _write_json(folder / file_name, content)
+        names.append(file_name)
     if hf_tokenizer is not None:
-        before = set(output.iterdir())
-        hf_tokenizer.save_pretrained(str(output))
-        files += sorted(set(output.iterdir()) - before)
-    config_path = output / CONFIG_FILE
-    _write_json(config_path, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
-    files.append(config_path)
+        before = set(folder.iterdir())
+        hf_tokenizer.save_pretrained(str(folder))
+        names += sorted(p.name for p in set(folder.iterdir()) - before)
+    _write_json(folder / CONFIG_FILE, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
+    return names + [CONFIG_FILE]
 
-    left_out = list(checkpoint.get("loss_state_dict") or {})
-    return ExportResult(output=output, model=name, files=files, tensors=len(tensors), left_out=left_out)
+
+def _swap(staging: Path, target: Path, output: Path) -> None:
+    """Put ``staging`` in place of ``target`` (--output): two renames, the old folder restored if the second fails."""
+    old = target.with_name(f".{target.name}.old{os.getpid()}")
+    try:
+        if target.exists():
+            os.rename(target, old)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if old.exists():
+                os.rename(old, target)
+            raise
+    except OSError as exc:
+        raise ExportError(f"--output {output}: could not put the export in place ({exc.strerror}); "
+                          "the folder is left as it was") from exc
+    shutil.rmtree(old, ignore_errors=True)  # the new export is in place; only the previous export's files are here
+    if old.exists():
+        print(f"warning: could not delete the previous export's files, moved to {old}", file=sys.stderr)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -13,6 +13,8 @@ import argparse
 import io
 import json
 import os
+import re
+import sys
 import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,6 +58,13 @@ class SyntheticSpec:
     shard_size: int = 1000
     seed: int = 0
     version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        for name in ("train_samples", "val_samples", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"--seed: must be >= 0, got {self.seed}")  # numpy seeds are non-negative
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -148,27 +157,31 @@ def shard_pattern(root: Path, split: str, count: int) -> str:
 def build(root: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), progress: bool = True) -> dict[str, str]:
     """Generate (or reuse) the dataset under ``root``; returns {"train": pattern, "val": pattern}.
 
-    Shards already present from an interrupted build are kept (each shard is written atomically);
-    dataset.json is written last and marks the dataset complete. A different spec in dataset.json is refused.
+    building.json records the spec of an unfinished build: a rerun with that spec keeps its intact shards (each is
+    written atomically); dataset.json is written last and marks the dataset complete. A folder holding another
+    spec, or shards of unknown origin, is refused (a ValueError naming it).
     """
     root = Path(root)
-    marker = root / "dataset.json"
+    marker, building = root / "dataset.json", root / "building.json"
     if marker.exists():
-        found = json.loads(marker.read_text())
+        found = _read_spec(marker)
         if found != asdict(spec):
             raise ValueError(f"{root}: holds a procedural dataset made with {found}, not {asdict(spec)}; "
                              "use another --data-dir or delete it")
         return _patterns(root, spec)
-    root.mkdir(parents=True, exist_ok=True)
+    _make_folder(root)
+    foreign = _read_spec(building) != asdict(spec) if building.exists() else _has_outputs(root)
+    if foreign:
+        raise ValueError(f"{root}: holds an unfinished procedural dataset made with other settings (or shards of "
+                         "unknown origin); remove it or pick another --data-dir")
+    _atomic_json(building, asdict(spec))
     sizes, jobs = {}, []
     for split_id, (split, total) in enumerate((("train", spec.train_samples), ("val", spec.val_samples)), start=1):
-        if total < 1:
-            raise ValueError(f"{split}_samples must be >= 1, got {total}")
         for shard in range((total + spec.shard_size - 1) // spec.shard_size):
             count = min(spec.shard_size, total - shard * spec.shard_size)
             name = f"{split}-{shard:05d}.tar"
             sizes[name] = count
-            if not (root / name).exists():
+            if not _intact(root / name, count):
                 jobs.append((root / name, split_id, shard, count))
     bar = _progress(len(jobs), "generating shards", progress)
     for path, split_id, shard, count in jobs:
@@ -178,7 +191,43 @@ def build(root: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), progre
     _atomic_json(root / "sizes.json", sizes)
     _atomic_json(root / "classnames.json", {"classnames": list(CLASSNAMES), "templates": list(PROMPT_TEMPLATES)})
     _atomic_json(marker, asdict(spec))
+    building.unlink()
     return _patterns(root, spec)
+
+
+def _read_spec(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable or damaged ({exc}); delete {path.parent} or use another --data-dir"
+                         ) from exc
+
+
+def _make_folder(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root}: exists and is not a folder; use another --data-dir")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{root}: cannot create the data folder ({exc.strerror})") from exc
+    if not os.access(root, os.W_OK):
+        raise ValueError(f"{root}: the data folder is not writable")
+
+
+def _has_outputs(root: Path) -> bool:
+    """``root`` holds files a build writes (without building.json, their spec is unknown)."""
+    return any(re.fullmatch(r"(train|val)-\d{5}\.tar|sizes\.json|classnames\.json", p.name) for p in root.iterdir())
+
+
+def _intact(path: Path, count: int) -> bool:
+    """``path`` is a readable shard of ``count`` samples (a damaged one is written again)."""
+    try:
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+        # a shard cut inside its last member still lists every member
+        return len(members) == 3 * count and members[-1].offset_data + members[-1].size <= path.stat().st_size
+    except (OSError, tarfile.TarError):
+        return False
 
 
 def _patterns(root: Path, spec: SyntheticSpec) -> dict[str, str]:
@@ -208,8 +257,11 @@ def main(argv=None) -> None:
     parser.add_argument("--shard-size", type=int, default=SyntheticSpec.shard_size, help="samples per shard")
     parser.add_argument("--seed", type=int, default=0, help="generator seed: another seed, other images and captions")
     args = parser.parse_args(argv)
-    spec = SyntheticSpec(args.train_samples, args.val_samples, args.shard_size, args.seed)
-    for split, pattern in build(args.data_dir, spec).items():
+    try:
+        patterns = build(args.data_dir, SyntheticSpec(args.train_samples, args.val_samples, args.shard_size, args.seed))
+    except (ValueError, OSError) as exc:  # OSError: a write failed (full disk); its message names the file
+        sys.exit(f"error: {exc}")
+    for split, pattern in patterns.items():
         print(f"{split}: {pattern}")
 
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from .cli import HelpFormatter
 from .config import TrainConfig
 from .distributed import DistEnv
 from .prepare import resolve
-from .train import run
+from .train import NonFiniteLossError, run
 
 # About 8x the student's compute per sample: ~4 minutes on 2 idle cores.
 TEACHER_EPOCHS = 3
@@ -39,12 +40,12 @@ def teacher_config(cache: Path, epochs: int = TEACHER_EPOCHS, progress: bool = T
 
 def train_default_teacher(cache: Path, output: Path, epochs: int = TEACHER_EPOCHS, progress: bool = True) -> Path:
     """Train, then write ``output`` (an open_clip-loadable ``{"state_dict": ...}``) and its ``.json`` record."""
+    check_arguments(cache, output, epochs)
     cfg = teacher_config(cache, epochs, progress)
     start = time.perf_counter()
     result = run(cfg, resolve(cfg, progress), DistEnv())
     final = torch.load(Path(result["run_dir"]) / "checkpoints" / "epoch_latest.pt", map_location="cpu",
                        weights_only=True)
-    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
     torch.save({"state_dict": final["state_dict"], "model": final["model"]}, tmp)
     os.replace(tmp, output)
@@ -58,6 +59,25 @@ def train_default_teacher(cache: Path, output: Path, epochs: int = TEACHER_EPOCH
     return output
 
 
+def check_arguments(cache: Path, output: Path, epochs: int) -> None:
+    """Every flag, checked before training; the output's folder is created here, so that it cannot fail after."""
+    if epochs < 1:
+        raise ValueError(f"--epochs: must be >= 1, got {epochs}")
+    if cache.exists() and not cache.is_dir():
+        raise ValueError(f"--cache-dir {cache}: exists and is not a folder")
+    if output.suffix == ".json":  # the record goes to output.with_suffix(".json"): it would replace the checkpoint
+        raise ValueError(f"--output {output}: a .json name is the record's; name the checkpoint e.g. {output.stem}.pt")
+    if output.is_dir() or output.with_suffix(".json").is_dir():
+        raise ValueError(f"--output {output}: it or its .json record is a folder; name a checkpoint file")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = "a file has that name" if isinstance(exc, FileExistsError) else exc.strerror
+        raise ValueError(f"--output {output}: cannot create its folder {output.parent} ({reason})") from exc
+    if not os.access(output.parent, os.W_OK):
+        raise ValueError(f"--output {output}: its folder {output.parent} is not writable")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine.teacher", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
@@ -68,7 +88,10 @@ def main(argv=None) -> None:
                         help="checkpoint file to write, its .json record beside it (the default "
                         "replaces the shipped teacher: stores built from the old one are then rebuilt once)")
     args = parser.parse_args(argv)
-    path = train_default_teacher(defaults.cache_root(args.cache_dir), Path(args.output), args.epochs)
+    try:
+        path = train_default_teacher(defaults.cache_root(args.cache_dir), Path(args.output), args.epochs)
+    except (ValueError, NonFiniteLossError, OSError) as exc:  # ShardError, StoreError are ValueErrors
+        sys.exit(f"error: {exc}")
     print(f"default teacher: {path} (record: {path.with_suffix('.json')})")
 
 

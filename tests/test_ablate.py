@@ -117,3 +117,43 @@ def test_fused_matches_reference_loss_curves(tmp_path, quick_cache):
     with pytest.raises(ValueError, match="different steps"):
         ablate.compare_curves(fused[:-1], reference[1:])
     assert math.isfinite(result["wall_s"]) and torch.isfinite(torch.tensor(fused[-1]["total"]))
+
+
+def _refused(argv) -> str:
+    with pytest.raises(SystemExit) as stop:
+        ablate.main([str(a) for a in argv])
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_bad_flags_are_refused_before_anything_is_written(tmp_path, synth_data):
+    data = ["--train-data", synth_data["train"], "--val-data", synth_data["val"], "--seeds", "0",
+            "--cache-dir", tmp_path / "cache"]
+    cases = {
+        ("--epochs", "0"): "--epochs: must be >= 1, got 0",
+        ("--batch-size", "0"): "--batch-size: must be >= 1, got 0",
+        ("--quick", "--epochs", "0"): "--epochs: must be >= 1, got 0",
+        ("--equivalence-steps", "-5"): "--equivalence-steps: must be >= 0",
+        ("--model", "nosuch"): "--model: unknown model 'nosuch'",
+        ("--teacher", "nosuch"): "--teacher: unknown model 'nosuch'",
+        ("--presets", "nosuch"): "--presets: unknown ablation preset(s) ['nosuch']",
+        ("--train-data", tmp_path / "none-{0..1}.tar"): "--train-data: missing shard(s)",
+    }
+    for extra, expected in cases.items():
+        assert expected in _refused(["--logs", tmp_path / "logs", "--name", "x", *data, *extra])
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "cache").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert f"--logs {afile}: cannot create {afile / 'x'}" in _refused(["--logs", afile, "--name", "x", *data])
+
+
+@pytest.mark.parametrize("content", ["{}", '{"shar', '{"shared": 3}'])
+def test_damaged_ablation_record_is_named(tmp_path, synth_data, content):
+    out = tmp_path / "logs" / "x"
+    out.mkdir(parents=True)
+    (out / "ablation.json").write_text(content)
+    message = _refused(["--logs", tmp_path / "logs", "--name", "x", "--train-data", synth_data["train"],
+                        "--val-data", synth_data["val"], "--cache-dir", tmp_path / "cache"])
+    assert f"{out / 'ablation.json'}: unreadable or damaged" in message
+    assert sorted(p.name for p in out.iterdir()) == ["ablate.log", "ablation.json"]

@@ -171,3 +171,70 @@ def test_gd_floor_products_by_hand():
     # student direction two upstream products and four gradient products (12 backward).
     assert len(flops.mode_products("clip-kd+gd", "forward")) == 6 + 8
     assert len(flops.mode_products("clip-kd+gd", "backward")) == 6 + 12
+
+
+def _report_refused(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as stop:
+        report.main([str(a) for a in argv])
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert capsys.readouterr().err == ""  # no usage line
+    return message
+
+
+def _good_report_input() -> dict:
+    return {"benchmarks": [_fake_benchmark("floor", 512, 0.01, 1), _fake_benchmark("reference", 512, 0.08, 1 << 20),
+                           _fake_benchmark("reference", 1024, 0.3, 4 << 20)]}
+
+
+def _broken(change):
+    data = _good_report_input()
+    change(data["benchmarks"][1])
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("", "not a readable JSON file"), ("hello", "not a readable JSON file"), ('{"benchmarks": [', "not a readable"),
+    (b"\x89\xeb\x00", "not a readable JSON file"), ("[]", "holds a list, not an object"),
+    ('{"benchmarks": "x"}', "'benchmarks' is not a list"),
+    (_broken(lambda b: b.pop("stats")), "benchmark 1 (test_loss[reference-512]): no stats"),
+    (_broken(lambda b: b["extra_info"].pop("preset")), "benchmark 1 (test_loss[reference-512]): extra_info lacks"),
+    (_broken(lambda b: b["stats"].update(median="fast")), "stats.median 'fast' is not a positive number"),
+    (_broken(lambda b: b["stats"].update(median=0)), "stats.median 0 is not a positive number"),
+    (_broken(lambda b: b["stats"].update(median=float("nan"))), "stats.median nan is not a positive number"),
+    (_broken(lambda b: b["extra_info"].update(mode="sideways")), "extra_info.mode 'sideways' is not one of"),
+    (_broken(lambda b: b["extra_info"].update(peak_extra_bytes=None)), "peak_extra_bytes None is not a number"),
+])
+def test_report_refuses_malformed_input_before_writing(tmp_path, capsys, content, expected):
+    path = tmp_path / "bench.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    message = _report_refused([path, "--out", tmp_path / "out"], capsys)
+    assert f"{path}: " in message and expected in message, message
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_refuses_bad_paths_in_one_line(tmp_path, capsys):
+    good = tmp_path / "bench.json"
+    good.write_text(json.dumps(_good_report_input()))
+    assert "no such file" in _report_refused([tmp_path / "missing.json"], capsys)
+    assert f"{tmp_path}: not a file" in _report_refused([tmp_path], capsys)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert f"--out {afile}: exists and is not a folder" in _report_refused([good, "--out", afile], capsys)
+    assert f"--out {afile / 'x'}: could not write the report" in _report_refused([good, "--out", afile / "x"], capsys)
+
+
+def test_report_writes_all_files_or_none(tmp_path, capsys, monkeypatch):
+    good = tmp_path / "bench.json"
+    good.write_text(json.dumps(_good_report_input()))
+    out = tmp_path / "out"
+
+    def fail(records, folder):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "plot", fail)
+    assert f"--out {out}: could not write the report (No space left" in _report_refused([good, "--out", out], capsys)
+    assert list(out.iterdir()) == []
+    monkeypatch.undo()
+    report.main([str(good), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["benchmark.json", "clip-rd.png", "report.md", "summary.json"]

@@ -325,3 +325,38 @@ def test_help_is_complete(capsys):
     assert "(default: False)" in text  # defaults shown
     for action in export_lib.parser()._actions:
         assert action.help, action.dest
+
+
+def test_bad_output_location_is_refused_before_building(tmp_path, capsys, student_ckpt, monkeypatch):
+    def no_build(*args):
+        raise AssertionError("the student was built")
+
+    monkeypatch.setattr(export_lib, "_student", no_build)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    message = _refused([student_ckpt, "--output", afile / "sub"], capsys)
+    assert f"--output {afile / 'sub'}: {afile} is not a folder" in message
+
+
+@pytest.mark.parametrize("failing", ["weights", "config", "swap"])
+def test_failed_forced_export_leaves_the_old_folder_intact(tmp_path, capsys, student_ckpt, monkeypatch, failing):
+    from safetensors import SafetensorError
+
+    out = tmp_path / "out"
+    export_lib.main([str(student_ckpt), "--output", str(out)])
+    (out / "notes.txt").write_text("mine\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    def fail(*args, **kwargs):
+        raise {"weights": SafetensorError("Error while serializing: IoError(Os { code: 28 })"),
+               "config": OSError(28, "No space left on device"), "swap": OSError(1, "Operation not permitted")}[failing]
+
+    monkeypatch.setattr(*{"weights": (export_lib, "save_file", fail), "config": (export_lib, "_write_json", fail),
+                          "swap": (export_lib.os, "rename", fail)}[failing])
+    message = _refused([student_ckpt, "--output", out, "--force"], capsys)
+    assert f"--output {out}: could not " in message
+    assert {"weights": "open_clip_model.safetensors: Error while serializing", "config": "No space left",
+            "swap": "put the export in place"}[failing] in message
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_latest.pt", "out"]  # no staging folder left
