@@ -19,7 +19,7 @@ from . import defaults
 from .config import report_to
 from .data import ShardError, expand_urls, require_sizes, shard_sizes
 from .distributed import DistEnv
-from .eval import imagenet_folder
+from .eval import classnames_beside, imagenet_folder
 from .logger import summary_writer_class
 from .precompute import build_store
 from .store import StoreError, read_manifest, teacher_fingerprint
@@ -68,11 +68,13 @@ def check_student_inputs(cfg) -> None:
 
 
 def _check_val_data(val: str, num_samples: Optional[int]) -> None:
-    """The validation shards exist (local ones) and, local ones, hold --val-num-samples samples when it is given."""
+    """The validation shards exist (local ones), hold --val-num-samples samples when it is given, and the
+    classnames.json beside them, if any, can be read (else the first evaluation, after an epoch, would stop)."""
     try:
         urls = expand_urls(val)
         sizes = shard_sizes(urls) if num_samples is not None else {}
-    except ShardError as exc:
+        classnames_beside(val)
+    except (ShardError, ValueError) as exc:
         raise ShardError(f"--val-data: {exc}") from exc
     known = [size for size in sizes.values() if size is not None]
     if sizes and len(known) == len(sizes) and sum(known) != num_samples:

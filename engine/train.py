@@ -361,7 +361,7 @@ def run_directory(cfg: TrainConfig, env: DistEnv) -> Path:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         probe = ckpt_dir / f".write-probe.tmp{env.rank}"
         probe.write_bytes(b"")
-        probe.unlink()
+        probe.unlink(missing_ok=True)  # rank 0 may have swept it away with the stale temporaries
     except OSError as exc:
         raise ValueError(f"--logs {cfg.logs}: cannot write the run directory {run_dir} "
                          f"({exc.strerror or exc})") from exc

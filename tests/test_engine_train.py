@@ -1,5 +1,7 @@
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,9 +152,19 @@ def test_bad_files_stop_before_any_step(tmp_path, synth_data, store_dir, teacher
         assert got is not None and message in got and "\n" not in got, (flags, got)
 
 
-def test_resume_with_other_settings_refused_unless_allowed(tmp_path, synth_data, store_dir, monkeypatch):
-    from engine import train as train_lib
+def test_damaged_classnames_beside_the_validation_shards_stop_the_run_at_start(tmp_path, synth_data, store_dir):
+    """Found at start, not at the first evaluation after a whole epoch."""
+    val = tmp_path / "val"
+    val.mkdir()
+    for shard in synth_data["root"].glob("val-*.tar"):
+        shutil.copy(shard, val / shard.name)
+    (val / "classnames.json").write_text('{"classnames": ["red square", "blue ')  # a copy cut short
+    pattern = str(val / Path(synth_data["val"]).name)
+    got = train_cli(tmp_path, synth_data, store_dir, "--val-data", pattern)
+    assert_refused_before_any_step(tmp_path, f"--val-data: {val / 'classnames.json'}: cannot read it as JSON", got)
 
+
+def test_resume_with_other_settings_refused_unless_allowed(tmp_path, synth_data, store_dir, monkeypatch):
     assert train_cli(tmp_path, synth_data, store_dir, "--stop-after-steps", "2", "--no-eval") is None
     prepared = []  # the refusal comes before data, teacher and store are prepared (hours, on real data)
     with monkeypatch.context() as patch:
