@@ -10,6 +10,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from models.factory import describe_unloadable
+
 LATEST = "epoch_latest.pt"
 
 
@@ -68,24 +70,6 @@ def resolve_resume(resume: Optional[str], checkpoint_dir: Path) -> Optional[Path
     if not os.path.isfile(resume):
         raise FileNotFoundError(f"--resume: checkpoint {resume} does not exist")
     return Path(resume)
-
-
-def describe_unloadable(path: str | os.PathLike, exc: Exception) -> str:
-    """What a file that torch.load refused looks like, in a few words (torch's own message is about pickling)."""
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    if not head:
-        return "the file is empty"
-    if head[257:262] == b"ustar":
-        return "it is a tar archive, such as a webdataset shard"
-    if head[:2] == b"\x1f\x8b":
-        return "it is gzip-compressed"
-    reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0].split('. ')[0][:160]}"
-    if head[:4] == b"PK\x03\x04":  # torch.save's zip container
-        return f"a damaged or incomplete torch.save file, {reason}"
-    if all(byte in b"\t\n\r" or byte >= 32 for byte in head):
-        return "it is a text file"
-    return reason
 
 
 def load(path: Path) -> dict:

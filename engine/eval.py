@@ -22,8 +22,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from models.factory import describe_unloadable
+
 from . import data as data_lib
-from .checkpoint import describe_unloadable
 from .cli import HelpFormatter
 
 

@@ -33,8 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import models
+from models.factory import describe_unloadable
 
-from .checkpoint import describe_unloadable
 from .cli import HelpFormatter
 
 CONFIG_FILE = "open_clip_config.json"

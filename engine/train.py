@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import random
 import sys
@@ -22,6 +23,7 @@ from torch import nn
 
 import models
 from kernels import ClipRDLoss
+from models.factory import load_failure
 
 from . import checkpoint as ckpt_lib
 from .config import AUTOCAST, PURE, TrainConfig, parse_args, report_to
@@ -265,11 +267,11 @@ def create_student(cfg: TrainConfig, device: torch.device) -> nn.Module:
     try:
         return models.create_model(cfg.model, cfg.pretrained, device=device)
     except (RuntimeError, ValueError, OSError, EOFError, KeyError, AssertionError, pickle.UnpicklingError) as exc:
-        if not cfg.pretrained:  # AssertionError: open_clip's checks of the checkpoint's shapes
+        if not cfg.pretrained:
             raise
-        detail = " ".join(str(exc).split())  # load_state_dict lists every mismatched key on its own line
-        raise ValueError(f"--pretrained {cfg.pretrained}: cannot load it into {cfg.model}: "
-                         f"{detail[:400]}{' ...' if len(detail) > 400 else ''}") from exc
+        # AssertionError: open_clip's checks of the checkpoint's shapes; a file that is no checkpoint is described
+        reason = load_failure(cfg.pretrained, exc) if os.path.isfile(cfg.pretrained) else " ".join(str(exc).split())
+        raise ValueError(f"--pretrained {cfg.pretrained}: cannot load it into {cfg.model}: {reason}") from exc
 
 
 def lock_towers(student: nn.Module, cfg: TrainConfig) -> None:

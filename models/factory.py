@@ -62,11 +62,27 @@ def _check_pretrained(name: str, pretrained: str) -> None:
         )
 
 
-def _unloadable(path: str, exc: Exception) -> str:
+def describe_unloadable(path: str | os.PathLike, exc: Exception) -> str:
+    """What a file that torch.load refused looks like, in a few words (torch's own message is about pickling)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "the file is empty"
+    if head[257:262] == b"ustar":
+        return "it is a tar archive, such as a webdataset shard"
+    if head[:2] == b"\x1f\x8b":
+        return "it is gzip-compressed"
+    reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0].split('. ')[0][:160]}"
+    if head[:4] == b"PK\x03\x04":  # torch.save's zip container
+        return f"a damaged or incomplete torch.save file, {reason}"
+    if all(byte in b"\t\n\r" or byte >= 32 for byte in head):
+        return "it is a text file"
+    return reason
+
+
+def load_failure(path: str, exc: Exception) -> str:
     """Why a checkpoint file did not load, in one line: what the file is when it cannot be read at all (torch's
     own message is about pickling), else the loader's complaint (a checkpoint of another architecture)."""
-    from engine.checkpoint import describe_unloadable  # here: models imports without engine (tests/test_models.py)
-
     try:
         load_state_dict(path)
     except Exception as unreadable:  # torch.load raises many types for a file that is not a checkpoint
@@ -102,7 +118,7 @@ def create_teacher(name: str, pretrained: Optional[str], device: str | torch.dev
         if not os.path.isfile(pretrained):
             raise
         raise ValueError(f"--teacher-pretrained {pretrained}: cannot load it into {name}: "
-                         f"{_unloadable(pretrained, exc)}") from exc
+                         f"{load_failure(pretrained, exc)}") from exc
     teacher.eval().requires_grad_(False)
     return teacher
 
