@@ -72,10 +72,11 @@ def resolve_resume(resume: Optional[str], checkpoint_dir: Path) -> Optional[Path
     return Path(resume)
 
 
-def load(path: Path) -> dict:
-    """A training checkpoint of engine.train; anything else (text, shard, model weights) is a one-line error."""
+def load(path: Path, mmap: bool = False) -> dict:
+    """A training checkpoint of engine.train; anything else (text, shard, model weights) is a one-line error.
+    ``mmap``: tensors are mapped, not read (enough to look at the config)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch.load raises several types for files that are not checkpoints
         raise ValueError(f"--resume {path}: not a checkpoint file ({describe_unloadable(path, exc)})") from exc
     required = ("config", "optimizer", "state_dict", "step")

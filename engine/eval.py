@@ -22,16 +22,11 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from models.factory import describe_unloadable
+import models
+from models.factory import describe_unloadable, load_failure, one_line
 
 from . import data as data_lib
 from .cli import HelpFormatter
-
-
-def _one_line(exc: Exception, limit: int = 400) -> str:
-    """An exception's text on one line (load_state_dict lists each key on its own), cut after ``limit`` characters."""
-    text = " ".join(str(exc).split())
-    return text[:limit] + (" ..." if len(text) > limit else "")
 
 
 def _weight_dtype(model) -> torch.dtype:
@@ -52,7 +47,7 @@ def load_classnames(path: Path, source: str) -> Classnames:
     try:
         content = json.loads(path.read_text())
     except (OSError, ValueError) as exc:  # missing, a folder, not UTF-8, not JSON
-        raise ValueError(f"{source}: cannot read it as JSON ({_one_line(exc)})") from exc
+        raise ValueError(f"{source}: cannot read it as JSON ({one_line(exc)})") from exc
     lists = [content.get(key) if isinstance(content, dict) else None for key in ("classnames", "templates")]
     if not all(isinstance(items, list) and items and all(isinstance(item, str) for item in items) for items in lists):
         raise ValueError(f'{source}: expected a JSON object with "classnames" and "templates", each a non-empty list '
@@ -258,8 +253,6 @@ def _saved_model_name(pretrained: str) -> Optional[str]:
 def load_model(model_name: str, pretrained: str):
     """The model with ``pretrained``'s weights; ValueError in one line naming --pretrained when they do not load into
     it or are not finite (NaN scores would rank every pair first)."""
-    import models
-
     models.model_config(model_name)  # an unknown model name is not the weights' fault
     try:
         model = models.create_model(model_name, pretrained)
@@ -267,7 +260,8 @@ def load_model(model_name: str, pretrained: str):
         if not Path(pretrained).is_file():  # an unknown tag: models' message says so
             raise
         # AssertionError: open_clip's checks of the checkpoint's shapes
-        raise ValueError(f"--pretrained {pretrained}: cannot load it into {model_name}: {_one_line(exc)}") from exc
+        raise ValueError(f"--pretrained {pretrained}: cannot load it into {model_name}: "
+                         f"{load_failure(pretrained, exc)}") from exc
     for name, weight in model.state_dict().items():
         if weight.is_floating_point() and not torch.isfinite(weight).all():
             raise ValueError(f"--pretrained {pretrained}: weight {name} holds NaN or inf: the checkpoint's weights are "
@@ -285,7 +279,7 @@ def embedded_val_data(cache_dir: Optional[str]) -> str:
         return ensure_default_data(cache)["val"]
     except (OSError, ValueError) as exc:
         raise ValueError(f"--cache-dir {cache}: cannot prepare the embedded validation data there: "
-                         f"{_one_line(exc)}") from exc
+                         f"{one_line(exc)}") from exc
 
 
 def check_output(output: Path) -> None:
@@ -318,8 +312,6 @@ def write_metrics(metrics: dict, output: Path) -> None:
 
 
 def main(argv=None) -> None:
-    import models
-
     parser = argparse.ArgumentParser(prog="python -m engine.eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--model", default=None,
@@ -358,7 +350,7 @@ def main(argv=None) -> None:
         if args.imagenet_val is not None:
             metrics.update(imagenet_zero_shot(model, preprocess, tokenizer, args.imagenet_val, args.batch_size))
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        sys.exit(f"error: {_one_line(exc)}")
+        sys.exit(f"error: {one_line(exc)}")
     print(json.dumps(metrics, indent=1))
     if output is not None:
         try:

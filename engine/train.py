@@ -23,7 +23,7 @@ from torch import nn
 
 import models
 from kernels import ClipRDLoss
-from models.factory import load_failure
+from models.factory import load_failure, one_line
 
 from . import checkpoint as ckpt_lib
 from .config import AUTOCAST, PURE, TrainConfig, parse_args, report_to
@@ -270,7 +270,7 @@ def create_student(cfg: TrainConfig, device: torch.device) -> nn.Module:
         if not cfg.pretrained:
             raise
         # AssertionError: open_clip's checks of the checkpoint's shapes; a file that is no checkpoint is described
-        reason = load_failure(cfg.pretrained, exc) if os.path.isfile(cfg.pretrained) else " ".join(str(exc).split())
+        reason = load_failure(cfg.pretrained, exc) if os.path.isfile(cfg.pretrained) else one_line(exc)
         raise ValueError(f"--pretrained {cfg.pretrained}: cannot load it into {cfg.model}: {reason}") from exc
 
 
@@ -331,7 +331,7 @@ def check_resume(cfg: TrainConfig) -> None:
         return
     path = ckpt_lib.resolve_resume(cfg.resume, Path(cfg.logs) / (cfg.name or "") / "checkpoints")
     if path is not None:
-        changed_settings(path, ckpt_lib.load(path)["config"], cfg)
+        changed_settings(path, ckpt_lib.load(path, mmap=True)["config"], cfg)  # resume() reads the tensors
 
 
 def resume(state: TrainState, path: Path, log) -> None:

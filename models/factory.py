@@ -80,6 +80,12 @@ def describe_unloadable(path: str | os.PathLike, exc: Exception) -> str:
     return reason
 
 
+def one_line(exc: Exception, limit: int = 400) -> str:
+    """An exception's text on one line (load_state_dict lists each key on its own), cut after ``limit`` characters."""
+    text = " ".join(str(exc).split())
+    return text[:limit] + (" ..." if len(text) > limit else "")
+
+
 def load_failure(path: str, exc: Exception) -> str:
     """Why a checkpoint file did not load, in one line: what the file is when it cannot be read at all (torch's
     own message is about pickling), else the loader's complaint (a checkpoint of another architecture)."""
@@ -87,8 +93,7 @@ def load_failure(path: str, exc: Exception) -> str:
         load_state_dict(path)
     except Exception as unreadable:  # torch.load raises many types for a file that is not a checkpoint
         return describe_unloadable(path, unreadable)
-    detail = " ".join(str(exc).split())  # load_state_dict lists every mismatched key on its own line
-    return f"{detail[:400]}{' ...' if len(detail) > 400 else ''}"
+    return one_line(exc)
 
 
 def create_model(
