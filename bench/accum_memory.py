@@ -3,7 +3,7 @@
 ``python -m bench.accum_memory [--batches 256,512,...] [--micro 256] [--budget-gib 4]``
 
 Each measurement is a fresh process that builds the engine's default student and loss (``clip-rd``, fused backend,
-stored teacher rows), runs one warm-up step and one timed step of ``engine.train.train_step`` on random inputs,
+stored teacher rows), runs one warm-up step and one timed step of ``engine.training.step.train_step`` on random inputs,
 and reports its peak resident memory (ru_maxrss) and the timed step's wall time. Plain runs take the effective
 batch at once; accumulated runs take it in micro-batches of ``--micro``. Sizes whose plain run exceeded the
 budget are not tried larger. Results: ``bench/results/accum/accum.json`` and ``.md``.
@@ -24,7 +24,7 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "accum"
 _CHILD = r"""
 import json, resource, sys, time, torch
 from bench.test_engine import make_step
-from engine.train import train_step
+from engine.training.step import train_step
 effective, micro = int(sys.argv[1]), int(sys.argv[2])
 state, batch = make_step("precomputed", effective)
 state.cfg.accum_freq = effective // micro

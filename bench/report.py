@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from engine.cli import HelpFormatter
-from engine.logger import pyplot
+from engine.training.logger import pyplot
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("forward", "backward", "forward+backward")

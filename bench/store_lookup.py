@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import store as store_lib
 from engine.cli import HelpFormatter
+from engine.teachers import store as store_lib
 
 BATCH = 256
 DEFAULT_OUT = Path(__file__).parent / "results" / "store" / "lookup.json"

@@ -1,8 +1,9 @@
-"""Engine benchmark: one training step (``engine.train.train_step``) with stored teacher rows vs the teacher online.
+"""Engine benchmark: one training step (``engine.training.step.train_step``) with stored teacher rows vs the
+teacher online.
 
-The step is the engine's own ``train_step`` at the engine's default sizes (``engine.config.TrainConfig``: student
-and teacher models, batch size, AdamW, gradient clipping, logit-scale clamp, ``ClipRDLoss`` with the fused backend
-as ``--fused`` selects it). ``precomputed``: the teacher rows are fp16 rows gathered by sample index from an
+The step is the engine's own ``train_step`` at the engine's default sizes (``engine.training.config.TrainConfig``:
+student and teacher models, batch size, AdamW, gradient clipping, logit-scale clamp, ``ClipRDLoss`` with the fused
+backend as ``--fused`` selects it). ``precomputed``: the teacher rows are fp16 rows gathered by sample index from an
 in-memory table (the store's memory-mapped lookup is measured apart by ``python -m bench.store_lookup``);
 ``online``: the shipped default teacher runs forward under no_grad on the batch, as ``--online-teacher`` does.
 Data loading and decoding are not part of the step in either case.
@@ -18,10 +19,11 @@ PROFILE = profile()
 
 try:
     import models
-    from engine.config import TrainConfig
-    from engine.defaults import default_teacher_path
-    from engine.task import OnlineTeacher
-    from engine.train import build_optimizer_state, train_step
+    from engine.teachers.default import default_teacher_path
+    from engine.teachers.sources import OnlineTeacher
+    from engine.training.config import TrainConfig
+    from engine.training.state import build_optimizer_state
+    from engine.training.step import train_step
 
     ENGINE_ERROR = None
 except Exception as exc:  # noqa: BLE001 - any import failure means the engine is not usable here
@@ -30,15 +32,13 @@ except Exception as exc:  # noqa: BLE001 - any import failure means the engine i
 
 
 class TableTeacher:
-    """Stored teacher rows stand-in: fp16 normalised rows for a dataset 8 batches long, gathered by sample index."""
-
-    images: dict = {}
-    texts: dict = {}
-    scale = 100.0
+    """Stored teacher rows stand-in (a TeacherSource): fp16 normalised rows for a dataset 8 batches long, gathered by
+    sample index."""
 
     def __init__(self, embed_dim: int, batch_size: int):
         table = torch.nn.functional.normalize(torch.randn(2, 8 * batch_size, embed_dim), dim=-1).half()
         self.image, self.text, self.embed_dim = table[0], table[1], embed_dim
+        self.scale, self.images, self.texts = 100.0, {}, {}
 
     def rows(self, batch: dict, device: torch.device):
         return self.image[batch["index"]].to(device), self.text[batch["index"]].to(device)
@@ -46,7 +46,7 @@ class TableTeacher:
 
 def make_step(teacher_mode: str, batch_size: int, seed: int = 0):
     """(state, batch) of one engine training step at the default configuration."""
-    cfg = TrainConfig(fused=True, batch_size=batch_size)
+    cfg = TrainConfig(loss_backend="auto", batch_size=batch_size)
     torch.manual_seed(seed)
     device = torch.device(PROFILE.device)
     student = models.create_model(cfg.model, device=device)

@@ -1,268 +1,34 @@
-"""The embedded default dataset: procedural shape images with template captions, as webdataset tar shards.
-
-Each sample is a 32x32 image of one shape (6 shapes x 6 colours = 36 zero-shot classes, class = "<colour> <shape>")
-with a random size, position, background colour and noise, and a caption from a template that mentions the colour,
-shape and some of the size, position and background (so retrieval needs more than the class). Shards follow
-img2dataset's layout: ``{key}.png`` + ``{key}.txt`` + ``{key}.json`` per sample, names ``train-{00000..000NN}.tar``,
-a ``sizes.json`` (shard file -> sample count) and a ``dataset.json`` recording how the data was made.
-Generation is deterministic in (seed, split, shard) and writes every file atomically (temp + os.replace).
-"""
+"""``python -m engine.synthetic``: generate the procedural image-caption dataset as webdataset shards."""
 from __future__ import annotations
 
 import argparse
-import io
-import json
-import os
-import re
-import sys
-import tarfile
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
-
-from .cli import HelpFormatter
-
-SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
-COLOURS = {
-    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230),
-    "yellow": (235, 215, 40), "purple": (150, 60, 200), "orange": (245, 140, 30),
-}
-BACKGROUNDS = {"black": (15, 15, 15), "white": (240, 240, 240), "gray": (128, 128, 128), "brown": (110, 70, 40)}
-SIZES = {"small": (9, 12), "large": (16, 21)}  # bounding-box side in pixels (inclusive range)
-POSITIONS = {"top left": (0.28, 0.28), "top right": (0.72, 0.28), "center": (0.5, 0.5),
-             "bottom left": (0.28, 0.72), "bottom right": (0.72, 0.72)}
-CAPTION_TEMPLATES = (
-    "a {size} {colour} {shape} in the {position} on a {background} background",
-    "a {colour} {shape} on a {background} background",
-    "a {size} {colour} {shape} in the {position}",
-    "{background} background with a {size} {colour} {shape}",
-    "a picture of a {colour} {shape} in the {position} of the image",
-    "a {size} {colour} {shape} at the {position} with a {background} background",
-)
-# Zero-shot prompts: the class name "<colour> <shape>" goes in {c}.
-PROMPT_TEMPLATES = ("a {c}.", "a photo of a {c}.", "a picture of a {c}.", "an image of a {c} on a background.")
-CLASSNAMES = tuple(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES)
-IMAGE_SIZE = 32
-_SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased edges
-FORMAT_VERSION = 1
+from .cli import HelpFormatter, run_command
+from .data.embedded import default_cache_dir
+from .data.synthetic import SyntheticSpec, build
 
 
-@dataclass(frozen=True)
-class SyntheticSpec:
-    """How a procedural dataset is made; stored as dataset.json and compared on reuse."""
-
-    train_samples: int = 16000
-    val_samples: int = 1000
-    shard_size: int = 1000
-    seed: int = 0
-    version: int = FORMAT_VERSION
-
-    def __post_init__(self):
-        for name in ("train_samples", "val_samples", "shard_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise ValueError(f"--seed: must be >= 0, got {self.seed}")  # numpy seeds are non-negative
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.synthetic", description=__doc__.split(": ", 1)[1],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--data-dir", default=str(default_cache_dir() / "data"),
+                   help="output folder (shards, sizes.json, classnames.json, dataset.json)")
+    p.add_argument("--train-samples", type=int, default=SyntheticSpec.train_samples, help="training samples")
+    p.add_argument("--val-samples", type=int, default=SyntheticSpec.val_samples, help="validation samples")
+    p.add_argument("--shard-size", type=int, default=SyntheticSpec.shard_size, help="samples per shard")
+    p.add_argument("--seed", type=int, default=0, help="generator seed: another seed, other images and captions")
+    return p
 
 
-def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    if shape == "triangle":
-        return [(cx, cy - r), (cx + 0.95 * r, cy + 0.8 * r), (cx - 0.95 * r, cy + 0.8 * r)]
-    if shape == "diamond":
-        return [(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)]
-    w = 0.36 * r  # cross arm half-width
-    return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w), (cx + w, cy + w),
-            (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w), (cx - r, cy - w), (cx - w, cy - w)]
-
-
-def render(shape: str, colour: tuple, background: tuple, side: int, center: tuple,
-           rng: np.random.Generator) -> Image.Image:
-    """One 32x32 RGB image: ``shape`` of bounding-box ``side`` px at ``center`` (pixels), with jitter and noise."""
-    s = _SUPERSAMPLE
-    def jitter(rgb, amount):
-        return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)
-
-    canvas = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), jitter(background, 12))
-    draw = ImageDraw.Draw(canvas)
-    cx, cy, r, fill = center[0] * s, center[1] * s, side * s / 2, jitter(colour, 25)
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "ring":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        inner = 0.55 * r
-        draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=canvas.getpixel((0, 0)))
-    elif shape == "square":
-        draw.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=fill)
-    else:
-        draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
-    image = np.asarray(canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX), dtype=np.float32)
-    image = image + rng.normal(0.0, 6.0, image.shape)
-    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
-
-
-def make_sample(rng: np.random.Generator) -> tuple[Image.Image, dict]:
-    """Draw one (image, metadata) pair; metadata holds the caption and the label (index into CLASSNAMES)."""
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    colour = list(COLOURS)[rng.integers(len(COLOURS))]
-    background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
-    size = list(SIZES)[rng.integers(len(SIZES))]
-    position = list(POSITIONS)[rng.integers(len(POSITIONS))]
-    side = int(rng.integers(SIZES[size][0], SIZES[size][1] + 1))
-    fx, fy = POSITIONS[position]
-    center = (fx * IMAGE_SIZE + rng.uniform(-1.5, 1.5), fy * IMAGE_SIZE + rng.uniform(-1.5, 1.5))
-    image = render(shape, COLOURS[colour], BACKGROUNDS[background], side, center, rng)
-    template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
-    caption = template.format(size=size, colour=colour, shape=shape, position=position, background=background)
-    meta = {"caption": caption, "shape": shape, "colour": colour, "size": size, "position": position,
-            "background": background, "label": CLASSNAMES.index(f"{colour} {shape}"), "classname": f"{colour} {shape}"}
-    return image, meta
-
-
-def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(payload), 0, 0o644  # mtime 0: byte-identical shards for equal seeds
-    tar.addfile(info, io.BytesIO(payload))
-
-
-def write_shard(path: Path, split_id: int, shard: int, count: int, seed: int) -> None:
-    """Write one shard atomically; keys are img2dataset-style ``{shard:05d}{index:04d}`` (prefixed by split)."""
-    rng = np.random.default_rng([seed, split_id, shard])
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w") as tar:
-        for index in range(count):
-            image, meta = make_sample(rng)
-            key = f"{split_id}{shard:05d}{index:04d}"
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            meta = {"key": key, "width": IMAGE_SIZE, "height": IMAGE_SIZE, **meta}
-            _add(tar, f"{key}.png", buffer.getvalue())
-            _add(tar, f"{key}.txt", meta["caption"].encode())
-            _add(tar, f"{key}.json", json.dumps(meta).encode())
-    os.replace(tmp, path)
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def shard_pattern(root: Path, split: str, count: int) -> str:
-    """Brace-expandable pattern of a split's shards, e.g. ``root/train-{00000..00023}.tar``."""
-    return str(Path(root) / f"{split}-{{00000..{count - 1:05d}}}.tar")
-
-
-def build(root: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), progress: bool = True) -> dict[str, str]:
-    """Generate (or reuse) the dataset under ``root``; returns {"train": pattern, "val": pattern}.
-
-    building.json records the spec of an unfinished build: a rerun with that spec keeps its intact shards (each is
-    written atomically); dataset.json is written last and marks the dataset complete. A folder holding another
-    spec, or shards of unknown origin, is refused (a ValueError naming it).
-    """
-    root = Path(root)
-    marker, building = root / "dataset.json", root / "building.json"
-    if marker.exists():
-        found = _read_spec(marker)
-        if found != asdict(spec):
-            raise ValueError(f"{root}: holds a procedural dataset made with {found}, not {asdict(spec)}; "
-                             "use another --data-dir or delete it")
-        return _patterns(root, spec)
-    _make_folder(root)
-    foreign = _read_spec(building) != asdict(spec) if building.exists() else _has_outputs(root)
-    if foreign:
-        raise ValueError(f"{root}: holds an unfinished procedural dataset made with other settings (or shards of "
-                         "unknown origin); remove it or pick another --data-dir")
-    _atomic_json(building, asdict(spec))
-    sizes, jobs = {}, []
-    for split_id, (split, total) in enumerate((("train", spec.train_samples), ("val", spec.val_samples)), start=1):
-        for shard in range((total + spec.shard_size - 1) // spec.shard_size):
-            count = min(spec.shard_size, total - shard * spec.shard_size)
-            name = f"{split}-{shard:05d}.tar"
-            sizes[name] = count
-            if not _intact(root / name, count):
-                jobs.append((root / name, split_id, shard, count))
-    bar = _progress(len(jobs), "generating shards", progress)
-    for path, split_id, shard, count in jobs:
-        write_shard(path, split_id, shard, count, spec.seed)
-        bar.update(1)
-    bar.close()
-    _atomic_json(root / "sizes.json", sizes)
-    _atomic_json(root / "classnames.json", {"classnames": list(CLASSNAMES), "templates": list(PROMPT_TEMPLATES)})
-    _atomic_json(marker, asdict(spec))
-    building.unlink()
-    return _patterns(root, spec)
-
-
-def _read_spec(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: unreadable or damaged ({exc}); delete {path.parent} or use another --data-dir"
-                         ) from exc
-
-
-def _make_folder(root: Path) -> None:
-    if root.exists() and not root.is_dir():
-        raise ValueError(f"{root}: exists and is not a folder; use another --data-dir")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"{root}: cannot create the data folder ({exc.strerror})") from exc
-    if not os.access(root, os.W_OK):
-        raise ValueError(f"{root}: the data folder is not writable")
-
-
-def _has_outputs(root: Path) -> bool:
-    """``root`` holds files a build writes (without building.json, their spec is unknown)."""
-    return any(re.fullmatch(r"(train|val)-\d{5}\.tar|sizes\.json|classnames\.json", p.name) for p in root.iterdir())
-
-
-def _intact(path: Path, count: int) -> bool:
-    """``path`` is a readable shard of ``count`` samples (a damaged one is written again)."""
-    try:
-        with tarfile.open(path) as tar:
-            members = tar.getmembers()
-        # a shard cut inside its last member still lists every member
-        return len(members) == 3 * count and members[-1].offset_data + members[-1].size <= path.stat().st_size
-    except (OSError, tarfile.TarError):
-        return False
-
-
-def _patterns(root: Path, spec: SyntheticSpec) -> dict[str, str]:
-    def shards(n):
-        return (n + spec.shard_size - 1) // spec.shard_size
-
-    return {"train": shard_pattern(root, "train", shards(spec.train_samples)),
-            "val": shard_pattern(root, "val", shards(spec.val_samples))}
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not enabled or total == 0, leave=False)
+def generate(argv=None) -> None:
+    args = parser().parse_args(argv)
+    patterns = build(args.data_dir, SyntheticSpec(args.train_samples, args.val_samples, args.shard_size, args.seed))
+    for split, pattern in patterns.items():
+        print(f"{split}: {pattern}")
 
 
 def main(argv=None) -> None:
-    from .paths import default_cache_dir
-
-    parser = argparse.ArgumentParser(prog="python -m engine.synthetic",
-                                     description="Generate the procedural image-caption dataset as webdataset shards.",
-                                     formatter_class=HelpFormatter)
-    parser.add_argument("--data-dir", default=str(default_cache_dir() / "data"),
-                        help="output folder (shards, sizes.json, classnames.json, dataset.json)")
-    parser.add_argument("--train-samples", type=int, default=SyntheticSpec.train_samples, help="training samples")
-    parser.add_argument("--val-samples", type=int, default=SyntheticSpec.val_samples, help="validation samples")
-    parser.add_argument("--shard-size", type=int, default=SyntheticSpec.shard_size, help="samples per shard")
-    parser.add_argument("--seed", type=int, default=0, help="generator seed: another seed, other images and captions")
-    args = parser.parse_args(argv)
-    try:
-        patterns = build(args.data_dir, SyntheticSpec(args.train_samples, args.val_samples, args.shard_size, args.seed))
-    except (ValueError, OSError) as exc:  # OSError: a write failed (full disk); its message names the file
-        sys.exit(f"error: {exc}")
-    for split, pattern in patterns.items():
-        print(f"{split}: {pattern}")
+    run_command(generate, argv)
 
 
 if __name__ == "__main__":

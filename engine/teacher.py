@@ -1,98 +1,39 @@
 """``python -m engine.teacher``: train the default teacher (tiny-vit-teacher) on the embedded dataset.
 
-The package ships its result (``models/pretrained/tiny-vit-teacher.pt``, with ``tiny-vit-teacher.json`` recording its
+The package ships its result (models/pretrained/tiny-vit-teacher.pt, with tiny-vit-teacher.json recording its
 evaluation and this command), so ordinary runs never train it; run this to regenerate it or to train a variant.
-Plain CLIP training (the ``baseline`` preset) through the same loop as the student; the run lives in
-<cache>/teachers/runs/ and resumes if interrupted.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
-import time
 from pathlib import Path
 
-import torch
-
-from . import defaults
-from .cli import HelpFormatter
-from .config import TrainConfig
-from .distributed import DistEnv
-from .prepare import resolve
-from .train import NonFiniteLossError, run
-
-# About 8x the student's compute per sample: ~4 minutes on 2 idle cores.
-TEACHER_EPOCHS = 3
-TEACHER_LR = 2e-3
-TEACHER_BATCH = 128
+from .cli import HelpFormatter, run_command
+from .data.embedded import cache_root
+from .teachers.default import SHIPPED_TEACHER
+from .training.default_teacher import TEACHER_EPOCHS, train_default_teacher
 
 
-def teacher_config(cache: Path, epochs: int = TEACHER_EPOCHS, progress: bool = True) -> TrainConfig:
-    patterns = defaults.ensure_default_data(cache, progress)
-    return TrainConfig(train_data=patterns["train"], val_data=patterns["val"], cache_dir=str(cache),
-                       model=defaults.DEFAULT_TEACHER, preset="baseline", epochs=epochs, lr=TEACHER_LR,
-                       batch_size=TEACHER_BATCH, logs=str(cache / "teachers" / "runs"), name=defaults.DEFAULT_TEACHER,
-                       resume="latest", progress=progress, grad_clip_norm=1.0)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.teacher", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--cache-dir", default=None,
+                   help="where the data and the teacher's run go (default: $CLIP_RD_CACHE or ~/.cache/clip_rd)")
+    p.add_argument("--epochs", type=int, default=TEACHER_EPOCHS, help="training epochs")
+    p.add_argument("--output", default=str(SHIPPED_TEACHER),
+                   help="checkpoint file to write, its .json record beside it (the default replaces the shipped "
+                   "teacher: stores built from the old one are then rebuilt once)")
+    return p
 
 
-def train_default_teacher(cache: Path, output: Path, epochs: int = TEACHER_EPOCHS, progress: bool = True) -> Path:
-    """Train, then write ``output`` (an open_clip-loadable ``{"state_dict": ...}``) and its ``.json`` record."""
-    check_arguments(cache, output, epochs)
-    cfg = teacher_config(cache, epochs, progress)
-    start = time.perf_counter()
-    result = run(cfg, resolve(cfg, progress), DistEnv())
-    final = torch.load(Path(result["run_dir"]) / "checkpoints" / "epoch_latest.pt", map_location="cpu",
-                       weights_only=True)
-    tmp = output.with_name(output.name + ".tmp")
-    torch.save({"state_dict": final["state_dict"], "model": final["model"]}, tmp)
-    os.replace(tmp, output)
-    record = {"model": defaults.DEFAULT_TEACHER, "metrics": result.get("metrics"),
-              "command": f"python -m engine.teacher --epochs {epochs}",
-              "training": {"preset": "baseline", "epochs": epochs, "lr": TEACHER_LR, "batch_size": TEACHER_BATCH,
-                           "seed": cfg.seed, "steps": result.get("steps"),
-                           "wall_s": round(time.perf_counter() - start, 1)},
-              "software": {"torch": torch.__version__, "python": platform.python_version()}}
-    output.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    return output
-
-
-def check_arguments(cache: Path, output: Path, epochs: int) -> None:
-    """Every flag, checked before training; the output's folder is created here, so that it cannot fail after."""
-    if epochs < 1:
-        raise ValueError(f"--epochs: must be >= 1, got {epochs}")
-    if cache.exists() and not cache.is_dir():
-        raise ValueError(f"--cache-dir {cache}: exists and is not a folder")
-    if output.suffix == ".json":  # the record goes to output.with_suffix(".json"): it would replace the checkpoint
-        raise ValueError(f"--output {output}: a .json name is the record's; name the checkpoint e.g. {output.stem}.pt")
-    if output.is_dir() or output.with_suffix(".json").is_dir():
-        raise ValueError(f"--output {output}: it or its .json record is a folder; name a checkpoint file")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        reason = "a file has that name" if isinstance(exc, FileExistsError) else exc.strerror
-        raise ValueError(f"--output {output}: cannot create its folder {output.parent} ({reason})") from exc
-    if not os.access(output.parent, os.W_OK):
-        raise ValueError(f"--output {output}: its folder {output.parent} is not writable")
+def train_teacher(argv=None) -> None:
+    args = parser().parse_args(argv)
+    path = train_default_teacher(cache_root(args.cache_dir), Path(args.output), args.epochs)
+    print(f"default teacher: {path} (record: {path.with_suffix('.json')})")
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine.teacher", description=__doc__.split("\n\n")[0],
-                                     formatter_class=HelpFormatter)
-    parser.add_argument("--cache-dir", default=None,
-                        help="where the data and the teacher's run go (default: $CLIP_RD_CACHE or ~/.cache/clip_rd)")
-    parser.add_argument("--epochs", type=int, default=TEACHER_EPOCHS, help="training epochs")
-    parser.add_argument("--output", default=str(defaults.SHIPPED_TEACHER),
-                        help="checkpoint file to write, its .json record beside it (the default "
-                        "replaces the shipped teacher: stores built from the old one are then rebuilt once)")
-    args = parser.parse_args(argv)
-    try:
-        path = train_default_teacher(defaults.cache_root(args.cache_dir), Path(args.output), args.epochs)
-    except (ValueError, NonFiniteLossError, OSError) as exc:  # ShardError, StoreError are ValueErrors
-        sys.exit(f"error: {exc}")
-    print(f"default teacher: {path} (record: {path.with_suffix('.json')})")
+    run_command(train_teacher, argv)
 
 
 if __name__ == "__main__":

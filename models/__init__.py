@@ -2,6 +2,7 @@
 from .factory import (
     MODEL_CONFIG_DIR,
     WORD_TOKENIZER_MODELS,
+    ModelError,
     create_model,
     create_teacher,
     describe,
@@ -15,6 +16,7 @@ from .factory import (
 from .tokenizer import WordTokenizer
 
 __all__ = [
-    "MODEL_CONFIG_DIR", "WORD_TOKENIZER_MODELS", "create_model", "create_teacher", "describe", "embed_dim",
-    "get_preprocess", "get_tokenizer", "list_models", "model_config", "register_model_configs", "WordTokenizer",
+    "MODEL_CONFIG_DIR", "ModelError", "WORD_TOKENIZER_MODELS", "create_model", "create_teacher", "describe",
+    "embed_dim", "get_preprocess", "get_tokenizer", "list_models", "model_config", "register_model_configs",
+    "WordTokenizer",
 ]

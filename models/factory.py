@@ -28,6 +28,10 @@ _TINY_PREPROCESS = {"size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
 _registered = False
 
 
+class ModelError(ValueError):
+    """An unknown model name, or weights that cannot be loaded into the model: a user's error, in one line."""
+
+
 def register_model_configs() -> None:
     """Add models/model_configs to open_clip's registry (idempotent)."""
     global _registered
@@ -42,12 +46,12 @@ def list_models() -> list[str]:
 
 
 def model_config(name: str) -> dict:
-    """The architecture config of a registered model (raises ValueError naming the known models)."""
+    """The architecture config of a registered model (a ModelError naming the close matches otherwise)."""
     register_model_configs()
     cfg = open_clip.get_model_config(name)
     if cfg is None:
         close = difflib.get_close_matches(name, list_models(), n=5, cutoff=0.5)
-        raise ValueError(f"unknown model {name!r} (close matches: {close or 'none'}; see models.list_models())")
+        raise ModelError(f"unknown model {name!r} (close matches: {close or 'none'}; see models.list_models())")
     return cfg
 
 
@@ -56,7 +60,7 @@ def _check_pretrained(name: str, pretrained: str) -> None:
         return
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
-        raise ValueError(
+        raise ModelError(
             f"pretrained {pretrained!r} for model {name!r} is neither an existing checkpoint file nor an "
             f"open_clip pretrained tag (tags for {name}: {tags or 'none'})"
         )
@@ -115,14 +119,14 @@ def create_model(
 def create_teacher(name: str, pretrained: Optional[str], device: str | torch.device = "cpu") -> torch.nn.Module:
     """A frozen teacher in eval mode (weights from an open_clip tag or a local checkpoint file)."""
     if not pretrained:
-        raise ValueError(f"teacher {name!r}: need pretrained weights (an open_clip tag or a checkpoint file)")
+        raise ModelError(f"teacher {name!r}: need pretrained weights (an open_clip tag or a checkpoint file)")
     model_config(name)  # an unknown model name is not the weights' fault
     try:
         teacher = create_model(name, pretrained, device=device)
     except Exception as exc:  # torch.load and open_clip's shape checks raise many types for a file that does not fit
         if not os.path.isfile(pretrained):
             raise
-        raise ValueError(f"--teacher-pretrained {pretrained}: cannot load it into {name}: "
+        raise ModelError(f"--teacher-pretrained {pretrained}: cannot load it into {name}: "
                          f"{load_failure(pretrained, exc)}") from exc
     teacher.eval().requires_grad_(False)
     return teacher

@@ -7,7 +7,7 @@ from tests.helpers import seeded_checkpoint
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory):
     """96 training samples in 3 shards of 32, 32 validation samples: {"root", "train", "val"}."""
-    from engine import synthetic
+    from engine.data import synthetic
 
     root = tmp_path_factory.mktemp("synth")
     spec = synthetic.SyntheticSpec(train_samples=96, val_samples=32, shard_size=32, seed=7)
@@ -21,7 +21,7 @@ def teacher_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def store_dir(tmp_path_factory, synth_data, teacher_ckpt):
-    from engine.precompute import build_store
+    from engine.teachers.precompute import build_store
 
     root = tmp_path_factory.mktemp("store") / "store"
     return build_store(synth_data["train"], "tiny-vit-teacher", str(teacher_ckpt), root, batch_size=40, progress=False)

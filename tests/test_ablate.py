@@ -9,16 +9,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-from engine import ablate
-from engine.prepare import resolve
-from engine.train import run
+from engine import ablate as ablate_cmd
+from engine.training import ablation as ablate
+from engine.training.loop import run
+from engine.training.prepare import resolve
 
 
 @pytest.fixture(scope="module")
 def quick_cache(tmp_path_factory):
     """The --quick dataset and teacher, built once for this module."""
     cache = tmp_path_factory.mktemp("ablate_cache")
-    settings, _ = ablate.parse_args(["--quick", "--cache-dir", str(cache)])
+    settings, _ = ablate_cmd.parse_args(["--quick", "--cache-dir", str(cache)])
     ablate.prepare_quick(settings.base, logging.getLogger("test_ablate"))
     return cache
 
@@ -30,7 +31,7 @@ def _argv(tmp_path, cache, *extra):
 
 def test_quick_ablation_table_resume_and_settings_check(tmp_path, quick_cache):
     out = tmp_path / "logs" / "q"
-    ablate.main(_argv(tmp_path, quick_cache))
+    ablate_cmd.main(_argv(tmp_path, quick_cache))
     for name in ("ablation.json", "runs.jsonl", "table.md", "table.csv", "ablation.png", "summary.json", "ablate.log",
                  "teacher.json", "runs/baseline-seed0/results.json", "runs/clip-rd-seed0/checkpoints/epoch_2.pt"):
         assert (out / name).exists(), name
@@ -52,17 +53,17 @@ def test_quick_ablation_table_resume_and_settings_check(tmp_path, quick_cache):
     # a rerun trains nothing: finished (preset, seed) runs are skipped
     checkpoint = out / "runs" / "clip-rd-seed0" / "checkpoints" / "epoch_latest.pt"
     stamp = checkpoint.stat().st_mtime_ns
-    ablate.main(_argv(tmp_path, quick_cache))
+    ablate_cmd.main(_argv(tmp_path, quick_cache))
     assert ablate.read_jsonl(out / "runs.jsonl") == records and checkpoint.stat().st_mtime_ns == stamp
     assert (out / "ablate.log").read_text().count("finished earlier, skipped") == 2
 
     # an interrupted run (stopped mid-way with its checkpoint) is resumed, not restarted, and reaches all its steps
-    settings, _ = ablate.parse_args(_argv(tmp_path, quick_cache, "--presets", "clip-kd+vrd"))
+    settings, _ = ablate_cmd.parse_args(_argv(tmp_path, quick_cache, "--presets", "clip-kd+vrd"))
     settings = replace(settings, base=ablate.prepare_quick(settings.base, logging.getLogger("test_ablate")))
     interrupted = replace(ablate.run_config(settings, "clip-kd+vrd", 0), stop_after_steps=40)
     stopped = run(interrupted, resolve(interrupted, progress=False))
     assert stopped["stopped_at_step"] == 40
-    ablate.main(_argv(tmp_path, quick_cache, "--presets", "baseline", "clip-kd+vrd", "clip-rd"))
+    ablate_cmd.main(_argv(tmp_path, quick_cache, "--presets", "baseline", "clip-kd+vrd", "clip-rd"))
     records = ablate.read_jsonl(out / "runs.jsonl")
     assert [(r["preset"], r["steps"]) for r in records] == [("baseline", 64), ("clip-rd", 64), ("clip-kd+vrd", 64)]
     assert records[2]["weights"] == {**records[2]["weights"], "fd": 2000.0, "vrd": 1.0, "xrd": 0.0}
@@ -72,7 +73,7 @@ def test_quick_ablation_table_resume_and_settings_check(tmp_path, quick_cache):
 
     # other shared settings into the same table are refused with a message naming them
     with pytest.raises(SystemExit, match=r"holds runs made with other settings .*'epochs': \(2, 3\)"):
-        ablate.main(_argv(tmp_path, quick_cache, "--epochs", "3"))
+        ablate_cmd.main(_argv(tmp_path, quick_cache, "--epochs", "3"))
 
 
 def test_summary_statistics_and_two_std_rule():
@@ -92,7 +93,7 @@ def test_summary_statistics_and_two_std_rule():
 def test_fused_matches_reference_loss_curves(tmp_path, quick_cache):
     """Same seed, clip-rd, batch 32: the fused (chunked on CPU) and the reference backend give the same loss curves
     to fp32 tolerance over 200 training steps (the total at every step, every term at the first step)."""
-    settings, _ = ablate.parse_args(["--quick", "--cache-dir", str(quick_cache), "--logs", str(tmp_path),
+    settings, _ = ablate_cmd.parse_args(["--quick", "--cache-dir", str(quick_cache), "--logs", str(tmp_path),
                                      "--name", "eq"])
     log = logging.getLogger("test_ablate")
     settings = replace(settings, base=ablate.prepare_quick(settings.base, log))
@@ -121,7 +122,7 @@ def test_fused_matches_reference_loss_curves(tmp_path, quick_cache):
 
 def _refused(argv) -> str:
     with pytest.raises(SystemExit) as stop:
-        ablate.main([str(a) for a in argv])
+        ablate_cmd.main([str(a) for a in argv])
     message = str(stop.value.code)
     assert message.startswith("error: ") and "\n" not in message, message
     return message

@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from engine import synthetic
-from engine import teacher as teacher_lib
+from engine import teacher as teacher_cmd
+from engine.data import synthetic
+from engine.training import default_teacher as teacher_lib
 
 SMALL = ["--train-samples", "4", "--val-samples", "2", "--shard-size", "2"]
 
@@ -84,5 +85,5 @@ def test_teacher_refuses_bad_flags_before_training(tmp_path, monkeypatch):
         ("--output", afile / "t.pt"): f"cannot create its folder {afile} (a file has that name)",
     }
     for argv, expected in cases.items():
-        assert expected in _refused(teacher_lib.main, [*cache, *argv])
+        assert expected in _refused(teacher_cmd.main, [*cache, *argv])
     assert not (tmp_path / "cache").exists()

@@ -8,8 +8,8 @@ import pytest
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from engine import data as data_lib
-from engine import synthetic
+from engine.data import shards as data_lib
+from engine.data import synthetic
 from models.tokenizer import WORDS
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import synthetic
-from engine.precompute import build_store
+from engine.data import synthetic
+from engine.teachers.precompute import build_store
 from engine.train import main
 from tests.helpers import assert_same_weights
 from tests.test_engine_distributed import _free_port
@@ -62,7 +62,7 @@ def test_two_ranks_with_accumulation_equal_two_ranks_without(tmp_path, data_256)
 
 def test_mfd_masks_replay_in_the_second_pass(tmp_path, data_256, monkeypatch):
     """Each micro-batch is embedded twice (without, then with a graph): both passes must drop the same patches."""
-    from engine.task import DistillationTask
+    from engine.training.task import DistillationTask
 
     embed, seen = DistillationTask.embed, []
 

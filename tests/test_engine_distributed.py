@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import store as store_lib
-from engine.data import epoch_shards, expand_urls, read_shard, sample_digest
-from engine.train import main
-from tests.first_step_dump import dump_first_step
+from engine.data.shards import epoch_shards, expand_urls, read_shard, sample_digest
+from engine.teachers import store as store_lib
+from engine.train import main, train
+from tests.first_step_dump import FirstStepDump
 from tests.helpers import assert_same_weights
 
 WORLD, LOCAL_BATCH, SEED = 2, 8, 0
@@ -113,8 +113,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, teacher_ckpt,
     proc = _torchrun([str(tmp_path / "dump_ddp"), *two], module="tests.first_step_dump")
     assert proc.returncode == 0, proc.stderr[-4000:]
     one = _flags(tmp_path, teacher_ckpt, interleaved["one"], interleaved["one_store"], WORLD * LOCAL_BATCH, "one")
-    with dump_first_step(tmp_path / "dump_one"):
-        main(one + options)
+    train(one + options, after_backward=FirstStepDump(tmp_path / "dump_one"))
 
     # (a) first step: rank-averaged loss terms and DDP-averaged (unclipped) gradients equal the one-process ones
     want = torch.load(tmp_path / "dump_one" / "rank0.pt", weights_only=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.eval import retrieval_recall, zero_shot_accuracy
+from engine.evaluation.metrics import retrieval_recall, zero_shot_accuracy
 
 
 def test_retrieval_recall_hand_made():
@@ -32,7 +32,7 @@ def test_zero_shot_accuracy_hand_made():
 
 def test_evaluate_on_shards(synth_data, teacher_ckpt):
     import models
-    from engine.eval import evaluate
+    from engine.evaluation.metrics import evaluate
 
     model = models.create_model("tiny-vit-teacher", str(teacher_ckpt))
     metrics = evaluate(model, models.get_preprocess(model), models.get_tokenizer("tiny-vit-teacher"), synth_data["val"],

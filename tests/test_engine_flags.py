@@ -9,10 +9,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 import models
-from engine import train as train_lib
-from engine.config import TrainConfig, parse_args, parser
-from engine.distributed import DistEnv
-from engine.prepare import resolve
+from engine.train import parse_args, parser
+from engine.training import loop as training_loop
+from engine.training import resume as training_resume
+from engine.training import state as training_state
+from engine.training.config import TrainConfig
+from engine.training.distributed import DistEnv
+from engine.training.prepare import resolve
 from tests.helpers import assert_refused_before_any_step, seeded_checkpoint, train_cli
 
 TEXT_TOWER = ("positional_embedding", "text_projection", "transformer.", "token_embedding.", "ln_final.")
@@ -21,13 +24,13 @@ TEXT_TOWER = ("positional_embedding", "text_projection", "transformer.", "token_
 def _run(cfg):
     """What ``python -m engine.train`` does in one process: prepare the inputs, then train."""
     cfg.validate()
-    return train_lib.run(cfg, resolve(cfg, progress=False))
+    return training_loop.run(cfg, resolve(cfg, progress=False))
 
 
 def _cfg(tmp_path, synth_data, teacher_ckpt, store_dir, **overrides):
     base = dict(train_data=synth_data["train"], val_data=synth_data["val"], teacher_pretrained=str(teacher_ckpt),
                 teacher_store=str(store_dir), batch_size=16, epochs=1, lr=1e-3, warmup=1, logs=str(tmp_path / "logs"),
-                name="run", progress=False, log_every_n_steps=2, fused=True, cache_dir=str(tmp_path / "cache"))
+                name="run", progress=False, log_every_n_steps=2, loss_backend="auto", cache_dir=str(tmp_path / "cache"))
     base.update(overrides)
     return TrainConfig(**base)
 
@@ -132,7 +135,7 @@ def test_flags_parse_with_open_clip_defaults():
                  "--zeroshot-frequency", "--imagenet-val", "--report-to", "--train-num-samples"):
         assert flag in help_text, flag
     for name in ("pretrained", "lock_image", "lock_text_unlocked_layers", "train_num_samples"):
-        assert name in train_lib.RESUME_INVARIANTS, name
+        assert name in training_resume.RESUME_INVARIANTS, name
 
 
 # ------------------------------------------------------------------------------------------ --pretrained, locks
@@ -144,7 +147,7 @@ def _tower(key: str) -> str:
 
 def test_pretrained_student_is_loaded_before_training(tmp_path, synth_data, teacher_ckpt, store_dir, student_ckpt):
     cfg = _cfg(tmp_path, synth_data, teacher_ckpt, store_dir, pretrained=str(student_ckpt))
-    student = train_lib.create_student(cfg, torch.device("cpu"))
+    student = training_state.create_student(cfg, torch.device("cpu"))
     saved = torch.load(student_ckpt)["state_dict"]
     for key, value in student.state_dict().items():
         assert torch.equal(value, saved[key]), key
@@ -152,7 +155,7 @@ def test_pretrained_student_is_loaded_before_training(tmp_path, synth_data, teac
     _run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, name="first", stop_after_steps=1))
     engine_ckpt = tmp_path / "logs" / "first" / "checkpoints" / "epoch_latest.pt"
     cfg = _cfg(tmp_path, synth_data, teacher_ckpt, store_dir, pretrained=str(engine_ckpt))
-    student = train_lib.create_student(cfg, torch.device("cpu"))
+    student = training_state.create_student(cfg, torch.device("cpu"))
     for key, value in student.state_dict().items():
         assert torch.equal(value, _checkpoint(tmp_path, "first")["state_dict"][key]), key
 
@@ -167,7 +170,7 @@ def test_locked_tower_is_unchanged_by_training(tmp_path, synth_data, teacher_ckp
     assert locked not in changed and {"image", "text", "other"} - {locked} <= changed, changed
     # frozen parameters are not in the optimizer (weight decay would move them otherwise)
     cfg = _cfg(tmp_path, synth_data, teacher_ckpt, store_dir, name="built", **lock)
-    state, _ = train_lib.build_state(cfg, resolve(cfg, progress=False), DistEnv(), torch.device("cpu"))
+    state, _ = training_state.build_state(cfg, resolve(cfg, progress=False), DistEnv(), torch.device("cpu"))
     optimised = {id(p) for group in state.optimizer.param_groups for p in group["params"]}
     for key, parameter in state.student.named_parameters():
         assert (id(parameter) in optimised) == (_tower(key) != locked) == parameter.requires_grad, key
@@ -176,8 +179,8 @@ def test_locked_tower_is_unchanged_by_training(tmp_path, synth_data, teacher_ckp
 def test_lock_companions_leave_groups_unlocked(tmp_path, synth_data, teacher_ckpt, store_dir):
     cfg = _cfg(tmp_path, synth_data, teacher_ckpt, store_dir, lock_image=True, lock_image_unlocked_groups=2,
                lock_text=True, lock_text_unlocked_layers=2, lock_text_freeze_layer_norm=True)
-    student = train_lib.create_student(cfg, torch.device("cpu"))
-    train_lib.lock_towers(student, cfg)
+    student = training_state.create_student(cfg, torch.device("cpu"))
+    training_state.lock_towers(student, cfg)
     trainable = {key for key, p in student.named_parameters() if p.requires_grad}
     # open_clip's image groups: [stem], blocks but the last, [last block, ln_post], proj: the last two unlocked
     assert {k for k in trainable if k.startswith("visual.")} == {
@@ -240,7 +243,7 @@ def test_imagenet_zero_shot_against_a_hand_built_classifier(tmp_path, imagenet_d
 
     import open_clip
 
-    from engine.eval import imagenet_zero_shot
+    from engine.evaluation.metrics import imagenet_zero_shot
 
     torch.manual_seed(5)
     model = models.create_model("tiny-vit-student").eval()
@@ -337,7 +340,7 @@ def test_remote_shards_train_like_local_ones(tmp_path, synth_data, teacher_ckpt,
 
 
 def test_val_num_samples_checks_remote_validation_shards(tmp_path, synth_data, teacher_ckpt, store_dir):
-    from engine.data import ShardError
+    from engine.core.errors import ShardError
 
     remote_val = dict(val_data=_cat_pipe(synth_data["val"]), stop_after_steps=None, epochs=1, batch_size=32)
     result = _run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, name="right", val_num_samples=32, **remote_val))
@@ -357,8 +360,8 @@ def test_train_num_samples_sets_the_epoch_length(tmp_path, synth_data, teacher_c
 
 
 def test_store_built_from_pipe_shards(tmp_path, synth_data, teacher_ckpt, store_dir):
-    from engine.precompute import build_store
-    from engine.store import TeacherStore
+    from engine.teachers.precompute import build_store
+    from engine.teachers.store import TeacherStore
 
     pipe = _cat_pipe(synth_data["train"])
     built = build_store(pipe, "tiny-vit-teacher", str(teacher_ckpt), tmp_path / "store", batch_size=40,

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 import models
-from engine import defaults, synthetic
-from engine.eval import evaluate
+from engine.data import synthetic
+from engine.evaluation.metrics import evaluate
+from engine.teachers import default as defaults
 from tests.test_engine_distributed import _free_port
 
 REPO = Path(__file__).resolve().parent.parent

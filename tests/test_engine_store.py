@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import models
-from engine import data as data_lib
-from engine import store as store_lib
-from engine import synthetic
-from engine.precompute import build_store
+from engine import store as store_cmd
+from engine.data import shards as data_lib
+from engine.data import synthetic
+from engine.teachers import store as store_lib
+from engine.teachers.precompute import build_store
 
 
 def test_store_matches_teacher_embeddings(synth_data, teacher_ckpt, store_dir):
@@ -238,15 +239,15 @@ def test_non_finite_rows_refused_at_precompute_and_at_load(tmp_path, synth_data,
 
 
 def test_store_command_line(tmp_path, synth_data, store_dir, capsys):
-    store_lib.main(["verify", str(store_dir), "--train-data", synth_data["train"]])
+    store_cmd.main(["verify", str(store_dir), "--train-data", synth_data["train"]])
     assert capsys.readouterr().out.startswith(f"OK: {store_dir}: 96 samples in 3 part(s)")
-    store_lib.main(["info", str(store_dir)])
+    store_cmd.main(["info", str(store_dir)])
     assert "logit scale" in capsys.readouterr().out
     copy = tmp_path / "store"
     shutil.copytree(store_dir, copy)
     (copy / "manifest.json").write_text("{")
     with pytest.raises(SystemExit) as exc:
-        store_lib.main(["verify", str(copy)])
+        store_cmd.main(["verify", str(copy)])
     assert exc.value.code == 1 and "not valid JSON" in capsys.readouterr().out
 
 
@@ -258,7 +259,7 @@ def _peak_rss_of_precompute(tmp_path, train_samples: int) -> int:
         "import resource, sys, torch\n"
         "torch.manual_seed(0)\n"
         "import models\n"
-        "from engine.precompute import build_store\n"
+        "from engine.teachers.precompute import build_store\n"
         "path = sys.argv[3] + '/teacher.pt'\n"
         "torch.save({'state_dict': models.create_model('tiny-vit-teacher').state_dict()}, path)\n"
         "build_store(sys.argv[1], 'tiny-vit-teacher', path, sys.argv[2], batch_size=128, progress=False)\n"
@@ -365,7 +366,7 @@ def test_store_command_names_damaged_files(tmp_path, synth_data, store_dir, caps
                           (["verify", str(store_dir), "--train-data", str(data / "train-{00000..00002}.tar")],
                            f"error: {data / 'sizes.json'}: damaged sizes file (Expecting property name")]:
         with pytest.raises(SystemExit):
-            store_lib.main(argv)
+            store_cmd.main(argv)
         out = capsys.readouterr().out
         assert out.count("\n") == 1 and out.startswith("error: ") and message in out, out
     manifest = copy / "manifest.json"
@@ -373,7 +374,7 @@ def test_store_command_names_damaged_files(tmp_path, synth_data, store_dir, caps
     manifest.mkdir()
     for command in ("info", "verify"):
         with pytest.raises(SystemExit) as exc:
-            store_lib.main([command, str(copy)])
+            store_cmd.main([command, str(copy)])
         reported = str(exc.value.code) if command == "info" else capsys.readouterr().out.strip()
         assert reported == (f"error: {manifest}: cannot read it (Is a directory); restore it or rebuild the store "
                             f"with engine.precompute")

@@ -6,28 +6,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import checkpoint as ckpt_lib
 from engine import train as train_lib
-from engine.config import TrainConfig, parse_args
-from engine.data import ShardError
-from engine.prepare import resolve
-from engine.schedule import cosine_lr
-from engine.store import StoreError
-from engine.train import NonFiniteLossError
+from engine.core import checkpoint as ckpt_lib
+from engine.core.errors import NonFiniteLossError, ShardError, StoreError
+from engine.train import parse_args
+from engine.training import loop as training_loop
+from engine.training.config import TrainConfig
+from engine.training.prepare import resolve
+from engine.training.schedule import cosine_lr
 from tests.helpers import assert_refused_before_any_step, train_cli
 
 
 def run(cfg):
     """What ``python -m engine.train`` does in one process: prepare the inputs, then train."""
     cfg.validate()
-    return train_lib.run(cfg, resolve(cfg, progress=False))
+    return training_loop.run(cfg, resolve(cfg, progress=False))
 
 
 def _cfg(tmp_path, synth_data, teacher_ckpt, store_dir, **overrides):
     base = dict(train_data=synth_data["train"], val_data=synth_data["val"], teacher_pretrained=str(teacher_ckpt),
                 teacher_store=str(store_dir) if store_dir else None, batch_size=16, epochs=2, lr=1e-3, warmup=2,
                 logs=str(tmp_path / "logs"),
-                name="run", progress=False, log_every_n_steps=2, fused=True, cache_dir=str(tmp_path / "cache"))
+                name="run", progress=False, log_every_n_steps=2, loss_backend="auto", cache_dir=str(tmp_path / "cache"))
     base.update(overrides)
     return TrainConfig(**base)
 
@@ -70,7 +70,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, synth_data, teacher_
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, synth_data, teacher_ckpt, store_dir, monkeypatch):
-    from engine.task import DistillationTask
+    from engine.training.task import DistillationTask
 
     forward = DistillationTask.forward
     calls = []
@@ -220,7 +220,7 @@ def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path, synth_data, sto
 
 
 def test_fp16_that_keeps_skipping_steps_stops(tmp_path, synth_data, teacher_ckpt, store_dir, monkeypatch):
-    from engine.task import DistillationTask
+    from engine.training.task import DistillationTask
 
     class InfiniteGradient(torch.autograd.Function):  # adds 0 to the loss, inf to a parameter's gradient
         @staticmethod

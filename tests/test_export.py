@@ -22,9 +22,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import models
-from engine import export as export_lib
-from engine import synthetic
+from engine import export as export_cmd
 from engine import train as train_lib
+from engine.data import synthetic
+from engine.evaluation import export as export_lib
 from kernels import ClipRDLoss
 from models.tokenizer import EOT, SOT
 
@@ -168,7 +169,7 @@ def round_trips(tmp_path_factory, synth_data, teacher_ckpt, store_dir):
         for name, path in checkpoints.items():
             printed = io.StringIO()
             with redirect_stdout(printed):
-                export_lib.main([str(path), "--output", str(work / name)])
+                export_cmd.main([str(path), "--output", str(work / name)])
             runs[name] = {"checkpoint": torch.load(path, weights_only=True), "printed": printed.getvalue(),
                           "files": sorted(p.name for p in (work / name).iterdir())}
         texts, images = procedural_texts(), procedural_images(work)
@@ -260,7 +261,7 @@ def test_exported_config_carries_the_tiny_models_preprocessing(tmp_path, student
 
 def _refused(argv, capsys) -> str:
     with pytest.raises(SystemExit) as stop:
-        export_lib.main([str(a) for a in argv])
+        export_cmd.main([str(a) for a in argv])
     message = str(stop.value.code)
     assert message.startswith("error: ") and "\n" not in message, message
     assert capsys.readouterr().out == ""  # nothing reported as written
@@ -307,7 +308,7 @@ def test_existing_output_is_refused_unless_forced(tmp_path, capsys, student_ckpt
     (out / "notes.txt").write_text("mine\n")
     assert "not empty" in _refused([student_ckpt, "--output", out], capsys)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
-    export_lib.main([str(student_ckpt), "--output", str(out), "--force"])
+    export_cmd.main([str(student_ckpt), "--output", str(out), "--force"])
     assert "tokenizer.json" in capsys.readouterr().out
     names = {p.name for p in out.iterdir()}
     assert {"notes.txt", export_lib.WEIGHTS_FILE, export_lib.CONFIG_FILE, "tokenizer.json"} <= names
@@ -319,11 +320,11 @@ def test_existing_output_is_refused_unless_forced(tmp_path, capsys, student_ckpt
 
 def test_help_is_complete(capsys):
     with pytest.raises(SystemExit):
-        export_lib.main(["--help"])
+        export_cmd.main(["--help"])
     text = capsys.readouterr().out
     assert text.startswith("usage: python -m engine.export")
     assert "(default: False)" in text  # defaults shown
-    for action in export_lib.parser()._actions:
+    for action in export_cmd.parser()._actions:
         assert action.help, action.dest
 
 
@@ -343,7 +344,7 @@ def test_failed_forced_export_leaves_the_old_folder_intact(tmp_path, capsys, stu
     from safetensors import SafetensorError
 
     out = tmp_path / "out"
-    export_lib.main([str(student_ckpt), "--output", str(out)])
+    export_cmd.main([str(student_ckpt), "--output", str(out)])
     (out / "notes.txt").write_text("mine\n")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     capsys.readouterr()

@@ -6,8 +6,8 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from engine import data as data_lib
-from engine import tario
+from engine.data import shards as data_lib
+from engine.data import tario
 
 LONG_DIR = "d" * 120  # a path over 100 characters: ustar splits it into prefix/name, pax and GNU use extra members
 MEMBERS = [  # (name, payload): sizes around the 512-byte block, an empty member, non-ASCII and long names

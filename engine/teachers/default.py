@@ -1,9 +1,4 @@
-"""The embedded default: procedural data, the shipped default teacher, and its store in the cache.
-
-Layout of the cache (``--cache-dir``, ``$CLIP_RD_CACHE``, else ``~/.cache/clip_rd``)::
-
-    data/                         train-{00000..00015}.tar, val-00000.tar, sizes.json, classnames.json
-    stores/<teacher>-<data>/      teacher embedding stores (engine.store)
+"""The shipped default teacher and where the cache keeps a teacher's store of the data.
 
 The default teacher ships with the package (``models/pretrained/tiny-vit-teacher.pt``, with its recorded metrics
 and the command that regenerates it in ``tiny-vit-teacher.json``), so a first run only generates data and a store.
@@ -15,12 +10,10 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Optional
 
 import models
 
-from . import synthetic
-from .paths import default_cache_dir
+from ..core.errors import UserError
 
 DEFAULT_TEACHER = "tiny-vit-teacher"
 SHIPPED_TEACHER = Path(models.__file__).parent / "pretrained" / f"{DEFAULT_TEACHER}.pt"
@@ -28,17 +21,9 @@ SHIPPED_TEACHER = Path(models.__file__).parent / "pretrained" / f"{DEFAULT_TEACH
 DEFAULT_TEACHER_TAG = "default-teacher"
 
 
-def cache_root(cache_dir: Optional[str]) -> Path:
-    return Path(cache_dir) if cache_dir else default_cache_dir()
-
-
-def ensure_default_data(cache: Path, progress: bool = True) -> dict[str, str]:
-    return synthetic.build(cache / "data", synthetic.SyntheticSpec(), progress=progress)
-
-
 def default_teacher_path() -> Path:
     if not SHIPPED_TEACHER.exists():
-        raise FileNotFoundError(f"the default teacher {SHIPPED_TEACHER} is missing from this installation; "
+        raise UserError(f"the default teacher {SHIPPED_TEACHER} is missing from this installation; "
                                 f"regenerate it with `python -m engine.teacher`")
     return SHIPPED_TEACHER
 

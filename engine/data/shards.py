@@ -34,16 +34,14 @@ from typing import Callable, Iterator, Optional
 import braceexpand
 import numpy as np
 import torch
+import webdataset as wds
 from PIL import Image
 from torchvision.transforms import Compose, Normalize
 
+from ..core.errors import ConfigError, ShardError
 from . import tario
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-
-
-class ShardError(ValueError):
-    """A missing, unreadable or corrupt shard (the message names it)."""
 
 
 def _hash64(parts) -> int:
@@ -320,8 +318,6 @@ WEBDATASET_META = re.compile(r"__[^/]*__($|/)")  # members webdataset's reader s
 
 
 def _tar_samples(url: str) -> Iterator[dict]:
-    import webdataset as wds
-
     if is_remote(url):
         yield from wds.tarfile_samples([{"url": url}], handler=_raise_shard_error)
         return
@@ -357,12 +353,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.epoch, self.batches_done = 0, 0
         total = sum(self.sizes.values())
         if batch_size * world_size > total:
-            raise ValueError(f"batch size {batch_size} x {world_size} process(es) is larger than the dataset "
-                             f"({total} samples in {len(self.urls)} shard(s) of {pattern!r})")
+            raise ConfigError(f"batch size {batch_size} x {world_size} process(es) is larger than the dataset "
+                              f"({total} samples in {len(self.urls)} shard(s) of {pattern!r})")
         if self.steps_per_epoch(0) == 0:
-            raise ValueError(f"batch size {batch_size}: no full batch per rank/worker "
-                             f"({len(self.urls)} shard(s), {world_size} rank(s), {workers} worker(s)); "
-                             "use a smaller --batch-size or fewer --workers")
+            raise ConfigError(f"batch size {batch_size}: no full batch per rank/worker "
+                              f"({len(self.urls)} shard(s), {world_size} rank(s), {workers} worker(s)); "
+                              "use a smaller --batch-size or fewer --workers")
 
     def steps_per_epoch(self, epoch: int) -> int:
         return steps_per_epoch(self.urls, self.sizes, self.batch_size, self.seed if self.shuffle else 0,

@@ -3,8 +3,8 @@
 ``prepare(cfg, env)`` resolves every input a run reads, generating the embedded default (procedural data, the
 store of the shipped teacher) into the cache when no data is given, and checks that each given file exists and is
 what it should be. Under torchrun, rank 0 prepares while the other ranks wait for its outcome (up to
-``cfg.prepare_timeout`` seconds), so that ranks never build the same files at once. Training (engine.train.run)
-receives the result and imports nothing from here.
+``cfg.prepare_timeout`` seconds), so that ranks never build the same files at once. The training loop receives
+the result as ``Sources``; from here it uses only that type and ``needs_teacher``.
 """
 from __future__ import annotations
 
@@ -15,14 +15,18 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
-from . import defaults
+import torch.distributed as dist
+
+from ..core.errors import ConfigError, ShardError, UserError
+from ..data.embedded import cache_root, ensure_default_data
+from ..data.shards import expand_urls, require_sizes, shard_sizes
+from ..evaluation.metrics import classnames_beside, imagenet_folder
+from ..teachers import default as defaults
+from ..teachers.precompute import build_store
+from ..teachers.store import read_manifest, teacher_fingerprint
 from .config import report_to
-from .data import ShardError, expand_urls, require_sizes, shard_sizes
 from .distributed import DistEnv
-from .eval import classnames_beside, imagenet_folder
 from .logger import summary_writer_class
-from .precompute import build_store
-from .store import StoreError, read_manifest, teacher_fingerprint
 
 
 @dataclass
@@ -45,11 +49,11 @@ def _teacher_weights(cfg) -> str:
     pretrained = cfg.teacher_pretrained
     if pretrained in (None, defaults.DEFAULT_TEACHER_TAG):
         if cfg.teacher != defaults.DEFAULT_TEACHER:
-            raise ValueError(f"--teacher {cfg.teacher}: pass --teacher-pretrained (open_clip tag or checkpoint file)")
+            raise ConfigError(f"--teacher {cfg.teacher}: pass --teacher-pretrained (open_clip tag or checkpoint file)")
         return str(defaults.default_teacher_path())
     if _looks_like_file(pretrained):
         if not os.path.isfile(pretrained):
-            raise FileNotFoundError(f"--teacher-pretrained: checkpoint file {pretrained} does not exist")
+            raise UserError(f"--teacher-pretrained: checkpoint file {pretrained} does not exist")
     return pretrained
 
 
@@ -60,7 +64,7 @@ def _looks_like_file(pretrained: str) -> bool:
 def check_student_inputs(cfg) -> None:
     """The student's --pretrained file, --imagenet-val and --report-to, checked before anything is built."""
     if cfg.pretrained and _looks_like_file(cfg.pretrained) and not os.path.isfile(cfg.pretrained):
-        raise FileNotFoundError(f"--pretrained: checkpoint file {cfg.pretrained} does not exist")
+        raise UserError(f"--pretrained: checkpoint file {cfg.pretrained} does not exist")
     if cfg.imagenet_val is not None:
         imagenet_folder(cfg.imagenet_val)
     if "tensorboard" in report_to(cfg.report_to):
@@ -84,10 +88,10 @@ def _check_val_data(val: str, num_samples: Optional[int]) -> None:
 def resolve(cfg, progress: bool = True) -> Sources:
     """Resolve (and build when needed) the inputs of ``cfg``; every bad one is a one-line error."""
     check_student_inputs(cfg)
-    cache = defaults.cache_root(cfg.cache_dir)
+    cache = cache_root(cfg.cache_dir)
     train, val = cfg.train_data, cfg.val_data
     if train is None:
-        patterns = defaults.ensure_default_data(cache, progress)
+        patterns = ensure_default_data(cache, progress)
         train, val = patterns["train"], val or patterns["val"]
     require_sizes(expand_urls(train), cfg.train_num_samples)
     if val is not None and cfg.eval:
@@ -111,31 +115,30 @@ def resolve(cfg, progress: bool = True) -> Sources:
 
 
 def prepare(cfg, env: DistEnv) -> Sources:
-    """``resolve`` on rank 0; the other ranks wait for its outcome and fail with rank 0's message if it failed."""
+    """``resolve`` on rank 0; the other ranks wait for its outcome and fail with rank 0's message if it failed
+    (rank 0 raises its own error, traceback and all)."""
     if env.world_size == 1:
         return resolve(cfg, progress=cfg.progress)
-    import torch.distributed as dist
-
     # A group of its own: preparing may take longer than the training collectives' timeout.
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.prepare_timeout))
-    outcome = [None]
+    outcome, failure = [None], None
     if env.is_main:
         try:
             outcome = [resolve(cfg, progress=cfg.progress)]
-        except (ValueError, FileNotFoundError, OSError) as exc:
-            outcome = [f"{type(exc).__name__}: {exc}"]
+        except Exception as exc:  # told to the other ranks first, then raised here
+            outcome, failure = [f"{type(exc).__name__}: {exc}"], exc
     else:  # the run's log is not open yet: say it on stderr
         print(f"rank {env.rank}: waiting for rank 0 to prepare data, teacher and store (at most --prepare-timeout "
               f"{cfg.prepare_timeout:g} s)", file=sys.stderr, flush=True)
     try:
         dist.broadcast_object_list(outcome, src=0, group=group)
     except RuntimeError as exc:
-        raise TimeoutError(f"rank {env.rank}: rank 0 did not finish preparing data, teacher and store within "
-                           f"--prepare-timeout {cfg.prepare_timeout:g} s (or it died): {exc}") from exc
+        raise UserError(f"rank {env.rank}: rank 0 did not finish preparing data, teacher and store within "
+                        f"--prepare-timeout {cfg.prepare_timeout:g} s (or it died): {exc}") from exc
     finally:
         dist.destroy_process_group(group)
+    if failure is not None:
+        raise failure
     if isinstance(outcome[0], str):
-        kind, _, message = outcome[0].partition(": ")
-        error = {"StoreError": StoreError, "ShardError": ShardError, "FileNotFoundError": FileNotFoundError}
-        raise error.get(kind, ValueError)(message if env.is_main else f"rank 0 could not prepare the run: {message}")
+        raise UserError(f"rank 0 could not prepare the run: {outcome[0]}")
     return outcome[0]

@@ -8,6 +8,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from ..core.errors import ConfigError
+from ..core.io import atomic_write_text
+
 
 def setup_logging(log_file: Path | None, is_main: bool = True) -> logging.Logger:
     logger = logging.getLogger("engine")
@@ -33,12 +36,12 @@ def write_params(path: Path, cfg) -> None:
 
 
 def summary_writer_class():
-    """TensorBoard's SummaryWriter; a one-line ValueError naming --report-to when the package is missing."""
+    """TensorBoard's SummaryWriter; a one-line ConfigError naming --report-to when the package is missing."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
-        raise ValueError("--report-to tensorboard: the tensorboard package is not installed; "
-                         "pip install -e '.[tensorboard]'") from exc
+        raise ConfigError("--report-to tensorboard: the tensorboard package is not installed; "
+                          "pip install -e '.[tensorboard]'") from exc
     return SummaryWriter
 
 
@@ -55,9 +58,7 @@ class MetricsWriter:
         self.tensorboard = None
         if enabled and resume_step is not None and self.path.exists():
             kept = [row for row in read_metrics(self.path) if row["step"] <= resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-            tmp.replace(self.path)
+            atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept), "metrics")
         if enabled and tensorboard:
             self.tensorboard = summary_writer_class()(str(run_dir / "tensorboard"))
 

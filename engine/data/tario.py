@@ -15,13 +15,15 @@ from __future__ import annotations
 import tarfile
 from typing import BinaryIO, Iterator
 
+from ..core.errors import ShardError
+
 BLOCK = 512
 REGULAR = (b"0", b"\0", b"7")
 META = (b"x", b"L", b"g", b"K")  # pax header, GNU long name: for the next member; global pax, GNU long link: skipped
 COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
 
 
-class TarFormatError(ValueError):
+class TarFormatError(ShardError):
     """A tar stream that ends early or holds a damaged or unsupported header."""
 
 

@@ -1,0 +1,1 @@
+"""Foundations every part shares: the user-error types, atomic writes, the training checkpoint."""

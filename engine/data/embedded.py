@@ -1,0 +1,39 @@
+"""The embedded default dataset in the cache: $CLIP_RD_CACHE, else ~/.cache/clip_rd.
+
+Layout of the cache (``--cache-dir``)::
+
+    data/                         train-{00000..00015}.tar, val-00000.tar, sizes.json, classnames.json
+    stores/<teacher>-<data>/      teacher embedding stores (engine.teachers.store)
+    teachers/runs/                the default teacher's training run (python -m engine.teacher)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from ..core.errors import UserError
+from . import synthetic
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CLIP_RD_CACHE", Path.home() / ".cache" / "clip_rd"))
+
+
+def cache_root(cache_dir: Optional[str]) -> Path:
+    return Path(cache_dir) if cache_dir else default_cache_dir()
+
+
+def ensure_default_data(cache: Path, progress: bool = True) -> dict[str, str]:
+    """The embedded dataset's {"train": pattern, "val": pattern}, generated into ``cache/data`` when missing."""
+    return synthetic.build(cache / "data", synthetic.SyntheticSpec(), progress=progress)
+
+
+def embedded_val_data(cache_dir: Optional[str]) -> str:
+    """The embedded validation shards, generated into the cache when missing; a UserError naming the cache."""
+    cache = cache_root(cache_dir)
+    try:
+        return ensure_default_data(cache)["val"]
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--cache-dir {cache}: cannot prepare the embedded validation data there: "
+                        f"{' '.join(str(exc).split())}") from exc

@@ -1,0 +1,73 @@
+"""Building a teacher store: the teacher run once over the shards, batch by batch, part by part.
+
+Resumable: shards already in the store are skipped (each part is written atomically); a part that is damaged or
+was built from other data is refused. engine.teachers.store holds the layout and the augmentation decision.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import models
+
+from ..core.errors import StoreError
+from ..data import shards as data_lib
+from . import store as store_lib
+
+
+def check_unique_keys(urls: list[str]) -> dict[str, int]:
+    """Refuse a dataset in which a ``__key__`` repeats (in one shard or across two), naming the key and shards;
+    returns the samples in each shard."""
+    seen: dict[str, str] = {}
+    counts = {}
+    for url in urls:
+        keys = data_lib.shard_keys(url)  # a remote shard is read through once
+        counts[url] = len(keys)
+        for key in keys:
+            if key in seen:
+                where = f"twice in shard {url}" if seen[key] == url else f"in shards {seen[key]} and {url}"
+                raise StoreError(f"sample key {key!r} appears {where}; every sample needs a unique "
+                                           f"__key__ for its teacher embeddings to be found")
+            seen[key] = url
+    return counts
+
+
+@torch.no_grad()
+def build_store(pattern: str, teacher_name: str, pretrained: str, root: str | Path, batch_size: int = 500,
+                progress: bool = True, device: str | torch.device | None = None) -> Path:
+    """Run the teacher over every shard, batch by batch as samples stream (memory independent of shard size)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    root = Path(root)
+    urls = data_lib.expand_urls(pattern)
+    counts = check_unique_keys(urls)
+    sizes = {url: counts[url] if size is None else size for url, size in data_lib.shard_sizes(urls).items()}
+    fingerprint = store_lib.teacher_fingerprint(teacher_name, pretrained)
+    previous = store_lib.reopen(root, fingerprint)  # the output is checked before the teacher is loaded
+    todo = store_lib.shards_to_build(root, previous, urls) if previous else urls
+    teacher = models.create_teacher(teacher_name, pretrained, device=device)
+    teacher_info = {"model": teacher_name, "pretrained": str(pretrained), "fingerprint": fingerprint}
+    manifest = previous or store_lib.begin(root, teacher_info, teacher.logit_scale.exp().item(),
+                                           models.embed_dim(teacher_name))
+    codec = data_lib.Codec(images={"image": models.get_preprocess(teacher)},
+                           texts={"text": models.get_tokenizer(teacher_name)})
+    bar = tqdm(total=sum(sizes[u] for u in todo), desc="teacher embeddings", disable=not progress, leave=False)
+    for url in todo:
+        writer = store_lib.PartWriter(root, manifest, url, sizes[url])
+        try:
+            decoded = (codec(raw) for raw in data_lib.read_shard(url, sizes[url]))
+            for batch in data_lib.batched(decoded, batch_size, codec.collate):
+                out = teacher(batch["image"].to(device), batch["text"].to(device))
+                writer.append(batch["key"], batch["digest"].tolist(),
+                              F.normalize(out["image_features"].float(), dim=-1).cpu(),
+                              F.normalize(out["text_features"].float(), dim=-1).cpu())
+                bar.update(len(batch["key"]))
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+    bar.close()
+    store_lib.finish(root, manifest)
+    return root

@@ -1,0 +1,92 @@
+"""Teacher sources: where a batch's teacher rows come from, behind one Protocol.
+
+``StoreTeacher`` reads the precomputed store (each sample's key and digest checked), ``OnlineTeacher`` runs the
+teacher model on the batch, ``NoTeacher`` gives none (plain CLIP training). A new source (another store format, a
+teacher ensemble) implements ``TeacherSource``; the training task never branches on the kind.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol
+
+import torch
+from torch import nn
+
+import models
+
+from .store import TeacherStore
+
+Rows = tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
+
+
+class TeacherSource(Protocol):
+    """What the training task needs from a teacher."""
+
+    scale: float  # the teacher's (exponentiated) logit scale
+    embed_dim: Optional[int]  # width of its embeddings (None: no teacher)
+    # extra inputs a batch must carry for this teacher: batch key -> image transform / tokenizer
+    images: dict[str, Callable]
+    texts: dict[str, Callable]
+
+    def rows(self, batch: dict, device: torch.device) -> Rows:
+        """(image, text) teacher embeddings of the batch's samples, (B, D) each, or (None, None)."""
+
+
+@dataclass
+class NoTeacher:
+    """Plain CLIP training: no teacher term."""
+
+    scale: float = 1.0
+    embed_dim: Optional[int] = None
+    images: dict = field(default_factory=dict)
+    texts: dict = field(default_factory=dict)
+
+    def rows(self, batch: dict, device: torch.device) -> Rows:
+        return None, None
+
+
+@dataclass
+class StoreTeacher:
+    """Teacher rows from a verified store: every lookup checks the sample's key and digest."""
+
+    store: TeacherStore
+    images: dict = field(default_factory=dict)
+    texts: dict = field(default_factory=dict)
+
+    @property
+    def scale(self) -> float:
+        return self.store.logit_scale
+
+    @property
+    def embed_dim(self) -> int:
+        return self.store.embed_dim
+
+    def rows(self, batch: dict, device: torch.device) -> Rows:
+        image, text = self.store.lookup(batch["key"], batch["digest"].tolist(), batch["url"])
+        return image.to(device), text.to(device)
+
+
+class OnlineTeacher:
+    """The teacher model run on every batch (no store), with its own preprocessing and tokenizer where they differ
+    from the student's. Its model is frozen and in eval mode; it is not a submodule of the task (see
+    engine.training.task), so it lives on ``device`` from the start."""
+
+    def __init__(self, name: str, pretrained: str, student: nn.Module, student_model: str, device: torch.device,
+                 autocast_dtype: Optional[torch.dtype]):
+        with torch.random.fork_rng():  # the teacher's (overwritten) random init must not shift the student's RNG
+            self.model = models.create_teacher(name, pretrained, device=device)
+        self.scale, self.embed_dim = self.model.logit_scale.exp().item(), models.embed_dim(name)
+        self.autocast_dtype = autocast_dtype
+        self.images = {"teacher_image": models.get_preprocess(self.model)} \
+            if self.model.visual.preprocess_cfg != student.visual.preprocess_cfg else {}
+        tokenizer, student_tokenizer = models.get_tokenizer(name), models.get_tokenizer(student_model)
+        same = (type(tokenizer), getattr(tokenizer, "context_length", None)) == \
+            (type(student_tokenizer), getattr(student_tokenizer, "context_length", None))
+        self.texts = {} if same else {"teacher_text": tokenizer}
+
+    @torch.no_grad()
+    def rows(self, batch: dict, device: torch.device) -> Rows:
+        with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out = self.model(batch.get("teacher_image", batch["image"]).to(device),
+                             batch.get("teacher_text", batch["text"]).to(device))
+        return out["image_features"], out["text_features"]

@@ -1,0 +1,231 @@
+"""The training loop: ``run(cfg, sources)`` sets a run up, resumes it, trains epoch by epoch, evaluates and
+checkpoints, and returns a ``RunResult``. Read top to bottom: ``RunResult``, ``run``, ``train_one_epoch``,
+checkpoints, evaluation, the summary. One step is engine.training.step; what a step changes is
+engine.training.state; the inputs come resolved from engine.training.prepare.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import models
+
+from ..core.checkpoint import LATEST, Checkpoint, resolve_resume, rng_state
+from ..core.errors import ConfigError, NonFiniteLossError, WriteError
+from ..core.io import atomic_write_json, sweep_temporaries, temp_path
+from ..data.shards import make_loader
+from ..evaluation.metrics import evaluate, imagenet_zero_shot
+from .config import TrainConfig, report_to
+from .distributed import DistEnv, mean_over_ranks
+from .logger import MetricsWriter, plot_metrics, setup_logging, write_params
+from .prepare import Sources
+from .resume import resume
+from .state import TrainState, build_state
+from .step import AfterBackward, train_step
+
+
+@dataclass
+class RunResult:
+    """What a run leaves: its folder, how far it got, the final evaluation and the mean step time of this process."""
+
+    run_dir: Path
+    steps: int
+    finished: bool = True  # False: stopped by --stop-after-steps (continue with --resume latest)
+    metrics: dict = field(default_factory=dict)  # clip_benchmark names; empty without evaluation
+    teacher_metrics: Optional[dict] = None
+    plot: Optional[Path] = None
+    mean_step_s: Optional[float] = None  # forward, backward and optimizer, per step
+    mean_data_s: Optional[float] = None  # waiting for the next batch, per step
+
+    def to_json(self) -> dict:
+        return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(self).items()}
+
+
+def run(cfg: TrainConfig, sources: Sources, env: DistEnv = DistEnv(), device=torch.device("cpu"),
+        after_backward: Optional[AfterBackward] = None) -> RunResult:
+    """Train ``cfg`` on ``sources`` (this rank of ``env``); ``after_backward``: see engine.training.step."""
+    cfg.validate()
+    run_dir = run_directory(cfg, env)
+    ckpt_dir = run_dir / "checkpoints"
+    log = setup_logging(run_dir / "out.log" if env.is_main else None, env.is_main)
+    if env.is_main:
+        write_params(run_dir / "params.txt", cfg)
+    log.info(f"run {run_dir.name}: {asdict(cfg)}; inputs {asdict(sources)}")
+    torch.manual_seed(cfg.seed + env.rank), random.seed(cfg.seed + env.rank), np.random.seed(cfg.seed + env.rank)
+    state, stream = build_state(cfg, sources, env, device)
+    log.info(f"model {cfg.model}: {sum(p.numel() for p in state.student.parameters()) / 1e6:.2f}M params; loss "
+             f"weights {state.loss_fn.weights}; backend {cfg.loss_backend}; {state.total_steps} steps; "
+             f"{env.world_size} process(es) on {device.type}, "
+             f"global batch {env.world_size * cfg.batch_size * cfg.accum_freq}"
+             + (f" in {cfg.accum_freq} micro-batches" if cfg.accum_freq > 1 else ""))
+    resume_path = resolve_resume(cfg.resume, ckpt_dir)
+    if resume_path is not None:
+        resume(state, resume_path, log)
+    metrics = MetricsWriter(run_dir, enabled=env.is_main, resume_step=state.step,
+                            tensorboard="tensorboard" in report_to(cfg.report_to))
+    bar = tqdm(total=state.total_steps, initial=state.step, disable=not (cfg.progress and env.is_main), desc="train")
+    loader, step_times, last_eval = make_loader(stream), [], {}
+    state.model.train()
+    try:
+        while state.epoch < cfg.epochs:
+            stream.set_epoch(state.epoch, state.batches_done)
+            if train_one_epoch(state, loader, ckpt_dir, metrics, bar, log, step_times, after_backward):
+                return RunResult(run_dir, state.step, finished=False, **mean_times(step_times))
+            state.epoch, state.batches_done = state.epoch + 1, 0
+            last_eval = evaluate_epoch(state, sources, metrics, log)  # before the checkpoint: a resume redoes it
+            last = state.epoch == cfg.epochs
+            save_checkpoint(state, ckpt_dir, [LATEST] + (
+                [f"epoch_{state.epoch}.pt"] if state.epoch % cfg.save_frequency == 0 or last else []))
+    finally:
+        bar.close()
+        metrics.close()
+    return summarise(state, sources, run_dir, log, last_eval, step_times)
+
+
+def run_directory(cfg: TrainConfig, env: DistEnv) -> Path:
+    """logs/<name>/checkpoints, created and writable (else a one-line error naming --logs); stale temps removed."""
+    name = cfg.name or f"{time.strftime('%Y_%m_%d-%H_%M_%S')}-{cfg.model}-{cfg.preset}"
+    run_dir = Path(cfg.logs) / name
+    ckpt_dir = run_dir / "checkpoints"
+    if cfg.resume is None and (ckpt_dir / LATEST).exists():
+        raise ConfigError(f"run {run_dir} already exists; pass --resume latest to continue it or another --name")
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        probe = temp_path(ckpt_dir / "write-probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise WriteError(f"--logs {cfg.logs}: cannot write the run directory {run_dir} "
+                         f"({exc.strerror or exc})") from exc
+    sweep_temporaries(ckpt_dir)  # only dead processes' temporaries: every rank may sweep
+    return run_dir
+
+
+def train_one_epoch(state: TrainState, loader, ckpt_dir: Path, metrics: MetricsWriter, bar, log,
+                    step_times: list[tuple[float, float]], after_backward: Optional[AfterBackward] = None) -> bool:
+    """Steps over the rest of this epoch's batches, appending (step, data wait) seconds to ``step_times``; True if
+    --stop-after-steps was reached (checkpointed)."""
+    cfg, t_data = state.cfg, time.perf_counter()
+    for batch in loader:
+        t_start = time.perf_counter()
+        try:
+            terms = train_step(state, batch, after_backward)
+        except NonFiniteLossError as exc:
+            save_checkpoint(state, ckpt_dir, [LATEST])
+            raise NonFiniteLossError(f"{exc} (epoch {state.epoch}, batch {state.batches_done}). Stopped before "
+                                     f"applying this step; the last good state is in {ckpt_dir / LATEST}")
+        step_times.append((time.perf_counter() - t_start, t_start - t_data))
+        bar.update(1)
+        if state.step % cfg.log_every_n_steps == 0 or state.step == state.total_steps:
+            log_step(state, terms, step_times[-cfg.log_every_n_steps:], metrics, bar, log)
+        if cfg.stop_after_steps is not None and state.step >= cfg.stop_after_steps:
+            save_checkpoint(state, ckpt_dir, [LATEST])
+            log.info(f"stopped after {state.step} steps (--stop-after-steps); continue with --resume latest")
+            return True
+        t_data = time.perf_counter()
+    return False
+
+
+def log_step(state: TrainState, terms: dict, recent: list[tuple[float, float]], metrics: MetricsWriter, bar,
+             log) -> None:
+    """One 'train' row of metrics.jsonl and one log line: every loss term (mean over ranks), lr, step times."""
+    cfg = state.cfg
+    step_s, data_s = (sum(t[i] for t in recent) / len(recent) for i in (0, 1))
+    row = {"epoch": state.epoch, "lr": state.optimizer.param_groups[0]["lr"],
+           "logit_scale": state.student.logit_scale.exp().item(), "step_s": step_s, "data_s": data_s,
+           "samples_per_s": cfg.batch_size * cfg.accum_freq * state.env.world_size / (step_s + data_s),
+           **{k: v.item() for k, v in mean_over_ranks(terms, state.env).items()}}
+    metrics.write("train", state.step, row)
+    bar.set_postfix(loss=f"{row['total']:.3f}")
+    log.info(f"epoch {state.epoch} step {state.step}/{state.total_steps} "
+             + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+
+
+def mean_times(step_times: list[tuple[float, float]]) -> dict:
+    if not step_times:
+        return {}
+    return {"mean_step_s": sum(t[0] for t in step_times) / len(step_times),
+            "mean_data_s": sum(t[1] for t in step_times) / len(step_times)}
+
+
+def save_checkpoint(state: TrainState, ckpt_dir: Path, names: list[str]) -> None:
+    """Called by every rank at the same step (the RNG states are gathered); rank 0 writes, atomically."""
+    rank_rngs = [None] * state.env.world_size
+    if state.env.world_size > 1:
+        torch.distributed.all_gather_object(rank_rngs, rng_state())
+    if not state.env.is_main:
+        return
+    cfg = state.cfg
+    content = {"config": asdict(cfg), "name": ckpt_dir.parent.name, "model": cfg.model, "rng": rng_state(),
+               "world_size": state.env.world_size, **state.state_dict(),
+               **({"rank_rng": rank_rngs} if state.env.world_size > 1 else {})}
+    for name in names:
+        Checkpoint.save(content, ckpt_dir / name)
+
+
+def due(frequency: int, epoch: int, epochs: int) -> bool:
+    """open_clip_train's schedule: after every ``frequency``-th epoch and after the last one; 0: never."""
+    return frequency > 0 and (epoch % frequency == 0 or epoch == epochs)
+
+
+def student_metrics(state: TrainState, sources: Sources, val: bool, zeroshot: bool) -> dict:
+    """The student's metrics on --val-data (``val``) and --imagenet-val (``zeroshot``), where given; the training
+    random streams are left as they were."""
+    cfg, student = state.cfg, state.student
+    device = next(student.parameters()).device
+    preprocess, tokenizer = models.get_preprocess(student), models.get_tokenizer(cfg.model)
+    scores = {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if val and sources.val:
+            scores.update(evaluate(student, preprocess, tokenizer, sources.val, device=device,
+                                   num_samples=cfg.val_num_samples))
+        if zeroshot and cfg.imagenet_val:
+            scores.update(imagenet_zero_shot(student, preprocess, tokenizer, cfg.imagenet_val, workers=cfg.workers,
+                                             device=device))
+    return scores
+
+
+def evaluate_epoch(state: TrainState, sources: Sources, metrics: MetricsWriter, log) -> dict:
+    """After an epoch (rank 0, as open_clip_train): --val-data when --val-frequency is due, --imagenet-val when
+    --zeroshot-frequency is; one 'val' row of metrics.jsonl. Returns the scores ({} when none was due)."""
+    cfg = state.cfg
+    if not (cfg.eval and state.env.is_main):
+        return {}
+    scores = student_metrics(state, sources, due(cfg.val_frequency, state.epoch, cfg.epochs),
+                             due(cfg.zeroshot_frequency, state.epoch, cfg.epochs))
+    if scores:
+        metrics.write("val", state.step, {"epoch": state.epoch, **scores})
+        log.info(f"val epoch {state.epoch} " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return scores
+
+
+def summarise(state: TrainState, sources: Sources, run_dir: Path, log, last_eval: dict,
+              step_times: list[tuple[float, float]]) -> RunResult:
+    """Evaluate the student (rank 0; the last epoch's evaluation when it covered everything), write results.json
+    and the metrics plot."""
+    result = RunResult(run_dir, state.step, **mean_times(step_times))
+    if not state.env.is_main:
+        return result
+    cfg = state.cfg
+    metrics = MetricsWriter(run_dir, enabled=True, tensorboard="tensorboard" in report_to(cfg.report_to))
+    if cfg.eval and (sources.val or cfg.imagenet_val):
+        covered = (cfg.val_frequency or not sources.val) and (cfg.zeroshot_frequency or not cfg.imagenet_val)
+        result.metrics = last_eval if last_eval and covered else student_metrics(state, sources, True, True)
+        metrics.write("eval", state.step, {"epoch": state.epoch, **result.metrics})
+        log.info("eval " + " ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
+    if sources.teacher_metrics:
+        result.teacher_metrics = sources.teacher_metrics
+        log.info("teacher " + " ".join(f"{k} {v:.4f}" for k, v in sources.teacher_metrics.items()))
+    metrics.close()
+    result.plot = plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")
+    atomic_write_json(run_dir / "results.json", result.to_json())
+    log.info(f"results: {run_dir / 'results.json'}; plot: {result.plot}; checkpoints: {run_dir / 'checkpoints'}; "
+             f"metrics: {run_dir / 'metrics.jsonl'}")
+    return result

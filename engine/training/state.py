@@ -1,0 +1,138 @@
+"""What a run trains and how: the student, its teacher source, the loss module, the optimizer (``TrainState``),
+and the data stream, built from a TrainConfig and the resolved inputs (``build_state``)."""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass, field
+
+import torch
+from open_clip.transformer import PatchDropout
+from torch import nn
+
+import models
+from kernels import ClipRDLoss
+from models.factory import load_failure, one_line
+
+from ..core.errors import ConfigError
+from ..data.shards import Codec, ShardStream, expand_urls
+from ..teachers.sources import NoTeacher, OnlineTeacher, StoreTeacher, TeacherSource
+from ..teachers.store import TeacherStore
+from .config import AUTOCAST, PURE, TrainConfig
+from .distributed import DistEnv, wrap
+from .prepare import Sources, needs_teacher
+from .task import DistillationTask
+
+
+def param_groups(modules, wd: float) -> list[dict]:
+    """open_clip's split: no weight decay on gains, biases, logit scale, multipliers (every < 2-D parameter)."""
+    decay, no_decay = [], []
+    for module in modules:
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class TrainState:
+    """Everything a step changes: the task (student + loss, DDP-wrapped under torchrun), optimizer, scaler, counters."""
+
+    model: nn.Module
+    student: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    cfg: TrainConfig
+    env: DistEnv = field(default_factory=DistEnv)
+    total_steps: int = 1
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0  # of the current epoch
+    skipped_in_a_row: int = 0  # fp16 steps skipped for non-finite gradients
+
+    def state_dict(self) -> dict:
+        # the unwrapped modules' state dicts: they load in any world size
+        return {"state_dict": self.student.state_dict(), "loss_state_dict": self.loss_fn.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+                "epoch": self.epoch, "batches_done": self.batches_done, "skipped_in_a_row": self.skipped_in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["state_dict"])
+        self.loss_fn.load_state_dict(state["loss_state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
+        self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
+
+
+def autocast_dtype(cfg: TrainConfig):
+    return getattr(torch, AUTOCAST[cfg.precision]) if cfg.precision in AUTOCAST else None
+
+
+def build_optimizer_state(cfg: TrainConfig, student: nn.Module, teacher: TeacherSource, device: torch.device,
+                          total_steps: int, env: DistEnv = DistEnv()) -> TrainState:
+    """Around a student and a teacher source: the loss module, the task (DDP under torchrun), AdamW, GradScaler."""
+    loss_fn = ClipRDLoss(cfg.loss_weights(), student_dim=models.embed_dim(cfg.model), teacher_dim=teacher.embed_dim,
+                         backend=cfg.loss_backend).to(device)
+    # a single process runs the task itself; under torchrun DDP broadcasts rank 0's initial weights
+    task = wrap(DistillationTask(student, loss_fn, teacher, env, cfg.local_loss, cfg.gather_with_grad,
+                                 autocast_dtype(cfg)), env, device)
+    optimizer = torch.optim.AdamW(param_groups([student, loss_fn], cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  eps=cfg.eps)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "amp")
+    return TrainState(task, student, loss_fn, optimizer, scaler, cfg, env, total_steps=total_steps)
+
+
+def create_student(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The student, from --pretrained when given (one line naming the file when it does not load into the model)."""
+    models.model_config(cfg.model)  # an unknown model name is not the weights' fault
+    try:
+        return models.create_model(cfg.model, cfg.pretrained, device=device)
+    except (RuntimeError, ValueError, OSError, EOFError, KeyError, AssertionError, pickle.UnpicklingError) as exc:
+        if not cfg.pretrained:
+            raise
+        # AssertionError: open_clip's checks of the checkpoint's shapes; a file that is no checkpoint is described
+        reason = load_failure(cfg.pretrained, exc) if os.path.isfile(cfg.pretrained) else one_line(exc)
+        raise ConfigError(f"--pretrained {cfg.pretrained}: cannot load it into {cfg.model}: {reason}") from exc
+
+
+def lock_towers(student: nn.Module, cfg: TrainConfig) -> None:
+    """open_clip_train's --lock-image / --lock-text (requires_grad off), before the optimizer collects parameters."""
+    if cfg.lock_image:
+        student.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups,
+                                 freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
+    if cfg.lock_text:
+        try:
+            student.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers,
+                                    freeze_layer_norm=cfg.lock_text_freeze_layer_norm)
+        except AssertionError as exc:  # open_clip's CLIP text tower cannot leave its LayerNorms unlocked
+            raise ConfigError(f"--lock-text: {cfg.model}: {exc} Add --lock-text-freeze-layer-norm") from exc
+
+
+def teacher_source(cfg: TrainConfig, sources: Sources, student: nn.Module, device: torch.device) -> TeacherSource:
+    if not needs_teacher(cfg):
+        return NoTeacher()
+    if cfg.online_teacher:
+        return OnlineTeacher(cfg.teacher, sources.teacher_pretrained, student, cfg.model, device, autocast_dtype(cfg))
+    return StoreTeacher(TeacherStore(sources.store_dir, expand_urls(sources.train), sources.teacher_fingerprint))
+
+
+def build_state(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.device
+                ) -> tuple[TrainState, ShardStream]:
+    """Student, teacher source, loss, optimizer and the data stream of a run (nothing trained yet)."""
+    student = create_student(cfg, device)
+    lock_towers(student, cfg)
+    if cfg.precision in PURE:  # open_clip's pure bf16 / fp16: the student's weights themselves in that dtype
+        student.to(getattr(torch, PURE[cfg.precision]))
+    student.set_grad_checkpointing(cfg.grad_checkpointing)
+    if cfg.mfd_mask_ratio > 0:  # CLIP-KD's masked feature distillation: student sees a share of patches dropped
+        student.visual.patch_dropout = PatchDropout(cfg.mfd_mask_ratio)
+    teacher = teacher_source(cfg, sources, student, device)
+    codec = Codec({"image": models.get_preprocess(student), **teacher.images},
+                  {"text": models.get_tokenizer(cfg.model), **teacher.texts})
+    # a step's batch holds its --accum-freq micro-batches: the same samples as one batch of batch-size x accum-freq
+    stream = ShardStream(sources.train, codec, cfg.batch_size * cfg.accum_freq, cfg.seed, env.rank, env.world_size,
+                         cfg.workers, shuffle_buffer=cfg.shuffle_buffer, num_samples=cfg.train_num_samples)
+    total_steps = sum(stream.steps_per_epoch(e) for e in range(cfg.epochs))
+    return build_optimizer_state(cfg, student, teacher, device, total_steps, env), stream

@@ -1,0 +1,59 @@
+"""The distillation task: the forward from a batch to the loss terms, as one module.
+
+Its forward is the student, the all-gather across ranks and the loss in one module, so DDP averages the gradients
+of the student and of the loss module's multipliers and projections together (engine.training.distributed explains
+the semantics). The teacher source (engine.teachers.sources) is a plain attribute, deliberately not a submodule:
+the teacher is frozen, so DDP must neither synchronise it nor expect gradients for it, ``.to()`` and ``train()``
+must not touch it (an online teacher is created on its device, in eval mode) and checkpoints hold the student
+only.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..teachers.sources import TeacherSource
+from .distributed import DistEnv, gather_rows
+from .gradcache import ReplayGradients, surrogate
+
+
+class DistillationTask(nn.Module):
+    """``forward(batch) -> loss terms`` of this rank: teacher rows, student forward, all-gather, loss."""
+
+    def __init__(self, student: nn.Module, loss_fn: nn.Module, teacher: TeacherSource, env: DistEnv,
+                 local_loss: bool, gather_with_grad: bool, autocast_dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.student, self.loss_fn, self.env = student, loss_fn, env
+        self.teacher = teacher  # not an nn.Module: a plain attribute (see the module's docstring)
+        self.local_loss, self.gather_with_grad, self.autocast_dtype = local_loss, gather_with_grad, autocast_dtype
+
+    def embed(self, batch: dict) -> dict:
+        """The student's forward on this rank's batch (autocast as configured)."""
+        weight = next(self.student.parameters())  # its dtype: fp32, or bf16 / fp16 for pure low precision
+        with torch.autocast(weight.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return self.student(batch["image"].to(weight.device, weight.dtype), batch["text"].to(weight.device))
+
+    def forward(self, batch: dict, replay: Optional[ReplayGradients] = None):
+        """The loss terms of this rank's batch; with ``replay``, GradCache's surrogate scalar for this micro-batch
+        (engine.training.gradcache), run through this forward so that DDP synchronises its gradients."""
+        if replay is not None:
+            return surrogate(self.embed(batch), self.loss_fn, replay)
+        t_img, t_txt = self.teacher.rows(batch, next(self.student.parameters()).device)
+        return self.loss(self.embed(batch), t_img, t_txt)
+
+    def loss(self, out: dict, t_img, t_txt) -> dict:
+        """Loss terms from the student's outputs on this rank's batch and their teacher rows (None: no teacher)."""
+        s_img, s_txt = out["image_features"].float(), out["text_features"].float()
+        device = s_img.device
+        if t_img is None:  # no teacher term: the loss ignores these placeholders
+            t_img, t_txt = s_img.detach(), s_txt.detach()
+        local, env = s_img.shape[0], self.env
+        rows = (env.rank * local, (env.rank + 1) * local) if self.local_loss else (0, None)
+        s_img, s_txt = (gather_rows(x, env, self.gather_with_grad) for x in (s_img, s_txt))
+        t_img, t_txt = (gather_rows(x.float(), env, False) for x in (t_img, t_txt))
+        scale = torch.tensor(float(self.teacher.scale), device=device)
+        group = torch.distributed.group.WORLD if self.local_loss and env.world_size > 1 else None  # exact gd
+        return self.loss_fn(s_img, s_txt, out["logit_scale"].float(), t_img, t_txt, scale,
+                            row_start=rows[0], row_stop=rows[1], group=group)
