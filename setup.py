@@ -7,8 +7,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["kernels", "kernels.*", "engine", "engine.*", "models", "models.*",
-                                    "bench", "bench.*"]),
+    # bench/ and tests/ run from a checkout of the repository; the wheel holds the library and the commands
+    packages=find_packages(include=["kernels", "kernels.*", "engine", "engine.*", "models", "models.*"]),
     package_data={"models": ["model_configs/*.json", "pretrained/*.pt", "pretrained/*.json"],
                   "kernels": ["README.md"]},
     install_requires=[
@@ -19,6 +19,11 @@ setup(
         "webdataset>=0.2.86",
         "tqdm",
     ],
+    # each `python -m engine.<command>` also as a command of its own: clip-rd-train, clip-rd-precompute, ...
+    entry_points={"console_scripts": [
+        f"clip-rd-{name}=engine.{name}:main"
+        for name in ("train", "precompute", "store", "eval", "export", "synthetic", "teacher", "ablate")
+    ]},
     extras_require={
         # transformers: open_clip loads an exported tiny model's word tokenizer through it (tests/test_export.py);
         # matplotlib and tensorboard: the tests check the charts and the event files too

@@ -1,6 +1,10 @@
 """Shared test inputs: random L2-normalised embeddings, learnable scalars, and a comparison of two backends."""
 from __future__ import annotations
 
+import contextlib
+import io
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -112,18 +116,30 @@ def assert_same_weights(a: dict, b: dict, rtol: float, atol: float = 2e-6) -> No
             torch.testing.assert_close(other, value, rtol=rtol, atol=atol, msg=f"{part} {key}")
 
 
+def command_error(main, argv) -> Optional[str]:
+    """Run a command's ``main(argv)``: None when it succeeds; when it refuses, its error line, after checking that it
+    is exactly one ``error: ...`` line on stderr and that the exit status is a user error's (2)."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            main([str(a) for a in argv])
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            return None
+        lines = [line for line in err.getvalue().splitlines() if line.startswith("error:")]
+        assert exc.code == 2 and len(lines) == 1, (exc.code, err.getvalue()[-3000:])
+        return lines[0]
+    return None
+
+
 def train_cli(tmp_path, synth_data, store_dir, *extra, name="bad"):
-    """engine.train's command line on the small data; returns the exit message (None: the run succeeded)."""
+    """engine.train's command line on the small data; returns the error line (None: the run succeeded)."""
     from engine import train as train_lib
 
     argv = ["--train-data", synth_data["train"], "--val-data", synth_data["val"], "--teacher-store", str(store_dir),
             "--batch-size", "16", "--epochs", "1", "--logs", str(tmp_path / "logs"), "--name", name, "--no-progress",
             "--fused", "--cache-dir", str(tmp_path / "cache"), *extra]
-    try:
-        train_lib.main(argv)
-    except SystemExit as exc:
-        return str(exc.code)
-    return None
+    return command_error(train_lib.main, argv)
 
 
 def assert_refused_before_any_step(tmp_path, message, got, name="bad"):
@@ -141,3 +157,14 @@ def seeded_checkpoint(tmp_path_factory, model: str, seed: int):
     path = tmp_path_factory.mktemp(model) / f"{model}.pt"
     torch.save({"state_dict": models.create_model(model).state_dict()}, path)
     return path
+
+
+def dead_pid() -> int:
+    """The process id of a process that has exited (and been reaped): what a killed run leaves in its temporaries'
+    names."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

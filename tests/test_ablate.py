@@ -4,6 +4,7 @@ import csv
 import json
 import logging
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -13,6 +14,7 @@ from engine import ablate as ablate_cmd
 from engine.training import ablation as ablate
 from engine.training.loop import run
 from engine.training.prepare import resolve
+from tests.helpers import command_error
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def test_quick_ablation_table_resume_and_settings_check(tmp_path, quick_cache):
     settings = replace(settings, base=ablate.prepare_quick(settings.base, logging.getLogger("test_ablate")))
     interrupted = replace(ablate.run_config(settings, "clip-kd+vrd", 0), stop_after_steps=40)
     stopped = run(interrupted, resolve(interrupted, progress=False))
-    assert stopped["stopped_at_step"] == 40
+    assert not stopped.finished and stopped.steps == 40
     ablate_cmd.main(_argv(tmp_path, quick_cache, "--presets", "baseline", "clip-kd+vrd", "clip-rd"))
     records = ablate.read_jsonl(out / "runs.jsonl")
     assert [(r["preset"], r["steps"]) for r in records] == [("baseline", 64), ("clip-rd", 64), ("clip-kd+vrd", 64)]
@@ -72,8 +74,8 @@ def test_quick_ablation_table_resume_and_settings_check(tmp_path, quick_cache):
                                                                             "clip-rd"]
 
     # other shared settings into the same table are refused with a message naming them
-    with pytest.raises(SystemExit, match=r"holds runs made with other settings .*'epochs': \(2, 3\)"):
-        ablate_cmd.main(_argv(tmp_path, quick_cache, "--epochs", "3"))
+    message = command_error(ablate_cmd.main, _argv(tmp_path, quick_cache, "--epochs", "3"))
+    assert re.search(r"holds runs made with other settings .*'epochs': \(2, 3\)", message), message
 
 
 def test_summary_statistics_and_two_std_rule():
@@ -121,10 +123,8 @@ def test_fused_matches_reference_loss_curves(tmp_path, quick_cache):
 
 
 def _refused(argv) -> str:
-    with pytest.raises(SystemExit) as stop:
-        ablate_cmd.main([str(a) for a in argv])
-    message = str(stop.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
+    message = command_error(ablate_cmd.main, argv)
+    assert message is not None, "not refused"
     return message
 
 

@@ -3,23 +3,23 @@ import json
 
 import pytest
 
+from engine import synthetic as synthetic_cmd
 from engine import teacher as teacher_cmd
 from engine.data import synthetic
 from engine.training import default_teacher as teacher_lib
+from tests.helpers import command_error
 
 SMALL = ["--train-samples", "4", "--val-samples", "2", "--shard-size", "2"]
 
 
 def _refused(main, argv) -> str:
-    with pytest.raises(SystemExit) as stop:
-        main([str(a) for a in argv])
-    message = str(stop.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
+    message = command_error(main, argv)
+    assert message is not None, "not refused"
     return message
 
 
 def _build(root):
-    synthetic.main(["--data-dir", str(root), *SMALL])
+    synthetic_cmd.main(["--data-dir", str(root), *SMALL])
 
 
 @pytest.mark.parametrize("flag, value, expected", [
@@ -30,7 +30,7 @@ def _build(root):
     ("--seed", "-1", "--seed: must be >= 0, got -1"),
 ])
 def test_synthetic_refuses_bad_numbers_before_writing(tmp_path, flag, value, expected):
-    assert expected in _refused(synthetic.main, ["--data-dir", tmp_path / "data", *SMALL, flag, value])
+    assert expected in _refused(synthetic_cmd.main, ["--data-dir", tmp_path / "data", *SMALL, flag, value])
     assert not (tmp_path / "data").exists()
 
 
@@ -38,14 +38,14 @@ def test_synthetic_refuses_bad_data_dirs(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("")
     assert "afile/x: cannot create the data folder (Not a directory)" in _refused(
-        synthetic.main, ["--data-dir", afile / "x", *SMALL])
-    assert "afile: exists and is not a folder" in _refused(synthetic.main, ["--data-dir", afile, *SMALL])
+        synthetic_cmd.main, ["--data-dir", afile / "x", *SMALL])
+    assert "afile: exists and is not a folder" in _refused(synthetic_cmd.main, ["--data-dir", afile, *SMALL])
     done = tmp_path / "done"
     _build(done)
-    message = _refused(synthetic.main, ["--data-dir", done, *SMALL, "--seed", "1"])
+    message = _refused(synthetic_cmd.main, ["--data-dir", done, *SMALL, "--seed", "1"])
     assert "holds a procedural dataset made with" in message
     (done / "dataset.json").write_text('{"train_sam')
-    message = _refused(synthetic.main, ["--data-dir", done, *SMALL])
+    message = _refused(synthetic_cmd.main, ["--data-dir", done, *SMALL])
     assert f"{done / 'dataset.json'}: unreadable or damaged" in message
 
 
@@ -56,7 +56,7 @@ def test_synthetic_resume_keeps_only_its_own_intact_shards(tmp_path):
     # an interrupted build of another spec, or shards of unknown origin: refused, nothing changed
     (root / "dataset.json").unlink()
     for argv in (["--seed", "5"], ["--shard-size", "1"], []):
-        assert f"{root}: holds an unfinished procedural dataset" in _refused(synthetic.main,
+        assert f"{root}: holds an unfinished procedural dataset" in _refused(synthetic_cmd.main,
                                                                              ["--data-dir", root, *SMALL, *argv])
     assert (root / "train-00001.tar").read_bytes() == original and not (root / "dataset.json").exists()
     # an interrupted build of this spec resumes, and writes a damaged shard again

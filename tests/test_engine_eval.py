@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.evaluation.metrics import retrieval_recall, zero_shot_accuracy
+from tests.helpers import command_error
 
 
 def test_retrieval_recall_hand_made():
@@ -55,9 +56,7 @@ def test_eval_refuses_files_that_are_not_checkpoints(tmp_path, synth_data, capsy
     cases = {text: "it is a text file", empty: "the file is empty", cut: "a damaged or incomplete torch.save file",
              shard: "it is a tar archive, such as a webdataset shard"}
     for path, reason in cases.items():
-        with pytest.raises(SystemExit) as stop:
-            eval_main(["--pretrained", str(path), "--val-data", synth_data["val"]])
-        message = str(stop.value.code)
+        message = command_error(eval_main, ["--pretrained", str(path), "--val-data", synth_data["val"]])
         expected = f"error: --pretrained {path}: not a checkpoint file ({reason}"
         assert message.startswith(expected) and "\n" not in message, message
     assert capsys.readouterr().out == ""  # no metrics printed
@@ -67,10 +66,8 @@ def _refusal(capsys, argv) -> str:
     """engine.eval's one-line refusal of ``argv``, after checking that it printed nothing on stdout."""
     from engine.eval import main as eval_main
 
-    with pytest.raises(SystemExit) as stop:
-        eval_main(argv)
-    message = str(stop.value.code)
-    assert "\n" not in message and capsys.readouterr().out == "", message  # no metrics printed
+    message = command_error(eval_main, argv)
+    assert message is not None and capsys.readouterr().out == "", message  # no metrics printed
     return message
 
 

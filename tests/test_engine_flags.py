@@ -16,7 +16,7 @@ from engine.training import state as training_state
 from engine.training.config import TrainConfig
 from engine.training.distributed import DistEnv
 from engine.training.prepare import resolve
-from tests.helpers import assert_refused_before_any_step, seeded_checkpoint, train_cli
+from tests.helpers import assert_refused_before_any_step, command_error, seeded_checkpoint, train_cli
 
 TEXT_TOWER = ("positional_embedding", "text_projection", "transformer.", "token_embedding.", "ln_final.")
 
@@ -230,12 +230,13 @@ def imagenet_dir(tmp_path_factory):
 
 @pytest.fixture
 def two_templates(monkeypatch):
-    """Two of open_clip's 80 ImageNet templates, so that a zero-shot classifier takes 2000 prompts, not 80000."""
+    """Two of open_clip's 80 ImageNet templates, so that a zero-shot classifier takes 2000 prompts, not 80000 (the
+    commands read open_clip's list when they evaluate)."""
     import open_clip
 
     templates = (lambda c: f"a bad photo of a {c}.", lambda c: f"a photo of the large {c}.")
     monkeypatch.setattr(open_clip, "OPENAI_IMAGENET_TEMPLATES", templates)
-    return ("a bad photo of a {c}.", "a photo of the large {c}.")
+    return templates
 
 
 def test_imagenet_zero_shot_against_a_hand_built_classifier(tmp_path, imagenet_dir, two_templates):
@@ -249,7 +250,7 @@ def test_imagenet_zero_shot_against_a_hand_built_classifier(tmp_path, imagenet_d
     model = models.create_model("tiny-vit-student").eval()
     preprocess, tokenizer = models.get_preprocess(model), models.get_tokenizer("tiny-vit-student")
     # the classifier transcribed by hand: per class, the normalised mean of its normalised prompt embeddings
-    prompts = [t.format(c=c) for c in open_clip.IMAGENET_CLASSNAMES for t in two_templates]
+    prompts = [template(c) for c in open_clip.IMAGENET_CLASSNAMES for template in two_templates]
     with torch.no_grad():
         prompt_embeddings = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1).reshape(1000, 2, -1)
     classifier = F.normalize(prompt_embeddings.mean(dim=1), dim=-1).T  # (D, 1000)
@@ -265,7 +266,7 @@ def test_imagenet_zero_shot_against_a_hand_built_classifier(tmp_path, imagenet_d
     for image, rank in zip(images, (0, 2, 9)):
         label = ranking[images.index(image), rank].item()
         shutil.copy(image, root / f"n{label:08d}" / image.name)
-    scores = imagenet_zero_shot(model, preprocess, tokenizer, str(root), batch_size=2)
+    scores = imagenet_zero_shot(model, preprocess, tokenizer, str(root), batch_size=2, templates=two_templates)
     assert scores == pytest.approx({"imagenet-zeroshot-val-top1": 1 / 3, "imagenet-zeroshot-val-top5": 2 / 3})
 
 
@@ -276,9 +277,9 @@ def test_eval_command_adds_imagenet_zero_shot(tmp_path, synth_data, student_ckpt
     eval_main(["--pretrained", str(student_ckpt), "--model", "tiny-vit-student", "--val-data", synth_data["val"],
                "--imagenet-val", str(imagenet_dir), "--output", str(out)])
     assert {"acc1", "imagenet-zeroshot-val-top1", "imagenet-zeroshot-val-top5"} <= set(json.loads(out.read_text()))
-    with pytest.raises(SystemExit, match=f"error: --imagenet-val {tmp_path}: 0 class folders"):
-        eval_main(["--pretrained", str(student_ckpt), "--val-data", synth_data["val"], "--imagenet-val",
-                   str(tmp_path)])
+    message = command_error(eval_main, ["--pretrained", student_ckpt, "--val-data", synth_data["val"],
+                                        "--imagenet-val", tmp_path])
+    assert message.startswith(f"error: --imagenet-val {tmp_path}: 0 class folders"), message
 
 
 def test_evaluation_rows_follow_the_frequencies(tmp_path, synth_data, teacher_ckpt, store_dir, imagenet_dir,
@@ -292,7 +293,7 @@ def test_evaluation_rows_follow_the_frequencies(tmp_path, synth_data, teacher_ck
     assert [zero_shot <= set(row) for row in val] == [False, True, True]  # --zeroshot-frequency 2 and the last
     final = _rows(tmp_path, kind="eval")
     assert len(final) == 1 and final[0]["step"] == 9
-    assert result["metrics"] == {k: v for k, v in val[-1].items() if k not in ("kind", "step", "epoch")}
+    assert result.metrics == {k: v for k, v in val[-1].items() if k not in ("kind", "step", "epoch")}
     _run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, name="never", epochs=2, batch_size=32, val_frequency=0))
     assert _rows(tmp_path, "never", kind="val") == [] and len(_rows(tmp_path, "never", kind="eval")) == 1
 
@@ -301,7 +302,7 @@ def test_pure_bf16_student_is_evaluated(tmp_path, synth_data, teacher_ckpt, stor
     """--precision bf16 keeps the student's weights in bf16: evaluation feeds it images of that dtype."""
     result = _run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, batch_size=32, precision="bf16",
                        preset="clip-kd", imagenet_val=str(imagenet_dir), zeroshot_frequency=1))
-    assert {"acc1", "image_retrieval_recall@1", "imagenet-zeroshot-val-top1"} <= set(result["metrics"])
+    assert {"acc1", "image_retrieval_recall@1", "imagenet-zeroshot-val-top1"} <= set(result.metrics)
 
 
 # ----------------------------------------------------------------------- remote shards, --train-num-samples
@@ -344,8 +345,8 @@ def test_val_num_samples_checks_remote_validation_shards(tmp_path, synth_data, t
 
     remote_val = dict(val_data=_cat_pipe(synth_data["val"]), stop_after_steps=None, epochs=1, batch_size=32)
     result = _run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, name="right", val_num_samples=32, **remote_val))
-    assert "image_retrieval_recall@1" in result["metrics"]  # retrieval (classnames.json is looked for beside local
-    assert "acc1" not in result["metrics"]                    # shards only: remote ones get no zero-shot acc1)
+    assert "image_retrieval_recall@1" in result.metrics  # retrieval (classnames.json is looked for beside local
+    assert "acc1" not in result.metrics                    # shards only: remote ones get no zero-shot acc1)
     with pytest.raises(ShardError, match=r"--val-num-samples 40: read 32 samples from 'pipe:cat "):
         _run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, name="wrong", val_num_samples=40, **remote_val))
 

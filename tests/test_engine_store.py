@@ -19,6 +19,7 @@ from engine.data import shards as data_lib
 from engine.data import synthetic
 from engine.teachers import store as store_lib
 from engine.teachers.precompute import build_store
+from tests.helpers import command_error
 
 
 def test_store_matches_teacher_embeddings(synth_data, teacher_ckpt, store_dir):
@@ -93,17 +94,13 @@ def test_corrupt_part_and_missing_store(tmp_path, synth_data, store_dir):
 
 
 def _train(tmp_path, train, store, *extra):
-    """engine.train's command line on a store; returns the SystemExit message (None if the run succeeded)."""
+    """engine.train's command line on a store; returns the error line (None if the run succeeded)."""
     from engine.train import main
 
     argv = ["--train-data", train, "--teacher-store", str(store), "--batch-size", "16", "--epochs", "1",
             "--logs", str(tmp_path / "logs"), "--name", "tamper", "--no-eval", "--no-progress", "--fused",
             "--cache-dir", str(tmp_path / "cache"), *extra]
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return str(exc.code)
-    return None
+    return command_error(main, argv)
 
 
 def _rewrite_tar(src, dst, change):
@@ -248,7 +245,7 @@ def test_store_command_line(tmp_path, synth_data, store_dir, capsys):
     (copy / "manifest.json").write_text("{")
     with pytest.raises(SystemExit) as exc:
         store_cmd.main(["verify", str(copy)])
-    assert exc.value.code == 1 and "not valid JSON" in capsys.readouterr().out
+    assert exc.value.code == 2 and "not valid JSON" in capsys.readouterr().out
 
 
 def _peak_rss_of_precompute(tmp_path, train_samples: int) -> int:
@@ -285,9 +282,9 @@ def _precompute(*argv) -> str:
     """engine.precompute's command line; returns its exit message (the test fails if it succeeds)."""
     from engine.precompute import main
 
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    return str(exc.value.code)
+    message = command_error(main, argv)
+    assert message is not None, "not refused"
+    return message
 
 
 @pytest.fixture
@@ -373,9 +370,10 @@ def test_store_command_names_damaged_files(tmp_path, synth_data, store_dir, caps
     manifest.unlink()
     manifest.mkdir()
     for command in ("info", "verify"):
-        with pytest.raises(SystemExit) as exc:
+        with pytest.raises(SystemExit):
             store_cmd.main([command, str(copy)])
-        reported = str(exc.value.code) if command == "info" else capsys.readouterr().out.strip()
+        captured = capsys.readouterr()
+        reported = captured.err.strip() if command == "info" else captured.out.strip()
         assert reported == (f"error: {manifest}: cannot read it (Is a directory); restore it or rebuild the store "
                             f"with engine.precompute")
 

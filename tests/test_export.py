@@ -28,6 +28,7 @@ from engine.data import synthetic
 from engine.evaluation import export as export_lib
 from kernels import ClipRDLoss
 from models.tokenizer import EOT, SOT
+from tests.helpers import command_error
 
 PROJECT_PACKAGES = ("kernels", "engine", "models", "bench", "tests")
 
@@ -260,10 +261,8 @@ def test_exported_config_carries_the_tiny_models_preprocessing(tmp_path, student
 
 
 def _refused(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as stop:
-        export_cmd.main([str(a) for a in argv])
-    message = str(stop.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
+    message = command_error(export_cmd.main, argv)
+    assert message is not None, "not refused"
     assert capsys.readouterr().out == ""  # nothing reported as written
     return message
 
@@ -287,9 +286,9 @@ def test_bad_checkpoints_are_refused_in_one_line(tmp_path, capsys, synth_data, s
     cases = {
         tmp_path / "missing.pt": "no such file",
         tmp_path: "not a file",
-        text: "not a PyTorch checkpoint",
-        shard: "not a PyTorch checkpoint",
-        truncated: "not a PyTorch checkpoint",
+        text: "not a checkpoint file (it is a text file)",
+        shard: "not a checkpoint file (it is a tar archive",
+        truncated: "not a checkpoint file",
         models.MODEL_CONFIG_DIR.parent / "pretrained" / "tiny-vit-teacher.pt": "no config",  # the shipped teacher
         state_dict_only: "no model, state_dict, config",
         wrong_model: "does not fit model 'tiny-vit-teacher'",

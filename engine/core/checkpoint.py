@@ -24,7 +24,8 @@ from .errors import CheckpointError, NonFiniteLossError
 from .io import atomic_torch_save
 
 LATEST = "epoch_latest.pt"
-TRAINING_KEYS = ("config", "model", "state_dict", "optimizer", "step")
+STUDENT_KEYS = ("config", "model", "state_dict")  # what eval, export and the teacher's record read
+RESUME_KEYS = STUDENT_KEYS + ("optimizer", "step")  # what resuming reads besides
 
 
 def read_torch_file(path: str | os.PathLike, flag: str, mmap: bool = False):
@@ -69,11 +70,13 @@ class Checkpoint:
         return self.content["state_dict"]
 
     @classmethod
-    def load(cls, path: str | os.PathLike, flag: str = "--resume", mmap: bool = False) -> "Checkpoint":
-        """Read and check a training checkpoint; anything else is a one-line CheckpointError naming ``flag``.
-        ``mmap``: the tensors are mapped, not read (enough to look at the config)."""
+    def load(cls, path: str | os.PathLike, flag: str = "--resume", mmap: bool = False,
+             required: tuple[str, ...] = RESUME_KEYS) -> "Checkpoint":
+        """Read and check a training checkpoint holding the ``required`` entries; anything else is a one-line
+        CheckpointError naming ``flag``. ``mmap``: the tensors are mapped, not read (enough to look at the
+        config)."""
         content = read_torch_file(path, flag, mmap)
-        missing = [key for key in TRAINING_KEYS if not isinstance(content, dict) or key not in content]
+        missing = [key for key in required if not isinstance(content, dict) or key not in content]
         if missing:
             raise CheckpointError(f"{flag} {path}: not a training checkpoint of engine.train (no {', '.join(missing)}:"
                                   f" a model or teacher weights file? teacher weights go in --teacher-pretrained; "

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 import models
 
-from ..core.checkpoint import Checkpoint
+from ..core.checkpoint import STUDENT_KEYS, Checkpoint
 from ..core.errors import UserError, WriteError
 from ..core.io import atomic_write, atomic_write_json, temp_path
 
@@ -123,7 +123,7 @@ def export(checkpoint_path: str | os.PathLike, output: str | os.PathLike, force:
     With ``force``, the export files of a previous export in ``output`` are replaced and other files left alone.
     """
     checkpoint_path, output = Path(checkpoint_path), Path(output)
-    checkpoint = Checkpoint.load(checkpoint_path, "checkpoint")
+    checkpoint = Checkpoint.load(checkpoint_path, "checkpoint", required=STUDENT_KEYS)
     _check_output(output, force)
     name = checkpoint.model
     student = _student(checkpoint)

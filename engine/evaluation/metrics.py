@@ -15,9 +15,10 @@ import os
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier
+from open_clip import IMAGENET_CLASSNAMES, build_zero_shot_classifier
 from torchvision.datasets import ImageFolder
 
 from models.factory import one_line
@@ -184,11 +185,13 @@ def imagenet_folder(root: str, transform=None):
 
 @torch.no_grad()
 def imagenet_zero_shot(model, preprocess, tokenizer, root: str, batch_size: int = 500, workers: int = 0,
-                       device: str | torch.device = "cpu") -> dict[str, float]:
-    """open_clip_train's zero-shot ImageNet top-1/top-5 on the ImageFolder ``root``."""
+                       device: str | torch.device = "cpu", templates=None) -> dict[str, float]:
+    """open_clip_train's zero-shot ImageNet top-1/top-5 on the ImageFolder ``root``; ``templates``: the prompt
+    templates (callables of the class name), by default open_clip's 80 OpenAI ImageNet templates."""
+    templates = open_clip.OPENAI_IMAGENET_TEMPLATES if templates is None else templates
     was_training = model.training
     model.eval()
-    classifier = build_zero_shot_classifier(model, tokenizer, IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES,
+    classifier = build_zero_shot_classifier(model, tokenizer, IMAGENET_CLASSNAMES, templates,
                                             num_classes_per_batch=10, device=device).float()  # (D, 1000)
     loader = torch.utils.data.DataLoader(imagenet_folder(root, preprocess), batch_size=batch_size,
                                          num_workers=workers)

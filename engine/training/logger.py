@@ -38,7 +38,7 @@ def write_params(path: Path, cfg) -> None:
 def summary_writer_class():
     """TensorBoard's SummaryWriter; a one-line ConfigError naming --report-to when the package is missing."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional: the tensorboard extra
     except ImportError as exc:
         raise ConfigError("--report-to tensorboard: the tensorboard package is not installed; "
                           "pip install -e '.[tensorboard]'") from exc
@@ -86,7 +86,7 @@ def read_metrics(path: Path) -> list[dict]:
 def pyplot():
     """matplotlib.pyplot on the Agg backend, or None (with one warning) when the optional matplotlib is missing."""
     try:
-        import matplotlib
+        import matplotlib  # optional: the plots extra
     except ImportError:
         logging.getLogger("engine").warning("matplotlib is not installed, so no PNG is written: "
                                             "pip install -e '.[plots]'")
