@@ -290,7 +290,7 @@ def test_bad_checkpoints_are_refused_in_one_line(tmp_path, capsys, synth_data, s
         shard: "not a checkpoint file (it is a tar archive",
         truncated: "not a checkpoint file",
         models.MODEL_CONFIG_DIR.parent / "pretrained" / "tiny-vit-teacher.pt": "no config",  # the shipped teacher
-        state_dict_only: "no model, state_dict, config",
+        state_dict_only: "no config, model, state_dict",
         wrong_model: "does not fit model 'tiny-vit-teacher'",
         unknown_model: "unknown model 'tiny-vit-studnet'",
         nan: "text_projection holds NaN",
