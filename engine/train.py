@@ -151,7 +151,10 @@ def parse_args(argv=None) -> TrainConfig:
 def train(argv=None, after_backward: Optional[AfterBackward] = None) -> None:
     """The command as a function; ``after_backward`` as in engine.training.step (for instance to dump gradients)."""
     cfg = parse_args(argv)
-    check_resume(cfg)
+    finished = check_resume(cfg)
+    if finished:
+        print(finished)
+        return
     env, device = init_distributed()
     try:
         run(cfg, prepare(cfg, env), env, device, after_backward)

@@ -2,7 +2,9 @@
 line, with open_clip_train's flag names and meanings)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+import shlex
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from kernels import PRESETS, WEIGHT_KEYS
@@ -118,6 +120,10 @@ class TrainConfig:
             raise ConfigError(f"--grad-clip-norm: must be > 0 (leave it out for no clipping), "
                               f"got {self.grad_clip_norm}")
         self._validate_open_clip_flags()
+        if self.name is not None and (not self.name.strip() or self.name in (".", "..") or "/" in self.name
+                                      or os.sep in self.name or self.name.startswith("~")):
+            raise ConfigError(f"--name {self.name!r}: a run name is one folder name inside --logs (no '/', '.' or "
+                              f"'..')")
         if self.teacher_store is not None and self.online_teacher:
             raise ConfigError("--teacher-store and --online-teacher exclude each other: "
                               "the online teacher needs no store")
@@ -148,3 +154,28 @@ def report_to(value: Optional[str]) -> set:
     if unknown:
         raise ConfigError(f"--report-to {value}: unknown backend {unknown[0]!r}; expected 'tensorboard'")
     return backends
+
+
+# Switches whose flag turns the field off (--no-eval) rather than on.
+NEGATED_SWITCHES = {"eval": "--no-eval", "progress": "--no-progress"}
+
+
+def command_line(cfg: TrainConfig) -> str:
+    """The engine.train command that runs ``cfg``: every setting that differs from the default, as its flag."""
+    default, words = TrainConfig(), ["python", "-m", "engine.train"]
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if value == getattr(default, f.name):
+            continue
+        if f.name == "weights":
+            for key, weight in value.items():
+                words += [f"--{key.replace('_', '-')}-weight", repr(float(weight))]
+        elif f.name in NEGATED_SWITCHES:
+            words.append(NEGATED_SWITCHES[f.name])
+        elif isinstance(value, bool):
+            words.append(f"--{f.name.replace('_', '-')}")
+        elif f.name == "loss_backend" and value == "auto":
+            words.append("--fused")
+        else:
+            words += [f"--{f.name.replace('_', '-')}", str(value)]
+    return shlex.join(words)

@@ -38,7 +38,9 @@ class Sources:
     teacher_pretrained: Optional[str]
     teacher_fingerprint: Optional[str]
     store_dir: Optional[Path]
-    teacher_metrics: Optional[dict] = None  # the shipped default teacher's recorded evaluation
+    # the shipped default teacher's recorded evaluation, where ``val`` is the data it was recorded on (the embedded
+    # validation split); otherwise the run evaluates its teacher on ``val`` itself
+    teacher_metrics: Optional[dict] = None
 
 
 def needs_teacher(cfg) -> bool:
@@ -104,8 +106,8 @@ def resolve(cfg, progress: bool = True) -> Sources:
         return Sources(train, val, None, None, Path(cfg.teacher_store))  # a given store names its own teacher
     pretrained = _teacher_weights(cfg)
     fingerprint = teacher_fingerprint(cfg.teacher, pretrained)
-    shipped = pretrained == str(defaults.SHIPPED_TEACHER)
-    metrics = defaults.default_teacher_record()["metrics"] if shipped else None
+    recorded = pretrained == str(defaults.SHIPPED_TEACHER) and cfg.train_data is None and cfg.val_data is None
+    metrics = defaults.default_teacher_record()["metrics"] if recorded else None
     if cfg.online_teacher:
         return Sources(train, val, pretrained, fingerprint, None, metrics)
     store_dir = Path(cfg.teacher_store) if cfg.teacher_store else defaults.default_store_dir(cache, fingerprint, train)
