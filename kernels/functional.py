@@ -104,13 +104,14 @@ def clip_rd_loss(
     needs_teacher_scale = any(resolved[key] != 0.0 for key in ("hrd", "intra", "gd", "cross_kd", "sigmoid_kd"))
     if teacher_scale is None:
         if teacher_bias is not None:
-            raise ValueError("teacher_bias: given without teacher_scale; a teacher's logits are scale * T_I T_T^T + bias")
+            raise ValueError("teacher_bias: given without teacher_scale; a teacher's logits are scale T_I T_T^T + bias")
         if needs_teacher_scale:
             raise ValueError("teacher_scale: required by the hrd, intra, gd, cross_kd and sigmoid_kd terms (weights "
                              "select them)")
         teacher_scale = 1.0
     teacher_scales = spec.per_teacher(teacher_scale, "teacher_scale", len(images), device)
-    teacher_biases = spec.per_teacher(0.0 if teacher_bias is None else teacher_bias, "teacher_bias", len(images), device)
+    no_bias = teacher_bias is None
+    teacher_biases = spec.per_teacher(0.0 if no_bias else teacher_bias, "teacher_bias", len(images), device)
     bias = None if student_bias is None else spec.as_scale(student_bias, "student_bias", device)
     scales = {
         "student": spec.as_scale(student_scale, "student_scale", device),
