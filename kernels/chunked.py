@@ -411,30 +411,34 @@ def _sigmoid_forward_and_gradients(weights, teachers, s_img, s_txt, scale, bias,
     d_scale = torch.zeros((), dtype=torch.float64, device=device)
     d_bias = torch.zeros((), dtype=torch.float64, device=device)
 
-    # Per block: the raw and biased logits, the gradient, and for sigmoid_kd the soft labels and margins.
-    block = block_rows_for(n, n_rows, views=3 if w_kd else 2)
+    # (rows, N) buffers alive per block: the raw and biased logits, a softplus and the gradient (two views' worth);
+    # sigmoid_kd adds the soft labels, a teacher's probabilities, the margins and their softplus (two more).
+    block = block_rows_for(n, n_rows, views=4 if w_kd else 2)
     for start in range(row_start, row_stop, block):
         stop = min(start + block, row_stop)
         local = torch.arange(stop - start, device=device)
         pos = torch.arange(start, stop, device=device)  # (rows,) positive column of each anchor row
         raw = X[start:stop] @ Y.T  # (rows, N) S_I S_T^T, kept for the scale gradient
-        logits = raw * s + b  # (rows, N) z
-        grad = torch.zeros_like(raw) if need_grad else None  # (rows, N) d(total)/dz
+        logits = torch.mul(raw, s).add_(b)  # (rows, N) z
+        grad = None  # (rows, N) d(total)/dz, built in place from the terms' buffers
+        # Sums in the compute dtype, then fp64: converting a (rows, N) buffer to fp64 first costs a copy per sum.
         if w_siglip:
             # softplus(-y z): softplus(z) off the positive, softplus(z) - z = softplus(-z) on it
-            sums["siglip"] += F.softplus(logits).sum(dtype=torch.float64)
-            sums["siglip"] -= logits[local, pos].sum(dtype=torch.float64)
-            if need_grad:
-                probability = torch.sigmoid(logits)
-                probability[local, pos] -= 1.0
-                grad.add_(probability, alpha=w_siglip / n_rows)
-                del probability
+            sums["siglip"] += F.softplus(logits).sum().double() - logits[local, pos].sum().double()
+            if need_grad:  # d softplus(-y z) / dz = sigmoid(z) - [j = pos(i)]
+                grad = torch.sigmoid(logits)
+                grad[local, pos] -= 1.0
+                grad.mul_(w_siglip / n_rows)
         if w_kd:
             labels = _soft_labels(targets, start, stop)  # (rows, N) G in [-1, 1]
-            margin = labels * logits  # (rows, N) G z
-            sums["sigmoid_kd"] += F.softplus(-margin).sum(dtype=torch.float64)
+            margin = torch.mul(labels, logits).neg_()  # (rows, N) -G z
+            sums["sigmoid_kd"] += F.softplus(margin).sum().double()
             if need_grad:  # d softplus(-G z) / dz = -G sigmoid(-G z)
-                grad.addcmul_(labels, margin.neg_().sigmoid_(), value=-w_kd / n_rows)
+                kd_grad = margin.sigmoid_().mul_(labels)
+                if grad is None:
+                    grad = kd_grad.mul_(-w_kd / n_rows)
+                else:
+                    grad.add_(kd_grad, alpha=-w_kd / n_rows)
             del labels, margin
         if not need_grad:
             continue
@@ -442,7 +446,7 @@ def _sigmoid_forward_and_gradients(weights, teachers, s_img, s_txt, scale, bias,
         if want["scale"]:
             d_scale += _dot(grad, raw)
         if want["bias"]:
-            d_bias += grad.sum(dtype=torch.float64)
+            d_bias += grad.sum().double()
         if "s_img" in dX:
             dX["s_img"][start:stop].addmm_(grad, Y, alpha=s)
         if "s_txt" in dX:
