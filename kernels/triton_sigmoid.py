@@ -151,7 +151,8 @@ def _sigmoid_bwd_kernel(
     b = tl.load(scale_ptr + 1)
     c_siglip = tl.load(coef_ptr)
     c_kd = tl.load(coef_ptr + 1)
-    factor = tl.load(coef_ptr + 2) * s  # dz = factor / s * (unit dz): the product's s and the unit together
+    # dz = g unit / rows * (unit dz), and dS_I = s dz S_T (dS_T = s dz^T S_I): the products' factor
+    factor = tl.load(coef_ptr + 2) * s
     owned0, begin, end = stream_range(block, split, split_len, n_rows, n_cols, ROWS, BLOCK_M, BLOCK_N)
     owned_len = n_rows * ROWS + n_cols * (1 - ROWS)
     out = grad_ptr + (split.to(tl.int64) * owned_len + owned0) * width
@@ -193,7 +194,8 @@ def _pack_teachers(teachers, dtype: torch.dtype, device: torch.device):
     """-> (flat buffer of every T_I^k and T_T^k in ``dtype``, (K, TEACHER_COLUMNS) int64 table, (K, 2) fp32 scale
     and bias); one zero row each, never read, when sigmoid_kd is off (K = 0: kernels get no empty tensor)."""
     if not teachers:
-        return (torch.zeros(1, dtype=dtype, device=device), torch.zeros((1, 3), dtype=torch.int64, device=device),
+        return (torch.zeros(1, dtype=dtype, device=device),
+                torch.zeros((1, TEACHER_COLUMNS), dtype=torch.int64, device=device),
                 torch.zeros((1, 2), dtype=torch.float32, device=device))
     parts, table, offset = [], [], 0
     for teacher in teachers:
@@ -206,9 +208,9 @@ def _pack_teachers(teachers, dtype: torch.dtype, device: torch.device):
     return buffer, torch.tensor(table, dtype=torch.int64, device=device), scales.contiguous()
 
 
-def _config(s_img: torch.Tensor, buffer_widths: list[int]):
+def _config(s_img: torch.Tensor, teacher_widths: list[int]):
     """Tiles for the widest of the student's and the teachers' widths (D is a loop: one config serves them all)."""
-    return block_config(max([s_img.shape[1], *buffer_widths]), s_img.dtype)
+    return block_config(max([s_img.shape[1], *teacher_widths]), s_img.dtype)
 
 
 class _SigmoidLoss(torch.autograd.Function):
