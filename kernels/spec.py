@@ -27,7 +27,8 @@ TERM_WEIGHT = {key: ("vrd" if key.startswith("vrd") else key) for key in TERM_KE
 SIGMOID_TERMS = ("siglip", "sigmoid_kd")
 # Terms that read the student's own embeddings alone: ClipRDLoss never projects the student for them.
 STUDENT_WIDTH_TERMS = ("task", "siglip", "sigmoid_kd")
-# Terms that read teacher embeddings of the student's width (one teacher, the same (N, D) as the student).
+# Terms that need one teacher of the student's (N, D): they compare teacher and student embeddings, or run in the
+# row-softmax backends, which stack all four inputs as one (4, N, D) tensor.
 SAME_WIDTH_TEACHER_TERMS = ("fd", "icl", "hrd", "vrd", "xrd", "intra", "gd", "cross_kd", "afd")
 
 PRESETS: dict[str, dict[str, float]] = {
