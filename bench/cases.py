@@ -22,13 +22,14 @@ from kernels import clip_rd_loss, spec
 from .config import weights_of
 from .flops import ANCHOR_KINDS, LOGITS_KINDS, mode_products
 
-SCALE_NAMES = ("student_scale", "teacher_scale", "lam_img", "lam_txt", "kappa")
+SCALE_NAMES = ("student_scale", "teacher_scale", "lam_img", "lam_txt", "kappa", "student_bias", "teacher_bias")
 # Elements of the floor's (rows x columns) product tile: 16 Mi on CPU (64 MiB fp32), 64 Mi on GPU.
 FLOOR_TILE_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 26}
 
 
 def make_inputs(n: int, d: int, dtype: torch.dtype, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Four L2-normalised (N, D) embeddings (teacher ones correlated with the student's) and the five scales."""
+    """Four L2-normalised (N, D) embeddings (teacher ones correlated with the student's), the five scales and the
+    student's and teacher's logit biases (SigLIP's initial -10; the student's is learnable)."""
     gen = torch.Generator().manual_seed(seed)
     s_img = torch.randn(n, d, generator=gen)
     s_txt = s_img + 0.8 * torch.randn(n, d, generator=gen)  # paired captions: positives are the likeliest columns
@@ -42,16 +43,20 @@ def make_inputs(n: int, d: int, dtype: torch.dtype, device: str, seed: int = 0) 
     out["teacher_scale"] = scale(100.0, False)
     for name in ("lam_img", "lam_txt", "kappa"):
         out[name] = scale(spec.DEFAULT_MULTIPLIER, True)
+    out["student_bias"] = scale(-10.0, True)
+    out["teacher_bias"] = scale(-10.0, False)
     return out
 
 
 def _loss_total(backend: str, preset: str) -> Callable[..., torch.Tensor]:
     weights = weights_of(preset)
 
-    def total(s_img, s_txt, t_img, t_txt, student_scale, teacher_scale, lam_img, lam_txt, kappa):
+    def total(s_img, s_txt, t_img, t_txt, student_scale, teacher_scale, lam_img, lam_txt, kappa, student_bias,
+              teacher_bias):
         return clip_rd_loss(
             s_img, s_txt, t_img, t_txt, student_scale=student_scale, teacher_scale=teacher_scale,
-            lam_img=lam_img, lam_txt=lam_txt, kappa=kappa, weights=weights, backend=backend,
+            student_bias=student_bias, teacher_bias=teacher_bias, lam_img=lam_img, lam_txt=lam_txt, kappa=kappa,
+            weights=weights, backend=backend,
         )["total"]
 
     return total

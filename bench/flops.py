@@ -6,8 +6,10 @@ more product of the same size per student operand: dX[rows] = G @ Y (anchor) and
 For ``clip-rd`` that is 12 forward + 12 gradient products, for ``clip-kd`` 6 + 6. Gradient distillation adds, per
 direction and side, ``R Y`` and ``R^T X`` in the forward (8), and per student direction ``EX Y^T`` and ``X EY^T``
 (its upstream gradient through the logits) and four gradient products ``dA Y``, ``R EY``, ``dA^T X``, ``R^T EX`` in
-the backward (12). Elementwise work (exp, softmax, the O(N D) fd term) is not counted: GFLOP/s here is useful
-matmul throughput, the same count for every backend.
+the backward (12). The sigmoid terms (siglip, sigmoid_kd) add S_I S_T^T and its two gradient products, and
+sigmoid_kd the teacher's T_I T_T^T (one per ensemble member; the benchmark has one teacher). Elementwise work (exp,
+softmax, sigmoid, the O(N D) fd term) is not counted: GFLOP/s here is useful matmul throughput, the same count for
+every backend.
 """
 from __future__ import annotations
 
@@ -45,6 +47,11 @@ def products(preset: str) -> list[Product]:
         views[key] = graded[key] = None
         if use.target is not None:
             views.setdefault((use.target.anchor, use.target.candidate), None)
+    # The sigmoid terms: the student's S_I S_T^T (graded) and, for sigmoid_kd, the teacher's T_I T_T^T (a target).
+    if any(weights[term] for term in spec.SIGMOID_TERMS):
+        views[("s_img", "s_txt")] = graded[("s_img", "s_txt")] = None
+    if weights["sigmoid_kd"]:
+        views.setdefault(("t_img", "t_txt"), None)
     out = [Product(a, c, "forward") for a, c in views]
     for a, c in graded:
         if a in STUDENT:

@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 
+from .reference import upcast
 from .spec import (
     INPUTS,
     SCALES,
+    SIGMOID_TERMS,
     STUDENT_INPUTS,
     TERM_WEIGHT,
     Use,
@@ -345,3 +348,123 @@ def _residual_products(X, Y, scale: float, row_start: int, row_stop: int, total_
         RY[rows] = (R @ Y).div_(total_rows)
         RtX.addmm_(R.T, X[start:stop], alpha=1.0 / total_rows)
     return RY, RtX, lse
+
+
+def chunked_sigmoid_loss(s_img, s_txt, teachers, student_scale, student_bias, weights, row_start: int, row_stop: int):
+    """Backend entry point of the sigmoid terms: (total, {term: detached value}) for siglip and sigmoid_kd.
+
+    s_img, s_txt (N, D); teachers: the SigmoidTeacher members of sigmoid_kd's soft labels (detached, any widths);
+    student_scale, student_bias: 0-dim tensors (bias None: logits without a bias). Blocks of image anchor rows hold
+    complete rows of the logits, so the loss and its gradient come from one pass; computed in fp32 (fp64 for fp64
+    inputs). Under torch.no_grad no gradient work is done.
+    """
+    terms = tuple(term for term in SIGMOID_TERMS if weights[term] != 0.0)
+    bias = student_bias if student_bias is not None else student_scale.new_zeros(())
+    tensors = [s_img, s_txt, student_scale, bias]
+    if not torch.is_grad_enabled():
+        tensors = [t.detach() for t in tensors]  # nothing will be differentiated: skip every gradient product
+    term_weights = tuple(weights[term] for term in SIGMOID_TERMS)
+    total, values = _ChunkedSigmoidLoss.apply(term_weights, tuple(teachers), row_start, row_stop, *tensors)
+    return total, {term: values[i] for i, term in enumerate(terms)}
+
+
+_SIGMOID_INPUTS = ("s_img", "s_txt", "scale", "bias")
+
+
+class _ChunkedSigmoidLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, term_weights, teachers, row_start: int, row_stop: int, *tensors):
+        want = dict(zip(_SIGMOID_INPUTS, ctx.needs_input_grad[4:]))
+        values, grads = _sigmoid_forward_and_gradients(dict(zip(SIGMOID_TERMS, term_weights)), teachers,
+                                                       *tensors, want, row_start, row_stop)
+        total = sum(weight * values[term] for term, weight in zip(SIGMOID_TERMS, term_weights) if weight != 0.0)
+        ctx.grad_names = [name for name in _SIGMOID_INPUTS if want[name]]
+        ctx.save_for_backward(*[grads[name] for name in ctx.grad_names])
+        term_values = torch.stack([values[term] for term in values])
+        ctx.mark_non_differentiable(term_values)
+        return total, term_values
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_terms):
+        refuse_double_backward("chunked", "whose gradients are computed in its forward pass")
+        saved = dict(zip(ctx.grad_names, ctx.saved_tensors))
+        grads = {name: saved[name] * grad_total.to(saved[name].dtype) for name in saved}
+        return (None, None, None, None, *[grads.get(name) for name in _SIGMOID_INPUTS])
+
+
+def _sigmoid_forward_and_gradients(weights, teachers, s_img, s_txt, scale, bias, want, row_start: int, row_stop: int):
+    """siglip and sigmoid_kd values (fp32) and, where wanted, d(total)/d(input) for s_img, s_txt, scale and bias.
+
+    Student logits z = s S_I[rows] S_T^T + b (rows, N); with labels y (+1 on the positive, -1 elsewhere) and soft
+    labels G of the teachers, the losses are sum softplus(-y z) / rows and sum softplus(-G z) / rows, and
+    d(total)/dz = w_siglip (sigmoid(z) - onehot) / rows - w_kd G sigmoid(-G z) / rows.
+    """
+    X, Y = upcast(s_img.detach()).contiguous(), upcast(s_txt.detach()).contiguous()
+    dtype, device = X.dtype, X.device
+    s, b = float(scale), float(bias)
+    targets = [(upcast(t.image).to(dtype), upcast(t.text).to(dtype), float(t.scale), float(t.bias)) for t in teachers]
+    n, n_rows = Y.shape[0], row_stop - row_start
+    w_siglip, w_kd = weights["siglip"], weights["sigmoid_kd"]
+    need_grad = any(want.values())
+    dX = {name: torch.zeros_like(x) for name, x in (("s_img", X), ("s_txt", Y)) if want[name]}
+    sums = {term: torch.zeros((), dtype=torch.float64, device=device) for term in SIGMOID_TERMS if weights[term]}
+    d_scale = torch.zeros((), dtype=torch.float64, device=device)
+    d_bias = torch.zeros((), dtype=torch.float64, device=device)
+
+    # (rows, N) buffers alive per block: the raw and biased logits, a softplus and the gradient (two views' worth);
+    # sigmoid_kd adds the soft labels, a teacher's probabilities, the margins and their softplus (two more).
+    block = block_rows_for(n, n_rows, views=4 if w_kd else 2)
+    for start in range(row_start, row_stop, block):
+        stop = min(start + block, row_stop)
+        local = torch.arange(stop - start, device=device)
+        pos = torch.arange(start, stop, device=device)  # (rows,) positive column of each anchor row
+        raw = X[start:stop] @ Y.T  # (rows, N) S_I S_T^T, kept for the scale gradient
+        logits = torch.mul(raw, s).add_(b)  # (rows, N) z
+        grad = None  # (rows, N) d(total)/dz, built in place from the terms' buffers
+        # Sums in the compute dtype, then fp64: converting a (rows, N) buffer to fp64 first costs a copy per sum.
+        if w_siglip:
+            # softplus(-y z): softplus(z) off the positive, softplus(z) - z = softplus(-z) on it
+            sums["siglip"] += F.softplus(logits).sum().double() - logits[local, pos].sum().double()
+            if need_grad:  # d softplus(-y z) / dz = sigmoid(z) - [j = pos(i)]
+                grad = torch.sigmoid(logits)
+                grad[local, pos] -= 1.0
+                grad.mul_(w_siglip / n_rows)
+        if w_kd:
+            labels = _soft_labels(targets, start, stop)  # (rows, N) G in [-1, 1]
+            margin = torch.mul(labels, logits).neg_()  # (rows, N) -G z
+            sums["sigmoid_kd"] += F.softplus(margin).sum().double()
+            if need_grad:  # d softplus(-G z) / dz = -G sigmoid(-G z)
+                kd_grad = margin.sigmoid_().mul_(labels)
+                if grad is None:
+                    grad = kd_grad.mul_(-w_kd / n_rows)
+                else:
+                    grad.add_(kd_grad, alpha=-w_kd / n_rows)
+            del labels, margin
+        if not need_grad:
+            continue
+        # z = s Z + b: dtotal/ds = sum(dz * Z), dtotal/db = sum(dz); the embeddings' gradients are s dz Y, s dz^T X.
+        if want["scale"]:
+            d_scale += _dot(grad, raw)
+        if want["bias"]:
+            d_bias += grad.sum().double()
+        if "s_img" in dX:
+            dX["s_img"][start:stop].addmm_(grad, Y, alpha=s)
+        if "s_txt" in dX:
+            dX["s_txt"].addmm_(grad.T, X[start:stop], alpha=s)
+
+    values = {term: (total / n_rows).float() for term, total in sums.items()}
+    grads = {name: dX[name].to(tensor.dtype) for name, tensor in (("s_img", s_img), ("s_txt", s_txt)) if name in dX}
+    if want["scale"]:
+        grads["scale"] = d_scale.to(scale.dtype)
+    if want["bias"]:
+        grads["bias"] = d_bias.to(bias.dtype)
+    return values, grads
+
+
+def _soft_labels(targets, start: int, stop: int) -> torch.Tensor:
+    """sigmoid_kd's soft labels G = 2 mean_k sigmoid(s_k T_I^k[start:stop] (T_T^k)^T + b_k) - 1, (rows, N)."""
+    labels = None
+    for image, text, scale, bias in targets:
+        probability = (image[start:stop] @ text.T).mul_(scale).add_(bias).sigmoid_()
+        labels = probability if labels is None else labels.add_(probability)
+    return labels.mul_(2.0 / len(targets)).sub_(1.0)

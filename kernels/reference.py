@@ -7,12 +7,12 @@ use as ground truth). A non-finite input gives a non-finite loss, never a finite
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .spec import TERM_WEIGHT, active_terms
+from .spec import TERM_WEIGHT, SigmoidTeacher, active_terms
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -36,6 +36,12 @@ def kl_distill(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     pointwise = log_p_target.exp() * (log_p_target - log_p)
     masked = target == float("-inf")
     return torch.where(masked, torch.zeros_like(pointwise), pointwise).sum(dim=1).mean()
+
+
+def sigmoid_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """-sum_ij logsigmoid(labels_ij logits_ij) / rows for logits and labels (rows, N): SigLIP's pairwise loss,
+    normalised by the anchor rows as open_clip's SigLipLoss divides by its local batch."""
+    return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
 
 
 def feature_distillation(s_img, s_txt, t_img, t_txt, row_start: int, row_stop: int) -> torch.Tensor:
@@ -62,11 +68,14 @@ def reference_loss(
     row_start: int,
     row_stop: int,
     group=None,
+    student_bias: Optional[torch.Tensor] = None,
+    sigmoid_teachers: Sequence[SigmoidTeacher] = (),
 ) -> dict[str, torch.Tensor]:
     """Every term of kernels/README.md with a non-zero weight, plus "total"; all differentiable, all fp32.
 
     Inputs are (N, D); anchors are rows [row_start, row_stop) of each anchor matrix, candidates all N rows,
-    and the positive of local row i is column row_start + i.
+    and the positive of local row i is column row_start + i. siglip adds ``student_bias`` (None: no bias) to the
+    student's logits; sigmoid_kd's soft targets come from ``sigmoid_teachers`` (one or more, any widths).
     """
     S_I, S_T = upcast(s_img), upcast(s_txt)
     T_I, T_T = upcast(t_img).detach(), upcast(t_txt).detach()
@@ -126,6 +135,24 @@ def reference_loss(
             gradient_distillation(X_s, Y_s, gd_student, X_t, Y_t, gd_teacher.detach(), row_start, row_stop, group)
             for X_s, Y_s, X_t, Y_t in ((S_I, S_T, T_I, T_T), (S_T, S_I, T_T, T_I))
         )
+
+    if "siglip" in wanted or "sigmoid_kd" in wanted:
+        # Student logits z = s S_I[rows] S_T^T + b (rows, N): SigLIP's, image anchors against every text.
+        student_logits = logits(tau_s, S_I, S_T)
+        if student_bias is not None:
+            student_logits = student_logits + student_bias
+    if "siglip" in wanted:
+        # Labels +1 on each row's own pair, -1 elsewhere.
+        labels = 2 * F.one_hot(pos, S_I.shape[0]).to(S_I.dtype) - 1
+        terms["siglip"] = sigmoid_loss(student_logits, labels)
+    if "sigmoid_kd" in wanted:
+        # Soft labels G = 2 mean_k sigmoid(s_k T_I^k[rows] (T_T^k)^T + b_k) - 1 in [-1, 1] (rows, N), no gradient.
+        probabilities = []
+        for teacher in sigmoid_teachers:
+            T_I_k, T_T_k = upcast(teacher.image).detach(), upcast(teacher.text).detach()
+            probabilities.append(torch.sigmoid(teacher.scale.detach() * T_I_k[rows] @ T_T_k.T + teacher.bias.detach()))
+        soft_labels = 2 * torch.stack(probabilities).mean(dim=0) - 1
+        terms["sigmoid_kd"] = sigmoid_loss(student_logits, soft_labels)
 
     total = sum(weights[TERM_WEIGHT[key]] * value for key, value in terms.items())
     if not terms:

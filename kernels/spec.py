@@ -9,17 +9,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Optional, Union
+from typing import Mapping, NamedTuple, Optional, Union
 
 import torch
 
 # ln(1/0.07): CLIP's initial logit scale, and CLIP-RD's initial raw multiplier.
 DEFAULT_MULTIPLIER = math.log(1 / 0.07)
 
-WEIGHT_KEYS = ("task", "fd", "icl", "hrd", "vrd", "xrd", "intra", "gd", "cross_kd", "afd")
+WEIGHT_KEYS = ("task", "fd", "icl", "hrd", "vrd", "xrd", "intra", "gd", "cross_kd", "afd", "siglip", "sigmoid_kd")
 # Output keys in reporting order; "vrd" weight also scales vrd_ce_img and vrd_ce_txt.
-TERM_KEYS = ("task", "fd", "icl", "hrd", "vrd", "vrd_ce_img", "vrd_ce_txt", "xrd", "intra", "gd", "cross_kd", "afd")
+TERM_KEYS = ("task", "fd", "icl", "hrd", "vrd", "vrd_ce_img", "vrd_ce_txt", "xrd", "intra", "gd", "cross_kd", "afd",
+             "siglip", "sigmoid_kd")
 TERM_WEIGHT = {key: ("vrd" if key.startswith("vrd") else key) for key in TERM_KEYS}
+# The pairwise sigmoid terms (SigLIP's loss and MobileCLIP2's distillation): elementwise in the logits, no row
+# softmax, so every backend computes them in a pass of their own. sigmoid_kd compares the student's logits with
+# teacher logits, never teacher and student embeddings, so its teachers may have any width and form an ensemble.
+SIGMOID_TERMS = ("siglip", "sigmoid_kd")
+# Terms that read the student's own embeddings alone: ClipRDLoss never projects the student for them.
+STUDENT_WIDTH_TERMS = ("task", "siglip", "sigmoid_kd")
+# Terms that need one teacher of the student's (N, D): they compare teacher and student embeddings, or run in the
+# row-softmax backends, which stack all four inputs as one (4, N, D) tensor.
+SAME_WIDTH_TEACHER_TERMS = ("fd", "icl", "hrd", "vrd", "xrd", "intra", "gd", "cross_kd", "afd")
 
 PRESETS: dict[str, dict[str, float]] = {
     "clip-rd": {"task": 1.0, "fd": 2000.0, "icl": 1.0, "hrd": 1.0, "vrd": 1.0, "xrd": 1.0},
@@ -137,37 +147,88 @@ def active_terms(weights: Mapping[str, float]) -> list[str]:
     return [key for key in TERM_KEYS if weights[TERM_WEIGHT[key]] != 0.0]
 
 
+class SigmoidTeacher(NamedTuple):
+    """One member of sigmoid_kd's teacher ensemble: (N, D_k) image and text embeddings, and its exponentiated logit
+    scale and logit bias (0-dim fp32); never differentiated."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor
+
+
+def teacher_members(t_img, t_txt) -> tuple[list, list]:
+    """The teacher arguments as lists of K members: a tensor is one teacher, a list or tuple a teacher ensemble."""
+    members = []
+    for name, value in (("t_img", t_img), ("t_txt", t_txt)):
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise ValueError(f"{name}: an empty teacher ensemble; pass a tensor or a non-empty list of tensors")
+            members.append(list(value))
+        else:
+            members.append([value])
+    images, texts = members
+    if len(texts) != len(images):
+        raise ValueError(f"t_txt: {len(texts)} teacher(s) but t_img has {len(images)}; pass one of each per teacher")
+    return images, texts
+
+
+def _check_tensor(name: str, tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D (N, D) tensor, got shape {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point dtype, got {tensor.dtype}")
+
+
 def validate_inputs(
     s_img: torch.Tensor,
     s_txt: torch.Tensor,
-    t_img: torch.Tensor,
-    t_txt: torch.Tensor,
+    t_img,
+    t_txt,
     row_start: int,
     row_stop: Optional[int],
     weights: Mapping[str, float],
 ) -> tuple[int, int]:
-    """Check the four embedding matrices and the owned row range; return the range as (start, stop)."""
-    named = {"s_img": s_img, "s_txt": s_txt, "t_img": t_img, "t_txt": t_txt}
+    """Check the embeddings (a teacher or a list of teachers) and the owned row range; return the range as
+    (start, stop).
+
+    Every term but the sigmoid ones reads one teacher of the student's (N, D); sigmoid_kd alone takes an ensemble,
+    each member's image and text embeddings (N, D_k) of its own width."""
+    images, texts = teacher_members(t_img, t_txt)
+    ensemble = len(images) > 1
+    teacher_names = [(f"t_img[{k}]", f"t_txt[{k}]") if ensemble else ("t_img", "t_txt") for k in range(len(images))]
+    named = {"s_img": s_img, "s_txt": s_txt}
+    for (image_name, text_name), image, text in zip(teacher_names, images, texts):
+        named[image_name], named[text_name] = image, text
     for name, tensor in named.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dim() != 2:
-            raise ValueError(f"{name}: expected a 2-D (N, D) tensor, got shape {tuple(tensor.shape)}")
-        if not tensor.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point dtype, got {tensor.dtype}")
+        _check_tensor(name, tensor)
     shape = tuple(s_img.shape)
+    same_width = [key for key in SAME_WIDTH_TEACHER_TERMS if weights[key] != 0.0]
+    if ensemble and same_width:
+        raise ValueError(f"t_img: a teacher ensemble ({len(images)} teachers) feeds sigmoid_kd only; weights "
+                         f"{same_width} need one teacher of the student's width")
     for name, tensor in named.items():
-        if tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"{name}: shape {tuple(tensor.shape)} does not match s_img {shape}; all four inputs must be (N, D) "
-                "with the same N and width D (project the student to the teacher width first)"
-            )
         if tensor.device != s_img.device:
             raise ValueError(f"{name}: on device {tensor.device} but s_img is on {s_img.device}")
+        if name == "s_txt" or same_width:
+            if tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"{name}: shape {tuple(tensor.shape)} does not match s_img {shape}; all four inputs must be "
+                    "(N, D) with the same N and width D (project the student to the teacher width first)"
+                )
+        elif tensor.shape[0] != shape[0]:
+            raise ValueError(f"{name}: {tensor.shape[0]} rows but s_img has {shape[0]}; row i of every input "
+                             "belongs to pair i")
+    for (image_name, text_name), image, text in zip(teacher_names, images, texts):
+        if text.shape[1] != image.shape[1]:
+            raise ValueError(f"{text_name}: width {text.shape[1]} does not match {image_name} width {image.shape[1]}; "
+                             "a teacher's image and text embeddings share one width")
+        if text.dtype != image.dtype:
+            raise TypeError(f"{text_name}: dtype {text.dtype} differs from {image_name} {image.dtype}")
     if s_txt.dtype != s_img.dtype:
         raise TypeError(f"s_txt: dtype {s_txt.dtype} differs from s_img {s_img.dtype}")
-    if t_txt.dtype != t_img.dtype:
-        raise TypeError(f"t_txt: dtype {t_txt.dtype} differs from t_img {t_img.dtype}")
     n = shape[0]
     if n == 0 or shape[1] == 0:
         raise ValueError(f"s_img: empty input of shape {shape}")
@@ -202,3 +263,14 @@ def as_scale(value, name: str, device: torch.device) -> torch.Tensor:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.tensor(float(value), dtype=torch.float32, device=device)
     raise TypeError(f"{name}: expected a float or a 0-dim tensor, got {type(value).__name__}")
+
+
+def per_teacher(value, name: str, teachers: int, device: torch.device) -> list[torch.Tensor]:
+    """A scale or bias for every teacher: one scalar shared by all, or a list or tuple with one per teacher; each a
+    detached 0-dim fp32 tensor (teachers are never differentiated)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != teachers:
+            raise ValueError(f"{name}: {len(value)} value(s) for {teachers} teacher(s); pass one per teacher or one "
+                             "scalar for all")
+        return [as_scale(v, f"{name}[{k}]", device).detach() for k, v in enumerate(value)]
+    return [as_scale(value, name, device).detach()] * teachers
