@@ -79,6 +79,13 @@ def parser() -> argparse.ArgumentParser:
     for key in WEIGHT_KEYS:
         a(f"--{key.replace('_', '-')}-weight", type=float, default=None,
           help=f"weight of the {key} term (default: the preset's)")
+    a("--siglip", action="store_true",
+      help="as open_clip_train: the student's own term is SigLIP's sigmoid loss instead of CLIP's softmax loss "
+           "(its weight is --task-weight), with a learnable logit bias; logit scale and bias start at log(10) and "
+           "-10")
+    a("--distill-logit-bias", type=float, default=None,
+      help="the teacher's logit bias in the sigmoid_kd targets (default: the teacher's own, recorded for SigLIP "
+           "teachers; a CLIP teacher has none and needs this flag)")
     a("--mfd-mask-ratio", type=float, default=d.mfd_mask_ratio,
       help="masked feature distillation: share of student image patches dropped (the teacher saw the full image)")
     a("--loss-backend", default=d.loss_backend, choices=LOSS_BACKENDS,

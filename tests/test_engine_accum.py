@@ -101,3 +101,14 @@ def test_accumulation_with_the_online_teacher_and_autocast(tmp_path, data_256, t
              for n in ("whole", "accum")}
     for key in ("total", "task", "fd", "icl", "hrd", "vrd", "xrd"):
         assert first["accum"][key] == pytest.approx(first["whole"][key], rel=2e-2, abs=1e-4), key
+
+
+def test_siglip_student_with_sigmoid_distillation_accumulates_exactly(tmp_path, data_256):
+    """--siglip (a learnable logit bias) with sigmoid_kd: 4 micro-batches give the whole batch's step, the bias
+    included (GradCache replays its gradient as the scale's)."""
+    siglip = ["--siglip", "--sigmoid-kd-weight", "1", "--distill-logit-bias", "-5", "--preset", "baseline"]
+    main(_flags(tmp_path, data_256, "whole", 128, *siglip))
+    main(_flags(tmp_path, data_256, "accum", 32, "--accum-freq", "4", *siglip))
+    _assert_same_weights(tmp_path, "whole", "accum")
+    state = torch.load(tmp_path / "logs" / "whole" / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    assert state["config"]["siglip"] and state["state_dict"]["logit_bias"].item() != -10.0  # the bias learns

@@ -46,6 +46,8 @@ class TrainConfig:
     preset: str = "clip-rd"
     weights: dict = field(default_factory=dict)  # per-term overrides of the preset
     mfd_mask_ratio: float = 0.0
+    siglip: bool = False  # open_clip_train's --siglip: the task term is SigLIP's sigmoid loss, with a logit bias
+    distill_logit_bias: Optional[float] = None  # the teacher's logit bias for sigmoid_kd (default: its own)
     loss_backend: str = "reference"  # kernels' backend: auto (--fused), chunked, triton or reference
     # optimisation (open_clip names)
     batch_size: int = 256
@@ -81,8 +83,11 @@ class TrainConfig:
     prepare_timeout: float = 3600.0  # torchrun: how long ranks wait for rank 0 to prepare data, teacher and store
 
     def loss_weights(self) -> dict:
+        """The preset's weights with the per-term overrides; with --siglip the task weight is the siglip term's."""
         weights = dict(PRESETS[self.preset])
         weights.update(self.weights)
+        if self.siglip:
+            weights["siglip"] = weights.pop("task", 1.0)
         return weights
 
     def validate(self) -> None:
