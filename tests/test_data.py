@@ -225,7 +225,7 @@ def test_synthetic_captions_keep_images_and_captions_and_decode_by_index(synth_d
         def choose(self, key, epoch):
             return 0, epoch
 
-        def replay(self, image, key, view):
+        def replay(self, image, raw, view):
             return image
 
     codec = data_lib.Codec({"image": models.get_preprocess(models.create_model("tiny-vit-student"))}, {},

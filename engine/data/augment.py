@@ -19,9 +19,10 @@ operations were drawn for (the ``reference`` size): a replay at another size sca
 from __future__ import annotations
 
 import ast
+import hashlib
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from torchvision.transforms import functional as F
 from torchvision.transforms.autoaugment import _apply_op
 
 from ..core.errors import ConfigError, UserError
+from .shards import sample_digest
 
 # torchvision's RandAugment operations, in the order of its augmentation space (MobileCLIP's op indices)
 OP_NAMES = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
@@ -250,3 +252,44 @@ def replay(image: Image.Image, view: View, out_hw: tuple[int, int], reference_hw
             magnitude *= out_hw[0] / reference_hw[0]
         image = _apply_op(image, name, magnitude, interpolation=InterpolationMode.NEAREST, fill=None)
     return image
+
+
+SAMPLINGS = ("random", "sequential")  # MobileCLIP's: a random stored view per step, or epoch modulo K
+
+
+@dataclass(frozen=True)
+class ViewDraw:
+    """Which of its stored views and captions a sample gets in an epoch, and that view's pixels at the student's
+    size. The draw is a pure function of (seed, epoch, key): the same in any worker, rank or order, and after a
+    resume. ``sequential`` (MobileCLIP's sample-sequential) takes view ``epoch % views`` and synthetic caption
+    ``epoch % (captions - 1)``; a synthetic caption replaces the ground truth with probability ``synthetic_ratio``
+    (MobileCLIP's mix-synthetic ratio) either way."""
+
+    rows: Callable[[str, int, Optional[str]], np.ndarray]  # (key, digest, url) -> the sample's stored rows (K, P)
+    views: int  # stored views per sample (0: the store holds the evaluation view only, not replayed)
+    captions: int  # stored captions per sample: the ground truth, then captions - 1 synthetic ones
+    reference_hw: tuple[int, int]  # the image size the views' operations were drawn for (the teacher's)
+    out_hw: tuple[int, int]  # the student's image size
+    seed: int = 0
+    sampling: str = "random"
+    synthetic_ratio: float = 0.0
+
+    def choose(self, key: str, epoch: int) -> tuple[Optional[int], int]:
+        """(view, caption) of sample ``key`` in ``epoch``; view None when there are no stored views to replay."""
+        digest = hashlib.blake2b(f"{self.seed}/{epoch}/{key}".encode(), digest_size=24).digest()
+        u = [int.from_bytes(digest[k:k + 8], "little") / 2 ** 64 for k in (0, 8, 16)]  # three uniforms in [0, 1)
+        sequential = self.sampling == "sequential"
+        view = None if self.views == 0 else epoch % self.views if sequential else int(u[0] * self.views)
+        synthetic = self.captions - 1
+        if synthetic == 0 or u[1] >= self.synthetic_ratio:
+            return view, 0
+        return view, 1 + (epoch % synthetic if sequential else int(u[2] * synthetic))
+
+    def replay(self, image: Image.Image, raw: dict, view: int) -> Image.Image:
+        """Stored view ``view`` of the sample ``raw`` (its key and content digest checked) replayed on ``image``."""
+        key = raw["__key__"]
+        stored = View.from_row(self.rows(key, sample_digest(raw), raw.get("__url__"))[view])
+        problem = view_problem(stored, (image.height, image.width))
+        if problem:
+            raise UserError(f"sample {key!r} of shard {raw.get('__url__')}: stored view {view}: {problem}")
+        return replay(image, stored, self.out_hw, self.reference_hw)

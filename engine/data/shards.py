@@ -229,8 +229,9 @@ class Codec:
     ``codec(raw, epoch)`` decodes one sample; ``codec.collate(samples)`` stacks decoded samples into a batch and
     finishes the images' float conversion there (see ``split_transform``), so a decoded sample is only usable
     collated. With ``views`` (a reinforced store's, engine.data.augment.ViewDraw) each sample is decoded as the
-    stored view and the caption drawn for it in ``epoch``: ``image`` is that view replayed at the student's size,
-    ``text`` that caption, and the sample carries their indices (``view_index``, ``caption_index``).
+    stored view and the caption drawn for it in ``epoch``: ``image`` is that view replayed at the student's size (a
+    store without views: the evaluation transform's image), ``text`` that caption, and the sample carries their
+    indices (``view_index``, ``caption_index``).
     """
 
     images: dict[str, Callable]
@@ -250,11 +251,11 @@ class Codec:
         out = {"key": key, "url": url, "digest": sample_digest(raw), "caption": text}
         for name, (per_image, _) in self._split.items():
             replayed = view is not None and name == "image"
-            out[name] = _uint8_chw(self.views.replay(image, key, view)) if replayed else per_image(image)
+            out[name] = _uint8_chw(self.views.replay(image, raw, view)) if replayed else per_image(image)
         for name, tokenizer in self.texts.items():
             out[name] = tokenizer([text])[0]
-        if view is not None:
-            out["view_index"], out["caption_index"] = view, caption
+        if self.views is not None:  # view None: a store of the evaluation view alone, its row 0
+            out["view_index"], out["caption_index"] = 0 if view is None else view, caption
         label = sample_label(raw)
         if label is not None:
             out["label"] = label

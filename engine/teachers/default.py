@@ -14,6 +14,7 @@ from pathlib import Path
 import models
 
 from ..core.errors import UserError
+from .reinforced import Reinforcement
 
 DEFAULT_TEACHER = "tiny-vit-teacher"
 SHIPPED_TEACHER = Path(models.__file__).parent / "pretrained" / f"{DEFAULT_TEACHER}.pt"
@@ -33,12 +34,14 @@ def default_teacher_record() -> dict:
     return json.loads(SHIPPED_TEACHER.with_suffix(".json").read_text())
 
 
-def default_store_dir(cache: Path, fingerprint: str, train_pattern: str) -> Path:
-    """<cache>/stores/<teacher fingerprint>-<hash of the data's pattern>; a pattern inside the cache is hashed
-    relative to it, so a moved or copied cache keeps using its store (every lookup still checks each sample)."""
+def default_store_dir(cache: Path, fingerprint: str, train_pattern: str,
+                      settings: Reinforcement = Reinforcement()) -> Path:
+    """<cache>/stores/<teacher fingerprint>-<hash of the data's pattern>[<views and captions>]; a pattern inside the
+    cache is hashed relative to it, so a moved or copied cache keeps using its store (every lookup still checks each
+    sample); stores of other views and captions (engine.teachers.reinforced) live beside each other."""
     if "://" not in train_pattern and not train_pattern.startswith("pipe:"):
         relative = os.path.relpath(os.path.abspath(train_pattern), os.path.abspath(cache))
         if not relative.startswith(os.pardir):
             train_pattern = relative
     data_id = hashlib.sha256(train_pattern.encode()).hexdigest()[:10]
-    return cache / "stores" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', fingerprint)}-{data_id}"
+    return cache / "stores" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', fingerprint)}-{data_id}{settings.slug()}"

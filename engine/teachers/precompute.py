@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -15,6 +16,7 @@ import models
 
 from ..core.errors import StoreError
 from ..data import shards as data_lib
+from . import reinforced
 from . import store as store_lib
 
 
@@ -37,8 +39,11 @@ def check_unique_keys(urls: list[str]) -> dict[str, int]:
 
 @torch.no_grad()
 def build_store(pattern: str, teacher_name: str, pretrained: str, root: str | Path, batch_size: int = 500,
-                progress: bool = True, device: str | torch.device | None = None) -> Path:
-    """Run the teacher over every shard, batch by batch as samples stream (memory independent of shard size)."""
+                progress: bool = True, device: str | torch.device | None = None,
+                settings: reinforced.Reinforcement = reinforced.Reinforcement()) -> Path:
+    """Run the teacher over every shard, batch by batch as samples stream (memory independent of shard size):
+    per sample one image forward per stored view (``settings.views``, at least one) and one text forward per
+    caption (``settings.captions``), about ``batch_size`` images per forward."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     root = Path(root)
     urls = data_lib.expand_urls(pattern)
@@ -46,24 +51,28 @@ def build_store(pattern: str, teacher_name: str, pretrained: str, root: str | Pa
     sizes = {url: counts[url] if size is None else size for url, size in data_lib.shard_sizes(urls).items()}
     fingerprint = store_lib.teacher_fingerprint(teacher_name, pretrained)
     previous = store_lib.reopen(root, fingerprint)  # the output is checked before the teacher is loaded
+    if previous:
+        reinforced.check_settings(f"--teacher-store {root}", previous, settings, "pass its --augmentations, "
+                                  "--aug-cfg and --captions, another --teacher-store, or delete it to rebuild it")
     todo = store_lib.shards_to_build(root, previous, urls) if previous else urls
     teacher = models.create_teacher(teacher_name, pretrained, device=device)
     teacher_info = {"model": teacher_name, "pretrained": str(pretrained), "fingerprint": fingerprint}
     bias = None if getattr(teacher, "logit_bias", None) is None else teacher.logit_bias.item()
+    inputs = reinforced.TeacherInputs(teacher, models.get_tokenizer(teacher_name), settings)
     manifest = previous or store_lib.begin(root, teacher_info, teacher.logit_scale.exp().item(),
-                                           models.embed_dim(teacher_name), bias)
-    codec = data_lib.Codec(images={"image": models.get_preprocess(teacher)},
-                           texts={"text": models.get_tokenizer(teacher_name)})
+                                           models.embed_dim(teacher_name), bias,
+                                           settings.record(inputs.reference_hw, inputs.resize_mode))
     bar = tqdm(total=sum(sizes[u] for u in todo), desc="teacher embeddings", disable=not progress, leave=False)
+    samples_per_batch = max(1, batch_size // max(settings.views, 1))  # about batch_size images per forward
     for url in todo:
         writer = store_lib.PartWriter(root, manifest, url, sizes[url])
         try:
-            decoded = (codec(raw) for raw in data_lib.read_shard(url, sizes[url]))
-            for batch in data_lib.batched(decoded, batch_size, codec.collate):
-                out = teacher(batch["image"].to(device), batch["text"].to(device))
-                writer.append(batch["key"], batch["digest"].tolist(),
-                              F.normalize(out["image_features"].float(), dim=-1).cpu(),
-                              F.normalize(out["text_features"].float(), dim=-1).cpu())
+            decoded = (inputs(raw) for raw in data_lib.read_shard(url, sizes[url]))
+            for batch in data_lib.batched(decoded, samples_per_batch):
+                image, text = embed(teacher, inputs, batch, device)
+                views = np.stack(batch["views"]) if settings.views else None
+                writer.append(batch["key"], batch["digest"].tolist(), image, text, views,
+                              np.stack(batch["source_hw"]))
                 bar.update(len(batch["key"]))
             writer.commit()
         except BaseException:
@@ -72,3 +81,12 @@ def build_store(pattern: str, teacher_name: str, pretrained: str, root: str | Pa
     bar.close()
     store_lib.finish(root, manifest)
     return root
+
+
+def embed(teacher, inputs: reinforced.TeacherInputs, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's L2-normalised embeddings of a batch's views (B, V, D) and captions (B, C, D), on the CPU."""
+    images, tokens = batch["images"], batch["tokens"]  # (B, V, 3, H, W) uint8, (B, C, L)
+    image = teacher.encode_image(inputs.pixels(images.flatten(0, 1)).to(device), normalize=True)
+    text = teacher.encode_text(tokens.flatten(0, 1).to(device), normalize=True)
+    return (F.normalize(image.float(), dim=-1).cpu().unflatten(0, images.shape[:2]),
+            F.normalize(text.float(), dim=-1).cpu().unflatten(0, tokens.shape[:2]))

@@ -8,8 +8,9 @@ Layout of a store directory (specification in the README, section "Teacher store
     parts/<shard>/keys.npy     (count,) unicode: the samples' ``__key__``, in shard order
     parts/<shard>/key_hashes.npy  (count,) int64: blake2b-64 of each key (the index is built from these)
     parts/<shard>/digests.npy  (count,) int64: blake2b-64 of the sample's raw members, names included
-    parts/<shard>/image.npy    (count, D) fp16, L2-normalised teacher image embeddings
-    parts/<shard>/text.npy     (count, D) fp16, L2-normalised teacher text embeddings
+    parts/<shard>/image.npy    (count, V, D) fp16, L2-normalised teacher image embeddings of V stored views
+    parts/<shard>/text.npy     (count, C, D) fp16, L2-normalised teacher text embeddings of C captions
+    parts/<shard>/views.npy, source_hw.npy   the stored views' parameters (stores with views)
 
 Building goes shard by shard; a part is written into a temporary folder and renamed into place, then recorded (with
 the sha256 of each file) in the manifest, itself written to a temporary file and renamed; a killed build resumes
@@ -20,10 +21,12 @@ and sample digest together, so a sample can never be paired with another sample'
 The part arrays are memory-mapped: the processes of a machine share one copy in the page cache, and a process's
 private memory holds only the index (16 bytes per sample).
 
-Augmentation: the store holds one embedding per sample of the teacher's deterministic evaluation view; the
-student trains on the same deterministic view (no random augmentation), so cached targets match what the
-student sees exactly. Masked feature distillation (--mfd-mask-ratio) drops patches inside the student only, which
-is compatible with full-image targets by design. Augmented training needs per-view targets: use --online-teacher.
+Augmentation (engine.teachers.reinforced, the manifest's ``augmentation``): a plain store holds one embedding per
+sample of the teacher's deterministic evaluation view (V = 1), and the student trains on the same deterministic
+view; a reinforced store holds V = K stored views per sample (their parameters and embeddings) and C captions, and
+the student trains on one stored view and caption per sample and step, replayed exactly. Masked feature
+distillation (--mfd-mask-ratio) drops patches inside the student only, which is compatible with full-image targets
+by design.
 """
 from __future__ import annotations
 
@@ -48,10 +51,11 @@ from ..data.shards import (
     shard_keys,
     shard_sizes,
 )
+from . import reinforced
 
-FORMAT_VERSION = 2
-AUGMENTATION = "none: one embedding per sample of the teacher's deterministic evaluation view"
+FORMAT_VERSION = 3  # 3: (count, V, D) images and (count, C, D) texts, views (engine.teachers.reinforced)
 PART_ARRAYS = ("keys", "key_hashes", "digests", "image", "text")
+FLOAT_ARRAYS = ("image", "text", "views")  # checked for finiteness when a part is verified
 _READ_CHUNK = 1 << 24  # bytes per read when verifying a part file
 
 
@@ -108,7 +112,7 @@ def read_manifest(root: str | os.PathLike) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise StoreError(f"{path}: store format {found} is not {FORMAT_VERSION} (an older or foreign store); "
-                         f"rebuild it with engine.precompute")
+                         f"rebuild it with engine.precompute (or delete {Path(root)} and rerun)")
     if manifest.get("digest") != _content_digest(manifest):
         raise StoreError(f"{path}: content does not match its digest (the file was edited or damaged); restore it "
                          f"or rebuild the store with engine.precompute")
@@ -171,15 +175,18 @@ def _first_sample_change(root: Path, record: dict, url: str) -> Optional[str]:
     return f"shard {url} does not begin with the sample its part was built from (key or content differs)"
 
 
-def begin(root: Path, teacher: dict, logit_scale: float, embed_dim: int, logit_bias: Optional[float] = None) -> dict:
-    """Create or reopen a store for resuming; refuses a store begun by another teacher."""
+def begin(root: Path, teacher: dict, logit_scale: float, embed_dim: int, logit_bias: Optional[float] = None,
+          augmentation: Optional[dict] = None) -> dict:
+    """Create or reopen a store for resuming; refuses a store begun by another teacher. ``augmentation``: the
+    views and captions it holds (engine.teachers.reinforced's record; None: a plain store)."""
     root = Path(root)
     manifest = reopen(root, teacher["fingerprint"])
     if manifest is not None:
         return manifest
     manifest = {"format": FORMAT_VERSION, "teacher": teacher, "logit_scale": float(logit_scale),
                 "logit_bias": None if logit_bias is None else float(logit_bias), "embed_dim": int(embed_dim),
-                "dtype": "float16", "normalized": True, "augmentation": AUGMENTATION,
+                "dtype": "float16", "normalized": True,
+                "augmentation": augmentation or reinforced.Reinforcement().record(),
                 "sample_digest": "blake2b-64 over the sample's raw members (name, size, bytes) in name order",
                 "count": 0, "parts": {}, "complete": False}
     _write_manifest(root, manifest)
@@ -197,8 +204,8 @@ def finish(root: Path, manifest: dict) -> None:
 class PartWriter:
     """Writes one shard's part row batch by row batch into memory-mapped arrays (memory independent of shard size).
 
-    ``append`` refuses non-finite rows (naming their keys); ``commit`` renames the finished part into place and
-    records it in the manifest. Nothing is recorded if the part is not committed.
+    ``append`` refuses non-finite rows (naming their keys and views); ``commit`` renames the finished part into place
+    and records it in the manifest. Nothing is recorded if the part is not committed.
     """
 
     def __init__(self, root: Path, manifest: dict, url: str, count: int):
@@ -207,34 +214,41 @@ class PartWriter:
         self.tmp = self.root / "parts" / f".{self.name}.tmp{os.getpid()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
-        dim = manifest["embed_dim"]
         self.keys: list[str] = []
         self.key_hashes = np.empty(count, dtype=np.int64)
         self.digests = np.empty(count, dtype=np.int64)
-        self.image = np.lib.format.open_memmap(self.tmp / "image.npy", "w+", np.float16, (count, dim))
-        self.text = np.lib.format.open_memmap(self.tmp / "text.npy", "w+", np.float16, (count, dim))
+        shapes = reinforced.row_shapes(reinforced.of_manifest(manifest), manifest["embed_dim"])
+        self.arrays = {name: np.lib.format.open_memmap(self.tmp / f"{name}.npy", "w+", dtype, (count, *shape))
+                       for name, (shape, dtype) in shapes.items()}
 
-    def append(self, keys: Sequence[str], digests: Sequence[int], image: torch.Tensor, text: torch.Tensor) -> None:
+    def append(self, keys: Sequence[str], digests: Sequence[int], image: torch.Tensor, text: torch.Tensor,
+               views: Optional[np.ndarray] = None, source_hw: Optional[np.ndarray] = None) -> None:
+        """Rows of ``keys``: image (B, V, D), text (B, C, D) (a plain store's may be (B, D)), and with stored views
+        their parameters (B, K, P) and the source images' sizes (B, 2)."""
         start, stop = len(self.keys), len(self.keys) + len(keys)
         if stop > self.count:
             raise StoreError(f"shard {self.url}: more than the {self.count} samples its size says")
-        image16, text16 = image.to(torch.float16).numpy(), text.to(torch.float16).numpy()
-        bad = ~(np.isfinite(image16).all(axis=1) & np.isfinite(text16).all(axis=1))
-        if bad.any():
-            named = [keys[i] for i in np.flatnonzero(bad)[:10]]
-            raise StoreError(f"shard {self.url}: the teacher gave non-finite embeddings for {int(bad.sum())} "
-                             f"sample(s), keys {named}; refusing to store them (check the teacher weights)")
+        given = {"image": image, "text": text, "views": views, "source_hw": source_hw}
+        rows = {name: reinforced.as_rows(given[name], array, len(keys)) for name, array in self.arrays.items()}
+        bad = reinforced.non_finite_rows(rows)
+        if bad is not None:
+            count, (sample, what) = bad
+            named = [keys[i] for i in sample[:10]]
+            raise StoreError(f"shard {self.url}: the teacher gave non-finite embeddings for {count} sample(s), keys "
+                             f"{named} (first: {what}); refusing to store them (check the teacher weights)")
         self.keys.extend(keys)
         self.key_hashes[start:stop] = [key_hash(k) for k in keys]
         self.digests[start:stop] = digests
-        self.image[start:stop], self.text[start:stop] = image16, text16
+        for name, value in rows.items():
+            self.arrays[name][start:stop] = value
 
     def commit(self) -> None:
         if len(self.keys) != self.count:
             raise StoreError(f"shard {self.url}: read {len(self.keys)} samples, its size says {self.count}")
-        self.image.flush()
-        self.text.flush()
-        del self.image, self.text
+        names = [*PART_ARRAYS, *(name for name in self.arrays if name not in PART_ARRAYS)]
+        for array in self.arrays.values():
+            array.flush()
+        del self.arrays
         np.save(self.tmp / "keys.npy", np.array(self.keys, dtype=str))
         np.save(self.tmp / "key_hashes.npy", self.key_hashes)
         np.save(self.tmp / "digests.npy", self.digests)
@@ -244,7 +258,7 @@ class PartWriter:
         self.manifest["parts"][Path(self.url).name] = {
             "dir": f"parts/{self.name}", "count": self.count,
             "shard_bytes": None if is_remote(self.url) else os.path.getsize(self.url),
-            "sha256": {array: sha256_file(final / f"{array}.npy") for array in PART_ARRAYS}}
+            "sha256": {array: sha256_file(final / f"{array}.npy") for array in names}}
         self.manifest["count"] = sum(part["count"] for part in self.manifest["parts"].values())
         _write_manifest(self.root, self.manifest)
 
@@ -289,11 +303,16 @@ def verify_part_file(path: Path, expected_sha256: str, check_finite: bool) -> Op
     return None
 
 
+def part_arrays(record: dict) -> list[str]:
+    """The array files of a part: every part's, and the stored views' where the part records them."""
+    return [*PART_ARRAYS, *(name for name in reinforced.VIEW_ARRAYS if name in record["sha256"])]
+
+
 def part_damage(root: Path, record: dict) -> Optional[str]:
     """None if every file of a part has its recorded checksum (and the embeddings are finite), else what is wrong."""
-    for array in PART_ARRAYS:
+    for array in part_arrays(record):
         problem = verify_part_file(root / record["dir"] / f"{array}.npy", record["sha256"][array],
-                                   array in ("image", "text"))
+                                   array in FLOAT_ARRAYS)
         if problem:
             return problem
     return None
@@ -330,6 +349,7 @@ class TeacherStore:
         self.logit_bias = manifest.get("logit_bias")
         self.embed_dim = int(manifest["embed_dim"])
         self.teacher = manifest["teacher"]
+        self.reinforcement = reinforced.of_manifest(manifest)
         names = list(manifest["parts"]) if urls is None else [Path(u).name for u in urls]
         present = [name for name in names if name in manifest["parts"]]
         self.part_names, self.parts = present, []
@@ -345,10 +365,13 @@ class TeacherStore:
         problem = part_damage(self.root, record)
         if problem:
             raise StoreError(f"{self.root}: part of shard {shard}: {problem}; rebuild the store")
-        arrays = {array: np.load(folder / f"{array}.npy", mmap_mode="r") for array in PART_ARRAYS}
-        if any(len(arrays[a]) != record["count"] for a in PART_ARRAYS):
+        arrays = {array: np.load(folder / f"{array}.npy", mmap_mode="r") for array in part_arrays(record)}
+        if any(len(array) != record["count"] for array in arrays.values()):
             raise StoreError(f"{self.root}: part of shard {shard} does not hold the {record['count']} rows the "
                              f"manifest records; rebuild the store")
+        problem = reinforced.part_problem(arrays, self.reinforcement, self.embed_dim)
+        if problem:
+            raise StoreError(f"{self.root}: part of shard {shard}: {problem}; rebuild the store")
         return {"shard": shard, **arrays}
 
     def _build_index(self) -> None:
@@ -414,28 +437,42 @@ class TeacherStore:
             parts[mine[~same]], rows[mine[~same]] = -1, -1
         return parts, rows
 
-    def lookup(self, keys: Sequence[str], digests: Sequence[int], urls: Sequence[Optional[str]]):
-        """Teacher rows of these samples; the key and the sample digest must both match the stored ones."""
+    def _checked(self, keys: Sequence[str], digests: Sequence[int], urls: Sequence[Optional[str]]):
+        """(part, positions in ``keys``, rows of that part) of these samples, part by part in ascending rows; the key
+        and the sample digest must both match the stored ones (else a StoreError naming the sample)."""
         parts, rows = self._locate(keys)
         digests = np.asarray(digests, dtype=np.int64)
-        image = np.empty((len(keys), self.embed_dim), dtype=np.float16)
-        text = np.empty_like(image)
         for i in np.flatnonzero(parts < 0)[:1]:
             raise StoreError(f"{self.root}: no teacher embeddings for sample {keys[i]!r} of shard {urls[i]}; the "
                              f"store was built from other shards: rebuild it with engine.precompute")
         for part in np.unique(parts):
             mine = np.flatnonzero(parts == part)
             mine = mine[np.argsort(rows[mine])]  # ascending rows read the memory map sequentially
-            stored = self.parts[part]
-            differ = np.flatnonzero(stored["digests"][rows[mine]] != digests[mine])
+            differ = np.flatnonzero(self.parts[part]["digests"][rows[mine]] != digests[mine])
             if len(differ):
                 i = mine[differ[0]]
                 raise StoreError(f"{self.root}: sample {keys[i]!r} of shard {urls[i]} is not the sample the store "
                                  f"was built from (content digest differs): the shard was rewritten or edited; "
                                  f"rebuild the store with engine.precompute")
-            image[mine] = stored["image"][rows[mine]]
-            text[mine] = stored["text"][rows[mine]]
+            yield part, mine, rows[mine]
+
+    def lookup(self, keys: Sequence[str], digests: Sequence[int], urls: Sequence[Optional[str]],
+               views: Optional[Sequence[int]] = None, captions: Optional[Sequence[int]] = None):
+        """Teacher rows (B, D) of these samples: the image embedding of stored view ``views[b]`` and the text
+        embedding of caption ``captions[b]`` (None: view and caption 0); key and sample digest are checked."""
+        chosen = [np.zeros(len(keys), np.int64) if index is None else np.asarray(index, dtype=np.int64)
+                  for index in (views, captions)]
+        image = np.empty((len(keys), self.embed_dim), dtype=np.float16)
+        text = np.empty_like(image)
+        for part, mine, rows in self._checked(keys, digests, urls):
+            image[mine] = self.parts[part]["image"][rows, chosen[0][mine]]
+            text[mine] = self.parts[part]["text"][rows, chosen[1][mine]]
         return torch.from_numpy(image), torch.from_numpy(text)
+
+    def view_rows(self, key: str, digest: int, url: Optional[str] = None) -> np.ndarray:
+        """The stored views' parameters (K, P) of one sample, bound to it as its embeddings are (key and digest)."""
+        part, _, rows = next(self._checked([key], [digest], [url]))  # one sample: one part, or a StoreError
+        return np.asarray(self.parts[part]["views"][rows[0]])
 
 
 # ------------------------------------------------------------------------------------------------- verification
@@ -489,7 +526,7 @@ def describe(root: str) -> str:
              f"  width        {manifest['embed_dim']} ({manifest['dtype']}, L2-normalised)",
              f"  samples      {manifest['count']} in {len(manifest['parts'])} part(s); "
              f"{'complete' if manifest['complete'] else 'INCOMPLETE build'}",
-             f"  augmentation {manifest['augmentation']}"]
+             f"  augmentation {reinforced.of_manifest(manifest).describe()}"]
     lines += [f"  part {name}: {part['count']} samples, shard {part['shard_bytes']} bytes"
               for name, part in sorted(manifest["parts"].items())]
     return "\n".join(lines)
