@@ -62,6 +62,7 @@ def build_store(pattern: str, teacher_name: str, pretrained: str, root: str | Pa
     manifest = previous or store_lib.begin(root, teacher_info, teacher.logit_scale.exp().item(),
                                            models.embed_dim(teacher_name), bias,
                                            settings.record(inputs.reference_hw, inputs.resize_mode))
+    manifest.setdefault("train_data", pattern)  # the data it was built from, as given (verify-views reads it)
     bar = tqdm(total=sum(sizes[u] for u in todo), desc="teacher embeddings", disable=not progress, leave=False)
     samples_per_batch = max(1, batch_size // max(settings.views, 1))  # about batch_size images per forward
     for url in todo:

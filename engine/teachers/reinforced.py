@@ -187,15 +187,17 @@ class TeacherInputs:
         out = {"key": key, "digest": sample_digest(raw), "source_hw": np.array([image.height, image.width])}
         if self.settings.views:
             rows = draw_views(key, (image.height, image.width), self.settings, self.reference_hw, self.resize_mode)
-            out["views"] = rows
-            views = [augment.replay(image, augment.View.from_row(row), self.reference_hw, self.reference_hw)
-                     for row in rows]
-            out["images"] = torch.stack([torch.from_numpy(np.array(v, dtype=np.uint8)).permute(2, 0, 1)
-                                         for v in views])
+            out["views"], out["images"] = rows, self.replayed(image, rows)
         else:
             out["images"] = self.per_image(image)[None]
         out["tokens"] = self.tokenizer(sample_captions(raw, self.settings.captions))
         return out
+
+    def replayed(self, image, rows: np.ndarray) -> torch.Tensor:
+        """Stored rows (K', P) replayed on a PIL image at the teacher's size: uint8 (K', 3, H, W)."""
+        views = [augment.replay(image, augment.View.from_row(row), self.reference_hw, self.reference_hw)
+                 for row in rows]
+        return torch.stack([torch.from_numpy(np.array(view, dtype=np.uint8)).permute(2, 0, 1) for view in views])
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) -> the teacher's normalised floats, the evaluation transform's arithmetic."""
