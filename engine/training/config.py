@@ -158,7 +158,10 @@ class TrainConfig:
         if self.online_teacher and asked:
             raise ConfigError(f"{asked[0]}: stored views and captions come from a teacher store; --online-teacher "
                               f"runs the teacher on the evaluation view and the .txt caption")
-        self.store_settings()  # K < 0, C < 1, unknown --aug-cfg keys, bad values: one line each
+        # K < 0, C < 1, unknown --aug-cfg keys, bad values: one line each (the store's own fill in what is not given)
+        Reinforcement.from_flags(self.augmentations, self.aug_cfg if self.augmentations is not None else {},
+                                 self.captions)
+        AugmentCfg.from_dict(self.aug_cfg)
 
     def store_settings(self) -> Reinforcement:
         """The views and captions of the store this run builds (the cache's, or a --teacher-store not built yet):
