@@ -148,7 +148,9 @@ def parser() -> argparse.ArgumentParser:
     a("--logs", default=d.logs, help="where run folders go: <logs>/<name>/")
     a("--name", default=None, help="run name (default: time, model and preset)")
     a("--resume", default=None, help="'latest' (this run's epoch_latest.pt) or a checkpoint path")
-    a("--save-frequency", type=int, default=d.save_frequency, help="keep epoch_K.pt every this many epochs")
+    a("--save-frequency", type=int, default=d.save_frequency,
+      help="keep epoch_K.pt every this many epochs, and after the last (0: after the last only, as open_clip_train); "
+           "epoch_latest.pt is always written, for --resume")
     a("--log-every-n-steps", type=int, default=d.log_every_n_steps, help="one log line and metrics row every this "
       "many steps")
     a("--no-eval", dest="eval", action="store_false", help="no evaluation: neither per epoch nor at the end")

@@ -10,8 +10,7 @@ import torch
 from engine.data import synthetic
 from engine.teachers.precompute import build_store
 from engine.train import main
-from tests.helpers import assert_same_weights
-from tests.test_engine_distributed import _free_port
+from tests.helpers import assert_same_weights, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,7 +48,7 @@ def test_four_micro_batches_equal_one_batch_four_times_larger(tmp_path, data_256
 def test_two_ranks_with_accumulation_equal_two_ranks_without(tmp_path, data_256):
     def torchrun(args):
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                   "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "engine.train", "--", *args]
+                   "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "engine.train", "--", *args]
         proc = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                               text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -122,7 +122,7 @@ def test_bad_inputs_have_clear_errors(tmp_path, synth_data, teacher_ckpt, store_
 
 BAD_FLAGS = [
     (["--grad-clip-norm", "-1"], "--grad-clip-norm: must be > 0"),
-    (["--save-frequency", "0"], "--save-frequency: must be >= 1"),
+    (["--save-frequency", "-1"], "--save-frequency: must be >= 0"),
     (["--log-every-n-steps", "0"], "--log-every-n-steps: must be >= 1"),
     (["--shuffle-buffer", "0"], "--shuffle-buffer: must be >= 1"),
     (["--shuffle-buffer", "-5"], "--shuffle-buffer: must be >= 1"),

@@ -120,13 +120,13 @@ class TrainConfig:
             raise ConfigError(f"--precision: {self.precision!r} is not one of {PRECISIONS}")
         if not 0.0 <= self.mfd_mask_ratio < 1.0:
             raise ConfigError(f"--mfd-mask-ratio: must be in [0, 1), got {self.mfd_mask_ratio}")
-        at_least_one = ("batch_size", "accum_freq", "epochs", "save_frequency", "log_every_n_steps", "shuffle_buffer",
+        at_least_one = ("batch_size", "accum_freq", "epochs", "log_every_n_steps", "shuffle_buffer",
                         "max_skipped_steps")
         for name in at_least_one + ("stop_after_steps",):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
-        for name in ("warmup", "wd", "workers"):
+        for name in ("warmup", "wd", "workers", "save_frequency"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "eps", "prepare_timeout"):
