@@ -19,6 +19,7 @@ operations were drawn for (the ``reference`` size): a replay at another size sca
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import math
 from dataclasses import asdict, dataclass, fields
@@ -149,9 +150,11 @@ class View:
         return cls(tuple(int(x) for x in box), flip, ops)
 
 
+@functools.lru_cache(maxsize=16)
 def magnitudes(view_hw: tuple[int, int]) -> dict[str, tuple[torch.Tensor, bool]]:
-    """torchvision's RandAugment magnitude table for an image of ``view_hw`` pixels: name -> (bins, signed)."""
-    return RandAugment(num_magnitude_bins=MAGNITUDE_BINS)._augmentation_space(MAGNITUDE_BINS, view_hw)
+    """torchvision's RandAugment magnitude table for an image of ``view_hw`` pixels: name -> (bins, signed) (one
+    per size: building it costs more than drawing a view)."""
+    return RandAugment(num_magnitude_bins=MAGNITUDE_BINS)._augmentation_space(MAGNITUDE_BINS, tuple(view_hw))
 
 
 def sample_crop(cfg: AugmentCfg, source_hw: tuple[int, int], rng: np.random.Generator) -> tuple[int, int, int, int]:

@@ -470,9 +470,15 @@ class TeacherStore:
         return torch.from_numpy(image), torch.from_numpy(text)
 
     def view_rows(self, key: str, digest: int, url: Optional[str] = None) -> np.ndarray:
-        """The stored views' parameters (K, P) of one sample, bound to it as its embeddings are (key and digest)."""
-        part, _, rows = next(self._checked([key], [digest], [url]))  # one sample: one part, or a StoreError
-        return np.asarray(self.parts[part]["views"][rows[0]])
+        """The stored views' parameters (K, P) of one sample, bound to it as its embeddings are (key and digest).
+        One sample per call (the data pipeline's), so scalar steps rather than ``_checked``'s vectorised ones."""
+        wanted = key_hash(key)
+        slot = int(np.searchsorted(self.sorted_hashes, wanted))
+        part, row = self._where(int(self.order[slot])) if slot < len(self.order) else (0, -1)
+        arrays = self.parts[part] if row >= 0 else {}
+        if not (arrays and str(arrays["keys"][row]) == key and int(arrays["digests"][row]) == digest):
+            next(self._checked([key], [digest], [url]))  # not this sample: raises the lookup's StoreError
+        return np.asarray(arrays["views"][row])
 
 
 # ------------------------------------------------------------------------------------------------- verification
