@@ -77,19 +77,19 @@ def _build_parts(root: Path, manifest: dict, todo: list[str], sizes: dict[str, i
     device = next(teacher.parameters()).device
     codec = data_lib.Codec(images={"image": models.get_preprocess(teacher)},
                            texts={"text": models.get_tokenizer(teacher_name)})
-    bar = tqdm(total=sum(sizes[u] for u in todo), desc="teacher embeddings", disable=not progress, leave=False)
-    for url in todo:
-        writer = store_lib.PartWriter(root, manifest, url, sizes[url])
-        try:
-            decoded = (codec(raw) for raw in data_lib.read_shard(url, sizes[url]))
-            for batch in data_lib.batched(decoded, batch_size, codec.collate):
-                out = teacher(batch["image"].to(device), batch["text"].to(device))
-                writer.append(batch["key"], batch["digest"].tolist(),
-                              F.normalize(out["image_features"].float(), dim=-1).cpu(),
-                              F.normalize(out["text_features"].float(), dim=-1).cpu())
-                bar.update(len(batch["key"]))
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
-    bar.close()
+    # closed (its line cleared) however the loop ends, so that an error is printed on a line of its own
+    with tqdm(total=sum(sizes[u] for u in todo), desc="teacher embeddings", disable=not progress, leave=False) as bar:
+        for url in todo:
+            writer = store_lib.PartWriter(root, manifest, url, sizes[url])
+            try:
+                decoded = (codec(raw) for raw in data_lib.read_shard(url, sizes[url]))
+                for batch in data_lib.batched(decoded, batch_size, codec.collate):
+                    out = teacher(batch["image"].to(device), batch["text"].to(device))
+                    writer.append(batch["key"], batch["digest"].tolist(),
+                                  F.normalize(out["image_features"].float(), dim=-1).cpu(),
+                                  F.normalize(out["text_features"].float(), dim=-1).cpu())
+                    bar.update(len(batch["key"]))
+                writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
