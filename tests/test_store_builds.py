@@ -15,6 +15,7 @@ import models
 from engine import eval as eval_cmd
 from engine import export as export_cmd
 from engine import precompute as precompute_cmd
+from engine.core.errors import BusyError
 from engine.core.lock import building
 from engine.data import synthetic
 from engine.data.shards import expand_urls
@@ -115,6 +116,18 @@ def test_two_processes_build_the_same_data_and_store(tmp_path, synth_data, teach
         assert (data / shard.name).read_bytes() == shard.read_bytes(), shard.name
     _assert_same_store(store, store_dir, expand_urls(str(data / "train-{00000..00002}.tar")))
     assert not [p for p in (*data.iterdir(), *store.iterdir(), *(store / "parts").iterdir()) if ".tmp" in p.name]
+
+
+def test_a_build_waits_for_the_lock_at_most_its_timeout(tmp_path, capsys):
+    with building(tmp_path, "the first thing"):
+        with pytest.raises(BusyError, match=rf"^the second thing: another process \(pid {os.getpid()}\) is still "
+                                            rf"building it after 0.3 s; let it finish, or stop it and run again"):
+            with building(tmp_path, "the second thing", timeout=0.3):
+                pytest.fail("the lock was taken twice")
+    assert capsys.readouterr().err == (f"waiting for another process building the second thing (pid {os.getpid()}), "
+                                       f"at most 0.3 s\n")
+    with building(tmp_path, "the third thing", timeout=0):  # released: taken at once
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
 
 
 def test_a_killed_build_leaves_temporaries_that_the_next_build_sweeps(tmp_path, synth_data, teacher_ckpt,
