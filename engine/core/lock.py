@@ -6,6 +6,7 @@ that dies, so a killed build never blocks the next one (which sweeps its tempora
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -44,7 +45,7 @@ def building(folder: str | os.PathLike, what: str, timeout: float = DEFAULT_TIME
     """Hold ``folder``'s build lock for the block (``folder`` must exist). Another process holding it is waited for,
     at most ``timeout`` seconds (a BusyError then), saying so once on stderr."""
     path = Path(folder) / LOCK_NAME
-    with open(path, "a+") as handle:
+    with open(path, "ab", buffering=0) as handle:  # unbuffered: nothing left to flush when it is closed
         try:
             locked = _try_lock(handle)
         except OSError as exc:
@@ -58,13 +59,14 @@ def building(folder: str | os.PathLike, what: str, timeout: float = DEFAULT_TIME
             return
         if not locked:
             _wait(handle, path, what, timeout)
-        handle.truncate(0)
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+        with contextlib.suppress(OSError):  # a full disk: the lock holds without the pid that names its holder
+            handle.truncate(0)
+            handle.write(f"{os.getpid()}\n".encode())
         try:
             yield
         finally:
-            handle.truncate(0)  # released: no pid left to name
+            with contextlib.suppress(OSError):
+                handle.truncate(0)  # released: no pid left to name
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
