@@ -458,13 +458,13 @@ class _RelationalLoss(torch.autograd.Function):
         emb = _stack(embeddings)
         lse, row_loss = _relational_forward(emb, plan, scales, row_start, n_rows)
         slot_mean = row_loss.sum(dim=2) / n_rows  # (n_pairs, NUM_USES): mean over the owned rows of each use
-        terms = plan.term_shares @ slot_mean.reshape(-1)
+        terms = _shares_of(plan.term_shares, slot_mean.reshape(-1))
         total = (plan.weighted * slot_mean).sum()
         if plan.members.shape[0]:  # average-after-softmax: KD(A ; pbar) = mean_k KD(A ; G_k) - mean_i JSD_i
             cfg = block_config(emb.shape[2], emb.dtype)
             jsd = ensemble_jsd(emb, plan.members, scales, lse, row_start, n_rows, cfg, kernel_options(cfg, emb.dtype))
             jsd_mean = jsd.sum(dim=1) / n_rows  # (n_corrections,)
-            terms = terms - plan.correction_shares @ jsd_mean
+            terms = terms - _shares_of(plan.correction_shares, jsd_mean)
             total = total - (plan.correction_weighted * jsd_mean).sum()
         ctx.save_for_backward(emb, scales, lse)
         ctx.plan, ctx.row_start, ctx.n_rows = plan, row_start, n_rows
@@ -487,6 +487,12 @@ class _RelationalLoss(torch.autograd.Function):
         # the students' own widths: the columns past them are the zero padding of a wider teacher
         grads = [grad_emb[slab, :, :width].to(dtype) for slab, width in enumerate(ctx.widths)]
         return None, None, None, grad_scales, *grads, *([None] * ctx.n_teacher_inputs)
+
+
+def _shares_of(shares: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """(n_terms,) sums of share * mean over the entries each term has a share in: a term does not read the others'
+    entries (0 * NaN would make a NaN teacher row spoil the student's own task value)."""
+    return torch.where(shares != 0, shares * means, 0.0).sum(dim=1)
 
 
 def _stack(embeddings) -> torch.Tensor:
