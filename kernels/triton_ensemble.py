@@ -27,6 +27,15 @@ from .triton_tiles import logit_tile, on_positive, slab_rows
 # relational forward's saved lse (pair * PAIR_VIEWS + side), masked (intra's self pair excluded).
 MEMBER_COLUMNS = ("anchor", "candidate", "scale", "lse_row", "masked")
 MEMBER_WIDTH = tl.constexpr(len(MEMBER_COLUMNS))
+# Widest column tile of this pass. A tile holds the running sum of the teachers' probabilities across their loop next
+# to each teacher's logits and probabilities: the half dtypes' 64-column tiles at 8 warps were held to 128 registers by
+# ptxas on sm_80 and spilled 8 bytes; 32 columns compile without spills (at most 120 registers, sm_80 and sm_90).
+MAX_BLOCK_N = 32
+
+
+def block_n(cfg) -> int:
+    """The column tile of this pass for the relational kernels' tile config ``cfg`` (rows and width chunks alike)."""
+    return min(cfg.block_n, MAX_BLOCK_N)
 
 
 @triton.jit(do_not_specialize=["n_cols", "row_start", "n_rows", "n_teachers"])
@@ -51,18 +60,19 @@ def _ensemble_jsd_kernel(
     mix = tl.zeros((BLOCK_M,), tl.float32)  # sum_j pbar_j log pbar_j
     for col0 in range(0, n_cols, BLOCK_N):
         col_ok = col0 + tl.arange(0, BLOCK_N) < n_cols
-        # Padding rows and columns, and a masked view's self pair, have p_k = 0 for every teacher.
-        valid = row_ok[:, None] & col_ok[None, :] & ~((masked != 0) & on_positive(row0, col0, BLOCK_M, BLOCK_N))
         pbar = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # sum_k p_k, then its mean
         for k in range(n_teachers):
             member = table + k * MEMBER_WIDTH
-            scale = tl.load(scale_ptr + tl.load(member + 2))
+            # s_k T_a T_c^T, (BLOCK_M, BLOCK_N) fp32
+            g = logit_tile(slab_rows(emb_ptr, tl.load(member), row0, n_cols, width),
+                           slab_rows(emb_ptr, tl.load(member + 1), col0, n_cols, width),
+                           row_ok, col_ok, width, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION)
+            g = g * tl.load(scale_ptr + tl.load(member + 2))
             lse = tl.load(lse_ptr + tl.load(member + 3).to(tl.int64) * n_rows + local, mask=row_ok, other=0.0)
-            # log p_k = s_k T_a T_c^T - lse_k, (BLOCK_M, BLOCK_N) fp32 (finite off the valid entries too)
-            log_p = scale * logit_tile(slab_rows(emb_ptr, tl.load(member), row0, n_cols, width),
-                                       slab_rows(emb_ptr, tl.load(member + 1), col0, n_cols, width),
-                                       row_ok, col_ok, width, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, PRECISION) \
-                - lse[:, None]
+            # Padding rows and columns, and a masked view's self pair, have p_k = 0 for every teacher (the mask is
+            # formed after the dot: one tile fewer alive through it).
+            valid = row_ok[:, None] & col_ok[None, :] & ~((masked != 0) & on_positive(row0, col0, BLOCK_M, BLOCK_N))
+            log_p = g - lse[:, None]  # log p_k, finite off the valid entries too
             p = tl.where(valid, tl.exp(log_p), 0.0)
             own += tl.sum(tl.where(valid, p * log_p, 0.0), axis=1)
             pbar += p
@@ -75,10 +85,11 @@ def _ensemble_jsd_kernel(
 def ensemble_jsd(emb: torch.Tensor, members: torch.Tensor, scales: torch.Tensor, lse: torch.Tensor, row_start: int,
                  n_rows: int, cfg, options: dict) -> torch.Tensor:
     """JSD_i of every correction, (n_corrections, rows) fp32; members (n_corrections, K, MEMBER_WIDTH) int32, lse
-    the relational forward's (n_pairs, PAIR_VIEWS, rows); ``options``: the kernels' constexprs (kernel_options)."""
+    the relational forward's (n_pairs, PAIR_VIEWS, rows); ``options``: the kernels' constexprs (kernel_options), the
+    column tile narrowed to ``block_n(cfg)``."""
     n_corrections, n_teachers = members.shape[0], members.shape[1]
     jsd = torch.empty((n_corrections, n_rows), dtype=torch.float32, device=emb.device)
     _ensemble_jsd_kernel[(triton.cdiv(n_rows, cfg.block_m), n_corrections)](
         emb, members, scales, lse, jsd, emb.shape[1], emb.shape[2], row_start, n_rows, n_teachers,
-        num_warps=cfg.forward_warps, num_stages=cfg.num_stages, **options)
+        num_warps=cfg.forward_warps, num_stages=cfg.num_stages, **{**options, "BLOCK_N": block_n(cfg)})
     return jsd
