@@ -143,7 +143,8 @@ class ClipRDLoss(nn.Module):
                 per_teacher.append(clip_rd_loss(p_img, p_txt, t_img[k], t_txt[k], student_scale=logit_scale,
                                                 weights=rest, **member))
             mean = {key: sum(o[key] for o in per_teacher) / teachers for key in per_teacher[0]}
-            out = {**out, **mean, "total": out["total"] + mean["total"]}
+            parts = {**out, **mean}
+            out = {"total": out["total"] + mean["total"], **{key: parts[key] for key in spec.TERM_KEYS if key in parts}}
             p_img, p_txt = s_img, s_txt
         elif self.image_projection is None:
             out = clip_rd_loss(s_img, s_txt, t_img, t_txt, student_scale=logit_scale, weights=weights, **relational)
@@ -163,7 +164,7 @@ class ClipRDLoss(nn.Module):
             afd = clip_rd_loss(f_img, f_txt, f_img, f_txt, student_scale=self.fusion_scale, weights="baseline",
                                **common)["total"]
             out = {**out, "total": out["total"] + self.weights["afd"] * afd, "afd": afd.detach()}
-        return {"total": out["total"], **{key: out[key] for key in spec.TERM_KEYS if key in out}}
+        return out
 
 
 def _normalized(features):

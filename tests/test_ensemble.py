@@ -164,6 +164,20 @@ def test_average_after_softmax_is_below_average_losses_by_the_teachers_divergenc
             assert doubled[key].item() == pytest.approx(single[key].item(), rel=1e-5, abs=1e-6), (backend, key)
 
 
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_a_list_of_one_teacher_is_that_teacher(backend):
+    """In either mode; hrd and intra take one teacher of another width too (12 for a student of 8)."""
+    x = make_inputs(9, 8, widths=(12,))
+    tensor = {"t_img": x["t_img"][0], "t_txt": x["t_txt"][0]}
+    want = clip_rd_loss(x["s_img"], x["s_txt"], *tensor.values(), student_scale=10.0, teacher_scale=20.0,
+                        weights=LOGIT_TERMS, backend=backend)
+    for mode in (AFTER, LOSSES):
+        got = clip_rd_loss(x["s_img"], x["s_txt"], x["t_img"], x["t_txt"], student_scale=10.0, teacher_scale=[20.0],
+                           weights=LOGIT_TERMS, backend=backend, ensemble=mode)
+        for key in want:
+            assert got[key].item() == want[key].item(), (mode, key)
+
+
 # ---- backends against the fp64 reference -------------------------------------------------------------------------
 
 # (dtype, N, rows, weights, mode, widths): both modes with teachers of other widths, every teacher term with three
