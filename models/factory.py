@@ -106,9 +106,11 @@ def create_model(
     pretrained: Optional[str] = None,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    **model_kwargs,
 ) -> torch.nn.Module:
     """An open_clip CLIP model returning dicts (image_features, text_features, logit_scale); without ``pretrained``
-    randomly initialised, as asked (open_clip's warning that it is random is left out: the caller said so)."""
+    randomly initialised, as asked (open_clip's warning that it is random is left out: the caller said so).
+    ``model_kwargs`` go to the model's constructor (open_clip's, e.g. init_logit_scale, init_logit_bias)."""
     model_config(name)  # clear error for unknown names
     if pretrained:
         _check_pretrained(name, pretrained)
@@ -118,7 +120,8 @@ def create_model(
         logging.getLogger().addFilter(quiet)
     try:
         return open_clip.create_model(
-            name, pretrained=pretrained or None, device=device, precision=precision, output_dict=True, **extra
+            name, pretrained=pretrained or None, device=device, precision=precision, output_dict=True, **extra,
+            **model_kwargs,
         )
     finally:
         logging.getLogger().removeFilter(quiet)

@@ -90,3 +90,16 @@ def test_a_run_folder_belongs_to_one_run(tmp_path, synth_data, store_dir):
     for name in ("../../x", "a/b", "..", "."):
         with pytest.raises(ValueError, match="a run name is one folder name inside --logs"):
             parse_args(["--name", name])
+
+
+def test_sigmoid_distillation_from_a_clip_teacher_needs_a_bias(tmp_path, synth_data, store_dir):
+    message = train_cli(tmp_path, synth_data, store_dir, "--siglip", "--sigmoid-kd-weight", "1", "--preset",
+                        "baseline")
+    assert "--sigmoid-kd-weight: the teacher tiny-vit-teacher has no logit bias" in message, message
+
+
+def test_save_frequency_zero_keeps_only_the_final_epoch(tmp_path, synth_data, store_dir):
+    """open_clip_train's --save-frequency 0: epoch_K.pt after the last epoch only (epoch_latest.pt always)."""
+    assert train_cli(tmp_path, synth_data, store_dir, "--save-frequency", "0", "--epochs", "2", "--no-eval") is None
+    names = sorted(p.name for p in (tmp_path / "logs" / "bad" / "checkpoints").iterdir())
+    assert names == ["epoch_2.pt", "epoch_latest.pt"]

@@ -49,8 +49,9 @@ def build_store(pattern: str, teacher_name: str, pretrained: str, root: str | Pa
     todo = store_lib.shards_to_build(root, previous, urls) if previous else urls
     teacher = models.create_teacher(teacher_name, pretrained, device=device)
     teacher_info = {"model": teacher_name, "pretrained": str(pretrained), "fingerprint": fingerprint}
+    bias = None if getattr(teacher, "logit_bias", None) is None else teacher.logit_bias.item()
     manifest = previous or store_lib.begin(root, teacher_info, teacher.logit_scale.exp().item(),
-                                           models.embed_dim(teacher_name))
+                                           models.embed_dim(teacher_name), bias)
     codec = data_lib.Codec(images={"image": models.get_preprocess(teacher)},
                            texts={"text": models.get_tokenizer(teacher_name)})
     bar = tqdm(total=sum(sizes[u] for u in todo), desc="teacher embeddings", disable=not progress, leave=False)

@@ -2,7 +2,8 @@
 
 Layout of a store directory (specification in the README, section "Teacher store")::
 
-    manifest.json              teacher (model, pretrained, fingerprint), logit_scale, embed_dim, count, parts,
+    manifest.json              teacher (model, pretrained, fingerprint), logit_scale, logit_bias (SigLIP teachers;
+                               null for CLIP ones), embed_dim, count, parts,
                                complete, and "digest": the sha256 of everything else in the file
     parts/<shard>/keys.npy     (count,) unicode: the samples' ``__key__``, in shard order
     parts/<shard>/key_hashes.npy  (count,) int64: blake2b-64 of each key (the index is built from these)
@@ -170,14 +171,15 @@ def _first_sample_change(root: Path, record: dict, url: str) -> Optional[str]:
     return f"shard {url} does not begin with the sample its part was built from (key or content differs)"
 
 
-def begin(root: Path, teacher: dict, logit_scale: float, embed_dim: int) -> dict:
+def begin(root: Path, teacher: dict, logit_scale: float, embed_dim: int, logit_bias: Optional[float] = None) -> dict:
     """Create or reopen a store for resuming; refuses a store begun by another teacher."""
     root = Path(root)
     manifest = reopen(root, teacher["fingerprint"])
     if manifest is not None:
         return manifest
     manifest = {"format": FORMAT_VERSION, "teacher": teacher, "logit_scale": float(logit_scale),
-                "embed_dim": int(embed_dim), "dtype": "float16", "normalized": True, "augmentation": AUGMENTATION,
+                "logit_bias": None if logit_bias is None else float(logit_bias), "embed_dim": int(embed_dim),
+                "dtype": "float16", "normalized": True, "augmentation": AUGMENTATION,
                 "sample_digest": "blake2b-64 over the sample's raw members (name, size, bytes) in name order",
                 "count": 0, "parts": {}, "complete": False}
     _write_manifest(root, manifest)
@@ -324,6 +326,8 @@ class TeacherStore:
             raise StoreError(f"{root}: store was built by teacher {fingerprint}, but this run's teacher is "
                              f"{expected_teacher}; rebuild it with engine.precompute or pass the matching teacher")
         self.logit_scale = float(manifest["logit_scale"])
+        # a SigLIP teacher's logit bias (None for a CLIP teacher, and in stores written before it was recorded)
+        self.logit_bias = manifest.get("logit_bias")
         self.embed_dim = int(manifest["embed_dim"])
         self.teacher = manifest["teacher"]
         names = list(manifest["parts"]) if urls is None else [Path(u).name for u in urls]

@@ -46,6 +46,8 @@ class TrainConfig:
     preset: str = "clip-rd"
     weights: dict = field(default_factory=dict)  # per-term overrides of the preset
     mfd_mask_ratio: float = 0.0
+    siglip: bool = False  # open_clip_train's --siglip: the task term is SigLIP's sigmoid loss, with a logit bias
+    distill_logit_bias: Optional[float] = None  # the teacher's logit bias for sigmoid_kd (default: its own)
     loss_backend: str = "reference"  # kernels' backend: auto (--fused), chunked, triton or reference
     # optimisation (open_clip names)
     batch_size: int = 256
@@ -81,8 +83,11 @@ class TrainConfig:
     prepare_timeout: float = 3600.0  # torchrun: how long ranks wait for rank 0 to prepare data, teacher and store
 
     def loss_weights(self) -> dict:
+        """The preset's weights with the per-term overrides; with --siglip the task weight is the siglip term's."""
         weights = dict(PRESETS[self.preset])
         weights.update(self.weights)
+        if self.siglip:
+            weights["siglip"] = weights.pop("task", 1.0)
         return weights
 
     def validate(self) -> None:
@@ -101,13 +106,13 @@ class TrainConfig:
             raise ConfigError(f"--precision: {self.precision!r} is not one of {PRECISIONS}")
         if not 0.0 <= self.mfd_mask_ratio < 1.0:
             raise ConfigError(f"--mfd-mask-ratio: must be in [0, 1), got {self.mfd_mask_ratio}")
-        at_least_one = ("batch_size", "accum_freq", "epochs", "save_frequency", "log_every_n_steps", "shuffle_buffer",
+        at_least_one = ("batch_size", "accum_freq", "epochs", "log_every_n_steps", "shuffle_buffer",
                         "max_skipped_steps")
         for name in at_least_one + ("stop_after_steps",):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
-        for name in ("warmup", "wd", "workers"):
+        for name in ("warmup", "wd", "workers", "save_frequency"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "eps", "prepare_timeout"):

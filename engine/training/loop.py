@@ -104,7 +104,8 @@ def train_run(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.de
             last_eval = evaluate_epoch(state, sources, metrics, log)  # before the checkpoint: a resume redoes it
             last = state.epoch == cfg.epochs
             save_checkpoint(state, ckpt_dir, [LATEST] + (
-                [f"epoch_{state.epoch}.pt"] if state.epoch % cfg.save_frequency == 0 or last else []))
+                [f"epoch_{state.epoch}.pt"] if last or (cfg.save_frequency and state.epoch % cfg.save_frequency == 0)
+                else []))
     except KeyboardInterrupt:
         saved = Checkpoint.load(ckpt_dir / LATEST, mmap=True).content["step"] if (ckpt_dir / LATEST).exists() else None
         log.warning(f"interrupted at step {state.step}; " + (
