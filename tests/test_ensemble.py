@@ -7,7 +7,6 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels interpreted
 
 import math
-import socket
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from kernels import ClipRDLoss, clip_rd_loss, resolve_weights, spec
 from kernels.functional import triton_unsupported
 from kernels.reference import kd_average_after_softmax
 from kernels.triton_config import BlockConfig
-from tests.helpers import TOLERANCES, assert_close
+from tests.helpers import TOLERANCES, assert_close, run_ranks
 
 AFTER, LOSSES = spec.AVERAGE_AFTER_SOFTMAX, spec.AVERAGE_LOSSES
 # Two teachers of their own widths, other than the student's (MobileCLIP distils from two), at their own scales.
@@ -419,22 +418,7 @@ def _rank(rank, port, queue):
 
 
 def test_two_gloo_ranks_local_loss_equals_the_whole_batch():
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    # fork: the ranks inherit the imported modules (a spawned rank spends seconds importing torch); CPU tensors only,
-    # each rank single-threaded.
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(rank, port, queue)) for rank in range(WORLD)]
-    for proc in procs:
-        proc.start()
-    results = dict(queue.get(timeout=300) for _ in procs)
-    for proc in procs:
-        proc.join(timeout=60)
-        assert proc.exitcode == 0, f"rank process exited with {proc.exitcode}"
+    results = run_ranks(_rank, WORLD, start="fork")  # CPU tensors, each rank single-threaded
 
     batch = _global_batch()
     for case, backend in DISTRIBUTED_RUNS:
