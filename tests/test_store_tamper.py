@@ -81,9 +81,9 @@ def _pickled_keys(store, data):
 # tamper -> what both must say
 CASES = {
     "nan-scale": (lambda store, data: _edit_manifest(store, _scale(value=float("nan"))), "logit_scale nan is not a "
-                  "CLIP logit scale (a finite number in (0, 100])"),
-    "negative-scale": (lambda store, data: _edit_manifest(store, _scale(value=-50)), "logit_scale -50 is not a CLIP "
-                       "logit scale"),
+                  "teacher's logit scale (a finite number in (0, 1000])"),
+    "negative-scale": (lambda store, data: _edit_manifest(store, _scale(value=-50)), "logit_scale -50 is not a "
+                       "teacher's logit scale"),
     "doubled-scale": (lambda store, data: _edit_manifest(store, _scale(factor=2)), "is not its teacher's"),
     "doubled-width": (lambda store, data: _edit_manifest(store, _double_width), "(32, 128), not (32, 256)"),
     "swapped-parts": (_swap_parts, "train-00000.tar does not have the samples its part was built from"),
