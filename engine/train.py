@@ -152,7 +152,8 @@ def parser() -> argparse.ArgumentParser:
     a("--max-skipped-steps", type=int, default=d.max_skipped_steps,
       help="amp: stop when this many consecutive steps were skipped for non-finite gradients")
     a("--prepare-timeout", type=float, default=d.prepare_timeout,
-      help="torchrun: seconds the other ranks wait for rank 0 to prepare data, teacher and store")
+      help="seconds to wait for data, teacher and store being prepared by rank 0 (torchrun) or built by another "
+      "run (the same cache or --teacher-store)")
     return p
 
 
