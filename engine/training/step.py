@@ -24,7 +24,8 @@ def train_step(state: TrainState, batch: dict, after_backward: Optional[AfterBac
     """Forward, backward, unscale, clip, finiteness check, optimizer step, logit-scale clamp; returns the terms.
 
     Raises NonFiniteLossError (before changing any weight) on a non-finite loss or gradient, except where amp's
-    GradScaler skips the step itself; ``cfg.max_skipped_steps`` such skips in a row raise as well.
+    GradScaler skips the step itself; ``cfg.max_skipped_steps`` such skips in a row raise as well; and (after the
+    step, the counters unchanged) when the step left a weight NaN or Inf.
     """
     cfg = state.cfg
     for group in state.optimizer.param_groups:
@@ -57,8 +58,25 @@ def train_step(state: TrainState, batch: dict, after_backward: Optional[AfterBac
         state.skipped_in_a_row = 0
     with torch.no_grad():
         state.student.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+    if not parameters_finite(params):  # a finite gradient can still take a weight to Inf (a huge learning rate)
+        raise NonFiniteLossError(f"weight {non_finite_parameter(state)} is not finite after step {state.step} "
+                                 f"(lr {state.optimizer.param_groups[0]['lr']:g}): terms {rounded(terms)}")
     state.step, state.batches_done = state.step + 1, state.batches_done + 1
     return terms
+
+
+def parameters_finite(params: list[torch.Tensor]) -> bool:
+    """One fused pass: the largest magnitude of each tensor (NaN if it holds one) is finite."""
+    return not params or bool(torch.isfinite(torch.stack(torch._foreach_norm(params, float("inf")))).all())
+
+
+def non_finite_parameter(state: TrainState) -> Optional[str]:
+    """The name of the first student or loss-module parameter holding NaN or Inf, else None."""
+    for prefix, module in (("", state.student), ("loss ", state.loss_fn)):
+        for name, param in module.named_parameters():
+            if not torch.isfinite(param).all():
+                return prefix + name
+    return None
 
 
 def check_finite(state: TrainState, terms: dict) -> None:
