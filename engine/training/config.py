@@ -140,7 +140,7 @@ class TrainConfig:
         """The run's optimizer steps (``--epochs`` epochs of the data's steps) within MAX_STEPS."""
         if total_steps > MAX_STEPS:
             raise ConfigError(f"--epochs {self.epochs}: the run would take {total_steps} optimizer steps, more than "
-                              f"{MAX_STEPS} (a bound no real run reaches)")
+                              f"{MAX_STEPS:,} (a bound no real run reaches)")
 
     def _validate_open_clip_flags(self) -> None:
         for name in ("val_frequency", "zeroshot_frequency", "lock_image_unlocked_groups", "lock_text_unlocked_layers"):
