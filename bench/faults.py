@@ -1,14 +1,14 @@
 """Kill -9 at random points, resume, compare: ``python -m bench.faults [--trials 5] [--seed 0] [--out [FILE]]``.
 
-On a small procedural dataset (engine.synthetic, in a temporary folder that also holds the cache), each trial
-runs engine.precompute and engine.train (their ``main``, as ``python -m`` does) each in a process of its own, kills
-it with SIGKILL at a random moment of its work (from its first output file, uniformly over the duration of an
-uninterrupted run; seeded by --seed), resumes it (engine.precompute again, engine.train --resume latest) and
-compares the result with the uninterrupted run: the store's arrays identical, the final weights and every
-epoch_K.pt bit-identical, every epoch_K.pt present, no temporary file left. It prints one row per trial and
-command, writes the rows as JSON with --out (default file: bench/results/faults/faults.json), and exits 1 if any
-check failed. (At exit Python's resource tracker may warn of "leaked semaphore objects": those of the killed
-processes, which it removes.)
+On a small procedural dataset (engine.synthetic, in a temporary folder that also holds the cache), each trial runs
+engine.precompute and engine.train (their ``main``, as ``python -m`` does) each in a process of its own, kills it
+with SIGKILL at a random moment of its work (from its first output file, uniformly over the duration of an
+uninterrupted run; seeded by --seed), resumes it (engine.precompute again, engine.train --resume latest, or anew
+when it was killed before its first checkpoint) and compares the result with the uninterrupted run: the store's
+arrays identical, the final weights and every epoch_K.pt bit-identical, every epoch_K.pt present, no temporary file
+left. It prints one row per trial and command, writes the rows as JSON with --out (default file:
+bench/results/faults/faults.json), and exits 1 if any check failed. (At exit Python's resource tracker may warn of
+"leaked semaphore objects": those of the killed processes, which it removes.)
 """
 from __future__ import annotations
 
@@ -186,7 +186,9 @@ def trial(index: int, setup: Setup, work: dict, rng: random.Random, processes) -
     name = f"trial-{index}"
     run = folder / "logs" / name
     killed = kill_at_random(processes, "engine.train", setup.train_argv(name), run, work["train"], rng, log)
-    problems = resumed(processes, "engine.train", setup.train_argv(name) + ["--resume", "latest"], log)
+    # killed before its first checkpoint, the run starts over (--resume latest refuses a run without one)
+    again = ["--resume", "latest"] if (run / "checkpoints" / "epoch_latest.pt").exists() else []
+    problems = resumed(processes, "engine.train", setup.train_argv(name) + again, log)
     problems = problems or run_differences(run, folder / "logs" / "reference", setup.args.epochs)
     rows.append({"trial": index, "command": "engine.train", **killed,
                  "problems": problems + [f"left {name}" for name in temporaries(run)]})

@@ -4,7 +4,8 @@ into one line.
 ``run_command(main, argv)``: a UserError (a bad flag, file, store, shard or checkpoint), a models.ModelError (an
 unknown model, weights that do not load) or an OSError of the environment (full disk, read-only folder) is printed
 as ``error: <one line>`` on stderr, exit status 2 (argparse's status for a bad command line); any other exception
-is a bug and keeps its full traceback (exit status 1).
+is a bug and keeps its full traceback (exit status 1). Ctrl-C ends a command with exit status 130 and no
+traceback.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .core.io import is_environment_error
 
 STATED_DEFAULT = re.compile(r"\(default\b|\bdefault:")
 USER_ERROR_STATUS = 2
+INTERRUPTED_STATUS = 130  # the shell's status for a process ended by Ctrl-C
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -51,6 +53,9 @@ def run_command(main: Callable[[Optional[Sequence[str]]], None], argv: Optional[
     except (UserError, ModelError) as exc:  # ModelError: an unknown model name, weights that do not load
         print(f"error: {one_line(exc)}", file=sys.stderr)
         raise SystemExit(USER_ERROR_STATUS) from None
+    except KeyboardInterrupt:  # Ctrl-C: the run has said where it stopped and how to continue
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_STATUS) from None
     except OSError as exc:
         if not is_environment_error(exc):
             raise

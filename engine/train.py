@@ -79,6 +79,13 @@ def parser() -> argparse.ArgumentParser:
     for key in WEIGHT_KEYS:
         a(f"--{key.replace('_', '-')}-weight", type=float, default=None,
           help=f"weight of the {key} term, >= 0 (default: the preset's)")
+    a("--siglip", action="store_true",
+      help="as open_clip_train: the student's own term is SigLIP's sigmoid loss instead of CLIP's softmax loss "
+           "(its weight is --task-weight), with a learnable logit bias; logit scale and bias start at log(10) and "
+           "-10")
+    a("--distill-logit-bias", type=float, default=None,
+      help="the teacher's logit bias in the sigmoid_kd targets (default: the teacher's own, recorded for SigLIP "
+           "teachers; a CLIP teacher has none and needs this flag)")
     a("--mfd-mask-ratio", type=float, default=d.mfd_mask_ratio,
       help="masked feature distillation: share of student image patches dropped (the teacher saw the full image)")
     a("--loss-backend", default=d.loss_backend, choices=LOSS_BACKENDS,
@@ -117,7 +124,9 @@ def parser() -> argparse.ArgumentParser:
     a("--logs", default=d.logs, help="where run folders go: <logs>/<name>/")
     a("--name", default=None, help="run name (default: time, model and preset)")
     a("--resume", default=None, help="'latest' (this run's epoch_latest.pt) or a checkpoint path")
-    a("--save-frequency", type=int, default=d.save_frequency, help="keep epoch_K.pt every this many epochs")
+    a("--save-frequency", type=int, default=d.save_frequency,
+      help="keep epoch_K.pt every this many epochs, and after the last (0: after the last only, as open_clip_train); "
+           "epoch_latest.pt is always written, for --resume")
     a("--log-every-n-steps", type=int, default=d.log_every_n_steps, help="one log line and metrics row every this "
       "many steps")
     a("--no-eval", dest="eval", action="store_false", help="no evaluation: neither per epoch nor at the end")
@@ -137,7 +146,8 @@ def parser() -> argparse.ArgumentParser:
     a("--max-skipped-steps", type=int, default=d.max_skipped_steps,
       help="amp: stop when this many consecutive steps were skipped for non-finite gradients")
     a("--prepare-timeout", type=float, default=d.prepare_timeout,
-      help="torchrun: seconds the other ranks wait for rank 0 to prepare data, teacher and store")
+      help="seconds to wait for data, teacher and store being prepared by rank 0 (torchrun) or built by another "
+      "run (the same cache or --teacher-store)")
     return p
 
 
@@ -154,7 +164,10 @@ def parse_args(argv=None) -> TrainConfig:
 def train(argv=None, after_backward: Optional[AfterBackward] = None) -> None:
     """The command as a function; ``after_backward`` as in engine.training.step (for instance to dump gradients)."""
     cfg = parse_args(argv)
-    check_resume(cfg)
+    finished = check_resume(cfg)
+    if finished:
+        print(finished)
+        return
     env, device = init_distributed()
     try:
         run(cfg, prepare(cfg, env), env, device, after_backward)

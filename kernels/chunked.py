@@ -14,17 +14,25 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 
+from .reference import upcast
 from .spec import (
-    INPUTS,
-    SCALES,
+    AVERAGE_AFTER_SOFTMAX,
+    SIGMOID_TERMS,
     STUDENT_INPUTS,
     TERM_WEIGHT,
+    EnsembleCorrection,
     Use,
     View,
     active_terms,
     active_uses,
+    ensemble_corrections,
+    ensemble_inputs,
+    ensemble_scales,
     refuse_double_backward,
+    teacher_inputs,
+    teacher_scales,
 )
 
 # Bytes of the per-block buffers (log-softmax and softmax of every view, fp32): the block's rows follow from it,
@@ -46,12 +54,19 @@ def block_rows_for(n_columns: int, n_rows: int, views: int = 1) -> int:
 
 @dataclass
 class _Plan:
-    """What one call computes: the uses, the distinct views grouped by candidate, and which views feed gradients."""
+    """What one call computes: the uses, the distinct views grouped by candidate, and which views feed gradients.
+
+    With a teacher ensemble the uses read every teacher's inputs (spec.ensemble_inputs) and scales, and under
+    average-after-softmax ``corrections`` add each KD's ensemble term (spec.EnsembleCorrection) to its value."""
 
     uses: list[Use]
     terms: list[str]
     weights: Mapping[str, float]
     gd: bool
+    teachers: int = 1
+    corrections: list[EnsembleCorrection] = field(default_factory=list)
+    inputs: tuple[str, ...] = field(init=False)  # input names, students first, then every teacher's
+    scales: tuple[str, ...] = field(init=False)  # scale names: spec.SCALES, then every further teacher's
     views: list[View] = field(init=False)
     # candidate -> the views with that candidate: their logits are one stacked (views * block, N) product, and the
     # candidate's gradient one (N, views * block) @ (views * block, D) product (K = views * block, not block).
@@ -59,6 +74,7 @@ class _Plan:
     uses_by_view: dict[View, list[Use]] = field(init=False)  # graded view -> the uses it is the input of
 
     def __post_init__(self):
+        self.inputs, self.scales = ensemble_inputs(self.teachers), ensemble_scales(self.teachers)
         seen: dict[View, None] = {}
         for use in self.uses:
             seen[use.view] = None
@@ -73,15 +89,18 @@ class _Plan:
             self.uses_by_view.setdefault(use.view, []).append(use)
 
 
-def chunked_relational_loss(inputs, scales, weights, row_start: int, row_stop: int, group=None):
+def chunked_relational_loss(inputs, scales, weights, row_start: int, row_stop: int, group=None, teachers: int = 1,
+                            ensemble: str = AVERAGE_AFTER_SOFTMAX):
     """Backend entry point: (total, {term: detached value}) for the active row-softmax terms and gd.
 
-    Under torch.no_grad (evaluation) no gradient work is done at all.
+    inputs: spec.ensemble_inputs(teachers) -> (N, D) (teachers of hrd and intra alone may be (N, D_k)); scales:
+    spec.ensemble_scales(teachers) -> 0-dim fp32. Under torch.no_grad (evaluation) no gradient work is done at all.
     """
-    plan = _Plan(active_uses(weights), [t for t in active_terms(weights) if t != "fd"], weights, weights["gd"] != 0)
+    plan = _Plan(active_uses(weights, teachers), [t for t in active_terms(weights) if t != "fd"], weights,
+                 weights["gd"] != 0, teachers, ensemble_corrections(weights, teachers, ensemble))
     if not plan.terms:
         return inputs["s_img"].new_zeros((), dtype=torch.float32), {}
-    tensors = [inputs[name] for name in INPUTS] + [scales[name] for name in SCALES]
+    tensors = [inputs[name] for name in plan.inputs] + [scales[name] for name in plan.scales]
     if not torch.is_grad_enabled():
         tensors = [t.detach() for t in tensors]  # nothing will be differentiated: skip every gradient product
     total, values = _ChunkedLoss.apply(plan, row_start, row_stop, group, *tensors)
@@ -91,12 +110,14 @@ def chunked_relational_loss(inputs, scales, weights, row_start: int, row_stop: i
 class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: _Plan, row_start: int, row_stop: int, group, *tensors):
-        embeddings = dict(zip(INPUTS, tensors[:4]))
-        scales = dict(zip(SCALES, tensors[4:]))
-        want = dict(zip(INPUTS + SCALES, ctx.needs_input_grad[4:]))
+        names = plan.inputs + plan.scales
+        embeddings = dict(zip(plan.inputs, tensors[:len(plan.inputs)]))
+        scales = dict(zip(plan.scales, tensors[len(plan.inputs):]))
+        want = dict(zip(names, ctx.needs_input_grad[4:]))
         values, grads, pending_gd = _forward_and_gradients(plan, embeddings, scales, want, row_start, row_stop, group)
         total = sum(plan.weights[TERM_WEIGHT[t]] * values[t] for t in plan.terms)
-        ctx.grad_names = [name for name in INPUTS + SCALES if want[name]]
+        ctx.grad_names = [name for name in names if want[name]]
+        ctx.all_names = names
         ctx.save_for_backward(*[grads[name] for name in ctx.grad_names])
         ctx.pending_gd, ctx.group = pending_gd, group
         term_values = torch.stack([values[t] for t in plan.terms])
@@ -112,7 +133,7 @@ class _ChunkedLoss(torch.autograd.Function):
             for name, grad in _gd_group_gradients(ctx.pending_gd, grad_total, ctx.group).items():
                 if name in grads:
                     grads[name] = grads[name] + grad.to(grads[name].dtype)
-        return (None, None, None, None, *[grads.get(name) for name in INPUTS + SCALES])
+        return (None, None, None, None, *[grads.get(name) for name in ctx.all_names])
 
 
 def _forward_and_gradients(plan: _Plan, embeddings, scales, want, row_start: int, row_stop: int, group=None):
@@ -126,10 +147,10 @@ def _forward_and_gradients(plan: _Plan, embeddings, scales, want, row_start: int
     n = X["s_img"].shape[0]
     n_rows = row_stop - row_start
     grads_on = {name for name in STUDENT_INPUTS if want[name]}
-    need_grad = bool(grads_on) or any(want[name] for name in SCALES)
+    need_grad = bool(grads_on) or any(want[name] for name in plan.scales)
     dX = {name: torch.zeros_like(X[name]) for name in grads_on}
     device = X["s_img"].device
-    dscale = {name: torch.zeros((), dtype=torch.float64, device=device) for name in SCALES}
+    dscale = {name: torch.zeros((), dtype=torch.float64, device=device) for name in plan.scales}
     sums = {term: torch.zeros((), dtype=torch.float64, device=device) for term in plan.terms}
     # Coefficient of each use in the total: weight * share / rows (the row mean).
     coef = {use: plan.weights[TERM_WEIGHT[use.term]] * use.share / n_rows for use in plan.uses}
@@ -172,6 +193,17 @@ def _forward_and_gradients(plan: _Plan, embeddings, scales, want, row_start: int
                 cross[use] = _dot(P[target], LP[view])
                 block_sum = target_entropy[target] - cross[use]
             sums[use.term] += use.share * block_sum
+        # Average-after-softmax: KD(A ; pbar) = mean_k KD(A ; G_k) - JSD, summed over the block's rows as
+        # JSD = mean_k sum_ij p_k log p_k - sum_ij pbar log pbar (teachers only: no gradient).
+        for correction in plan.corrections:
+            own = sum(target_entropy[t] if t in target_entropy else _dot(P[t], LP[t]) for t in correction.targets)
+            pbar = P[correction.targets[0]].clone()  # (rows, N): mean_k p_k
+            for target in correction.targets[1:]:
+                pbar.add_(P[target])
+            pbar.div_(len(correction.targets))
+            jsd = own / len(correction.targets) - torch.xlogy(pbar, pbar).sum().double()
+            sums[correction.term] -= correction.share * jsd
+            del pbar
         if not need_grad:
             continue
         # Scale gradients need no product: with A = s Z, dtotal/ds = sum(dA * Z) = sum(dA * LP) / s because each row
@@ -213,9 +245,9 @@ def _forward_and_gradients(plan: _Plan, embeddings, scales, want, row_start: int
     pending = None
     if plan.gd:
         values["gd"], pending = _gradient_distillation(plan.weights["gd"], X, s, dX, dscale, need_grad, row_start,
-                                                       row_stop, group, grads_on)
+                                                       row_stop, group, grads_on, plan.teachers)
     grads = {name: dX[name].to(embeddings[name].dtype) for name in grads_on}
-    grads.update({name: dscale[name].float() for name in SCALES if want[name]})
+    grads.update({name: dscale[name].float() for name in plan.scales if want[name]})
     return values, grads, pending
 
 
@@ -224,8 +256,10 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.vdot(a.reshape(-1), b.reshape(-1)).double()
 
 
-def _gradient_distillation(weight, X, s, dX, dscale, need_grad, row_start, row_stop, group=None, grads_on=()):
-    """gd over both directions, streamed in two passes (the gY sums need every anchor block before any gradient).
+def _gradient_distillation(weight, X, s, dX, dscale, need_grad, row_start, row_stop, group=None, grads_on=(),
+                           teachers: int = 1):
+    """gd over both directions, streamed in two passes (the gY sums need every anchor block before any gradient);
+    with an ensemble, the mean over the teachers of each one's gd against the same student side.
 
     Without a group, adds weight * d(gd)/d(input) into dX and dscale in place and returns (value, None). With a
     process group the gY sums span every rank: pass 1's sums are all-reduced here, and the gradient, whose gY part
@@ -233,7 +267,7 @@ def _gradient_distillation(weight, X, s, dX, dscale, need_grad, row_start, row_s
     """
     device = X["s_img"].device
     value = torch.zeros((), dtype=torch.float64, device=device)
-    s_student, s_teacher = s["gd_student"], s["gd_teacher"]
+    s_student = s["gd_student"]
     local_rows = row_stop - row_start
     total_rows = local_rows
     if group is not None:
@@ -243,28 +277,33 @@ def _gradient_distillation(weight, X, s, dX, dscale, need_grad, row_start, row_s
         dist.all_reduce(count, group=group)
         total_rows = int(count.item())
     pending = []
-    for anchor, candidate, t_anchor, t_candidate in (
-        ("s_img", "s_txt", "t_img", "t_txt"),
-        ("s_txt", "s_img", "t_txt", "t_img"),
-    ):
-        Xs, Ys, Xt, Yt = X[anchor], X[candidate], X[t_anchor], X[t_candidate]
+    for anchor, candidate, t_side in (("s_img", "s_txt", 0), ("s_txt", "s_img", 1)):
+        Xs, Ys = X[anchor], X[candidate]
         n, d = Ys.shape[0], Ys.shape[1]
         # Pass 1: RY = R Y / B (rows, D) and RtX = R^T X / B (N, D), so that gX = s * RY and gY = s * RtX.
         RY_s, RtX_s, lse_s = _residual_products(Xs, Ys, s_student, row_start, row_stop, total_rows)
-        RY_t, RtX_t, _ = _residual_products(Xt, Yt, s_teacher, row_start, row_stop, total_rows)
         if group is not None:  # gY sums over every rank's anchors
             import torch.distributed as dist
 
             dist.all_reduce(RtX_s, group=group)
-            dist.all_reduce(RtX_t, group=group)
-        diff_x = s_student * RY_s - s_teacher * RY_t
-        diff_y = s_student * RtX_s - s_teacher * RtX_t
-        value += 0.5 * (diff_x.pow(2).mean().double() + diff_y.pow(2).mean().double())
+        # dL/dgX and dL/dgY of weight * mean_k 1/2 [MSE(gX - gX_k) + MSE(gY - gY_k)] (MSE(gX): mean over this rank's
+        # rows); linear in the differences, so the teachers' sum feeds one gradient pass.
+        EX, EY = torch.zeros_like(RY_s), torch.zeros_like(RtX_s)
+        for k in range(teachers):
+            images, texts = teacher_inputs(k)
+            Xt, Yt = (X[images], X[texts]) if t_side == 0 else (X[texts], X[images])
+            s_teacher = s[teacher_scales(k)[1]]
+            RY_t, RtX_t, _ = _residual_products(Xt, Yt, s_teacher, row_start, row_stop, total_rows)
+            if group is not None:
+                dist.all_reduce(RtX_t, group=group)
+            diff_x = s_student * RY_s - s_teacher * RY_t
+            diff_y = s_student * RtX_s - s_teacher * RtX_t
+            value += 0.5 * (diff_x.pow(2).mean().double() + diff_y.pow(2).mean().double()) / teachers
+            if need_grad:
+                EX.add_(diff_x, alpha=weight / (teachers * local_rows * d))
+                EY.add_(diff_y, alpha=weight / (teachers * n * d))
         if not need_grad:
             continue
-        # dL/dgX and dL/dgY of weight * 1/2 [MSE(gX) + MSE(gY)] (MSE(gX): mean over this rank's rows).
-        EX = diff_x * (weight / (local_rows * d))
-        EY = diff_y * (weight / (n * d))
         direction = (anchor, candidate, lse_s, EX, EY, RY_s, RtX_s)
         if group is None:
             _gd_gradients(direction, X, s_student, row_start, row_stop, total_rows, dX, dscale, 1.0, 1.0)
@@ -345,3 +384,123 @@ def _residual_products(X, Y, scale: float, row_start: int, row_stop: int, total_
         RY[rows] = (R @ Y).div_(total_rows)
         RtX.addmm_(R.T, X[start:stop], alpha=1.0 / total_rows)
     return RY, RtX, lse
+
+
+def chunked_sigmoid_loss(s_img, s_txt, teachers, student_scale, student_bias, weights, row_start: int, row_stop: int):
+    """Backend entry point of the sigmoid terms: (total, {term: detached value}) for siglip and sigmoid_kd.
+
+    s_img, s_txt (N, D); teachers: the SigmoidTeacher members of sigmoid_kd's soft labels (detached, any widths);
+    student_scale, student_bias: 0-dim tensors (bias None: logits without a bias). Blocks of image anchor rows hold
+    complete rows of the logits, so the loss and its gradient come from one pass; computed in fp32 (fp64 for fp64
+    inputs). Under torch.no_grad no gradient work is done.
+    """
+    terms = tuple(term for term in SIGMOID_TERMS if weights[term] != 0.0)
+    bias = student_bias if student_bias is not None else student_scale.new_zeros(())
+    tensors = [s_img, s_txt, student_scale, bias]
+    if not torch.is_grad_enabled():
+        tensors = [t.detach() for t in tensors]  # nothing will be differentiated: skip every gradient product
+    term_weights = tuple(weights[term] for term in SIGMOID_TERMS)
+    total, values = _ChunkedSigmoidLoss.apply(term_weights, tuple(teachers), row_start, row_stop, *tensors)
+    return total, {term: values[i] for i, term in enumerate(terms)}
+
+
+_SIGMOID_INPUTS = ("s_img", "s_txt", "scale", "bias")
+
+
+class _ChunkedSigmoidLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, term_weights, teachers, row_start: int, row_stop: int, *tensors):
+        want = dict(zip(_SIGMOID_INPUTS, ctx.needs_input_grad[4:]))
+        values, grads = _sigmoid_forward_and_gradients(dict(zip(SIGMOID_TERMS, term_weights)), teachers,
+                                                       *tensors, want, row_start, row_stop)
+        total = sum(weight * values[term] for term, weight in zip(SIGMOID_TERMS, term_weights) if weight != 0.0)
+        ctx.grad_names = [name for name in _SIGMOID_INPUTS if want[name]]
+        ctx.save_for_backward(*[grads[name] for name in ctx.grad_names])
+        term_values = torch.stack([values[term] for term in values])
+        ctx.mark_non_differentiable(term_values)
+        return total, term_values
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_terms):
+        refuse_double_backward("chunked", "whose gradients are computed in its forward pass")
+        saved = dict(zip(ctx.grad_names, ctx.saved_tensors))
+        grads = {name: saved[name] * grad_total.to(saved[name].dtype) for name in saved}
+        return (None, None, None, None, *[grads.get(name) for name in _SIGMOID_INPUTS])
+
+
+def _sigmoid_forward_and_gradients(weights, teachers, s_img, s_txt, scale, bias, want, row_start: int, row_stop: int):
+    """siglip and sigmoid_kd values (fp32) and, where wanted, d(total)/d(input) for s_img, s_txt, scale and bias.
+
+    Student logits z = s S_I[rows] S_T^T + b (rows, N); with labels y (+1 on the positive, -1 elsewhere) and soft
+    labels G of the teachers, the losses are sum softplus(-y z) / rows and sum softplus(-G z) / rows, and
+    d(total)/dz = w_siglip (sigmoid(z) - onehot) / rows - w_kd G sigmoid(-G z) / rows.
+    """
+    X, Y = upcast(s_img.detach()).contiguous(), upcast(s_txt.detach()).contiguous()
+    dtype, device = X.dtype, X.device
+    s, b = float(scale), float(bias)
+    targets = [(upcast(t.image).to(dtype), upcast(t.text).to(dtype), float(t.scale), float(t.bias)) for t in teachers]
+    n, n_rows = Y.shape[0], row_stop - row_start
+    w_siglip, w_kd = weights["siglip"], weights["sigmoid_kd"]
+    need_grad = any(want.values())
+    dX = {name: torch.zeros_like(x) for name, x in (("s_img", X), ("s_txt", Y)) if want[name]}
+    sums = {term: torch.zeros((), dtype=torch.float64, device=device) for term in SIGMOID_TERMS if weights[term]}
+    d_scale = torch.zeros((), dtype=torch.float64, device=device)
+    d_bias = torch.zeros((), dtype=torch.float64, device=device)
+
+    # (rows, N) buffers alive per block: the raw and biased logits, a softplus and the gradient (two views' worth);
+    # sigmoid_kd adds the soft labels, a teacher's probabilities, the margins and their softplus (two more).
+    block = block_rows_for(n, n_rows, views=4 if w_kd else 2)
+    for start in range(row_start, row_stop, block):
+        stop = min(start + block, row_stop)
+        local = torch.arange(stop - start, device=device)
+        pos = torch.arange(start, stop, device=device)  # (rows,) positive column of each anchor row
+        raw = X[start:stop] @ Y.T  # (rows, N) S_I S_T^T, kept for the scale gradient
+        logits = torch.mul(raw, s).add_(b)  # (rows, N) z
+        grad = None  # (rows, N) d(total)/dz, built in place from the terms' buffers
+        # Sums in the compute dtype, then fp64: converting a (rows, N) buffer to fp64 first costs a copy per sum.
+        if w_siglip:
+            # softplus(-y z): softplus(z) off the positive, softplus(z) - z = softplus(-z) on it
+            sums["siglip"] += F.softplus(logits).sum().double() - logits[local, pos].sum().double()
+            if need_grad:  # d softplus(-y z) / dz = sigmoid(z) - [j = pos(i)]
+                grad = torch.sigmoid(logits)
+                grad[local, pos] -= 1.0
+                grad.mul_(w_siglip / n_rows)
+        if w_kd:
+            labels = _soft_labels(targets, start, stop)  # (rows, N) G in [-1, 1]
+            margin = torch.mul(labels, logits).neg_()  # (rows, N) -G z
+            sums["sigmoid_kd"] += F.softplus(margin).sum().double()
+            if need_grad:  # d softplus(-G z) / dz = -G sigmoid(-G z)
+                kd_grad = margin.sigmoid_().mul_(labels)
+                if grad is None:
+                    grad = kd_grad.mul_(-w_kd / n_rows)
+                else:
+                    grad.add_(kd_grad, alpha=-w_kd / n_rows)
+            del labels, margin
+        if not need_grad:
+            continue
+        # z = s Z + b: dtotal/ds = sum(dz * Z), dtotal/db = sum(dz); the embeddings' gradients are s dz Y, s dz^T X.
+        if want["scale"]:
+            d_scale += _dot(grad, raw)
+        if want["bias"]:
+            d_bias += grad.sum().double()
+        if "s_img" in dX:
+            dX["s_img"][start:stop].addmm_(grad, Y, alpha=s)
+        if "s_txt" in dX:
+            dX["s_txt"].addmm_(grad.T, X[start:stop], alpha=s)
+
+    values = {term: (total / n_rows).float() for term, total in sums.items()}
+    grads = {name: dX[name].to(tensor.dtype) for name, tensor in (("s_img", s_img), ("s_txt", s_txt)) if name in dX}
+    if want["scale"]:
+        grads["scale"] = d_scale.to(scale.dtype)
+    if want["bias"]:
+        grads["bias"] = d_bias.to(bias.dtype)
+    return values, grads
+
+
+def _soft_labels(targets, start: int, stop: int) -> torch.Tensor:
+    """sigmoid_kd's soft labels G = 2 mean_k sigmoid(s_k T_I^k[start:stop] (T_T^k)^T + b_k) - 1, (rows, N)."""
+    labels = None
+    for image, text, scale, bias in targets:
+        probability = (image[start:stop] @ text.T).mul_(scale).add_(bias).sigmoid_()
+        labels = probability if labels is None else labels.add_(probability)
+    return labels.mul_(2.0 / len(targets)).sub_(1.0)

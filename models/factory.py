@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -133,20 +134,36 @@ def create_model(
     pretrained: Optional[str] = None,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    **model_kwargs,
 ) -> torch.nn.Module:
-    """An open_clip CLIP model returning dicts (image_features, text_features, logit_scale)."""
+    """An open_clip CLIP model returning dicts (image_features, text_features, logit_scale); without ``pretrained``
+    randomly initialised, as asked (open_clip's warning that it is random is left out: the caller said so).
+    ``model_kwargs`` go to the model's constructor (open_clip's, e.g. init_logit_scale, init_logit_bias)."""
     model_config(name)  # clear error for unknown names
     if pretrained:
         _check_pretrained(name, pretrained)
     extra = {"force_preprocess_cfg": _TINY_PREPROCESS} if name in WORD_TOKENIZER_MODELS else {}
+    quiet = _NoRandomInitWarning()
+    if not pretrained:
+        logging.getLogger().addFilter(quiet)
     try:
         return open_clip.create_model(
-            name, pretrained=pretrained or None, device=device, precision=precision, output_dict=True, **extra
+            name, pretrained=pretrained or None, device=device, precision=precision, output_dict=True, **extra,
+            **model_kwargs,
         )
     except Exception as exc:  # open_clip's big_vision converter fails on other arrays with any exception type
         if not (pretrained and Path(pretrained).suffix in BIG_VISION_SUFFIXES and os.path.isfile(pretrained)):
             raise
         raise ModelError(f"not big_vision SigLIP weights of {name}: {type(exc).__name__}: {one_line(exc)}") from exc
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+class _NoRandomInitWarning(logging.Filter):
+    """open_clip warns that a model built without pretrained weights is random (on the root logger)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
 
 
 def create_teacher(name: str, pretrained: Optional[str], device: str | torch.device = "cpu") -> torch.nn.Module:

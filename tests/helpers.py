@@ -168,3 +168,31 @@ def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now (a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(target, world: int, *args, start: str = "spawn") -> dict:
+    """Run ``target(rank, port, queue, *args)`` in ``world`` processes (a gloo group on a free port); each puts
+    ``(rank, result)`` on the queue. Returns {rank: result}, after checking that every process exited cleanly.
+    ``start="fork"``: ranks inherit the imported modules (a spawned rank spends seconds importing torch); only for
+    CPU tensors and single-threaded ranks."""
+    import torch.multiprocessing as mp
+
+    ctx, port = mp.get_context(start), free_port()
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(rank, port, queue, *args)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    results = dict(queue.get(timeout=300) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0, f"rank process exited with {proc.exitcode}"
+    return results

@@ -1,16 +1,15 @@
 """open_clip's --local-loss --gather-with-grad across 2 gloo processes equals the whole batch on one process."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kernels import clip_rd_loss
+from tests.helpers import run_ranks
 
 WORLD, LOCAL_BATCH, WIDTH = 2, 12, 16
 WEIGHTS = {"task": 1.0, "fd": 5.0, "icl": 1.0, "hrd": 1.0, "vrd": 1.0, "xrd": 1.0, "intra": 1.0, "cross_kd": 1.0}
@@ -54,7 +53,7 @@ def gather_with_grad(x):
     return torch.cat(torch.distributed.nn.all_gather(x), dim=0)
 
 
-def _worker(rank, port, backend, weights, queue):
+def _worker(rank, port, queue, backend, weights):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
@@ -77,30 +76,15 @@ def _worker(rank, port, backend, weights, queue):
             losses.append(mean_loss.item() / WORLD)
             optimizer.step()
         # numpy copies: tensors sent through a queue live in shared memory that dies with this process.
-        queue.put((rank, losses, [g.numpy() for g in grads], [p.detach().numpy().copy() for p in model.parameters()]))
+        queue.put((rank, (losses, [g.numpy() for g in grads], [p.detach().numpy().copy() for p in model.parameters()])))
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("weights", sorted(WEIGHT_SETS))
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
 def test_two_gloo_ranks_match_one_process(backend, weights):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, backend, weights, queue)) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    results = dict((r[0], r[1:]) for r in (queue.get(timeout=300) for _ in procs))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0, f"rank process exited with {p.exitcode}"
+    results = run_ranks(_worker, WORLD, backend, weights)
 
     images, texts, t_img, t_txt = global_batch()
     model = TinyStudent()

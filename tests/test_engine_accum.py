@@ -10,8 +10,7 @@ import torch
 from engine.data import synthetic
 from engine.teachers.precompute import build_store
 from engine.train import main
-from tests.helpers import assert_same_weights
-from tests.test_engine_distributed import _free_port
+from tests.helpers import assert_same_weights, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,7 +48,7 @@ def test_four_micro_batches_equal_one_batch_four_times_larger(tmp_path, data_256
 def test_two_ranks_with_accumulation_equal_two_ranks_without(tmp_path, data_256):
     def torchrun(args):
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                   "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "engine.train", "--", *args]
+                   "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "engine.train", "--", *args]
         proc = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                               text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -101,3 +100,14 @@ def test_accumulation_with_the_online_teacher_and_autocast(tmp_path, data_256, t
              for n in ("whole", "accum")}
     for key in ("total", "task", "fd", "icl", "hrd", "vrd", "xrd"):
         assert first["accum"][key] == pytest.approx(first["whole"][key], rel=2e-2, abs=1e-4), key
+
+
+def test_siglip_student_with_sigmoid_distillation_accumulates_exactly(tmp_path, data_256):
+    """--siglip (a learnable logit bias) with sigmoid_kd: 4 micro-batches give the whole batch's step, the bias
+    included (GradCache replays its gradient as the scale's)."""
+    siglip = ["--siglip", "--sigmoid-kd-weight", "1", "--distill-logit-bias", "-5", "--preset", "baseline"]
+    main(_flags(tmp_path, data_256, "whole", 128, *siglip))
+    main(_flags(tmp_path, data_256, "accum", 32, "--accum-freq", "4", *siglip))
+    _assert_same_weights(tmp_path, "whole", "accum")
+    state = torch.load(tmp_path / "logs" / "whole" / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    assert state["config"]["siglip"] and state["state_dict"]["logit_bias"].item() != -10.0  # the bias learns

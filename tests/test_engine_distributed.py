@@ -7,7 +7,6 @@ batch k), so its k-th batch of 16 is exactly the gathered global batch of step k
 import io
 import os
 import re
-import socket
 import subprocess
 import sys
 import tarfile
@@ -20,7 +19,7 @@ from engine.data.shards import epoch_shards, expand_urls, read_shard, sample_dig
 from engine.teachers import store as store_lib
 from engine.train import main, train
 from tests.first_step_dump import FirstStepDump
-from tests.helpers import assert_same_weights
+from tests.helpers import assert_same_weights, free_port
 
 WORLD, LOCAL_BATCH, SEED = 2, 8, 0
 REPO = Path(__file__).resolve().parent.parent
@@ -63,16 +62,10 @@ def interleaved(tmp_path_factory, synth_data, store_dir):
     return {"two": two, "one": str(one), "one_store": str(root / "store")}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(args: list[str], timeout: int = 120, module: str = "engine.train") -> subprocess.CompletedProcess:
     # "--" ends torchrun's own options: its --logs-specs would otherwise make the script's --logs ambiguous
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(WORLD),
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", module, "--", *args]
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", module, "--", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 

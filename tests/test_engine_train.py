@@ -125,7 +125,7 @@ def test_bad_inputs_have_clear_errors(tmp_path, synth_data, teacher_ckpt, store_
 
 BAD_FLAGS = [
     (["--grad-clip-norm", "-1"], "--grad-clip-norm: must be > 0"),
-    (["--save-frequency", "0"], "--save-frequency: must be >= 1"),
+    (["--save-frequency", "-1"], "--save-frequency: must be >= 0"),
     (["--log-every-n-steps", "0"], "--log-every-n-steps: must be >= 1"),
     (["--shuffle-buffer", "0"], "--shuffle-buffer: must be >= 1"),
     (["--shuffle-buffer", "-5"], "--shuffle-buffer: must be >= 1"),
@@ -382,7 +382,8 @@ def test_cosine_schedule_is_pure_and_shaped():
 def test_atomic_checkpoint_leaves_no_temp(tmp_path):
     atomic_torch_save({"a": torch.ones(2)}, tmp_path / "x.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
-    assert ckpt_lib.resolve_resume("latest", tmp_path) is None
+    with pytest.raises(CheckpointError, match=f"--resume latest: no epoch_latest.pt in {tmp_path}"):
+        ckpt_lib.resolve_resume("latest", tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
         ckpt_lib.resolve_resume(str(tmp_path / "nope.pt"), tmp_path)
 

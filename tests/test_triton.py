@@ -15,7 +15,7 @@ import kernels.triton_gd as triton_gd
 from kernels import PRESETS, clip_rd_loss, resolve_weights, spec
 from kernels.functional import triton_unsupported
 from kernels.triton_config import BlockConfig, block_config
-from tests.helpers import TOLERANCES, assert_close, compare_backends, make_inputs, run
+from tests.helpers import TOLERANCES, assert_close, compare_backends, make_inputs, run, run_ranks
 
 GD = {"task": 0.0, "gd": 1.0}
 SINGLE_TERMS = [{"task": 1.0}, {"task": 0.0, "icl": 1.0}, {"task": 0.0, "hrd": 1.0}, {"task": 0.0, "vrd": 1.0},
@@ -287,22 +287,7 @@ def _group_worker(rank, port, queue):
 def test_gd_under_a_process_group_equals_the_whole_batch():
     """Two gloo ranks, each owning half the anchor rows: the mean of their losses and the sum of their gradients
     over the world size equal the whole batch (gd's R^T X sums and their gradient's upstream are all-reduced)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_group_worker, args=(rank, port, queue)) for rank in range(GROUP_WORLD)]
-    for proc in procs:
-        proc.start()
-    results = dict(queue.get(timeout=300) for _ in procs)
-    for proc in procs:
-        proc.join(timeout=60)
-        assert proc.exitcode == 0, f"rank process exited with {proc.exitcode}"
+    results = run_ranks(_group_worker, GROUP_WORLD)
 
     embeddings, scalars = make_inputs(GROUP_WORLD * GROUP_ROWS, 8)
     ref_terms, ref_grads = run("reference", embeddings, scalars, GROUP_WEIGHTS)

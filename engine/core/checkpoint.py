@@ -106,15 +106,32 @@ class Checkpoint:
 
 
 def resolve_resume(resume: Optional[str], checkpoint_dir: Path) -> Optional[Path]:
-    """``latest`` -> checkpoint_dir/epoch_latest.pt if it exists (else None: a fresh start); a path must exist."""
+    """The checkpoint ``--resume`` names: ``latest`` is checkpoint_dir/epoch_latest.pt, anything else a file; one
+    that does not exist is a CheckpointError saying where it looked (a run must never start over silently)."""
     if resume is None:
         return None
     if resume == "latest":
         path = checkpoint_dir / LATEST
-        return path if path.exists() else None
+        if not path.exists():
+            raise CheckpointError(f"--resume latest: no {LATEST} in {checkpoint_dir}; {runs_beside(checkpoint_dir)}")
+        return path
     if not os.path.isfile(resume):
         raise CheckpointError(f"--resume: checkpoint {resume} does not exist")
     return Path(resume)
+
+
+def runs_beside(checkpoint_dir: Path) -> str:
+    """The resumable runs in the --logs folder of ``checkpoint_dir`` (logs/<name>/checkpoints), for messages."""
+    logs = checkpoint_dir.parent.parent
+    names = sorted(p.parent.parent.name for p in logs.glob(f"*/checkpoints/{LATEST}"))
+    if not names:
+        return f"no run under {logs} has a checkpoint to resume"
+    return f"runs under {logs} that can be resumed (--name): {', '.join(names[-10:])}"
+
+
+def resumable(logs: str, name: str) -> Optional[str]:
+    """``"latest"`` when the run ``logs/name`` has a checkpoint, else None: for callers that start or resume."""
+    return "latest" if (Path(logs) / name / "checkpoints" / LATEST).exists() else None
 
 
 def rng_state() -> dict:

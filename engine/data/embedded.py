@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..core.errors import UserError
+from ..core.lock import DEFAULT_TIMEOUT
 from . import synthetic
 
 
@@ -24,9 +25,10 @@ def cache_root(cache_dir: Optional[str]) -> Path:
     return Path(cache_dir) if cache_dir else default_cache_dir()
 
 
-def ensure_default_data(cache: Path, progress: bool = True) -> dict[str, str]:
-    """The embedded dataset's {"train": pattern, "val": pattern}, generated into ``cache/data`` when missing."""
-    return synthetic.build(cache / "data", synthetic.SyntheticSpec(), progress=progress)
+def ensure_default_data(cache: Path, progress: bool = True, timeout: float = DEFAULT_TIMEOUT) -> dict[str, str]:
+    """The embedded dataset's {"train": pattern, "val": pattern}, generated into ``cache/data`` when missing (or
+    after waiting, at most ``timeout`` seconds, for another process generating it)."""
+    return synthetic.build(cache / "data", synthetic.SyntheticSpec(), progress=progress, timeout=timeout)
 
 
 def embedded_val_data(cache_dir: Optional[str]) -> str:

@@ -19,7 +19,6 @@ the distillation loss only; the student never calls them, so they are left out.
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import sys
@@ -57,24 +56,13 @@ class ExportResult:
     left_out: list[str] = field(default_factory=list)  # the loss module's tensors (not part of the student)
 
 
-class _NoRandomInitWarning(logging.Filter):
-    """open_clip warns that a model built without pretrained weights is random; the export loads them next."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "initialized randomly" not in record.getMessage()
-
-
 def _student(checkpoint: Checkpoint) -> torch.nn.Module:
     """The student with the checkpoint's weights loaded strictly (the architecture check)."""
     name, path = checkpoint.model, checkpoint.path
-    quiet = _NoRandomInitWarning()
-    logging.getLogger().addFilter(quiet)
     try:
-        student = models.create_model(name)
+        student = models.create_model(name)  # the checkpoint's weights are loaded next
     except ValueError as exc:
         raise ExportError(f"checkpoint {path}: {exc}") from exc
-    finally:
-        logging.getLogger().removeFilter(quiet)
     weights = checkpoint.state_dict
     expected = student.state_dict()
     missing = sorted(set(expected) - set(weights))

@@ -23,6 +23,7 @@ class TeacherSource(Protocol):
     """What the training task needs from a teacher."""
 
     scale: float  # the teacher's (exponentiated) logit scale
+    bias: Optional[float]  # a SigLIP teacher's logit bias (None: a CLIP teacher, or no teacher)
     embed_dim: Optional[int]  # width of its embeddings (None: no teacher)
     # extra inputs a batch must carry for this teacher: batch key -> image transform / tokenizer
     images: dict[str, Callable]
@@ -37,6 +38,7 @@ class NoTeacher:
     """Plain CLIP training: no teacher term."""
 
     scale: float = 1.0
+    bias: Optional[float] = None
     embed_dim: Optional[int] = None
     images: dict = field(default_factory=dict)
     texts: dict = field(default_factory=dict)
@@ -53,13 +55,8 @@ class StoreTeacher:
     images: dict = field(default_factory=dict)
     texts: dict = field(default_factory=dict)
 
-    @property
-    def scale(self) -> float:
-        return self.store.logit_scale
-
-    @property
-    def embed_dim(self) -> int:
-        return self.store.embed_dim
+    def __post_init__(self):
+        self.scale, self.bias, self.embed_dim = self.store.logit_scale, self.store.logit_bias, self.store.embed_dim
 
     def rows(self, batch: dict, device: torch.device) -> Rows:
         image, text = self.store.lookup(batch["key"], batch["digest"].tolist(), batch["url"])
@@ -76,6 +73,7 @@ class OnlineTeacher:
         with torch.random.fork_rng():  # the teacher's (overwritten) random init must not shift the student's RNG
             self.model = models.create_teacher(name, pretrained, device=device)
         self.scale, self.embed_dim = self.model.logit_scale.exp().item(), models.embed_dim(name)
+        self.bias = None if self.model.logit_bias is None else self.model.logit_bias.item()
         self.autocast_dtype = autocast_dtype
         self.images = {"teacher_image": models.get_preprocess(self.model)} \
             if self.model.visual.preprocess_cfg != student.visual.preprocess_cfg else {}

@@ -36,6 +36,7 @@ from tqdm import tqdm
 import models
 from kernels import resolve_weights
 
+from ..core.checkpoint import resumable
 from ..core.errors import ConfigError, ShardError, UserError
 from ..core.io import atomic_write_json
 from ..data import synthetic
@@ -100,9 +101,9 @@ def run_config(settings: AblationSettings, preset: str, seed: int) -> TrainConfi
     if preset not in ABLATION_PRESETS:
         raise ConfigError(f"--presets: unknown ablation preset {preset!r}; expected some of {list(ABLATION_PRESETS)}")
     engine_preset, extra = ABLATION_PRESETS[preset]
+    logs, name = str(settings.out_dir / "runs"), run_id(preset, seed)
     return replace(settings.base, preset=engine_preset, weights={**settings.base.weights, **extra}, seed=seed,
-                   loss_backend="auto", logs=str(settings.out_dir / "runs"), name=run_id(preset, seed), resume="latest",
-                   progress=settings.verbose)
+                   loss_backend="auto", logs=logs, name=name, resume=resumable(logs, name), progress=settings.verbose)
 
 
 def shared_settings(base: TrainConfig) -> dict:
@@ -224,8 +225,8 @@ def prepare_quick(base: TrainConfig, log: logging.Logger, verbose: bool = False)
     base = replace(base, train_data=patterns["train"], val_data=patterns["val"])
     if base.teacher_pretrained is None and base.teacher_store is None:
         teacher_cfg = replace(base, model=base.teacher, preset="baseline", weights={}, loss_backend="auto",
-                              logs=str(root / "teacher"), name=base.teacher, resume="latest", progress=False,
-                              **QUICK_TEACHER)
+                              logs=str(root / "teacher"), name=base.teacher,
+                              resume=resumable(str(root / "teacher"), base.teacher), progress=False, **QUICK_TEACHER)
         teacher_dir = Path(teacher_cfg.logs) / teacher_cfg.name
         if not (teacher_dir / "results.json").exists():
             log.info(f"--quick: training a small teacher ({QUICK_TEACHER['epochs']} epochs) in {teacher_dir}")

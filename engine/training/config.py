@@ -3,7 +3,9 @@ line, with open_clip_train's flag names and meanings)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import os
+import shlex
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from kernels import PRESETS, WEIGHT_KEYS
@@ -51,6 +53,8 @@ class TrainConfig:
     preset: str = "clip-rd"
     weights: dict = field(default_factory=dict)  # per-term overrides of the preset
     mfd_mask_ratio: float = 0.0
+    siglip: bool = False  # open_clip_train's --siglip: the task term is SigLIP's sigmoid loss, with a logit bias
+    distill_logit_bias: Optional[float] = None  # the teacher's logit bias for sigmoid_kd (default: its own)
     loss_backend: str = "reference"  # kernels' backend: auto (--fused), chunked, triton or reference
     # optimisation (open_clip names)
     batch_size: int = 256
@@ -86,8 +90,11 @@ class TrainConfig:
     prepare_timeout: float = 3600.0  # torchrun: how long ranks wait for rank 0 to prepare data, teacher and store
 
     def loss_weights(self) -> dict:
+        """The preset's weights with the per-term overrides; with --siglip the task weight is the siglip term's."""
         weights = dict(PRESETS[self.preset])
         weights.update(self.weights)
+        if self.siglip:
+            weights["siglip"] = weights.pop("task", 1.0)
         return weights
 
     def validate(self) -> None:
@@ -107,7 +114,7 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision: {self.precision!r} is not one of {PRECISIONS}")
         require("--mfd-mask-ratio", self.mfd_mask_ratio, "in [0, 1)", 0.0 <= self.mfd_mask_ratio < 1.0)
-        at_least_one = ("batch_size", "accum_freq", "epochs", "save_frequency", "log_every_n_steps", "shuffle_buffer",
+        at_least_one = ("batch_size", "accum_freq", "epochs", "log_every_n_steps", "shuffle_buffer",
                         "max_skipped_steps")
         for name in at_least_one + ("stop_after_steps",):
             value = getattr(self, name)
@@ -115,11 +122,15 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
         require("--epochs", self.epochs, f"at most {MAX_EPOCHS} (a bound no real run reaches)",
                 self.epochs <= MAX_EPOCHS)
-        for name in ("warmup", "workers"):
+        for name in ("warmup", "workers", "save_frequency"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name}: must be >= 0, got {getattr(self, name)}")
         self._validate_optimizer()
         self._validate_open_clip_flags()
+        if self.name is not None and (not self.name.strip() or self.name in (".", "..") or "/" in self.name
+                                      or os.sep in self.name or self.name.startswith("~")):
+            raise ConfigError(f"--name {self.name!r}: a run name is one folder name inside --logs (no '/', '.' or "
+                              f"'..')")
         if self.teacher_store is not None and self.online_teacher:
             raise ConfigError("--teacher-store and --online-teacher exclude each other: "
                               "the online teacher needs no store")
@@ -173,3 +184,28 @@ def report_to(value: Optional[str]) -> set:
     if unknown:
         raise ConfigError(f"--report-to {value}: unknown backend {unknown[0]!r}; expected 'tensorboard'")
     return backends
+
+
+# Switches whose flag turns the field off (--no-eval) rather than on.
+NEGATED_SWITCHES = {"eval": "--no-eval", "progress": "--no-progress"}
+
+
+def command_line(cfg: TrainConfig) -> str:
+    """The engine.train command that runs ``cfg``: every setting that differs from the default, as its flag."""
+    default, words = TrainConfig(), ["python", "-m", "engine.train"]
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if value == getattr(default, f.name):
+            continue
+        if f.name == "weights":
+            for key, weight in value.items():
+                words += [f"--{key.replace('_', '-')}-weight", repr(float(weight))]
+        elif f.name in NEGATED_SWITCHES:
+            words.append(NEGATED_SWITCHES[f.name])
+        elif isinstance(value, bool):
+            words.append(f"--{f.name.replace('_', '-')}")
+        elif f.name == "loss_backend" and value == "auto":
+            words.append("--fused")
+        else:
+            words += [f"--{f.name.replace('_', '-')}", str(value)]
+    return shlex.join(words)

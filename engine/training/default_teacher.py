@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.checkpoint import LATEST, Checkpoint
+from ..core.checkpoint import LATEST, Checkpoint, resumable
 from ..core.errors import ConfigError, WriteError
 from ..core.io import atomic_torch_save, atomic_write_json
 from ..data.embedded import ensure_default_data
@@ -32,10 +32,11 @@ TEACHER_BATCH = 128
 
 def teacher_config(cache: Path, epochs: int = TEACHER_EPOCHS, progress: bool = True) -> TrainConfig:
     patterns = ensure_default_data(cache, progress)
+    logs, name = str(cache / "teachers" / "runs"), defaults.DEFAULT_TEACHER
     return TrainConfig(train_data=patterns["train"], val_data=patterns["val"], cache_dir=str(cache),
                        model=defaults.DEFAULT_TEACHER, preset="baseline", epochs=epochs, lr=TEACHER_LR,
-                       batch_size=TEACHER_BATCH, logs=str(cache / "teachers" / "runs"), name=defaults.DEFAULT_TEACHER,
-                       resume="latest", progress=progress, grad_clip_norm=1.0)
+                       batch_size=TEACHER_BATCH, logs=logs, name=name, resume=resumable(logs, name), progress=progress,
+                       grad_clip_norm=1.0)
 
 
 def train_default_teacher(cache: Path, output: Path, epochs: int = TEACHER_EPOCHS, progress: bool = True) -> Path:

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ class ReplayGradients:
     text: torch.Tensor
     scale: torch.Tensor
     loss_params: list[torch.Tensor]
+    bias: Optional[torch.Tensor] = None  # a SigLIP student's logit bias, as the scale
 
 
 def surrogate(out: dict, loss_fn: nn.Module, grads: ReplayGradients) -> torch.Tensor:
@@ -35,6 +36,8 @@ def surrogate(out: dict, loss_fn: nn.Module, grads: ReplayGradients) -> torch.Te
     total = (out["image_features"].float() * grads.image).sum()
     total = total + (out["text_features"].float() * grads.text).sum()
     total = total + out["logit_scale"].float() * grads.scale
+    if grads.bias is not None:
+        total = total + out["logit_bias"].float() * grads.bias
     for parameter, grad in zip(loss_fn.parameters(), grads.loss_params):
         total = total + (parameter * grad).sum()
     return total
@@ -62,17 +65,23 @@ def accumulated_backward(model: nn.Module, batch: dict, parts: int, scale_loss: 
     image = torch.cat([o["image_features"].float() for o in outs]).requires_grad_()
     text = torch.cat([o["text_features"].float() for o in outs]).requires_grad_()
     scale = outs[0]["logit_scale"].float().detach().requires_grad_()
+    heads = {"logit_scale": scale}
+    if outs[0].get("logit_bias") is not None:
+        heads["logit_bias"] = outs[0]["logit_bias"].float().detach().requires_grad_()
     t_img, t_txt = task.teacher.rows(batch, image.device)
-    terms = task.loss({"image_features": image, "text_features": text, "logit_scale": scale}, t_img, t_txt)
+    terms = task.loss({"image_features": image, "text_features": text, **heads}, t_img, t_txt)
     check_finite(terms)
     params = list(task.loss_fn.parameters())
-    grads = torch.autograd.grad(terms["total"], [image, text, scale, *params], allow_unused=True)
-    grad_params = [torch.zeros_like(p) if g is None else g / parts for p, g in zip(params, grads[3:])]
+    grads = torch.autograd.grad(terms["total"], [image, text, *heads.values(), *params], allow_unused=True)
+    grad_heads = [torch.zeros_like(h) if g is None else g / parts for h, g in zip(heads.values(), grads[2:])]
+    grad_params = [torch.zeros_like(p) if g is None else g / parts
+                   for p, g in zip(params, grads[2 + len(heads):])]
     rows = torch.tensor([len(o["image_features"]) for o in outs]).cumsum(0).tolist()
     for i, part in enumerate(micro):
         set_rng_state(rng_states[i])
         rows_i = slice(rows[i - 1] if i else 0, rows[i])
-        replay = ReplayGradients(grads[0][rows_i], grads[1][rows_i], grads[2] / parts, grad_params)
+        replay = ReplayGradients(grads[0][rows_i], grads[1][rows_i], grad_heads[0], grad_params,
+                                 grad_heads[1] if len(grad_heads) > 1 else None)
         scale_loss(model(part, replay=replay)).backward()
     set_rng_state(rng_after)
     return {name: value.detach() for name, value in terms.items()}

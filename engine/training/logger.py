@@ -98,34 +98,62 @@ def pyplot():
 
 
 def plot_metrics(metrics_file: Path, out_file: Path) -> Path | None:
-    """PNG: each loss term over steps (left) and the evaluation metrics (right, bars)."""
+    """PNG: one small panel per loss term over steps (each on its own scale, so none hides another), the
+    per-epoch validation metrics over epochs, and the final evaluation as bars."""
     plt = pyplot()
     if plt is None:
         return None
-
     rows = read_metrics(metrics_file)
     train = [r for r in rows if r["kind"] == "train"]
+    vals = [r for r in rows if r["kind"] == "val"]
     evals = [r for r in rows if r["kind"] == "eval"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-    skip = {"kind", "step", "epoch", "lr", "logit_scale", "samples_per_s", "step_s", "data_s"}
-    for key in sorted({k for r in train for k in r} - skip):
-        points = [(r["step"], r[key]) for r in train if key in r and r[key] > 0]
-        if points:
-            left.plot(*zip(*points), label=key)
-    left.set_yscale("log")
-    left.set_xlabel("step")
-    left.set_title("loss terms (weighted total and unweighted terms)")
-    left.legend(fontsize=7, ncol=2)
-    if evals:
-        last = evals[-1]
-        names = [k for k in last if k not in ("kind", "step", "epoch")]
-        right.bar(range(len(names)), [last[k] for k in names])
-        right.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=7)
-        right.set_ylim(0, 1)
-        right.set_title(f"evaluation at step {last['step']}")
-    else:
-        right.set_axis_off()
+    terms = [k for k in train[-1] if k not in TRAIN_NON_TERMS] if train else []
+    columns = 4
+    panels = len(terms) + 2  # the terms, validation over epochs, the final evaluation
+    fig, axes = plt.subplots(-(-panels // columns), columns, figsize=(4 * columns, 2.8 * -(-panels // columns)),
+                             squeeze=False)
+    axes = list(axes.flat)
+    for axis, term in zip(axes, terms):
+        axis.plot([r["step"] for r in train if term in r], [r[term] for r in train if term in r], linewidth=1)
+        axis.set_title("total (weighted sum)" if term == "total" else term, fontsize=9)
+        axis.set_xlabel("step", fontsize=8)
+        axis.tick_params(labelsize=7)
+    _plot_validation(axes[len(terms)], vals)
+    _plot_final(axes[len(terms) + 1], evals)
+    for axis in axes[panels:]:
+        axis.set_axis_off()
     fig.tight_layout()
-    fig.savefig(out_file, dpi=110)
+    fig.savefig(out_file, dpi=100)
     plt.close(fig)
     return out_file
+
+
+TRAIN_NON_TERMS = ("kind", "step", "epoch", "lr", "logit_scale", "samples_per_s", "step_s", "data_s")
+METRIC_NON_VALUES = ("kind", "step", "epoch")
+
+
+def _plot_validation(axis, vals: list[dict]) -> None:
+    """Each validation metric over the epochs after which it was evaluated."""
+    names = [k for k in vals[-1] if k not in METRIC_NON_VALUES] if vals else []
+    for name in names:
+        points = [(r["epoch"], r[name]) for r in vals if name in r]
+        axis.plot(*zip(*points), marker="o", markersize=3, linewidth=1, label=name)
+    axis.set_title("validation after each epoch" if names else "no per-epoch validation", fontsize=9)
+    axis.set_xlabel("epoch", fontsize=8)
+    axis.set_ylim(0, 1)
+    axis.tick_params(labelsize=7)
+    axis.xaxis.get_major_locator().set_params(integer=True)
+    if names:
+        axis.legend(fontsize=5, loc="lower right", ncol=2)
+
+
+def _plot_final(axis, evals: list[dict]) -> None:
+    if not evals:
+        axis.set_axis_off()
+        return
+    last = evals[-1]
+    names = [k for k in last if k not in METRIC_NON_VALUES]
+    axis.bar(range(len(names)), [last[k] for k in names])
+    axis.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=6)
+    axis.set_ylim(0, 1)
+    axis.set_title(f"final evaluation (step {last['step']})", fontsize=9)

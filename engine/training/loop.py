@@ -5,9 +5,12 @@ engine.training.state; the inputs come resolved from engine.training.prepare.
 """
 from __future__ import annotations
 
+import json
+import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -20,15 +23,20 @@ import models
 from ..core.checkpoint import LATEST, Checkpoint, resolve_resume, rng_state
 from ..core.errors import ConfigError, NonFiniteLossError, WriteError
 from ..core.io import atomic_write_json, sweep_temporaries, temp_path
-from ..data.shards import make_loader
+from ..core.lock import exclusive
+from ..data.embedded import cache_root
+from ..data.shards import expand_urls, is_remote, make_loader, shard_keys
 from ..evaluation.metrics import evaluate, imagenet_zero_shot
-from .config import TrainConfig, report_to
+from ..teachers.sources import StoreTeacher
+from .config import TrainConfig, command_line, report_to
 from .distributed import DistEnv, mean_over_ranks
 from .logger import MetricsWriter, plot_metrics, setup_logging, write_params
 from .prepare import Sources
 from .resume import resume
 from .state import TrainState, build_state
 from .step import AfterBackward, non_finite_parameter, train_step
+
+RUN_LOCK = ".run.lock"  # held by the run training in the folder (rank 0's process)
 
 
 @dataclass
@@ -50,9 +58,19 @@ class RunResult:
 
 def run(cfg: TrainConfig, sources: Sources, env: DistEnv = DistEnv(), device=torch.device("cpu"),
         after_backward: Optional[AfterBackward] = None) -> RunResult:
-    """Train ``cfg`` on ``sources`` (this rank of ``env``); ``after_backward``: see engine.training.step."""
+    """Train ``cfg`` on ``sources`` (this rank of ``env``); ``after_backward``: see engine.training.step. The run's
+    folder belongs to this run while it trains: a second run of the same name is refused."""
     cfg.validate()
     run_dir = run_directory(cfg, env)
+    owned = exclusive(run_dir / RUN_LOCK, f"run {run_dir}") if env.is_main else nullcontext()
+    with owned:
+        return train_run(replace(cfg, name=run_dir.name, cache_dir=str(cache_root(cfg.cache_dir))), sources, env,
+                         device, run_dir, after_backward)
+
+
+def train_run(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.device, run_dir: Path,
+              after_backward: Optional[AfterBackward]) -> RunResult:
+    """``run`` in its folder: ``cfg`` names the folder and the cache actually used (params.txt records them)."""
     ckpt_dir = run_dir / "checkpoints"
     log = setup_logging(run_dir / "out.log" if env.is_main else None, env.is_main)
     if env.is_main:
@@ -60,14 +78,16 @@ def run(cfg: TrainConfig, sources: Sources, env: DistEnv = DistEnv(), device=tor
     log.info(f"run {run_dir.name}: {asdict(cfg)}; inputs {asdict(sources)}")
     torch.manual_seed(cfg.seed + env.rank), random.seed(cfg.seed + env.rank), np.random.seed(cfg.seed + env.rank)
     state, stream = build_state(cfg, sources, env, device)
-    log.info(f"model {cfg.model}: {sum(p.numel() for p in state.student.parameters()) / 1e6:.2f}M params; loss "
-             f"weights {state.loss_fn.weights}; backend {cfg.loss_backend}; {state.total_steps} steps; "
-             f"{env.world_size} process(es) on {device.type}, "
+    start = f"weights from --pretrained {cfg.pretrained}" if cfg.pretrained else "randomly initialised"
+    params = sum(p.numel() for p in state.student.parameters()) / 1e6
+    log.info(f"model {cfg.model} ({start}): {params:.2f}M params; loss weights {state.loss_fn.weights}; "
+             f"backend {cfg.loss_backend}; {state.total_steps} steps; {env.world_size} process(es) on {device.type}, "
              f"global batch {env.world_size * cfg.batch_size * cfg.accum_freq}"
              + (f" in {cfg.accum_freq} micro-batches" if cfg.accum_freq > 1 else ""))
     resume_path = resolve_resume(cfg.resume, ckpt_dir)
     if resume_path is not None:
         resume(state, resume_path, log)
+    warn_if_validating_on_training_data(state, sources, log)
     metrics = MetricsWriter(run_dir, enabled=env.is_main, resume_step=state.step,
                             tensorboard="tensorboard" in report_to(cfg.report_to))
     bar = tqdm(total=state.total_steps, initial=state.step, disable=not (cfg.progress and env.is_main), desc="train")
@@ -77,17 +97,75 @@ def run(cfg: TrainConfig, sources: Sources, env: DistEnv = DistEnv(), device=tor
         while state.epoch < cfg.epochs:
             stream.set_epoch(state.epoch, state.batches_done)
             if train_one_epoch(state, loader, ckpt_dir, metrics, bar, log, step_times, after_backward):
+                log.info(f"stopped after {state.step} steps (--stop-after-steps); continue with: "
+                         f"{resume_command(cfg, env)}")
                 return RunResult(run_dir, state.step, finished=False, **mean_times(step_times))
             state.epoch, state.batches_done = state.epoch + 1, 0
             last_eval = evaluate_epoch(state, sources, metrics, log)  # before the checkpoint: a resume redoes it
+            last = state.epoch == cfg.epochs
             # epoch_K.pt before epoch_latest.pt: killed between the two, the run resumes before this epoch's end
             # and writes both again
             save_checkpoint(state, ckpt_dir, (
-                [f"epoch_{state.epoch}.pt"] if due(cfg.save_frequency, state.epoch, cfg.epochs) else []) + [LATEST])
+                [f"epoch_{state.epoch}.pt"] if last or (cfg.save_frequency and state.epoch % cfg.save_frequency == 0)
+                else []) + [LATEST])
+    except KeyboardInterrupt:
+        saved = Checkpoint.load(ckpt_dir / LATEST, mmap=True).content["step"] if (ckpt_dir / LATEST).exists() else None
+        log.warning(f"interrupted at step {state.step}; " + (
+            f"the last checkpoint is {ckpt_dir / LATEST} (step {saved}); continue with: {resume_command(cfg, env)}"
+            if saved is not None else "no checkpoint was written yet"))
+        raise
     finally:
         bar.close()
         metrics.close()
     return summarise(state, sources, run_dir, log, last_eval, step_times)
+
+
+def teacher_metrics(cfg: TrainConfig, sources: Sources, run_dir: Path, log, device: torch.device) -> Optional[dict]:
+    """The teacher's scores on the run's own validation data, to compare the student with: the shipped teacher's
+    record where that is the data it was recorded on, else evaluated once (kept in teacher_metrics.json)."""
+    if sources.teacher_metrics is not None:
+        return sources.teacher_metrics
+    if not (cfg.eval and sources.val and sources.teacher_pretrained):
+        return None
+    cached = run_dir / "teacher_metrics.json"
+    if cached.exists():
+        record = json.loads(cached.read_text())
+        if record.get("val") == sources.val and record.get("teacher") == sources.teacher_pretrained:
+            return record["metrics"]
+    log.info(f"evaluating the teacher {cfg.teacher} on --val-data {sources.val} once, to compare the student with")
+    teacher = models.create_teacher(cfg.teacher, sources.teacher_pretrained, device=device)
+    scores = evaluate(teacher, models.get_preprocess(teacher), models.get_tokenizer(cfg.teacher), sources.val,
+                      device=device, num_samples=cfg.val_num_samples)
+    atomic_write_json(cached, {"val": sources.val, "teacher": sources.teacher_pretrained, "metrics": scores})
+    return scores
+
+
+def resume_command(cfg: TrainConfig, env: DistEnv) -> str:
+    """The exact command that continues this run (its name, --resume latest, every other setting as given)."""
+    line = command_line(replace(cfg, resume="latest", stop_after_steps=None, allow_config_change=False))
+    if env.world_size > 1:
+        line = line.replace("python -m engine.train", f"torchrun --nproc-per-node {env.world_size} -m engine.train --",
+                            1)
+    return line
+
+
+def warn_if_validating_on_training_data(state: TrainState, sources: Sources, log) -> None:
+    """--val-data that is (partly) the training data makes every score meaningless: say so before training."""
+    if not (sources.val and state.cfg.eval and state.env.is_main):
+        return
+    val_urls = expand_urls(sources.val)
+    shared = sorted(set(map(os.path.abspath, val_urls)) & set(map(os.path.abspath, expand_urls(sources.train))))
+    if shared:
+        log.warning(f"--val-data {sources.val}: {len(shared)} of its shards are training shards (e.g. {shared[0]}): "
+                    f"the evaluation measures memorisation, not generalisation")
+        return
+    teacher = getattr(state.model, "module", state.model).teacher
+    if isinstance(teacher, StoreTeacher) and not is_remote(val_urls[0]):
+        keys = shard_keys(val_urls[0])
+        seen = sum(teacher.store.contains(key) for key in keys)
+        if seen:
+            log.warning(f"--val-data {sources.val}: {seen} of the {len(keys)} samples of {val_urls[0]} are training "
+                        f"samples (the teacher store holds their keys): the evaluation is not on held-out data")
 
 
 def run_directory(cfg: TrainConfig, env: DistEnv) -> Path:
@@ -127,7 +205,6 @@ def train_one_epoch(state: TrainState, loader, ckpt_dir: Path, metrics: MetricsW
             log_step(state, terms, step_times[-cfg.log_every_n_steps:], metrics, bar, log)
         if cfg.stop_after_steps is not None and state.step >= cfg.stop_after_steps:
             save_checkpoint(state, ckpt_dir, [LATEST])
-            log.info(f"stopped after {state.step} steps (--stop-after-steps); continue with --resume latest")
             return True
         t_data = time.perf_counter()
     return False
@@ -138,13 +215,13 @@ def log_step(state: TrainState, terms: dict, recent: list[tuple[float, float]], 
     """One 'train' row of metrics.jsonl and one log line: every loss term (mean over ranks), lr, step times."""
     cfg = state.cfg
     step_s, data_s = (sum(t[i] for t in recent) / len(recent) for i in (0, 1))
-    row = {"epoch": state.epoch, "lr": state.optimizer.param_groups[0]["lr"],
+    row = {"epoch": state.epoch + 1, "lr": state.optimizer.param_groups[0]["lr"],  # 1-based, as the val rows
            "logit_scale": state.student.logit_scale.exp().item(), "step_s": step_s, "data_s": data_s,
            "samples_per_s": cfg.batch_size * cfg.accum_freq * state.env.world_size / (step_s + data_s),
            **{k: v.item() for k, v in mean_over_ranks(terms, state.env).items()}}
     metrics.write("train", state.step, row)
     bar.set_postfix(loss=f"{row['total']:.3f}")
-    log.info(f"epoch {state.epoch} step {state.step}/{state.total_steps} "
+    log.info(f"epoch {state.epoch + 1}/{cfg.epochs} step {state.step}/{state.total_steps} "
              + " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
 
 
@@ -231,9 +308,9 @@ def summarise(state: TrainState, sources: Sources, run_dir: Path, log, last_eval
         result.metrics = last_eval if last_eval and covered else student_metrics(state, sources, True, True)
         metrics.write("eval", state.step, {"epoch": state.epoch, **result.metrics})
         log.info("eval " + " ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
-    if sources.teacher_metrics:
-        result.teacher_metrics = sources.teacher_metrics
-        log.info("teacher " + " ".join(f"{k} {v:.4f}" for k, v in sources.teacher_metrics.items()))
+    result.teacher_metrics = teacher_metrics(cfg, sources, run_dir, log, next(state.student.parameters()).device)
+    if result.teacher_metrics:
+        log.info("teacher " + " ".join(f"{k} {v:.4f}" for k, v in result.teacher_metrics.items()))
     metrics.close()
     result.plot = plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")
     atomic_write_json(run_dir / "results.json", result.to_json())

@@ -3,8 +3,9 @@
 ``prepare(cfg, env)`` resolves every input a run reads, generating the embedded default (procedural data, the
 store of the shipped teacher) into the cache when no data is given, and checks that each given file exists and is
 what it should be. Under torchrun, rank 0 prepares while the other ranks wait for its outcome (up to
-``cfg.prepare_timeout`` seconds), so that ranks never build the same files at once. The training loop receives
-the result as ``Sources``; from here it uses only that type and ``needs_teacher``.
+``cfg.prepare_timeout`` seconds), so that ranks never build the same files at once; two runs build one folder
+through a lock on it (engine.core.lock), the second waiting as long for the first. The training loop receives the
+result as ``Sources``; from here it uses only that type and ``needs_teacher``.
 """
 from __future__ import annotations
 
@@ -38,7 +39,9 @@ class Sources:
     teacher_pretrained: Optional[str]
     teacher_fingerprint: Optional[str]
     store_dir: Optional[Path]
-    teacher_metrics: Optional[dict] = None  # the shipped default teacher's recorded evaluation
+    # the shipped default teacher's recorded evaluation, where ``val`` is the data it was recorded on (the embedded
+    # validation split); otherwise the run evaluates its teacher on ``val`` itself
+    teacher_metrics: Optional[dict] = None
 
 
 def needs_teacher(cfg) -> bool:
@@ -91,7 +94,7 @@ def resolve(cfg, progress: bool = True) -> Sources:
     cache = cache_root(cfg.cache_dir)
     train, val = cfg.train_data, cfg.val_data
     if train is None:
-        patterns = ensure_default_data(cache, progress)
+        patterns = ensure_default_data(cache, progress, cfg.prepare_timeout)
         train, val = patterns["train"], val or patterns["val"]
     require_sizes(expand_urls(train), cfg.train_num_samples)
     if val is not None and cfg.eval:
@@ -104,13 +107,13 @@ def resolve(cfg, progress: bool = True) -> Sources:
         return Sources(train, val, None, None, Path(cfg.teacher_store))  # a given store names its own teacher
     pretrained = _teacher_weights(cfg)
     fingerprint = teacher_fingerprint(cfg.teacher, pretrained)
-    shipped = pretrained == str(defaults.SHIPPED_TEACHER)
-    metrics = defaults.default_teacher_record()["metrics"] if shipped else None
+    recorded = pretrained == str(defaults.SHIPPED_TEACHER) and cfg.train_data is None and cfg.val_data is None
+    metrics = defaults.default_teacher_record()["metrics"] if recorded else None
     if cfg.online_teacher:
         return Sources(train, val, pretrained, fingerprint, None, metrics)
     store_dir = Path(cfg.teacher_store) if cfg.teacher_store else defaults.default_store_dir(cache, fingerprint, train)
     if not ((store_dir / "manifest.json").exists() and read_manifest(store_dir).get("complete")):
-        build_store(train, cfg.teacher, pretrained, store_dir, progress=progress)
+        build_store(train, cfg.teacher, pretrained, store_dir, progress=progress, timeout=cfg.prepare_timeout)
     return Sources(train, val, pretrained, fingerprint, store_dir, metrics)
 
 

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
-from ..core.checkpoint import Checkpoint, resolve_resume, set_rng_state
+from ..core.checkpoint import Checkpoint, resolve_resume, runs_beside, set_rng_state
 from ..core.errors import ConfigError
 from .config import TrainConfig
 from .state import TrainState
 
 # Settings a resumed run must share with its checkpoint (else --allow-config-change).
 RESUME_INVARIANTS = ("model", "teacher", "teacher_pretrained", "teacher_store", "online_teacher", "train_data",
-                     "preset", "weights", "batch_size", "accum_freq", "seed", "mfd_mask_ratio", "local_loss",
+                     "preset", "weights", "siglip", "distill_logit_bias", "batch_size", "accum_freq", "seed",
+                     "mfd_mask_ratio", "local_loss",
                      "pretrained", "lock_image", "lock_image_unlocked_groups", "lock_image_freeze_bn_stats",
                      "lock_text", "lock_text_unlocked_layers", "lock_text_freeze_layer_norm", "train_num_samples")
 
@@ -30,14 +32,24 @@ def changed_settings(path: Path, saved_config: dict, cfg: TrainConfig) -> list[s
     return changed
 
 
-def check_resume(cfg: TrainConfig) -> None:
-    """Refuse a --resume file that is no training checkpoint, or one with other settings, before data, teacher and
-    store are prepared (hours, on real data)."""
-    if cfg.resume is None or (cfg.resume == "latest" and not cfg.name):  # no --name: a new run, nothing to resume
-        return
-    path = resolve_resume(cfg.resume, Path(cfg.logs) / (cfg.name or "") / "checkpoints")
-    if path is not None:
-        changed_settings(path, Checkpoint.load(path, mmap=True).config, cfg)  # resume() reads the tensors
+def check_resume(cfg: TrainConfig) -> Optional[str]:
+    """Refuse, before data, teacher and store are prepared (hours, on real data): ``--resume latest`` without a run
+    to resume, a --resume file that is no training checkpoint, or one with other settings. Returns a message when
+    the run to resume has already trained all of ``cfg.epochs`` (nothing to do), else None."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "latest" and not cfg.name:  # the default name is a new timestamp: it names no earlier run
+        raise ConfigError(f"--resume latest: pass --name NAME, the run to continue; "
+                          f"{runs_beside(Path(cfg.logs) / '-' / 'checkpoints')}")
+    path = resolve_resume(cfg.resume, Path(cfg.logs) / cfg.name / "checkpoints" if cfg.name else Path(cfg.logs))
+    saved = Checkpoint.load(path, mmap=True)  # resume() reads the tensors
+    changed_settings(path, saved.config, cfg)
+    results = path.parent.parent / "results.json"
+    if saved.content.get("epoch", 0) >= cfg.epochs and not saved.content.get("batches_done") and results.exists():
+        return (f"run {path.parent.parent} has finished: it trained {saved.content['epoch']} of --epochs "
+                f"{cfg.epochs}; its results are in {results} (to train it longer, pass a "
+                f"larger --epochs)")
+    return None
 
 
 def resume(state: TrainState, path: Path, log) -> None:

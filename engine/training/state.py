@@ -2,6 +2,7 @@
 and the data stream, built from a TrainConfig and the resolved inputs (``build_state``)."""
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -90,8 +91,10 @@ def build_optimizer_state(cfg: TrainConfig, student: nn.Module, teacher: Teacher
 def create_student(cfg: TrainConfig, device: torch.device) -> nn.Module:
     """The student, from --pretrained when given (one line naming the file when it does not load into the model)."""
     models.model_config(cfg.model)  # an unknown model name is not the weights' fault
+    # open_clip_train's --siglip initialisation: logit scale log(10), logit bias -10
+    siglip = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if cfg.siglip else {}
     try:
-        return models.create_model(cfg.model, cfg.pretrained, device=device)
+        return models.create_model(cfg.model, cfg.pretrained, device=device, **siglip)
     except (RuntimeError, ValueError, OSError, EOFError, KeyError, AssertionError, pickle.UnpicklingError) as exc:
         if not cfg.pretrained:
             raise
@@ -117,8 +120,16 @@ def teacher_source(cfg: TrainConfig, sources: Sources, student: nn.Module, devic
     if not needs_teacher(cfg):
         return NoTeacher()
     if cfg.online_teacher:
-        return OnlineTeacher(cfg.teacher, sources.teacher_pretrained, student, cfg.model, device, autocast_dtype(cfg))
-    return StoreTeacher(TeacherStore(sources.store_dir, expand_urls(sources.train), sources.teacher_fingerprint))
+        teacher = OnlineTeacher(cfg.teacher, sources.teacher_pretrained, student, cfg.model, device,
+                                autocast_dtype(cfg))
+    else:
+        teacher = StoreTeacher(TeacherStore(sources.store_dir, expand_urls(sources.train), sources.teacher_fingerprint))
+    if cfg.distill_logit_bias is not None:
+        teacher.bias = cfg.distill_logit_bias
+    if cfg.loss_weights().get("sigmoid_kd", 0) and teacher.bias is None:
+        raise ConfigError(f"--sigmoid-kd-weight: the teacher {cfg.teacher} has no logit bias (a CLIP teacher, not a "
+                          f"SigLIP one): pass --distill-logit-bias B, the bias of its sigmoid targets")
+    return teacher
 
 
 def build_state(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.device

@@ -54,6 +54,8 @@ class DistillationTask(nn.Module):
         s_img, s_txt = (gather_rows(x, env, self.gather_with_grad) for x in (s_img, s_txt))
         t_img, t_txt = (gather_rows(x.float(), env, False) for x in (t_img, t_txt))
         scale = torch.tensor(float(self.teacher.scale), device=device)
+        bias = out.get("logit_bias")  # a SigLIP student's (--siglip)
         group = torch.distributed.group.WORLD if self.local_loss and env.world_size > 1 else None  # exact gd
         return self.loss_fn(s_img, s_txt, out["logit_scale"].float(), t_img, t_txt, scale,
-                            row_start=rows[0], row_stop=rows[1], group=group)
+                            row_start=rows[0], row_stop=rows[1], group=group,
+                            logit_bias=None if bias is None else bias.float(), dist_logit_bias=self.teacher.bias)
