@@ -124,7 +124,7 @@ class TrainConfig:
                 self.epochs <= MAX_EPOCHS)
         for name in ("warmup", "workers", "save_frequency"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"--{name}: must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
         self._validate_optimizer()
         self._validate_open_clip_flags()
         if self.name is not None and (not self.name.strip() or self.name in (".", "..") or "/" in self.name
