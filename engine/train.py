@@ -16,7 +16,7 @@ from kernels import PRESETS, WEIGHT_KEYS
 
 from .cli import HelpFormatter, run_command
 from .core.errors import UserError
-from .training.config import LOSS_BACKENDS, PRECISIONS, TrainConfig
+from .training.config import LOSS_BACKENDS, MAX_EPOCHS, MAX_EPS, MAX_LR, MAX_STEPS, PRECISIONS, TrainConfig
 from .training.distributed import close_distributed, init_distributed, is_collective_failure
 from .training.loop import run
 from .training.prepare import prepare
@@ -78,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
       help="loss preset (the per-term weights below override it)")
     for key in WEIGHT_KEYS:
         a(f"--{key.replace('_', '-')}-weight", type=float, default=None,
-          help=f"weight of the {key} term (default: the preset's)")
+          help=f"weight of the {key} term, >= 0 (default: the preset's)")
     a("--siglip", action="store_true",
       help="as open_clip_train: the student's own term is SigLIP's sigmoid loss instead of CLIP's softmax loss "
            "(its weight is --task-weight), with a learnable logit bias; logit scale and bias start at log(10) and "
@@ -102,12 +102,15 @@ def parser() -> argparse.ArgumentParser:
       "activation memory of one micro-batch (GradCache: one loss evaluation, a second forward per micro-batch)")
     a("--grad-checkpointing", action="store_true", help="recompute the student towers' activations in backward "
       "(open_clip's set_grad_checkpointing): less memory, more time")
-    a("--epochs", type=int, default=d.epochs, help="passes over the training data")
-    a("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
-    a("--wd", type=float, default=d.wd, help="weight decay (not on gains, biases, logit scale and multipliers)")
-    a("--beta1", type=float, default=d.beta1, help="AdamW beta1")
-    a("--beta2", type=float, default=d.beta2, help="AdamW beta2")
-    a("--eps", type=float, default=d.eps, help="AdamW epsilon")
+    a("--epochs", type=int, default=d.epochs, help=f"passes over the training data (at most {MAX_EPOCHS}, and "
+      f"{MAX_STEPS:,} optimizer steps in all: bounds no real run reaches)")
+    a("--lr", type=float, default=d.lr, help=f"peak learning rate (AdamW); at most {MAX_LR:g}, a bound no real run "
+      f"reaches (a larger value is refused as a typo)")
+    a("--wd", type=float, default=d.wd, help="weight decay (not on gains, biases, logit scale and multipliers); "
+      ">= 0")
+    a("--beta1", type=float, default=d.beta1, help="AdamW beta1, in [0, 1)")
+    a("--beta2", type=float, default=d.beta2, help="AdamW beta2, in [0, 1)")
+    a("--eps", type=float, default=d.eps, help=f"AdamW epsilon, > 0 and at most {MAX_EPS:g}")
     a("--warmup", type=int, default=d.warmup, help="linear warmup steps before the cosine decay")
     a("--precision", default=d.precision, choices=PRECISIONS,
       help="open_clip's meanings: amp = fp16 autocast with loss scaling, amp_bf16/amp_bfloat16 = bf16 autocast, "

@@ -2,6 +2,7 @@
 line, with open_clip_train's flag names and meanings)."""
 from __future__ import annotations
 
+import math
 import os
 import shlex
 from dataclasses import dataclass, field, fields
@@ -16,6 +17,12 @@ AUTOCAST = {"amp": "float16", "amp_bf16": "bfloat16", "amp_bfloat16": "bfloat16"
 PURE = {"bf16": "bfloat16", "fp16": "float16"}  # the student's weights in this dtype
 # kernels' backends: auto = triton on a CUDA device (chunked where it cannot run), else chunked
 LOSS_BACKENDS = ("auto", "chunked", "triton", "reference")
+# Bounds no real run reaches, so that a typo (--lr 1e30, --epochs 100000000) is refused at start instead of
+# diverging at the first step or counting the steps of every epoch for hours.
+MAX_LR = 10.0  # real peak learning rates are 1e-5 .. 1e-2
+MAX_EPS = 1.0  # AdamW's epsilon is 1e-8 .. 1e-6; above 1 it swamps the update's denominator
+MAX_EPOCHS = 10_000
+MAX_STEPS = 10**9  # optimizer steps of the whole run: 115 days at 100 steps a second
 
 
 @dataclass
@@ -97,6 +104,8 @@ class TrainConfig:
         unknown = sorted(set(self.weights) - set(WEIGHT_KEYS))
         if unknown:
             raise ConfigError(f"weights: unknown term(s) {unknown}; expected {list(WEIGHT_KEYS)}")
+        for key, value in self.weights.items():
+            require(f"--{key.replace('_', '-')}-weight", value, ">= 0 and finite", 0 <= value < math.inf)
         if not any(v != 0 for v in self.loss_weights().values()):
             raise ConfigError("loss weights: every term's weight is zero (preset and --*-weight flags): "
                               "nothing to train")
@@ -104,26 +113,19 @@ class TrainConfig:
             raise ConfigError(f"--loss-backend: {self.loss_backend!r} is not one of {LOSS_BACKENDS}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision: {self.precision!r} is not one of {PRECISIONS}")
-        if not 0.0 <= self.mfd_mask_ratio < 1.0:
-            raise ConfigError(f"--mfd-mask-ratio: must be in [0, 1), got {self.mfd_mask_ratio}")
+        require("--mfd-mask-ratio", self.mfd_mask_ratio, "in [0, 1)", 0.0 <= self.mfd_mask_ratio < 1.0)
         at_least_one = ("batch_size", "accum_freq", "epochs", "log_every_n_steps", "shuffle_buffer",
                         "max_skipped_steps")
         for name in at_least_one + ("stop_after_steps",):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
-        for name in ("warmup", "wd", "workers", "save_frequency"):
+        require("--epochs", self.epochs, f"at most {MAX_EPOCHS} (a bound no real run reaches)",
+                self.epochs <= MAX_EPOCHS)
+        for name in ("warmup", "workers", "save_frequency"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "eps", "prepare_timeout"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"--{name}: must be in [0, 1), got {getattr(self, name)}")
-        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
-            raise ConfigError(f"--grad-clip-norm: must be > 0 (leave it out for no clipping), "
-                              f"got {self.grad_clip_norm}")
+        self._validate_optimizer()
         self._validate_open_clip_flags()
         if self.name is not None and (not self.name.strip() or self.name in (".", "..") or "/" in self.name
                                       or os.sep in self.name or self.name.startswith("~")):
@@ -132,6 +134,26 @@ class TrainConfig:
         if self.teacher_store is not None and self.online_teacher:
             raise ConfigError("--teacher-store and --online-teacher exclude each other: "
                               "the online teacher needs no store")
+
+    def _validate_optimizer(self) -> None:
+        """AdamW's settings, finite and in range (a NaN compares false, so every check refuses it)."""
+        require("--lr", self.lr, f"> 0 and at most {MAX_LR:g}", 0 < self.lr <= MAX_LR)
+        require("--wd", self.wd, ">= 0 and finite", 0 <= self.wd < math.inf)
+        require("--eps", self.eps, f"> 0 and at most {MAX_EPS:g}", 0 < self.eps <= MAX_EPS)
+        for name in ("beta1", "beta2"):
+            require(f"--{name}", getattr(self, name), "in [0, 1)", 0.0 <= getattr(self, name) < 1.0)
+        if self.grad_clip_norm is not None:
+            require("--grad-clip-norm", self.grad_clip_norm, "> 0 and finite (leave it out for no clipping)",
+                    0 < self.grad_clip_norm < math.inf)
+        require("--prepare-timeout", self.prepare_timeout, "> 0 and finite", 0 < self.prepare_timeout < math.inf)
+        if self.distill_logit_bias is not None:
+            require("--distill-logit-bias", self.distill_logit_bias, "finite", math.isfinite(self.distill_logit_bias))
+
+    def check_total_steps(self, total_steps: int) -> None:
+        """The run's optimizer steps (``--epochs`` epochs of the data's steps) within MAX_STEPS."""
+        if total_steps > MAX_STEPS:
+            raise ConfigError(f"--epochs {self.epochs}: the run would take {total_steps} optimizer steps, more than "
+                              f"{MAX_STEPS:,} (a bound no real run reaches)")
 
     def _validate_open_clip_flags(self) -> None:
         for name in ("val_frequency", "zeroshot_frequency", "lock_image_unlocked_groups", "lock_text_unlocked_layers"):
@@ -146,6 +168,11 @@ class TrainConfig:
             if given and not getattr(self, f"lock_{tower}"):
                 raise ConfigError(f"--{given[0].replace('_', '-')} only applies with --lock-{tower}")
         report_to(self.report_to)
+
+
+def require(flag: str, value, expected: str, ok: bool) -> None:
+    if not ok:
+        raise ConfigError(f"{flag}: must be {expected}, got {value}")
 
 
 def report_to(value: Optional[str]) -> set:

@@ -6,6 +6,8 @@ import math
 import os
 import pickle
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
 import torch
 from open_clip.transformer import PatchDropout
@@ -51,6 +53,7 @@ class TrainState:
     epoch: int = 0
     batches_done: int = 0  # of the current epoch
     skipped_in_a_row: int = 0  # fp16 steps skipped for non-finite gradients
+    last_good: Optional[Path] = None  # the checkpoint this run last wrote or resumed from (not saved in one)
 
     def state_dict(self) -> dict:
         # the unwrapped modules' state dicts: they load in any world size
@@ -145,5 +148,6 @@ def build_state(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.
     # a step's batch holds its --accum-freq micro-batches: the same samples as one batch of batch-size x accum-freq
     stream = ShardStream(sources.train, codec, cfg.batch_size * cfg.accum_freq, cfg.seed, env.rank, env.world_size,
                          cfg.workers, shuffle_buffer=cfg.shuffle_buffer, num_samples=cfg.train_num_samples)
-    total_steps = sum(stream.steps_per_epoch(e) for e in range(cfg.epochs))
+    total_steps = sum(stream.steps_per_epoch(e) for e in range(cfg.epochs))  # --epochs is bounded: seconds at most
+    cfg.check_total_steps(total_steps)
     return build_optimizer_state(cfg, student, teacher, device, total_steps, env), stream
