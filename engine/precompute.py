@@ -10,10 +10,12 @@ import time
 
 from .cli import HelpFormatter, run_command
 from .core.errors import ConfigError, UserError
+from .data.augment import parse_pairs
 from .data.embedded import cache_root, ensure_default_data
 from .teachers import default as default_teacher
 from .teachers import store as store_lib
 from .teachers.precompute import build_store
+from .teachers.reinforced import Reinforcement
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,7 +28,19 @@ def parser() -> argparse.ArgumentParser:
                    help="open_clip pretrained tag or checkpoint file (default: the shipped default teacher)")
     p.add_argument("--teacher-store", default=None,
                    help="output directory (default: <cache>/stores/<teacher fingerprint>-<data id>)")
-    p.add_argument("--batch-size", type=int, default=500, help="samples per teacher forward pass")
+    p.add_argument("--batch-size", type=int, default=500, help="images per teacher forward pass")
+    p.add_argument("--augmentations", type=int, default=0, metavar="K",
+                   help="stored views per sample (MobileCLIP's dataset reinforcement): view 0 is the evaluation "
+                   "view, views 1..K-1 are drawn with --aug-cfg; each view's parameters and the teacher's embedding "
+                   "of it are stored; 0: the evaluation view alone, not replayed")
+    p.add_argument("--aug-cfg", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="how views are drawn: open_clip_train's --aug-cfg keys scale and ratio "
+                   "(RandomResizedCrop), hflip (the flip's probability), and torchvision's RandAugment num_ops "
+                   "(0: none) and magnitude (of 31 bins) (default: scale=0.9,1.0 ratio=0.75,1.333 hflip=0 num_ops=2 "
+                   "magnitude=9)")
+    p.add_argument("--captions", type=int, default=1, metavar="C",
+                   help="captions per sample whose text embeddings are stored: the .txt, then the first C-1 of "
+                   "its syn.json synthetic captions")
     p.add_argument("--cache-dir", default=None,
                    help="cache of the embedded dataset and default stores (default: $CLIP_RD_CACHE or "
                    "~/.cache/clip_rd)")
@@ -37,6 +51,7 @@ def precompute(argv=None) -> None:
     args = parser().parse_args(argv)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    settings = Reinforcement.from_flags(args.augmentations, parse_pairs(args.aug_cfg), args.captions)
     cache = cache_root(args.cache_dir)
     try:
         train = args.train_data or ensure_default_data(cache)["train"]
@@ -48,12 +63,12 @@ def precompute(argv=None) -> None:
             raise ConfigError(f"--teacher {args.teacher}: pass --teacher-pretrained (open_clip tag or checkpoint file)")
         pretrained = str(default_teacher.default_teacher_path())
     fingerprint = store_lib.teacher_fingerprint(args.teacher, pretrained)
-    root = args.teacher_store or default_teacher.default_store_dir(cache, fingerprint, train)
+    root = args.teacher_store or default_teacher.default_store_dir(cache, fingerprint, train, settings)
     start = time.time()
-    build_store(train, args.teacher, pretrained, root, args.batch_size)
+    build_store(train, args.teacher, pretrained, root, args.batch_size, settings=settings)
     manifest = store_lib.read_manifest(root)
     print(f"teacher store {root}: {manifest['count']} samples, width {manifest['embed_dim']}, "
-          f"teacher {manifest['teacher']['fingerprint']} ({time.time() - start:.1f} s)")
+          f"teacher {manifest['teacher']['fingerprint']}, {settings.describe()} ({time.time() - start:.1f} s)")
 
 
 def main(argv=None) -> None:

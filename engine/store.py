@@ -6,6 +6,7 @@ import sys
 
 from .cli import USER_ERROR_STATUS, HelpFormatter, one_line, run_command
 from .teachers.store import describe, read_manifest, verify
+from .teachers.viewcheck import VIEW_TOLERANCE, verify_views
 
 
 def parser() -> argparse.ArgumentParser:
@@ -22,6 +23,17 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("store", help="store directory")
     check.add_argument("--train-data", default=None,
                        help="webdataset shards (brace-expandable, '::'-separated) to check sample by sample")
+    about_views = ("Replay random stored views of a reinforced store from their parameters, embed them again with "
+                   "the store's teacher and compare with the stored embeddings; exit status 2 when the worst cosine "
+                   f"error (1 - cosine) exceeds {VIEW_TOLERANCE:.3g} (fp16 rounding gives at most 1.2e-07).")
+    views = commands.add_parser("verify-views", help=about_views, description=about_views,
+                                formatter_class=HelpFormatter)
+    views.add_argument("store", help="store directory")
+    views.add_argument("--samples", type=int, default=100, help="stored views to replay, drawn at random (at least "
+                       "the store's count of views: every one)")
+    views.add_argument("--train-data", default=None, help="the shards the store was built from (default: the data "
+                       "its manifest records)")
+    views.add_argument("--seed", type=int, default=0, help="seed of the views' draw")
     return p
 
 
@@ -29,6 +41,15 @@ def inspect_store(argv=None) -> None:
     args = parser().parse_args(argv)
     if args.command == "info":
         print(describe(args.store))
+        return
+    if args.command == "verify-views":
+        check = verify_views(args.store, args.samples, args.train_data, args.seed)
+        verdict = "OK" if check.ok else "error"  # an error on stderr, as verify's
+        print(f"{verdict}: {args.store}: {check.checked} stored view(s) replayed; worst cosine error "
+              f"{check.worst:.3g} ({check.where}); tolerance {VIEW_TOLERANCE:.3g}",
+              file=sys.stdout if check.ok else sys.stderr)
+        if not check.ok:
+            raise SystemExit(USER_ERROR_STATUS)
         return
     problems = verify(args.store, args.train_data)
     if problems:  # a report, one error line per problem on stderr (the exit status of a user's error)

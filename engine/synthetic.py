@@ -4,14 +4,14 @@ from __future__ import annotations
 import argparse
 
 from .cli import HelpFormatter, run_command
-from .data.embedded import default_cache_dir
+from .data.embedded import data_dir, default_cache_dir
 from .data.synthetic import SyntheticSpec, build
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.synthetic", description=__doc__.split(": ", 1)[1],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--data-dir", default=str(default_cache_dir() / "data"),
+    p.add_argument("--data-dir", default=str(data_dir(default_cache_dir())),
                    help="output folder (shards, sizes.json, classnames.json, dataset.json)")
     p.add_argument("--train-samples", type=int, default=SyntheticSpec.train_samples, help="training samples")
     p.add_argument("--val-samples", type=int, default=SyntheticSpec.val_samples, help="validation samples")

@@ -27,11 +27,14 @@ def test_shards_layout_and_sizes(synth_data):
     assert len(data_lib.expand_urls(synth_data["train"])) == 3
     with tarfile.open(root / "train-00001.tar") as tar:
         names = tar.getnames()
-        assert names[:3] == ["1000010000.png", "1000010000.txt", "1000010000.json"]
+        assert names[:4] == ["1000010000.png", "1000010000.txt", "1000010000.json", "1000010000.syn.json"]
         meta = json.loads(tar.extractfile("1000010000.json").read())
         caption = tar.extractfile("1000010000.txt").read().decode()
+        synthetic_captions = json.loads(tar.extractfile("1000010000.syn.json").read())["syn_text"]
     assert meta["caption"] == caption and meta["colour"] in caption and meta["shape"] in caption
     assert synthetic.CLASSNAMES[meta["label"]] == f"{meta['colour']} {meta['shape']}"
+    assert len(synthetic_captions) == synthetic.SYNTHETIC_CAPTIONS == len(set(synthetic_captions) | {caption}) - 1
+    assert all(f"{meta['colour']} {meta['shape']}" in text for text in synthetic_captions)
 
 
 def test_generation_is_deterministic(tmp_path, synth_data):
@@ -43,7 +46,9 @@ def test_all_caption_and_prompt_words_in_tokenizer_vocabulary():
     import numpy as np
 
     rng = np.random.default_rng(0)
-    words = {w for _ in range(300) for w in synthetic.make_sample(rng)[1]["caption"].split()}
+    metas = [synthetic.make_sample(rng)[1] for _ in range(300)]
+    words = {w for meta in metas for text in [meta["caption"], *synthetic.synthetic_captions(meta, rng)]
+             for w in text.split()}
     words |= {w.strip(".") for t in synthetic.PROMPT_TEMPLATES for c in synthetic.CLASSNAMES
               for w in t.format(c=c).split()}
     assert words <= set(WORDS), words - set(WORDS)
@@ -203,3 +208,34 @@ def test_directory_as_shards_says_so(synth_data):
         data_lib.expand_urls(str(root))
     assert str(exc.value) == (f"{root} is a directory, not a shard: give its shards as a pattern such as "
                               f"{root}/train-{{00000..00015}}.tar")
+
+
+def test_synthetic_captions_keep_images_and_captions_and_decode_by_index(synth_data):
+    """Format 2 adds syn.json from a stream of its own: every image and .txt is format 1's; the codec decodes the
+    caption it is asked for (0: the .txt, c: syn_text[c - 1]) and refuses a sample without enough captions."""
+    import hashlib
+
+    import models
+
+    raws = list(data_lib.read_shard(str(synth_data["root"] / "train-00001.tar")))
+    digest = hashlib.sha256(b"".join(raw["png"] + raw["txt"] for raw in raws)).hexdigest()
+    assert digest == "c1fba9b2d6604c985a266694ada1909e95e20eb31c051db2697dfe99cd8bfceb"  # format 1's shard, seed 7
+
+    class FirstView:
+        def choose(self, key, epoch):
+            return 0, epoch
+
+        def replay(self, image, raw, view):
+            return image
+
+    codec = data_lib.Codec({"image": models.get_preprocess(models.create_model("tiny-vit-student"))}, {},
+                           views=FirstView())
+    for epoch in range(1 + synthetic.SYNTHETIC_CAPTIONS):
+        sample = codec(raws[3], epoch)
+        assert sample["caption"] == data_lib.sample_captions(raws[3], 5)[epoch] and sample["caption_index"] == epoch
+    assert sample["caption"] == json.loads(raws[3]["syn.json"])["syn_text"][3] and sample["view_index"] == 0
+    assert data_lib.sample_captions(raws[3]) == [raws[3]["txt"].decode()]
+    with pytest.raises(data_lib.ShardError) as exc:
+        data_lib.sample_captions(raws[3], 6)
+    assert str(exc.value) == (f"corrupt shard {raws[3]['__url__']}: sample {raws[3]['__key__']!r} has 5 caption(s) "
+                              f"(.txt and syn.json's syn_text), 6 are needed")

@@ -84,8 +84,7 @@ def test_a_store_of_the_previous_format_is_refused(tmp_path, synth_data, store_d
     store_lib.write_manifest(store, manifest)
     message = train_cli(tmp_path, synth_data, store)
     assert message == (f"error: {store / 'manifest.json'}: store format 2 is not {store_lib.FORMAT_VERSION} (a store "
-                       f"of an older version, which named parts by file name alone, or a foreign one); delete {store} "
-                       f"and rebuild it with engine.precompute")
+                       f"of an older version or a foreign one); delete {store} and rebuild it with engine.precompute")
 
 
 def _wait_for(condition, what, timeout=120.0):

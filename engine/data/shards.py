@@ -29,7 +29,7 @@ import tarfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import braceexpand
 import numpy as np
@@ -226,41 +226,39 @@ def _uint8_chw(image: Image.Image) -> torch.Tensor:
 class Codec:
     """Turns raw samples into tensors: ``images``/``texts`` map an output name to a transform/tokenizer.
 
-    ``codec(raw)`` decodes one sample; ``codec.collate(samples)`` stacks decoded samples into a batch and finishes
-    the images' float conversion there (see ``split_transform``), so a decoded sample is only usable collated.
+    ``codec(raw, epoch)`` decodes one sample; ``codec.collate(samples)`` stacks decoded samples into a batch and
+    finishes the images' float conversion there (see ``split_transform``), so a decoded sample is only usable
+    collated. With ``views`` (a reinforced store's, engine.data.augment.ViewDraw) each sample is decoded as the
+    stored view and the caption drawn for it in ``epoch``: ``image`` is that view replayed at the student's size (a
+    store without views: the evaluation transform's image), ``text`` that caption, and the sample carries their
+    indices (``view_index``, ``caption_index``).
     """
 
     images: dict[str, Callable]
     texts: dict[str, Callable]
+    views: Optional[Any] = None  # engine.data.augment.ViewDraw
 
     def __post_init__(self):
         self._split = {name: split_transform(transform) for name, transform in self.images.items()}
+        if self.views is not None and self._split["image"][1] is None:
+            raise ConfigError("a reinforced store's views need an open_clip image transform (to-tensor, normalise)")
 
-    def __call__(self, raw: dict) -> dict:
+    def __call__(self, raw: dict, epoch: int = 0) -> dict:
         key, url = raw["__key__"], raw.get("__url__")
-        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
-        if image_ext is None or "txt" not in raw:
-            raise ShardError(f"corrupt shard {url}: sample {key!r} lacks an image ({'/'.join(IMAGE_EXTENSIONS)}) "
-                             f"or a .txt caption (has {sorted(k for k in raw if not k.startswith('__'))})")
-        try:
-            image = Image.open(io.BytesIO(raw[image_ext])).convert("RGB")
-            caption = raw["txt"].decode("utf-8")
-        except Exception as exc:  # PIL raises several types for damaged files
-            raise ShardError(f"corrupt shard {url}: sample {key!r} cannot be decoded: {exc}") from exc
-        out = {"key": key, "url": url, "digest": sample_digest(raw), "caption": caption}
+        image = decode_image(raw)
+        view, caption = self.views.choose(key, epoch) if self.views is not None else (None, 0)
+        text = sample_captions(raw, caption + 1)[caption]
+        out = {"key": key, "url": url, "digest": sample_digest(raw), "caption": text}
         for name, (per_image, _) in self._split.items():
-            out[name] = per_image(image)
+            replayed = view is not None and name == "image"
+            out[name] = _uint8_chw(self.views.replay(image, raw, view)) if replayed else per_image(image)
         for name, tokenizer in self.texts.items():
-            out[name] = tokenizer([caption])[0]
-        if "json" in raw:
-            try:
-                meta = json.loads(raw["json"])
-                label = meta.get("label") if isinstance(meta, dict) else None
-                if label is not None:
-                    out["label"] = int(label)
-            except (ValueError, TypeError) as exc:  # not UTF-8, not JSON, or a label that is not a number
-                raise ShardError(f"corrupt shard {url}: sample {key!r}: its .json member cannot be read: {exc}") \
-                    from exc
+            out[name] = tokenizer([text])[0]
+        if self.views is not None:  # view None: a store of the evaluation view alone, its row 0
+            out["view_index"], out["caption_index"] = 0 if view is None else view, caption
+        label = sample_label(raw)
+        if label is not None:
+            out["label"] = label
         return out
 
     def collate(self, samples: list[dict]) -> dict:
@@ -270,6 +268,51 @@ class Codec:
                 mean, std = normalisation
                 batch[name] = batch[name].to(mean.dtype).div_(255).sub_(mean).div_(std)
         return batch
+
+
+def _corrupt(raw: dict, what: str) -> ShardError:
+    return ShardError(f"corrupt shard {raw.get('__url__')}: sample {raw['__key__']!r} {what}")
+
+
+def decode_image(raw: dict) -> Image.Image:
+    """The sample's image as RGB; a sample without an image or a caption, or with a damaged image, is a
+    ShardError naming shard and sample."""
+    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+    if image_ext is None or "txt" not in raw:
+        raise _corrupt(raw, f"lacks an image ({'/'.join(IMAGE_EXTENSIONS)}) or a .txt caption (has "
+                            f"{sorted(k for k in raw if not k.startswith('__'))})")
+    try:
+        return Image.open(io.BytesIO(raw[image_ext])).convert("RGB")
+    except Exception as exc:  # PIL raises several types for damaged files
+        raise _corrupt(raw, f"cannot be decoded: {exc}") from exc
+
+
+def sample_captions(raw: dict, count: int = 1) -> list[str]:
+    """The sample's first ``count`` captions: its ``.txt`` (the ground truth), then the synthetic captions of its
+    ``syn.json`` (DataCompDR's ``{"syn_text": [...]}``); fewer is a ShardError naming shard and sample."""
+    try:
+        captions = [raw["txt"].decode("utf-8")]
+        if count > 1:
+            synthetic = json.loads(raw["syn.json"])["syn_text"] if "syn.json" in raw else []
+            captions += [str(text) for text in synthetic[:count - 1]]
+    except (ValueError, TypeError, KeyError) as exc:  # not UTF-8, not JSON, no syn_text list
+        raise _corrupt(raw, f"its captions cannot be read: {type(exc).__name__}: {exc}") from exc
+    if len(captions) < count:
+        raise _corrupt(raw, f"has {len(captions)} caption(s) (.txt and syn.json's syn_text), {count} are needed")
+    return captions
+
+
+def sample_label(raw: dict) -> Optional[int]:
+    """The ``label`` of the sample's ``.json`` member, if any."""
+    if "json" not in raw:
+        return None
+    try:
+        meta = json.loads(raw["json"])
+        label = meta.get("label") if isinstance(meta, dict) else None
+        return None if label is None else int(label)
+    except (ValueError, TypeError) as exc:  # not UTF-8, not JSON, or a label that is not a number
+        raise ShardError(f"corrupt shard {raw.get('__url__')}: sample {raw['__key__']!r}: its .json member cannot be "
+                         f"read: {exc}") from exc
 
 
 def collate(samples: list[dict]) -> dict:
@@ -390,7 +433,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 break
             if index < skip:
                 continue
-            batch.append(self.codec(sample))
+            batch.append(self.codec(sample, self.epoch))
             if len(batch) == self.batch_size:
                 yield self.codec.collate(batch)
                 batch = []

@@ -3,10 +3,12 @@
 Each sample is a 32x32 image of one shape (6 shapes x 6 colours = 36 zero-shot classes, class = "<colour> <shape>")
 with a random size, position, background colour and noise, and a caption from a template that mentions the colour,
 shape and some of the size, position and background (so retrieval needs more than the class). Shards follow
-img2dataset's layout: ``{key}.png`` + ``{key}.txt`` + ``{key}.json`` per sample, names ``train-{00000..000NN}.tar``,
-a ``sizes.json`` (shard file -> sample count) and a ``dataset.json`` recording how the data was made.
-Generation is deterministic in (seed, split, shard), writes every file atomically (temp + os.replace), one
-process at a time (engine.core.lock).
+img2dataset's layout: ``{key}.png`` + ``{key}.txt`` + ``{key}.json`` per sample, plus DataCompDR's ``{key}.syn.json``
+(``{"syn_text": [...]}``: ``SYNTHETIC_CAPTIONS`` more captions of the same image from the other templates), names
+``train-{00000..000NN}.tar``, a ``sizes.json`` (shard file -> sample count) and a ``dataset.json`` recording how the
+data was made. Generation is deterministic in (seed, split, shard), writes every file atomically (temp +
+os.replace), one process at a time (engine.core.lock); the synthetic captions come from a generator of their own, so
+images and ``.txt`` captions are those of format 1.
 """
 from __future__ import annotations
 
@@ -48,7 +50,9 @@ PROMPT_TEMPLATES = ("a {c}.", "a photo of a {c}.", "a picture of a {c}.", "an im
 CLASSNAMES = tuple(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES)
 IMAGE_SIZE = 32
 _SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased edges
-FORMAT_VERSION = 1
+SYNTHETIC_CAPTIONS = 4  # captions in each sample's syn.json besides its .txt
+FORMAT_VERSION = 2  # 2: the syn.json member
+MEMBERS = ("png", "txt", "json", "syn.json")
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,14 @@ def make_sample(rng: np.random.Generator) -> tuple[Image.Image, dict]:
     return image, meta
 
 
+def synthetic_captions(meta: dict, rng: np.random.Generator) -> list[str]:
+    """``SYNTHETIC_CAPTIONS`` captions of the sample ``meta`` describes, from templates other than its caption's, in
+    a random order."""
+    attributes = {name: meta[name] for name in ("size", "colour", "shape", "position", "background")}
+    others = [text for text in (t.format(**attributes) for t in CAPTION_TEMPLATES) if text != meta["caption"]]
+    return [others[i] for i in rng.permutation(len(others))[:SYNTHETIC_CAPTIONS]]
+
+
 def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(payload), 0, 0o644  # mtime 0: byte-identical shards for equal seeds
@@ -135,6 +147,7 @@ def write_shard(path: Path, split_id: int, shard: int, count: int, seed: int) ->
 
 def _write_samples(tmp: Path, split_id: int, shard: int, count: int, seed: int) -> None:
     rng = np.random.default_rng([seed, split_id, shard])
+    syn_rng = np.random.default_rng([seed, split_id, shard, 1])  # a stream of its own: the images stay format 1's
     with tarfile.open(tmp, "w") as tar:
         for index in range(count):
             image, meta = make_sample(rng)
@@ -145,6 +158,7 @@ def _write_samples(tmp: Path, split_id: int, shard: int, count: int, seed: int) 
             _add(tar, f"{key}.png", buffer.getvalue())
             _add(tar, f"{key}.txt", meta["caption"].encode())
             _add(tar, f"{key}.json", json.dumps(meta).encode())
+            _add(tar, f"{key}.syn.json", json.dumps({"syn_text": synthetic_captions(meta, syn_rng)}).encode())
 
 
 def shard_pattern(root: Path, split: str, count: int) -> str:
@@ -233,7 +247,8 @@ def _intact(path: Path, count: int) -> bool:
         with tarfile.open(path) as tar:
             members = tar.getmembers()
         # a shard cut inside its last member still lists every member
-        return len(members) == 3 * count and members[-1].offset_data + members[-1].size <= path.stat().st_size
+        complete = members and members[-1].offset_data + members[-1].size <= path.stat().st_size
+        return len(members) == len(MEMBERS) * count and bool(complete)
     except (OSError, tarfile.TarError):
         return False
 

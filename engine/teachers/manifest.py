@@ -26,8 +26,11 @@ import torch
 from ..core.errors import StoreError
 from ..core.io import atomic_write_json
 from ..data.shards import is_remote
+from . import reinforced
 
-FORMAT_VERSION = 3  # 3: parts named by the shard's full path (2 named them by file name alone)
+# 3: parts named by the shard's full path (2 named them by file name alone); 4: (count, V, D) images and (count, C, D)
+# texts, and a reinforced store's views (engine.teachers.reinforced)
+FORMAT_VERSION = 4
 PART_ARRAYS = ("keys", "key_hashes", "digests", "image", "text")
 # CLIP clamps its learned logit scale at 100; SigLIP does not (its trained scales are about 110-120), so a teacher's
 # scale is sane up to well above that, and an edited one (doubled, negative, NaN) is caught by the other checks
@@ -136,9 +139,8 @@ def read_manifest(root: str | os.PathLike) -> dict:
         raise StoreError(f"{path}: cannot read it ({exc.strerror}); {REBUILD}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
         found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise StoreError(f"{path}: store format {found} is not {FORMAT_VERSION} (a store of an older version, which "
-                         f"named parts by file name alone, or a foreign one); delete {root} and rebuild it with "
-                         f"engine.precompute")
+        raise StoreError(f"{path}: store format {found} is not {FORMAT_VERSION} (a store of an older version or a "
+                         f"foreign one); delete {root} and rebuild it with engine.precompute")
     if manifest.get("digest") != content_digest(manifest):
         raise StoreError(f"{path}: content does not match its digest (the file was edited or damaged); {REBUILD}")
     problem = manifest_problem(manifest)
@@ -166,13 +168,16 @@ def manifest_problem(manifest: dict) -> Optional[str]:
     width = manifest.get("embed_dim")
     if not _count(width) or width == 0:
         return f"embed_dim {width!r} is not a positive integer"
-    if (manifest.get("dtype"), manifest.get("normalized")) != ("float16", True) or \
-            not isinstance(manifest.get("augmentation"), str):
-        return "the embeddings are not recorded as L2-normalised float16 of a stated augmentation"
+    if (manifest.get("dtype"), manifest.get("normalized")) != ("float16", True):
+        return "the embeddings are not recorded as L2-normalised float16"
+    problem = reinforced.record_problem(manifest.get("augmentation"))
+    if problem:
+        return problem
     parts = manifest.get("parts")
     if not isinstance(parts, dict):
         return "parts is not a mapping of part names to records"
-    problem = next(filter(None, (_record_problem(name, record) for name, record in parts.items())), None)
+    arrays = PART_ARRAYS + (reinforced.VIEW_ARRAYS if manifest["augmentation"]["views"] else ())
+    problem = next(filter(None, (_record_problem(name, record, arrays) for name, record in parts.items())), None)
     if problem:
         return problem
     total = sum(record["count"] for record in parts.values())
@@ -183,7 +188,7 @@ def manifest_problem(manifest: dict) -> Optional[str]:
     return None
 
 
-def _record_problem(name: str, record) -> Optional[str]:
+def _record_problem(name: str, record, arrays: tuple[str, ...]) -> Optional[str]:
     if not isinstance(record, dict) or not isinstance(record.get("shard"), str):
         return f"part {name!r} does not record the shard it was built from"
     if name != part_name(record["shard"]):
@@ -191,8 +196,8 @@ def _record_problem(name: str, record) -> Optional[str]:
     if not _count(record.get("count")) or not (record.get("shard_bytes") is None or _count(record["shard_bytes"])):
         return f"part {name}: count or shard_bytes is not a non-negative integer"
     sums = record.get("sha256")
-    if not isinstance(sums, dict) or not all(isinstance(sums.get(array), str) for array in PART_ARRAYS):
-        return f"part {name}: sha256 does not record every part file ({', '.join(PART_ARRAYS)})"
+    if not isinstance(sums, dict) or not all(isinstance(sums.get(array), str) for array in arrays):
+        return f"part {name}: sha256 does not record every part file ({', '.join(arrays)})"
     return None
 
 

@@ -3,8 +3,10 @@
     keys.npy        (count,) unicode: the samples' ``__key__``, in shard order
     key_hashes.npy  (count,) int64: blake2b-64 of each key (the index is built from these)
     digests.npy     (count,) int64: blake2b-64 of the sample's raw members, names included
-    image.npy       (count, D) fp16, L2-normalised teacher image embeddings
-    text.npy        (count, D) fp16, L2-normalised teacher text embeddings
+    image.npy       (count, V, D) fp16, L2-normalised teacher image embeddings of V views (V = 1: the evaluation view)
+    text.npy        (count, C, D) fp16, L2-normalised teacher text embeddings of C captions
+    views.npy       (count, K, P) float32, a reinforced store's view parameters (engine.teachers.reinforced)
+    source_hw.npy   (count, 2) int32, a reinforced store's source image sizes
 
 A part is written into ``parts/.<part name>.tmp<pid>/`` (engine.core.io's temporary pattern, swept when its process
 is dead) and renamed into place, then recorded in the manifest. Every array is a plain dtype (never unpickled).
@@ -24,11 +26,13 @@ import torch
 from ..core.errors import StoreError, WriteError
 from ..core.io import temp_path, write_failure
 from ..data.shards import is_remote, key_hash
+from . import reinforced
 from .manifest import PART_ARRAYS, part_name, sha256_file, shard_source, write_manifest
 
-ROWS = ("image", "text")
+FINITE = ("image", "text", "views")  # arrays whose every value must be finite
 PLAIN_DTYPES = {"key_hashes": np.dtype(np.int64), "digests": np.dtype(np.int64), "image": np.dtype(np.float16),
-                "text": np.dtype(np.float16)}  # keys: any native unicode width
+                "text": np.dtype(np.float16), "views": np.dtype(np.float32),
+                "source_hw": np.dtype(np.int32)}  # keys: any native unicode width
 _READ_CHUNK = 1 << 24  # bytes per read when verifying a part file
 
 
@@ -36,8 +40,9 @@ class PartWriter:
     """Writes one shard's part batch by batch, rows appended with plain file writes: memory independent of shard
     size, and a full disk is a WriteError naming the part (a memory-mapped write would die of SIGBUS).
 
-    ``append`` refuses non-finite rows (naming their keys); ``commit`` renames the finished part into place and
-    records it in the manifest. Nothing is recorded if the part is not committed; ``abort`` removes its temporary.
+    ``append`` refuses non-finite rows (naming their keys and views); ``commit`` renames the finished part into place
+    and records it in the manifest. Nothing is recorded if the part is not committed; ``abort`` removes its
+    temporary.
     """
 
     def __init__(self, root: Path, manifest: dict, url: str, count: int):
@@ -49,14 +54,15 @@ class PartWriter:
         self.key_hashes = np.empty(count, dtype=np.int64)
         self.digests = np.empty(count, dtype=np.int64)
         self.files = {}
-        header = {"descr": np.lib.format.dtype_to_descr(PLAIN_DTYPES["image"]), "fortran_order": False,
-                  "shape": (count, manifest["embed_dim"])}
+        self.shapes = reinforced.row_shapes(reinforced.of_manifest(manifest), manifest["embed_dim"])
         with self._writing():
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp.mkdir(parents=True)
-            for array in ROWS:
+            for array, shape in self.shapes.items():
                 self.files[array] = open(self.tmp / f"{array}.npy", "wb")
-                np.lib.format.write_array_header_1_0(self.files[array], header)
+                np.lib.format.write_array_header_1_0(self.files[array], {
+                    "descr": np.lib.format.dtype_to_descr(PLAIN_DTYPES[array]), "fortran_order": False,
+                    "shape": (count, *shape)})
 
     @contextlib.contextmanager
     def _writing(self):
@@ -69,22 +75,28 @@ class PartWriter:
             raise WriteError(f"could not write store part {self.final}: {reason}; the store is as it was before "
                              f"this part") from exc
 
-    def append(self, keys: Sequence[str], digests: Sequence[int], image: torch.Tensor, text: torch.Tensor) -> None:
+    def append(self, keys: Sequence[str], digests: Sequence[int], image: torch.Tensor, text: torch.Tensor,
+               views: Optional[np.ndarray] = None, source_hw: Optional[np.ndarray] = None) -> None:
+        """Rows of ``keys``: image (B, V, D), text (B, C, D) (a plain store's may be (B, D)), and with stored views
+        their parameters (B, K, P) and the source images' sizes (B, 2)."""
         start, stop = len(self.keys), len(self.keys) + len(keys)
         if stop > self.count:
             raise StoreError(f"shard {self.url}: more than the {self.count} samples its size says")
-        rows = {"image": image.to(torch.float16).numpy(), "text": text.to(torch.float16).numpy()}
-        bad = ~(np.isfinite(rows["image"]).all(axis=1) & np.isfinite(rows["text"]).all(axis=1))
-        if bad.any():
-            named = [keys[i] for i in np.flatnonzero(bad)[:10]]
-            raise StoreError(f"shard {self.url}: the teacher gave non-finite embeddings for {int(bad.sum())} "
-                             f"sample(s), keys {named}; refusing to store them (check the teacher weights)")
+        given = {"image": image, "text": text, "views": views, "source_hw": source_hw}
+        rows = {array: reinforced.as_rows(given[array], PLAIN_DTYPES[array], (len(keys), *shape))
+                for array, shape in self.shapes.items()}
+        bad = reinforced.non_finite_rows(rows)
+        if bad is not None:
+            count, (samples, what) = bad
+            raise StoreError(f"shard {self.url}: the teacher gave non-finite embeddings for {count} sample(s), keys "
+                             f"{[keys[i] for i in samples[:10]]} (first: {what}); refusing to store them (check the "
+                             f"teacher weights)")
         self.keys.extend(keys)
         self.key_hashes[start:stop] = [key_hash(k) for k in keys]
         self.digests[start:stop] = digests
         with self._writing():
-            for array in ROWS:
-                self.files[array].write(np.ascontiguousarray(rows[array]).data)
+            for array, values in rows.items():
+                self.files[array].write(np.ascontiguousarray(values).data)
 
     def commit(self) -> None:
         if len(self.keys) != self.count:
@@ -100,7 +112,8 @@ class PartWriter:
         parts = self.manifest["parts"]
         parts[self.name] = {"shard": shard_source(self.url), "count": self.count,
                             "shard_bytes": None if is_remote(self.url) else os.path.getsize(self.url),
-                            "sha256": {array: sha256_file(self.final / f"{array}.npy") for array in PART_ARRAYS}}
+                            "sha256": {array: sha256_file(self.final / f"{array}.npy")
+                                       for array in dict.fromkeys([*PART_ARRAYS, *self.shapes])}}
         self.manifest["count"] = sum(part["count"] for part in parts.values())
         try:
             write_manifest(self.root, self.manifest)
@@ -136,7 +149,8 @@ def _layout_problem(path: Path, array: str, header: tuple, shape: tuple) -> Opti
         expected = "plain text keys" if array == "keys" else PLAIN_DTYPES[array].name
         return f"{path} holds {dtype.name} values, not {expected}"
     if tuple(found_shape) != shape or fortran:
-        return f"{path} holds an array of shape {tuple(found_shape)}, not {shape} (the manifest's count and embed_dim)"
+        return f"{path} holds an array of shape {tuple(found_shape)}, not {shape} (the manifest's count, embed_dim, " \
+               f"views and captions)"
     return None
 
 
@@ -164,7 +178,7 @@ def verify_part_file(path: Path, expected_sha256: str, array: str, shape: tuple)
         dtype, carry = header[2], b""
         for block in iter(lambda: handle.read(_READ_CHUNK), b""):
             digest.update(block)
-            if array in ROWS:
+            if array in FINITE:
                 data = carry + block
                 usable = len(data) - len(data) % dtype.itemsize
                 if not np.isfinite(np.frombuffer(data[:usable], dtype=dtype)).all():
@@ -175,11 +189,18 @@ def verify_part_file(path: Path, expected_sha256: str, array: str, shape: tuple)
     return None
 
 
-def part_damage(root: Path, name: str, record: dict, width: int) -> Optional[str]:
+def part_shapes(count: int, width: int, settings: reinforced.Reinforcement) -> dict[str, tuple]:
+    """Every file of a part and its shape: the keys' (count,), the rows' as the store's views and captions give."""
+    rows = reinforced.row_shapes(settings, width)
+    return {**{array: (count,) for array in PART_ARRAYS if array not in rows},
+            **{array: (count, *shape) for array, shape in rows.items()}}
+
+
+def part_damage(root: Path, name: str, record: dict, width: int,
+                settings: reinforced.Reinforcement = reinforced.Reinforcement()) -> Optional[str]:
     """None if every file of a part is what its record and the manifest say (dtype, shape, checksum, finite
-    embeddings), else what is wrong."""
-    for array in PART_ARRAYS:
-        shape = (record["count"], width) if array in ROWS else (record["count"],)
+    embeddings and view parameters), else what is wrong."""
+    for array, shape in part_shapes(record["count"], width, settings).items():
         problem = verify_part_file(Path(root) / "parts" / name / f"{array}.npy", record["sha256"][array], array,
                                    shape)
         if problem:
@@ -187,10 +208,10 @@ def part_damage(root: Path, name: str, record: dict, width: int) -> Optional[str
     return None
 
 
-def open_part(root: Path, name: str) -> dict[str, np.ndarray]:
-    """A checked part's arrays, memory-mapped (never unpickled)."""
+def open_part(root: Path, name: str, arrays=PART_ARRAYS) -> dict[str, np.ndarray]:
+    """A checked part's ``arrays``, memory-mapped (never unpickled)."""
     return {array: np.load(Path(root) / "parts" / name / f"{array}.npy", mmap_mode="r", allow_pickle=False)
-            for array in PART_ARRAYS}
+            for array in arrays}
 
 
 def shard_change(url: str, record: dict) -> Optional[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -19,6 +20,7 @@ from ..core.errors import StoreError
 from ..core.io import sweep_temporaries
 from ..core.lock import DEFAULT_TIMEOUT, building
 from ..data import shards as data_lib
+from . import reinforced
 from . import store as store_lib
 
 
@@ -41,10 +43,13 @@ def check_unique_keys(urls: list[str]) -> dict[str, int]:
 
 def build_store(pattern: str, teacher_name: str, pretrained: str, root: str | Path, batch_size: int = 500,
                 progress: bool = True, device: str | torch.device | None = None,
-                timeout: float = DEFAULT_TIMEOUT) -> Path:
+                timeout: float = DEFAULT_TIMEOUT, settings: reinforced.Reinforcement = reinforced.Reinforcement()
+                ) -> Path:
     """Run the teacher over every shard without a part yet, batch by batch as samples stream (memory independent of
-    shard size). One process builds a store at a time: another waits (at most ``timeout`` seconds) and then finds
-    it built; the temporaries of killed builds are swept first."""
+    shard size): per sample one image forward per stored view (``settings.views``, at least one) and one text
+    forward per caption (``settings.captions``), about ``batch_size`` images per forward. One process builds a store
+    at a time: another waits (at most ``timeout`` seconds) and then finds it built; the temporaries of killed builds
+    are swept first."""
     root = Path(root)
     urls = data_lib.expand_urls(pattern)
     counts = check_unique_keys(urls)
@@ -55,6 +60,9 @@ def build_store(pattern: str, teacher_name: str, pretrained: str, root: str | Pa
         sweep_temporaries(root)
         sweep_temporaries(root / "parts")
         previous = store_lib.reopen(root, fingerprint)  # the output is checked before the teacher is loaded
+        if previous:
+            reinforced.check_settings(f"--teacher-store {root}", previous, settings, "pass its --augmentations, "
+                                      "--aug-cfg and --captions, another --teacher-store, or delete it to rebuild it")
         todo = store_lib.shards_to_build(root, previous, urls) if previous else urls
         if previous and not todo:  # built already, or meanwhile by the process this one waited for
             if not previous["complete"]:
@@ -64,33 +72,43 @@ def build_store(pattern: str, teacher_name: str, pretrained: str, root: str | Pa
                                         device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
         recorded = os.path.abspath(pretrained) if os.path.isfile(pretrained) else str(pretrained)
         bias = None if teacher.logit_bias is None else teacher.logit_bias.item()  # a SigLIP teacher's
+        inputs = reinforced.TeacherInputs(teacher, models.get_tokenizer(teacher_name), settings)
         manifest = previous or store_lib.begin(root, {"model": teacher_name, "pretrained": recorded,
                                                       "fingerprint": fingerprint},
-                                               teacher.logit_scale.exp().item(), models.embed_dim(teacher_name), bias)
-        _build_parts(root, manifest, todo, sizes, teacher, teacher_name, batch_size, progress)
+                                               teacher.logit_scale.exp().item(), models.embed_dim(teacher_name), bias,
+                                               settings.record(inputs.reference_hw, inputs.resize_mode), pattern)
+        _build_parts(root, manifest, todo, sizes, teacher, inputs, batch_size, progress)
         store_lib.finish(root, manifest)
     return root
 
 
 @torch.no_grad()
-def _build_parts(root: Path, manifest: dict, todo: list[str], sizes: dict[str, int], teacher, teacher_name: str,
-                 batch_size: int, progress: bool) -> None:
+def _build_parts(root: Path, manifest: dict, todo: list[str], sizes: dict[str, int], teacher,
+                 inputs: reinforced.TeacherInputs, batch_size: int, progress: bool) -> None:
     device = next(teacher.parameters()).device
-    codec = data_lib.Codec(images={"image": models.get_preprocess(teacher)},
-                           texts={"text": models.get_tokenizer(teacher_name)})
+    views = inputs.settings.views
+    samples_per_batch = max(1, batch_size // max(views, 1))  # about batch_size images per forward
     # closed (its line cleared) however the loop ends, so that an error is printed on a line of its own
     with tqdm(total=sum(sizes[u] for u in todo), desc="teacher embeddings", disable=not progress, leave=False) as bar:
         for url in todo:
             writer = store_lib.PartWriter(root, manifest, url, sizes[url])
             try:
-                decoded = (codec(raw) for raw in data_lib.read_shard(url, sizes[url]))
-                for batch in data_lib.batched(decoded, batch_size, codec.collate):
-                    out = teacher(batch["image"].to(device), batch["text"].to(device))
-                    writer.append(batch["key"], batch["digest"].tolist(),
-                                  F.normalize(out["image_features"].float(), dim=-1).cpu(),
-                                  F.normalize(out["text_features"].float(), dim=-1).cpu())
+                decoded = (inputs(raw) for raw in data_lib.read_shard(url, sizes[url]))
+                for batch in data_lib.batched(decoded, samples_per_batch):
+                    image, text = embed(teacher, inputs, batch, device)
+                    writer.append(batch["key"], batch["digest"].tolist(), image, text,
+                                  np.stack(batch["views"]) if views else None, np.stack(batch["source_hw"]))
                     bar.update(len(batch["key"]))
                 writer.commit()
             except BaseException:
                 writer.abort()
                 raise
+
+
+def embed(teacher, inputs: reinforced.TeacherInputs, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's L2-normalised embeddings of a batch's views (B, V, D) and captions (B, C, D), on the CPU."""
+    images, tokens = batch["images"], batch["tokens"]  # (B, V, 3, H, W) uint8, (B, C, L)
+    image = teacher.encode_image(inputs.pixels(images.flatten(0, 1)).to(device), normalize=True)
+    text = teacher.encode_text(tokens.flatten(0, 1).to(device), normalize=True)
+    return (F.normalize(image.float(), dim=-1).cpu().unflatten(0, images.shape[:2]),
+            F.normalize(text.float(), dim=-1).cpu().unflatten(0, tokens.shape[:2]))

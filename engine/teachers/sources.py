@@ -14,6 +14,7 @@ from torch import nn
 
 import models
 
+from ..data.augment import ViewDraw
 from .store import TeacherStore
 
 Rows = tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
@@ -28,6 +29,9 @@ class TeacherSource(Protocol):
     # extra inputs a batch must carry for this teacher: batch key -> image transform / tokenizer
     images: dict[str, Callable]
     texts: dict[str, Callable]
+    # a reinforced store's draw of one stored view and caption per sample and step (None: the evaluation view and
+    # the .txt caption, as the student's transform and tokenizer make them)
+    views: Optional[ViewDraw]
 
     def rows(self, batch: dict, device: torch.device) -> Rows:
         """(image, text) teacher embeddings of the batch's samples, (B, D) each, or (None, None)."""
@@ -42,6 +46,7 @@ class NoTeacher:
     embed_dim: Optional[int] = None
     images: dict = field(default_factory=dict)
     texts: dict = field(default_factory=dict)
+    views: Optional[ViewDraw] = None
 
     def rows(self, batch: dict, device: torch.device) -> Rows:
         return None, None
@@ -49,17 +54,20 @@ class NoTeacher:
 
 @dataclass
 class StoreTeacher:
-    """Teacher rows from a verified store: every lookup checks the sample's key and digest."""
+    """Teacher rows from a verified store: every lookup checks the sample's key and digest. From a reinforced store,
+    the rows of the view and caption each sample was decoded as (the batch's ``view_index``, ``caption_index``)."""
 
     store: TeacherStore
     images: dict = field(default_factory=dict)
     texts: dict = field(default_factory=dict)
+    views: Optional[ViewDraw] = None
 
     def __post_init__(self):
         self.scale, self.bias, self.embed_dim = self.store.logit_scale, self.store.logit_bias, self.store.embed_dim
 
     def rows(self, batch: dict, device: torch.device) -> Rows:
-        image, text = self.store.lookup(batch["key"], batch["digest"].tolist(), batch["url"])
+        image, text = self.store.lookup(batch["key"], batch["digest"].tolist(), batch["url"],
+                                        batch.get("view_index"), batch.get("caption_index"))
         return image.to(device), text.to(device)
 
 
@@ -72,7 +80,7 @@ class OnlineTeacher:
                  autocast_dtype: Optional[torch.dtype]):
         with torch.random.fork_rng():  # the teacher's (overwritten) random init must not shift the student's RNG
             self.model = models.create_teacher(name, pretrained, device=device)
-        self.scale, self.embed_dim = self.model.logit_scale.exp().item(), models.embed_dim(name)
+        self.scale, self.embed_dim, self.views = self.model.logit_scale.exp().item(), models.embed_dim(name), None
         self.bias = None if self.model.logit_bias is None else self.model.logit_bias.item()
         self.autocast_dtype = autocast_dtype
         self.images = {"teacher_image": models.get_preprocess(self.model)} \

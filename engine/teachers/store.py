@@ -6,8 +6,9 @@ Layout of a store directory (specification in the README, section "Teacher store
                                teacher's; null for CLIP ones), embed_dim, count, parts (per part: the shard's path
                                or URL, count, its size, each file's sha256),
                                complete, and "digest": the sha256 of everything else in the file
-    parts/<file name>-<hash>/  one shard's keys, key hashes, sample digests, image and text rows
-                               (engine.teachers.parts); the hash is of the shard's full path (engine.teachers.manifest)
+    parts/<file name>-<hash>/  one shard's keys, key hashes, sample digests, image and text rows, and a reinforced
+                               store's view parameters (engine.teachers.parts); the hash is of the shard's full path
+                               (engine.teachers.manifest)
     .lock                      held by the process building the store (engine.core.lock)
 
 Building goes shard by shard, one process at a time; a part is written into a temporary folder and renamed into
@@ -22,10 +23,12 @@ sample's content digest.
 The part arrays are memory-mapped: the processes of a machine share one copy in the page cache, and a process's
 private memory holds only the index (16 bytes per sample).
 
-Augmentation: the store holds one embedding per sample of the teacher's deterministic evaluation view; the
-student trains on the same deterministic view (no random augmentation), so cached targets match what the
-student sees exactly. Masked feature distillation (--mfd-mask-ratio) drops patches inside the student only, which
-is compatible with full-image targets by design. Augmented training needs per-view targets: use --online-teacher.
+Augmentation (engine.teachers.reinforced, the manifest's ``augmentation``): a plain store holds one embedding per
+sample of the teacher's deterministic evaluation view (V = 1), and the student trains on the same deterministic
+view; a reinforced store holds V = K stored views per sample (their parameters and embeddings) and C captions, and
+the student trains on one stored view and caption per sample and step, replayed exactly. Masked feature
+distillation (--mfd-mask-ratio) drops patches inside the student only, which is compatible with full-image targets
+by design.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ import torch
 
 from ..core.errors import ShardError, StoreError
 from ..data.shards import expand_urls, is_remote, key_hash, read_shard, sample_digest, shard_keys, shard_sizes
+from . import reinforced
 from .manifest import (
     FORMAT_VERSION,
     PART_ARRAYS,
@@ -57,7 +61,6 @@ from .parts import PartWriter, open_part, part_damage, shard_change
 __all__ = ["FORMAT_VERSION", "PART_ARRAYS", "PartWriter", "StoreError", "TeacherStore", "begin", "describe",
            "finish", "part_name", "read_manifest", "reopen", "sha256_file", "shards_to_build", "teacher_fingerprint",
            "verify", "write_manifest"]
-AUGMENTATION = "none: one embedding per sample of the teacher's deterministic evaluation view"
 UNIT_NORM_TOLERANCE = 1e-2  # |squared norm - 1| of a unit row rounded to fp16 stays below 1e-3
 
 
@@ -100,7 +103,8 @@ def shards_to_build(root: Path, manifest: dict, urls: list[str]) -> list[str]:
     matched = match_parts(manifest["parts"], urls)
     for url, name in zip(urls, matched):
         record = manifest["parts"].get(name)
-        problem = record and (part_damage(root, name, record, manifest["embed_dim"]) or shard_change(url, record)
+        problem = record and (part_damage(root, name, record, manifest["embed_dim"], reinforced.of_manifest(manifest))
+                              or shard_change(url, record)
                               or _first_sample_change(root, name, url))
         if problem:
             raise StoreError(f"--teacher-store {root}: cannot resume its build: {problem}; the store was built from "
@@ -119,8 +123,11 @@ def _first_sample_change(root: Path, name: str, url: str) -> Optional[str]:
     return f"shard {url} does not begin with the sample its part was built from (key or content differs)"
 
 
-def begin(root: Path, teacher: dict, logit_scale: float, embed_dim: int, logit_bias: Optional[float] = None) -> dict:
-    """Create or reopen a store for resuming; refuses a store begun by another teacher."""
+def begin(root: Path, teacher: dict, logit_scale: float, embed_dim: int, logit_bias: Optional[float] = None,
+          augmentation: Optional[dict] = None, train_data: Optional[str] = None) -> dict:
+    """Create or reopen a store for resuming; refuses a store begun by another teacher. ``augmentation``: the views
+    and captions it holds (engine.teachers.reinforced's record; None: a plain store); ``train_data``: the shards it
+    is built from, as given (verify-views reads them)."""
     root = Path(root)
     create_root(root)
     manifest = reopen(root, teacher["fingerprint"])
@@ -128,7 +135,8 @@ def begin(root: Path, teacher: dict, logit_scale: float, embed_dim: int, logit_b
         return manifest
     manifest = {"format": FORMAT_VERSION, "teacher": teacher, "logit_scale": float(logit_scale),
                 "logit_bias": None if logit_bias is None else float(logit_bias), "embed_dim": int(embed_dim),
-                "dtype": "float16", "normalized": True, "augmentation": AUGMENTATION,
+                "dtype": "float16", "normalized": True,
+                "augmentation": augmentation or reinforced.Reinforcement().record(), "train_data": train_data,
                 "sample_digest": "blake2b-64 over the sample's raw members (name, size, bytes) in name order",
                 "count": 0, "parts": {}, "complete": False}
     write_manifest(root, manifest)
@@ -166,6 +174,7 @@ class TeacherStore:
         self.logit_bias = manifest.get("logit_bias")
         self.embed_dim = int(manifest["embed_dim"])
         self.teacher = manifest["teacher"]
+        self.reinforcement = reinforced.of_manifest(manifest)
         matched = list(manifest["parts"]) if urls is None else match_parts(manifest["parts"], urls)
         self.part_names = [name for name in matched if name is not None]
         self.parts = [self._open_part(name) for name in self.part_names]
@@ -176,10 +185,13 @@ class TeacherStore:
 
     def _open_part(self, name: str) -> dict:
         record = self.manifest["parts"][name]
-        problem = part_damage(self.root, name, record, self.embed_dim)
+        problem = part_damage(self.root, name, record, self.embed_dim, self.reinforcement)
+        arrays = open_part(self.root, name, list(record["sha256"])) if problem is None else {}
+        if problem is None and self.reinforcement.views:
+            problem = reinforced.views_problem(arrays)
         if problem:
             raise StoreError(f"{self.root}: part of shard {record['shard']}: {problem}; rebuild the store")
-        return {"name": name, "shard": record["shard"], **open_part(self.root, name)}
+        return {"name": name, "shard": record["shard"], **arrays}
 
     def _build_index(self) -> None:
         """Sorted key hashes and their (part, row): 16 bytes per sample; a key in two places is refused."""
@@ -266,28 +278,48 @@ class TeacherStore:
             parts[mine[~same]], rows[mine[~same]] = -1, -1
         return parts, rows
 
-    def lookup(self, keys: Sequence[str], digests: Sequence[int], urls: Sequence[Optional[str]]):
-        """Teacher rows of these samples; the key and the sample digest must both match the stored ones."""
+    def _checked(self, keys: Sequence[str], digests: Sequence[int], urls: Sequence[Optional[str]]):
+        """(part, positions in ``keys``, rows of that part) of these samples, part by part in ascending rows; the key
+        and the sample digest must both match the stored ones (else a StoreError naming the sample)."""
         parts, rows = self._locate(keys)
         digests = np.asarray(digests, dtype=np.int64)
-        image = np.empty((len(keys), self.embed_dim), dtype=np.float16)
-        text = np.empty_like(image)
         for i in np.flatnonzero(parts < 0)[:1]:
             raise StoreError(f"{self.root}: no teacher embeddings for sample {keys[i]!r} of shard {urls[i]}; the "
                              f"store was built from other shards: rebuild it with engine.precompute")
         for part in np.unique(parts):
             mine = np.flatnonzero(parts == part)
             mine = mine[np.argsort(rows[mine])]  # ascending rows read the memory map sequentially
-            stored = self.parts[part]
-            differ = np.flatnonzero(stored["digests"][rows[mine]] != digests[mine])
+            differ = np.flatnonzero(self.parts[part]["digests"][rows[mine]] != digests[mine])
             if len(differ):
                 i = mine[differ[0]]
                 raise StoreError(f"{self.root}: sample {keys[i]!r} of shard {urls[i]} is not the sample the store "
                                  f"was built from (content digest differs): the shard was rewritten or edited; "
                                  f"rebuild the store with engine.precompute")
-            image[mine] = stored["image"][rows[mine]]
-            text[mine] = stored["text"][rows[mine]]
+            yield part, mine, rows[mine]
+
+    def lookup(self, keys: Sequence[str], digests: Sequence[int], urls: Sequence[Optional[str]],
+               views: Optional[Sequence[int]] = None, captions: Optional[Sequence[int]] = None):
+        """Teacher rows (B, D) of these samples: the image embedding of stored view ``views[b]`` and the text
+        embedding of caption ``captions[b]`` (None: view and caption 0); key and sample digest are checked."""
+        chosen = [np.zeros(len(keys), np.int64) if index is None else np.asarray(index, dtype=np.int64)
+                  for index in (views, captions)]
+        image = np.empty((len(keys), self.embed_dim), dtype=np.float16)
+        text = np.empty_like(image)
+        for part, mine, rows in self._checked(keys, digests, urls):
+            image[mine] = self.parts[part]["image"][rows, chosen[0][mine]]
+            text[mine] = self.parts[part]["text"][rows, chosen[1][mine]]
         return torch.from_numpy(image), torch.from_numpy(text)
+
+    def view_rows(self, key: str, digest: int, url: Optional[str] = None) -> np.ndarray:
+        """The stored views' parameters (K, P) of one sample, bound to it as its embeddings are (key and digest).
+        One sample per call (the data pipeline's), so scalar steps rather than ``_checked``'s vectorised ones."""
+        wanted = key_hash(key)
+        slot = int(np.searchsorted(self.sorted_hashes, wanted))
+        part, row = self._where(int(self.order[slot])) if slot < len(self.order) else (0, -1)
+        arrays = self.parts[part] if row >= 0 else {}
+        if not (arrays and str(arrays["keys"][row]) == key and int(arrays["digests"][row]) == digest):
+            next(self._checked([key], [digest], [url]))  # not this sample: raises the lookup's StoreError
+        return np.asarray(arrays["views"][row])
 
 
 # ------------------------------------------------------------------------------------------------- verification
@@ -339,8 +371,9 @@ def deep_problem(store: TeacherStore) -> Optional[str]:
 
 
 def _row_blocks(rows: np.ndarray, size: int = 1 << 16):
+    """(n, D) float32 blocks of a part's (count, V or C, D) rows."""
     for start in range(0, len(rows), size):
-        yield rows[start:start + size].astype(np.float32)
+        yield rows[start:start + size].reshape(-1, rows.shape[-1]).astype(np.float32)
 
 
 def describe(root: str) -> str:
@@ -351,7 +384,7 @@ def describe(root: str) -> str:
              f"  width        {manifest['embed_dim']} ({manifest['dtype']}, L2-normalised)",
              f"  samples      {manifest['count']} in {len(manifest['parts'])} part(s); "
              f"{'complete' if manifest['complete'] else 'INCOMPLETE build'}",
-             f"  augmentation {manifest['augmentation']}"]
+             f"  augmentation {reinforced.of_manifest(manifest).describe()}"]
     lines += [f"  part {name}: {part['count']} samples, shard {part['shard']} ({part['shard_bytes']} bytes)"
               for name, part in sorted(manifest["parts"].items())]
     return "\n".join(lines)

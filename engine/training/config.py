@@ -11,10 +11,17 @@ from typing import Optional
 from kernels import PRESETS, WEIGHT_KEYS
 
 from ..core.errors import ConfigError
+from ..data.augment import SAMPLINGS, AugmentCfg
+from ..teachers.reinforced import Reinforcement
 
 PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "fp32")  # open_clip_train's choices and meanings
 AUTOCAST = {"amp": "float16", "amp_bf16": "bfloat16", "amp_bfloat16": "bfloat16"}
 PURE = {"bf16": "bfloat16", "fp16": "float16"}  # the student's weights in this dtype
+# The default run's store (engine.teachers.reinforced): stored views per sample (0: the evaluation view alone), how
+# they are drawn (--aug-cfg), captions per sample.
+DEFAULT_AUGMENTATIONS = 0
+DEFAULT_AUG_CFG: dict = {}
+DEFAULT_CAPTIONS = 1
 # kernels' backends: auto = triton on a CUDA device (chunked where it cannot run), else chunked
 LOSS_BACKENDS = ("auto", "chunked", "triton", "reference")
 # Bounds no real run reaches, so that a typo (--lr 1e30, --epochs 100000000) is refused at start instead of
@@ -49,6 +56,13 @@ class TrainConfig:
     teacher_pretrained: Optional[str] = None  # open_clip tag or checkpoint file; None: the shipped default teacher
     teacher_store: Optional[str] = None  # None: the cache's store for (teacher, data)
     online_teacher: bool = False
+    # the reinforced store (engine.teachers.reinforced): stored views and captions per sample; None / {}: a given
+    # --teacher-store's own, and for the cache's store the defaults below
+    augmentations: Optional[int] = None
+    aug_cfg: dict = field(default_factory=dict)
+    captions: Optional[int] = None
+    view_sampling: str = "random"  # MobileCLIP's: a random stored view per step, or "sequential" (epoch modulo K)
+    mix_synthetic_ratio: float = 0.5  # MobileCLIP's: probability of a synthetic caption instead of the ground truth
     # loss
     preset: str = "clip-rd"
     weights: dict = field(default_factory=dict)  # per-term overrides of the preset
@@ -134,6 +148,39 @@ class TrainConfig:
         if self.teacher_store is not None and self.online_teacher:
             raise ConfigError("--teacher-store and --online-teacher exclude each other: "
                               "the online teacher needs no store")
+        self._validate_reinforcement()
+
+    def _validate_reinforcement(self) -> None:
+        if self.view_sampling not in SAMPLINGS:
+            raise ConfigError(f"--view-sampling: {self.view_sampling!r} is not one of {SAMPLINGS}")
+        if not 0.0 <= self.mix_synthetic_ratio <= 1.0:
+            raise ConfigError(f"--mix-synthetic-ratio: must be in [0, 1], got {self.mix_synthetic_ratio}")
+        asked = [flag for flag, value in (("--augmentations", self.augmentations), ("--aug-cfg", self.aug_cfg),
+                                          ("--captions", self.captions)) if value]
+        if self.online_teacher and asked:
+            raise ConfigError(f"{asked[0]}: stored views and captions come from a teacher store; --online-teacher "
+                              f"runs the teacher on the evaluation view and the .txt caption")
+        # K < 0, C < 1, unknown --aug-cfg keys, bad values: one line each (the store's own fill in what is not given)
+        Reinforcement.from_flags(self.augmentations, self.aug_cfg if self.augmentations is not None else {},
+                                 self.captions)
+        AugmentCfg.from_dict(self.aug_cfg)
+
+    def store_settings(self) -> Reinforcement:
+        """The views and captions of the store this run builds (the cache's, or a --teacher-store not built yet):
+        the flags given, the defaults for the others."""
+        views = DEFAULT_AUGMENTATIONS if self.augmentations is None else self.augmentations
+        aug_cfg = self.aug_cfg or (DEFAULT_AUG_CFG if views and self.augmentations is None else {})
+        return Reinforcement.from_flags(views, aug_cfg, DEFAULT_CAPTIONS if self.captions is None else self.captions)
+
+    def store_mismatch(self, settings: Reinforcement) -> Optional[str]:
+        """What this run asks for (each of --augmentations, --aug-cfg, --captions given) that a store holding
+        ``settings`` does not have; None when it has everything asked for."""
+        asked = {"views": self.augmentations, "captions": self.captions,
+                 "aug_cfg": AugmentCfg.from_dict(self.aug_cfg).to_dict() if self.aug_cfg else None}
+        have = settings.settings()
+        differ = [f"{key} {have[key]} (the run asks for {value})" for key, value in asked.items()
+                  if value is not None and have[key] != value]
+        return "; ".join(differ) or None
 
     def _validate_optimizer(self) -> None:
         """AdamW's settings, finite and in range (a NaN compares false, so every check refuses it)."""
@@ -202,6 +249,8 @@ def command_line(cfg: TrainConfig) -> str:
         if f.name == "weights":
             for key, weight in value.items():
                 words += [f"--{key.replace('_', '-')}-weight", repr(float(weight))]
+        elif f.name == "aug_cfg":
+            words += ["--aug-cfg", *(f"{key}={item!r}" for key, item in value.items())]
         elif f.name in NEGATED_SWITCHES:
             words.append(NEGATED_SWITCHES[f.name])
         elif isinstance(value, bool):

@@ -18,12 +18,13 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from ..core.errors import ConfigError, ShardError, UserError
+from ..core.errors import ConfigError, ShardError, StoreError, UserError
 from ..data.embedded import cache_root, ensure_default_data
 from ..data.shards import expand_urls, require_sizes, shard_sizes
 from ..evaluation.metrics import classnames_beside, imagenet_folder
 from ..teachers import default as defaults
 from ..teachers.precompute import build_store
+from ..teachers.reinforced import Reinforcement, of_manifest
 from ..teachers.store import read_manifest, teacher_fingerprint
 from .config import report_to
 from .distributed import DistEnv
@@ -88,6 +89,20 @@ def _check_val_data(val: str, num_samples: Optional[int]) -> None:
         raise ShardError(f"--val-num-samples {num_samples}: the --val-data shards hold {sum(known)} samples")
 
 
+def store_settings(cfg, manifest: Optional[dict]) -> Reinforcement:
+    """The views and captions of the run's store: a given store's own (refused, in one line, where the run asks for
+    others), else the run's --augmentations, --aug-cfg and --captions over the defaults."""
+    if manifest is None:
+        return cfg.store_settings()
+    settings = of_manifest(manifest)
+    mismatch = cfg.store_mismatch(settings)
+    if mismatch:
+        raise StoreError(f"--teacher-store {cfg.teacher_store}: built with other augmentation settings than this run "
+                         f"asks for: {mismatch}; build a store with them (python -m engine.precompute --augmentations "
+                         f"K --aug-cfg ... --captions C) or leave those flags out to train on this one as it is")
+    return settings
+
+
 def resolve(cfg, progress: bool = True) -> Sources:
     """Resolve (and build when needed) the inputs of ``cfg``; every bad one is a one-line error."""
     check_student_inputs(cfg)
@@ -101,8 +116,10 @@ def resolve(cfg, progress: bool = True) -> Sources:
         _check_val_data(val, cfg.val_num_samples)
     if not needs_teacher(cfg):
         return Sources(train, val, None, None, None)
+    given = None
     if cfg.teacher_store is not None and not cfg.online_teacher:
-        read_manifest(cfg.teacher_store)  # a file, a missing or damaged store: refused here, before any step
+        given = read_manifest(cfg.teacher_store)  # a file, a missing or damaged store: refused here, before any step
+    settings = store_settings(cfg, given)
     if cfg.teacher_store is not None and not cfg.online_teacher and cfg.teacher_pretrained is None:
         return Sources(train, val, None, None, Path(cfg.teacher_store))  # a given store names its own teacher
     pretrained = _teacher_weights(cfg)
@@ -111,9 +128,11 @@ def resolve(cfg, progress: bool = True) -> Sources:
     metrics = defaults.default_teacher_record()["metrics"] if recorded else None
     if cfg.online_teacher:
         return Sources(train, val, pretrained, fingerprint, None, metrics)
-    store_dir = Path(cfg.teacher_store) if cfg.teacher_store else defaults.default_store_dir(cache, fingerprint, train)
+    store_dir = Path(cfg.teacher_store) if cfg.teacher_store else \
+        defaults.default_store_dir(cache, fingerprint, train, settings)
     if not ((store_dir / "manifest.json").exists() and read_manifest(store_dir).get("complete")):
-        build_store(train, cfg.teacher, pretrained, store_dir, progress=progress, timeout=cfg.prepare_timeout)
+        build_store(train, cfg.teacher, pretrained, store_dir, progress=progress, timeout=cfg.prepare_timeout,
+                    settings=settings)
     return Sources(train, val, pretrained, fingerprint, store_dir, metrics)
 
 

@@ -16,7 +16,9 @@ from .state import TrainState
 
 # Settings a resumed run must share with its checkpoint (else --allow-config-change).
 RESUME_INVARIANTS = ("model", "teacher", "teacher_pretrained", "teacher_store", "online_teacher", "train_data",
-                     "preset", "weights", "siglip", "distill_logit_bias", "batch_size", "accum_freq", "seed",
+                     "preset", "weights", "siglip", "distill_logit_bias",
+                     "augmentations", "aug_cfg", "captions", "view_sampling", "mix_synthetic_ratio",
+                     "batch_size", "accum_freq", "seed",
                      "mfd_mask_ratio", "local_loss",
                      "pretrained", "lock_image", "lock_image_unlocked_groups", "lock_image_freeze_bn_stats",
                      "lock_text", "lock_text_unlocked_layers", "lock_text_freeze_layer_norm", "train_num_samples")

@@ -18,7 +18,9 @@ from kernels import ClipRDLoss
 from models.factory import load_failure, one_line
 
 from ..core.errors import ConfigError
+from ..data.augment import ViewDraw
 from ..data.shards import Codec, ShardStream, expand_urls
+from ..teachers.reinforced import Reinforcement, image_hw
 from ..teachers.sources import NoTeacher, OnlineTeacher, StoreTeacher, TeacherSource
 from ..teachers.store import TeacherStore
 from .config import AUTOCAST, PURE, TrainConfig
@@ -123,13 +125,26 @@ def teacher_source(cfg: TrainConfig, sources: Sources, student: nn.Module, devic
         teacher = OnlineTeacher(cfg.teacher, sources.teacher_pretrained, student, cfg.model, device,
                                 autocast_dtype(cfg))
     else:
-        teacher = StoreTeacher(TeacherStore(sources.store_dir, expand_urls(sources.train), sources.teacher_fingerprint))
+        store = TeacherStore(sources.store_dir, expand_urls(sources.train), sources.teacher_fingerprint)
+        teacher = StoreTeacher(store, views=view_draw(cfg, store, student))
     if cfg.distill_logit_bias is not None:
         teacher.bias = cfg.distill_logit_bias
     if cfg.loss_weights().get("sigmoid_kd", 0) and teacher.bias is None:
         raise ConfigError(f"--sigmoid-kd-weight: the teacher {cfg.teacher} has no logit bias (a CLIP teacher, not a "
                           f"SigLIP one): pass --distill-logit-bias B, the bias of its sigmoid targets")
     return teacher
+
+
+def view_draw(cfg: TrainConfig, store: TeacherStore, student: nn.Module) -> Optional[ViewDraw]:
+    """How a reinforced store's views and captions are drawn for this run (None: a store of the evaluation view and
+    the .txt caption)."""
+    settings = store.reinforcement
+    if settings == Reinforcement():
+        return None
+    record = store.manifest["augmentation"]
+    reference_hw = tuple(record["reference_hw"]) if settings.views else image_hw(student)
+    return ViewDraw(store.view_rows, settings.views, settings.captions, reference_hw, image_hw(student), cfg.seed,
+                    cfg.view_sampling, cfg.mix_synthetic_ratio)
 
 
 def build_state(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.device
@@ -144,7 +159,7 @@ def build_state(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.
         student.visual.patch_dropout = PatchDropout(cfg.mfd_mask_ratio)
     teacher = teacher_source(cfg, sources, student, device)
     codec = Codec({"image": models.get_preprocess(student), **teacher.images},
-                  {"text": models.get_tokenizer(cfg.model), **teacher.texts})
+                  {"text": models.get_tokenizer(cfg.model), **teacher.texts}, teacher.views)
     # a step's batch holds its --accum-freq micro-batches: the same samples as one batch of batch-size x accum-freq
     stream = ShardStream(sources.train, codec, cfg.batch_size * cfg.accum_freq, cfg.seed, env.rank, env.world_size,
                          cfg.workers, shuffle_buffer=cfg.shuffle_buffer, num_samples=cfg.train_num_samples)

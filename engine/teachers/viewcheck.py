@@ -1,0 +1,124 @@
+"""Checking a reinforced store's views: stored views replayed from their parameters and embedded again by the store's
+teacher must give the stored embeddings, to within fp16 rounding.
+
+The check reads only the shards of the chosen samples, and each chosen sample must still be the one the store was
+built from (key and content digest). ``python -m engine.store verify-views`` is its command.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import models
+
+from ..core.errors import StoreError, UserError
+from ..data.shards import decode_image, expand_urls, read_shard, sample_digest
+from . import reinforced
+from .manifest import match_parts
+from .store import TeacherStore, teacher_fingerprint
+
+# 1 - cosine between a replayed view's embedding and the stored one. Rounding a unit vector to fp16 turns it by at
+# most 2^-11 rad, a cosine error of at most 2^-23; 2^-20 leaves room for another device's float arithmetic (a store
+# built on a GPU), and a crop moved by one pixel measured 3e-5 on the tiny teacher.
+VIEW_TOLERANCE = 2.0 ** -20
+
+
+@dataclass
+class ViewCheck:
+    """The outcome: how many views were replayed, the worst cosine error, and which view that was."""
+
+    checked: int
+    worst: float
+    where: str
+
+    @property
+    def ok(self) -> bool:
+        return self.worst <= VIEW_TOLERANCE
+
+
+def chosen_views(store: TeacherStore, samples: int, seed: int) -> dict[int, dict[int, list[int]]]:
+    """``samples`` random (sample, view) pairs of the store, all of them when it holds fewer: part -> row -> views."""
+    views, total = store.reinforcement.views, int(store.offsets[-1]) * store.reinforcement.views
+    picked = np.arange(total) if samples >= total else np.sort(np.random.default_rng(seed).choice(total, samples,
+                                                                                                   replace=False))
+    chosen: dict[int, dict[int, list[int]]] = {}
+    for flat in picked.tolist():
+        part, row = store._where(flat // views)
+        chosen.setdefault(part, {}).setdefault(row, []).append(flat % views)
+    return chosen
+
+
+def store_teacher(store: TeacherStore, device) -> torch.nn.Module:
+    """The teacher the store was built by, from the file or tag its manifest names (which must still be that one)."""
+    record = store.teacher
+    if teacher_fingerprint(record["model"], record["pretrained"]) != record["fingerprint"]:
+        raise StoreError(f"{store.root}: its teacher {record['pretrained']} is no longer the one it was built by "
+                         f"({record['fingerprint']}); the views cannot be checked against it")
+    return models.create_teacher(record["model"], record["pretrained"], device=device)
+
+
+def shard_urls(store: TeacherStore, train_data: Optional[str]) -> dict[str, str]:
+    """Part name -> the path or URL of its shard, from ``train_data`` or the data the store was built from."""
+    pattern = train_data or store.manifest.get("train_data")
+    if pattern is None:
+        raise UserError(f"{store.root}: the store does not record its data: pass --train-data")
+    urls = expand_urls(pattern)
+    return {name: url for name, url in zip(match_parts(store.manifest["parts"], urls), urls) if name is not None}
+
+
+@torch.no_grad()
+def verify_views(root: str | os.PathLike, samples: int, train_data: Optional[str] = None, seed: int = 0,
+                 device: str = "cpu", batch_size: int = 256) -> ViewCheck:
+    """Replay ``samples`` random stored views (every one, with ``samples`` >= the store's views) from their stored
+    parameters, embed them with the store's teacher and compare with the stored embeddings."""
+    if samples < 1:
+        raise UserError(f"--samples: must be >= 1, got {samples}")
+    store = TeacherStore(root)
+    if not store.reinforcement.views:
+        raise StoreError(f"{root}: the store holds no stored views (built without --augmentations), nothing to replay")
+    urls = shard_urls(store, train_data)
+    teacher = store_teacher(store, device)
+    inputs = reinforced.TeacherInputs(teacher, models.get_tokenizer(store.teacher["model"]), store.reinforcement)
+    images, stored, names = [], [], []
+    for part, rows in chosen_views(store, samples, seed).items():
+        for name, pixels, embeddings in replayed_part(store, part, rows, urls, inputs):
+            images.append(pixels)
+            stored.append(embeddings)
+            names += name
+    images, stored = torch.cat(images), torch.cat(stored)
+    fresh = torch.cat([teacher.encode_image(inputs.pixels(chunk).to(device), normalize=True).float().cpu()
+                       for chunk in images.split(batch_size)])
+    fresh, stored = (F.normalize(x.double(), dim=-1) for x in (fresh, stored))  # the cosine, not its float32 ulp
+    errors = 1 - (fresh * stored).sum(dim=-1)
+    worst = int(errors.argmax())
+    return ViewCheck(len(names), float(errors[worst]), names[worst])
+
+
+def replayed_part(store: TeacherStore, part: int, rows: dict[int, list[int]], urls: dict[str, str],
+                  inputs: reinforced.TeacherInputs):
+    """Per chosen sample of one part: (names of its chosen views, their pixels uint8 (k, 3, H, W), their stored
+    embeddings (k, D)); the sample must be the one the store was built from."""
+    arrays, shard = store.parts[part], store.parts[part]["shard"]
+    if arrays["name"] not in urls:
+        raise UserError(f"--train-data: has no shard {shard}, which the store was built from")
+    url = urls[arrays["name"]]
+    wanted = {str(arrays["keys"][row]): row for row in rows}
+    for raw in read_shard(url):
+        row = wanted.pop(raw["__key__"], None)
+        if row is None:
+            continue
+        if sample_digest(raw) != int(arrays["digests"][row]):
+            raise StoreError(f"{store.root}: sample {raw['__key__']!r} of shard {url} is not the sample the store was "
+                             f"built from (content digest differs)")
+        views = rows[row]
+        pixels = inputs.replayed(decode_image(raw), np.asarray(arrays["views"][row])[views])
+        yield [f"sample {raw['__key__']!r} of shard {Path(url).name}, view {v}" for v in views], pixels, \
+            torch.from_numpy(np.asarray(arrays["image"][row])[views])
+    if wanted:
+        raise UserError(f"--train-data: shard {url} lacks samples the store holds, e.g. {sorted(wanted)[:3]}")
