@@ -52,10 +52,18 @@ class DistillationTask(nn.Module):
         local, env = s_img.shape[0], self.env
         rows = (env.rank * local, (env.rank + 1) * local) if self.local_loss else (0, None)
         s_img, s_txt = (gather_rows(x, env, self.gather_with_grad) for x in (s_img, s_txt))
-        t_img, t_txt = (gather_rows(x.float(), env, False) for x in (t_img, t_txt))
-        scale = torch.tensor(float(self.teacher.scale), device=device)
+        t_img, t_txt = (gather_members(x, env) for x in (t_img, t_txt))
+        scale = [torch.tensor(float(s), device=device) for s in self.teacher.scale] \
+            if isinstance(self.teacher.scale, (list, tuple)) else torch.tensor(float(self.teacher.scale), device=device)
         bias = out.get("logit_bias")  # a SigLIP student's (--siglip)
         group = torch.distributed.group.WORLD if self.local_loss and env.world_size > 1 else None  # exact gd
         return self.loss_fn(s_img, s_txt, out["logit_scale"].float(), t_img, t_txt, scale,
                             row_start=rows[0], row_stop=rows[1], group=group,
                             logit_bias=None if bias is None else bias.float(), dist_logit_bias=self.teacher.bias)
+
+
+def gather_members(rows, env: DistEnv):
+    """A teacher's (B, D) rows gathered across ranks in fp32, or each member's for an ensemble (a list)."""
+    if isinstance(rows, (list, tuple)):
+        return [gather_rows(member.float(), env, False) for member in rows]
+    return gather_rows(rows.float(), env, False)
