@@ -178,3 +178,32 @@ def test_param_aug_round_trip_and_refusals():
     view = dr.parse_view([[1, 2, 30, 40], True, [[3, 4.5], [10, 4.0]]])
     assert view == augment.View((1, 2, 30, 40), True, ((3, 4.5), (10, 4.0)))
     assert dr.parse_view([[1, 2, 30, 40], [[0, 0.0]]]) == augment.View((1, 2, 30, 40), False, ((0, 0.0),))
+
+
+def test_precompute_writes_datacompdr_shards_that_train(tmp_path, synth_data, teacher_ckpt):
+    from engine.precompute import main as precompute
+
+    out = tmp_path / "dr"
+    argv = ["--train-data", synth_data["train"], "--teacher-pretrained", teacher_ckpt, "--teacher-store",
+            tmp_path / "store", "--augmentations", "2", "--aug-cfg", "hflip=0.5", "--captions", "2",
+            "--output-format", "datacompdr", "--output", out, "--cache-dir", tmp_path / "cache"]
+    assert command_error(precompute, argv) is None
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert sorted(sizes) == [Path(u).name for u in data_lib.expand_urls(synth_data["train"])]
+    assert set(sizes.values()) == {32}
+    written = {name: (out / name).stat().st_mtime_ns for name in sizes}
+    assert command_error(precompute, argv) is None  # resumed: nothing rewritten
+    assert {name: (out / name).stat().st_mtime_ns for name in sizes} == written
+    teacher = models.create_teacher("tiny-vit-teacher", str(teacher_ckpt))
+    raws = list(data_lib.read_shard(str(out / sorted(sizes)[0])))
+    settings = dr.DRSettings(mix_synthetic=True)
+    for raw in raws[:4]:
+        sample = dr.read_sample(raw, settings, dr.syn_key_pattern("syn_text"))
+        image = Image.open(io.BytesIO(raw["png"])).convert("RGB")
+        views = [fixture.pixels(augment.replay(image, v, (32, 32), (32, 32))) for v in sample.views]
+        again = torch.nn.functional.normalize(teacher.encode_image(torch.stack(views)), dim=-1).detach()
+        assert torch.allclose(torch.from_numpy(sample.image_emb), again, atol=2e-3, rtol=0)
+        assert dr.sha256_mismatch(raw) is None and len(sample.synthetic) == 1
+    pattern = f"{out}/{{{','.join(sorted(sizes))}}}"
+    assert train(tmp_path, pattern, "--dataset-reinforcement-mix-synthetic", "--batch-size", "32",
+                 "--dataset-reinforcement-mix-synthetic-ratio", "0.5", "--dataset-reinforcement-verify-sha256") is None
