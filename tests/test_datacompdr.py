@@ -24,9 +24,14 @@ WIDTHS = ("128", "64")  # tiny-vit-teacher, then tiny-vit-student as the second 
 
 
 @pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
-    return [models.create_teacher(name, str(seeded_checkpoint(tmp_path_factory, name, seed)))
+def teacher_files(tmp_path_factory):
+    return [(name, str(seeded_checkpoint(tmp_path_factory, name, seed)))
             for name, seed in (("tiny-vit-teacher", 11), ("tiny-vit-student", 12))]
+
+
+@pytest.fixture(scope="module")
+def teachers(teacher_files):
+    return [models.create_teacher(name, path) for name, path in teacher_files]
 
 
 @pytest.fixture(scope="module")
@@ -180,21 +185,21 @@ def test_param_aug_round_trip_and_refusals():
     assert dr.parse_view([[1, 2, 30, 40], [[0, 0.0]]]) == augment.View((1, 2, 30, 40), False, ((0, 0.0),))
 
 
-def test_precompute_writes_datacompdr_shards_that_train(tmp_path, synth_data, teacher_ckpt):
+def test_precompute_writes_datacompdr_shards_that_train(tmp_path, shards, teacher_files):
     from engine.precompute import main as precompute
 
-    out = tmp_path / "dr"
-    argv = ["--train-data", synth_data["train"], "--teacher-pretrained", teacher_ckpt, "--teacher-store",
+    out, teacher_ckpt = tmp_path / "dr", teacher_files[0][1]
+    argv = ["--train-data", shards, "--teacher-pretrained", teacher_ckpt, "--teacher-store",
             tmp_path / "store", "--augmentations", "2", "--aug-cfg", "hflip=0.5", "--captions", "2",
             "--output-format", "datacompdr", "--output", out, "--cache-dir", tmp_path / "cache"]
     assert command_error(precompute, argv) is None
     sizes = json.loads((out / "sizes.json").read_text())
-    assert sorted(sizes) == [Path(u).name for u in data_lib.expand_urls(synth_data["train"])]
-    assert set(sizes.values()) == {32}
+    assert sorted(sizes) == [Path(u).name for u in data_lib.expand_urls(shards)]
+    assert set(sizes.values()) == {12}
     written = {name: (out / name).stat().st_mtime_ns for name in sizes}
     assert command_error(precompute, argv) is None  # resumed: nothing rewritten
     assert {name: (out / name).stat().st_mtime_ns for name in sizes} == written
-    teacher = models.create_teacher("tiny-vit-teacher", str(teacher_ckpt))
+    teacher = models.create_teacher("tiny-vit-teacher", teacher_ckpt)
     raws = list(data_lib.read_shard(str(out / sorted(sizes)[0])))
     settings = dr.DRSettings(mix_synthetic=True)
     for raw in raws[:4]:
@@ -205,5 +210,5 @@ def test_precompute_writes_datacompdr_shards_that_train(tmp_path, synth_data, te
         assert torch.allclose(torch.from_numpy(sample.image_emb), again, atol=2e-3, rtol=0)
         assert dr.sha256_mismatch(raw) is None and len(sample.synthetic) == 1
     pattern = f"{out}/{{{','.join(sorted(sizes))}}}"
-    assert train(tmp_path, pattern, "--dataset-reinforcement-mix-synthetic", "--batch-size", "32",
+    assert train(tmp_path, pattern, "--dataset-reinforcement-mix-synthetic",
                  "--dataset-reinforcement-mix-synthetic-ratio", "0.5", "--dataset-reinforcement-verify-sha256") is None
