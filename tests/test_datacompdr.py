@@ -12,9 +12,11 @@ import torch
 from PIL import Image
 
 import models
+from engine import train as train_lib
 from engine.data import augment
 from engine.data import datacompdr as dr
 from engine.data import shards as data_lib
+from engine.precompute import main as precompute
 from engine.training.config import TrainConfig
 from engine.training.datacompdr import datacompdr_codec
 from tests import datacompdr_shards as fixture
@@ -90,8 +92,6 @@ def test_captions_ground_truth_or_synthetic_by_key_regex(shards):
 
 
 def train(tmp_path, data, *extra, name="run"):
-    from engine import train as train_lib
-
     argv = ["--train-data", data, "--dataset-reinforcement", "--batch-size", "8", "--epochs", "1", "--no-eval",
             "--logs", str(tmp_path / "logs"), "--name", name, "--no-progress", "--cache-dir", str(tmp_path / "cache"),
             "--log-every-n-steps", "1", "--distill-loss-weights", "1", "1", *extra]
@@ -186,8 +186,6 @@ def test_param_aug_round_trip_and_refusals():
 
 
 def test_precompute_writes_datacompdr_shards_that_train(tmp_path, shards, teacher_files):
-    from engine.precompute import main as precompute
-
     out, teacher_ckpt = tmp_path / "dr", teacher_files[0][1]
     argv = ["--train-data", shards, "--teacher-pretrained", teacher_ckpt, "--teacher-store",
             tmp_path / "store", "--augmentations", "2", "--aug-cfg", "hflip=0.5", "--captions", "2",
