@@ -62,9 +62,9 @@ def precompute(argv=None) -> None:
     settings = Reinforcement.from_flags(args.augmentations, parse_pairs(args.aug_cfg), args.captions)
     if (args.output_format == "datacompdr") != (args.output is not None):
         raise ConfigError("--output-format datacompdr and --output DIR go together")
-    if args.output_format == "datacompdr" and settings.views < 1:
-        raise ConfigError("--output-format datacompdr: DataCompDR samples carry their views; pass --augmentations "
-                          "K >= 1")
+    if args.output_format == "datacompdr" and (settings.views < 1 or settings.captions < 2):
+        raise ConfigError("--output-format datacompdr: DataCompDR samples carry their views and synthetic captions; "
+                          "pass --augmentations K >= 1 and --captions C >= 2")
     if args.output is not None:
         check_writable_folder(Path(args.output), "--output")
     cache = cache_root(args.cache_dir)

@@ -87,8 +87,11 @@ def test_captions_ground_truth_or_synthetic_by_key_regex(shards):
                        dataset_reinforcement_mix_synthetic_ratio=1.0,
                        dataset_reinforcement_syn_text_key_regex="syn_other")
     assert set(other["caption_index"].tolist()) == {3}
-    _, plain = decoded(shards, 0)
-    assert set(plain["caption_index"].tolist()) == {0}
+    raws, plain = decoded(shards, 0)  # MobileCLIP without mix: the .txt, and a synthetic caption beside it
+    assert set(plain["caption_index"].tolist()) == {0} and set(plain["syn_caption_index"].tolist()) == {1, 2}
+    for b, raw in enumerate(raws):
+        assert plain["caption"][b] == raw["txt"].decode()
+        assert plain["syn_caption"][b] == json.loads(raw["syn.json"])["syn_text"][plain["syn_caption_index"][b] - 1]
 
 
 def train(tmp_path, data, *extra, name="run"):

@@ -10,7 +10,9 @@ widths concatenated. ``json`` holds the sample's ``uid`` and the image's ``sha25
 ``DataCompDRCodec`` decodes such a sample into the engine's batch form: one view (seeded by (seed, epoch, key), or
 epoch modulo K with ``sequential``) replayed on the student's pixels through engine.data.augment, that view's
 ``image_emb`` row, one caption (the ground truth, or with ``mix_synthetic`` a synthetic one with probability
-``synthetic_ratio``, among the keys matching ``syn_key_regex``) and its ``text_emb`` row. Every problem of a sample
+``synthetic_ratio``, among the keys matching ``syn_key_regex``) and its ``text_emb`` row; without ``mix_synthetic``
+also a synthetic caption and its row (``syn_text``, ``dr_syn_text``), which MobileCLIP's DRClipLoss trains on as a
+second loss over the same images. Every problem of a sample
 is a one-line ShardError naming shard and sample; a width that the members' dimensions do not sum to, a ConfigError.
 """
 from __future__ import annotations
@@ -179,9 +181,11 @@ def read_sample(raw: dict, settings: DRSettings, pattern: re.Pattern) -> DRSampl
         raise ConfigError(f"--distill-teacher-dimension {' '.join(map(str, dims))}: sums to {sum(dims)}, but sample "
                           f"{raw['__key__']!r} of {raw.get('__url__')} stores embeddings {image_emb.shape[1]} wide")
     total, synthetic = read_synthetic(raw, pattern)
-    if settings.mix_synthetic and "syn.json" not in raw:
-        raise _bad(raw, "lacks syn.json, which --dataset-reinforcement-mix-synthetic reads")
-    if settings.mix_synthetic and not synthetic:
+    if "syn.json" not in raw:  # MobileCLIP reads a synthetic caption in either mode
+        flag = "--dataset-reinforcement-mix-synthetic" if settings.mix_synthetic else \
+            "--dataset-reinforcement (a second caption per step, without --dataset-reinforcement-mix-synthetic)"
+        raise _bad(raw, f"lacks syn.json, which {flag} reads")
+    if not synthetic:
         raise _bad(raw, f"syn.json has no caption under a key matching --dataset-reinforcement-syn-text-key-regex "
                         f"{settings.syn_key_regex!r}")
     if len(text_emb) != 1 + total:
@@ -189,15 +193,18 @@ def read_sample(raw: dict, settings: DRSettings, pattern: re.Pattern) -> DRSampl
     return DRSample(views, image_emb, text_emb, synthetic)
 
 
-def choose(settings: DRSettings, key: str, epoch: int, views: int, synthetic: int) -> tuple[int, Optional[int]]:
-    """(view, synthetic caption or None for the ground truth) of sample ``key`` in ``epoch``: a pure function of
-    (seed, epoch, key), the same in any worker, rank or order and after a resume; sequential: view epoch mod K."""
+def choose(settings: DRSettings, key: str, epoch: int, views: int, synthetic: int) -> tuple[int, Optional[int], bool]:
+    """(view, synthetic caption or None when there is none, whether it replaces the ground truth) of sample ``key``
+    in ``epoch``: a pure function of (seed, epoch, key), the same in any worker, rank or order and after a resume.
+    Sequential: view and synthetic caption epoch mod their counts. The synthetic caption replaces the ground truth
+    with probability ``synthetic_ratio`` under ``mix_synthetic``; without it, it is a second caption (MobileCLIP)."""
     digest = hashlib.blake2b(f"{settings.seed}/{epoch}/{key}".encode(), digest_size=24).digest()
     u = [int.from_bytes(digest[k:k + 8], "little") / 2 ** 64 for k in (0, 8, 16)]  # three uniforms in [0, 1)
     view = epoch % views if settings.sequential else int(u[0] * views)
-    if not (settings.mix_synthetic and synthetic and u[1] < settings.synthetic_ratio):
-        return view, None
-    return view, int(u[2] * synthetic)
+    if not synthetic:
+        return view, None, False
+    caption = epoch % synthetic if settings.sequential else int(u[2] * synthetic)
+    return view, caption, settings.mix_synthetic and u[1] < settings.synthetic_ratio
 
 
 def split_members(rows: torch.Tensor, dims: Optional[Sequence[int]]):
@@ -209,7 +216,8 @@ def split_members(rows: torch.Tensor, dims: Optional[Sequence[int]]):
 
 class DataCompDRCodec:
     """``codec(raw, epoch)``: a DataCompDR sample as a decoded sample (the drawn view's pixels, the chosen caption's
-    tokens, their teacher rows ``dr_image`` and ``dr_text`` (W,) fp32, ``view_index``, ``caption_index``), or None
+    tokens, their teacher rows ``dr_image`` and ``dr_text`` (W,) fp32, ``view_index``, ``caption_index``; without
+    mix_synthetic also ``syn_text``, ``dr_syn_text``, ``syn_caption_index``), or None
     for an image whose sha256 does not match when such samples are dropped; ``codec.collate(samples)`` batches."""
 
     def __init__(self, images: dict[str, Callable], texts: dict[str, Callable], settings: DRSettings,
@@ -231,8 +239,8 @@ class DataCompDRCodec:
             if mismatch:
                 raise _bad(raw, f"{mismatch} (--dataset-reinforcement-verify-sha256)")
         sample, image = read_sample(raw, self.settings, self.pattern), decode_image(raw)
-        view, synthetic = choose(self.settings, key, epoch, len(sample.views), len(sample.synthetic))
-        caption, row = (raw["txt"].decode("utf-8"), 0) if synthetic is None else sample.synthetic[synthetic]
+        view, synthetic, replaces = choose(self.settings, key, epoch, len(sample.views), len(sample.synthetic))
+        caption, row = sample.synthetic[synthetic] if replaces else (raw["txt"].decode("utf-8"), 0)
         stored = sample.views[view]
         problem = view_problem(stored, (image.height, image.width))
         if problem:
@@ -244,6 +252,10 @@ class DataCompDRCodec:
                "dr_text": torch.from_numpy(sample.text_emb[row].copy()), "view_index": view, "caption_index": row}
         for name, tokenizer in self.texts.items():
             out[name] = tokenizer([caption])[0]
+        if not self.settings.mix_synthetic:  # MobileCLIP's second caption: a synthetic one, with its own loss
+            syn_caption, syn_row = sample.synthetic[synthetic]
+            out.update(syn_text=self.texts["text"]([syn_caption])[0], syn_caption=syn_caption,
+                       dr_syn_text=torch.from_numpy(sample.text_emb[syn_row].copy()), syn_caption_index=syn_row)
         label = sample_label(raw)
         if label is not None:
             out["label"] = label

@@ -47,3 +47,7 @@ class DataCompDRTeacher:
     def rows(self, batch: dict, device: torch.device) -> tuple[Member, Member]:
         image, text = batch["dr_image"].to(device), batch["dr_text"].to(device)
         return split_members(image, self.dims), split_members(text, self.dims)
+
+    def synthetic_rows(self, batch: dict, device: torch.device) -> Member:
+        """The text rows of the batch's second (synthetic) captions, split into members as ``rows``."""
+        return split_members(batch["dr_syn_text"].to(device), self.dims)

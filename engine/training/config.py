@@ -196,6 +196,9 @@ class TrainConfig:
         if self.distill_loss_weights is not None and len(self.distill_loss_weights) != 2:
             raise ConfigError(f"--distill-loss-weights: two weights (contrastive, distillation), got "
                               f"{self.distill_loss_weights}")
+        if self.dataset_reinforcement and not self.dataset_reinforcement_mix_synthetic and self.accum_freq > 1:
+            raise ConfigError("--accum-freq: with --dataset-reinforcement, only with --dataset-reinforcement-mix-"
+                              "synthetic (one caption per sample; without it each step has a second, synthetic one)")
         if self.dataset_reinforcement and (self.online_teacher or self.teacher_store):
             raise ConfigError("--dataset-reinforcement: the shards carry the teacher embeddings; leave out "
                               "--online-teacher and --teacher-store")

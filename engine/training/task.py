@@ -40,8 +40,23 @@ class DistillationTask(nn.Module):
         (engine.training.gradcache), run through this forward so that DDP synchronises its gradients."""
         if replay is not None:
             return surrogate(self.embed(batch), self.loss_fn, replay)
-        t_img, t_txt = self.teacher.rows(batch, next(self.student.parameters()).device)
-        return self.loss(self.embed(batch), t_img, t_txt)
+        device = next(self.student.parameters()).device
+        t_img, t_txt = self.teacher.rows(batch, device)
+        out = self.embed(batch)
+        terms = self.loss(out, t_img, t_txt)
+        if "syn_text" not in batch:
+            return terms
+        # DataCompDR without mix-synthetic (MobileCLIP's DRClipLoss): the same images against a synthetic caption
+        # each, a second loss added term by term
+        t_syn = self.teacher.synthetic_rows(batch, device) if t_img is not None else None
+        syn = self.loss({**out, "text_features": self.embed_text(batch["syn_text"])}, t_img, t_syn)
+        return {name: terms[name] + syn[name] for name in terms}
+
+    def embed_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The student's normalised text embeddings (B, D) of ``tokens`` (autocast as configured)."""
+        weight = next(self.student.parameters())
+        with torch.autocast(weight.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return self.student(None, tokens.to(weight.device))["text_features"]
 
     def loss(self, out: dict, t_img, t_txt) -> dict:
         """Loss terms from the student's outputs on this rank's batch and their teacher rows (None: no teacher)."""
