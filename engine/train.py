@@ -192,8 +192,8 @@ def add_dataset_reinforcement_flags(p: argparse.ArgumentParser) -> None:
       "synthetic one")
     a("--dataset-reinforcement-sample-sequential", action="store_true",
       help="view epoch mod K at each epoch instead of a random stored view")
-    a("--dataset-reinforcement-syn-text-key-regex", default="syn_text",
-      help="the syn.json keys whose captions are the synthetic ones")
+    a("--dataset-reinforcement-syn-text-key-regex", default=r"^syn_text.*$",
+      help="the syn.json keys whose captions are the synthetic ones (matched from the key's start, as re.match)")
     a("--dataset-reinforcement-verify-sha256", action="store_true",
       help="check each image's sha256 against its json's; a mismatch stops the run with the count and first keys")
     a("--dataset-reinforcement-drop-mismatched", action="store_true",

@@ -85,7 +85,7 @@ def test_captions_ground_truth_or_synthetic_by_key_regex(shards):
         assert batch["caption"][b] == captions[rows[b]]
     _, other = decoded(shards, 0, dataset_reinforcement_mix_synthetic=True,
                        dataset_reinforcement_mix_synthetic_ratio=1.0,
-                       dataset_reinforcement_syn_text_key_regex="syn_other")
+                       dataset_reinforcement_syn_text_key_regex="syn_o")
     assert set(other["caption_index"].tolist()) == {3}
     raws, plain = decoded(shards, 0)  # MobileCLIP without mix: the .txt, and a synthetic caption beside it
     assert set(plain["caption_index"].tolist()) == {0} and set(plain["syn_caption_index"].tolist()) == {1, 2}

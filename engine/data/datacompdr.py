@@ -42,7 +42,7 @@ from .shards import (
 )
 
 EMBEDDING_MEMBERS = ("npz", "pth.gz")  # fp32 numpy archive, or gzip'd torch.save of bf16 tensors
-DEFAULT_SYN_KEY_REGEX = "syn_text"  # MobileCLIP's default: DataCompDR's one synthetic-caption key
+DEFAULT_SYN_KEY_REGEX = r"^syn_text.*$"  # MobileCLIP's default, matched from the key's start (re.match)
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def read_synthetic(raw: dict, pattern: re.Pattern) -> tuple[int, list[tuple[str,
         raise _bad(raw, f"syn.json is not a JSON object of caption lists ({type(exc).__name__}: {exc})") from exc
     selected, row = [], 1
     for key, captions in lists:
-        if pattern.fullmatch(key):
+        if pattern.match(key):
             selected += [(str(text), row + k) for k, text in enumerate(captions)]
         row += len(captions)
     return row - 1, selected

@@ -69,7 +69,7 @@ class TrainConfig:
     dataset_reinforcement_mix_synthetic: bool = False
     dataset_reinforcement_mix_synthetic_ratio: float = 0.0
     dataset_reinforcement_sample_sequential: bool = False
-    dataset_reinforcement_syn_text_key_regex: str = "syn_text"
+    dataset_reinforcement_syn_text_key_regex: str = r"^syn_text.*$"  # MobileCLIP's, matched from the start
     dataset_reinforcement_verify_sha256: bool = False
     dataset_reinforcement_drop_mismatched: bool = False  # with verify: drop, count and log instead of stopping
     distill_logit_scale: Optional[list] = None  # per teacher (or one for all); None: 100
