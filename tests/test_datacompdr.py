@@ -17,8 +17,12 @@ from engine.data import augment
 from engine.data import datacompdr as dr
 from engine.data import shards as data_lib
 from engine.precompute import main as precompute
+from engine.teachers.datacompdr import DataCompDRTeacher
 from engine.training.config import TrainConfig
 from engine.training.datacompdr import datacompdr_codec
+from engine.training.distributed import DistEnv
+from engine.training.task import DistillationTask
+from kernels import ClipRDLoss
 from tests import datacompdr_shards as fixture
 from tests.helpers import assert_refused_before_any_step, command_error, seeded_checkpoint
 
@@ -213,3 +217,19 @@ def test_precompute_writes_datacompdr_shards_that_train(tmp_path, shards, teache
     pattern = f"{out}/{{{','.join(sorted(sizes))}}}"
     assert train(tmp_path, pattern, "--dataset-reinforcement-mix-synthetic",
                  "--dataset-reinforcement-mix-synthetic-ratio", "0.5", "--dataset-reinforcement-verify-sha256") is None
+
+
+def test_without_mix_a_step_adds_the_synthetic_captions_loss(shards):
+    """MobileCLIP's DRClipLoss without mix-synthetic: loss(images, .txt) + loss(images, synthetic), term by term."""
+    _, batch = decoded(shards, 0)
+    torch.manual_seed(0)
+    student = models.create_model("tiny-vit-student")
+    teacher = DataCompDRTeacher.of([192], [100.0], None, 192)
+    task = DistillationTask(student, ClipRDLoss({"task": 1.0, "hrd": 1.0}, student_dim=64, teacher_dim=192,
+                                                backend="reference"), teacher, DistEnv(), False, False)
+    both = task(batch)
+    plain = {k: v for k, v in batch.items() if not k.startswith(("syn_", "dr_syn"))}
+    synthetic = {**plain, "text": batch["syn_text"], "dr_text": batch["dr_syn_text"]}
+    gt, syn = task(plain), task(synthetic)
+    for name in ("total", "task", "hrd"):
+        assert torch.allclose(both[name], gt[name] + syn[name], rtol=1e-6, atol=0), name
