@@ -1,7 +1,9 @@
 """What one benchmark case runs: inputs, a backend's forward and backward, and the three timed modes.
 
 A case is (backend, preset, N, D, dtype, device). Loss backends call ``kernels.clip_rd_loss`` as a training step
-does: student embeddings and the learnable scales require gradients, the teacher embeddings do not. ``compiled`` is
+does: student embeddings and the learnable scales require gradients, the teacher embeddings do not. A weight set of
+``config.ENSEMBLES`` distils from a teacher ensemble: its further members are drawn from the inputs' teacher
+(``ensemble_members``), so every case of one size shares one set of inputs. ``compiled`` is
 ``torch.compile`` of the reference call. ``floor`` runs only the matrix multiplications the objective cannot avoid
 (``bench.flops.products``), column-tiled so that it never holds an N x N matrix itself.
 
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 
 from kernels import clip_rd_loss, spec
 
-from .config import weights_of
+from .config import ensemble_of, weights_of
 from .flops import ANCHOR_KINDS, LOGITS_KINDS, mode_products
 
 SCALE_NAMES = ("student_scale", "teacher_scale", "lam_img", "lam_txt", "kappa", "student_bias", "teacher_bias")
@@ -48,15 +50,32 @@ def make_inputs(n: int, d: int, dtype: torch.dtype, device: str, seed: int = 0) 
     return out
 
 
+def ensemble_members(preset: str, inputs: dict[str, torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """The teacher ensemble of a weight set: {"t_img", "t_txt", "teacher_scale"} lists of its members, the inputs'
+    teacher first; member k >= 1 is that teacher plus noise (a teacher that agrees with it in part) at a scale of its
+    own. One member (the inputs' teacher) for a weight set without an ensemble."""
+    teachers, _ = ensemble_of(preset)
+    out = {"t_img": [inputs["t_img"]], "t_txt": [inputs["t_txt"]], "teacher_scale": [inputs["teacher_scale"]]}
+    gen = torch.Generator().manual_seed(1)
+    for k in range(1, teachers):
+        for name in ("t_img", "t_txt"):
+            teacher = inputs[name]
+            noise = torch.randn(teacher.shape, generator=gen).to(device=teacher.device, dtype=teacher.dtype)
+            out[name].append(F.normalize(teacher + 0.5 * noise, dim=1))
+        out["teacher_scale"].append(inputs["teacher_scale"] * (1.0 - 0.2 * k))
+    return out
+
+
 def _loss_total(backend: str, preset: str) -> Callable[..., torch.Tensor]:
     weights = weights_of(preset)
+    _, ensemble = ensemble_of(preset)
 
     def total(s_img, s_txt, t_img, t_txt, student_scale, teacher_scale, lam_img, lam_txt, kappa, student_bias,
               teacher_bias):
         return clip_rd_loss(
             s_img, s_txt, t_img, t_txt, student_scale=student_scale, teacher_scale=teacher_scale,
             student_bias=student_bias, teacher_bias=teacher_bias, lam_img=lam_img, lam_txt=lam_txt, kappa=kappa,
-            weights=weights, backend=backend,
+            weights=weights, backend=backend, ensemble=ensemble,
         )["total"]
 
     return total
@@ -78,8 +97,12 @@ class LossCase:
     def __init__(self, backend: str, preset: str, inputs: dict[str, torch.Tensor]):
         self.inputs = inputs
         self.args = [inputs[k] for k in ("s_img", "s_txt", "t_img", "t_txt", *SCALE_NAMES)]
+        members = ensemble_members(preset, inputs)
+        if len(members["t_img"]) > 1:  # lists of the members in the teacher arguments' places
+            for index, name in ((2, "t_img"), (3, "t_txt"), (5, "teacher_scale")):
+                self.args[index] = members[name]
         self.fn = compiled_reference(preset) if backend == "compiled" else _loss_total(backend, preset)
-        self.leaves = [t for t in self.args if t.requires_grad]
+        self.leaves = [t for t in self.args if isinstance(t, torch.Tensor) and t.requires_grad]
 
     def zero_grad(self):
         for tensor in self.leaves:
@@ -102,12 +125,15 @@ class FloorCase:
 
     def __init__(self, preset: str, inputs: dict[str, torch.Tensor]):
         x = {name: inputs[name].detach() for name in spec.INPUTS}
+        members = ensemble_members(preset, inputs)  # an ensemble's further teachers, named as the kernels name them
+        for k in range(1, len(members["t_img"])):
+            x.update(zip(spec.teacher_inputs(k), (members["t_img"][k].detach(), members["t_txt"][k].detach())))
         self.x = x
         n = x["s_img"].shape[0]
         device = x["s_img"].device
         self.columns = max(1, min(n, FLOOR_TILE_ELEMENTS[device.type] // n))
         self.buffer = torch.randn(n * self.columns, device=device).to(x["s_img"].dtype) * 1e-3
-        self.out = {name: torch.zeros_like(x[name]) for name in spec.INPUTS}  # (N, D) row results per input
+        self.out = {name: torch.zeros_like(x[name]) for name in x}  # (N, D) row results per input
         self.forward_products = mode_products(preset, "forward")
         self.gradient_products = mode_products(preset, "backward")
 

@@ -1,8 +1,9 @@
 """What the suite measures on this machine: sizes, dtype, rounds, memory budget (one place, env-overridable).
 
 ``pytest bench/ --benchmark-only`` picks the device's default profile; ``--bench-profile`` chooses another:
-- ``default``: forward+backward, every backend, the clip-rd and clip-kd presets to N = 8192 and the intra-kd, gd
-  and siglip-kd weight sets to N = 2048 on CPU (about 12 minutes on 2 cores); on CUDA the GPU sizes, N = 4096 to 65536;
+- ``default``: forward+backward, every backend, the clip-rd and clip-kd presets to N = 8192 and the intra-kd, gd,
+  siglip-kd and kd-ensemble weight sets to N = 2048 on CPU (about 12 minutes on 2 cores without kd-ensemble, which
+  is not timed yet); on CUDA the GPU sizes, N = 4096 to 65536;
 - ``full``: all three modes (forward, backward, both) and the long sweep: N = 256 to 16384 on CPU (about an hour
   on 2 cores), to 131072 on CUDA;
 - ``quick``: tiny sizes, one round (CI's proof that everything runs; also ``--bench-quick``).
@@ -26,18 +27,22 @@ QUICK_ENV = "BENCH_QUICK"
 PROFILE_ENV = "BENCH_PROFILE"
 PROFILES = ("default", "full", "quick")
 MODES = ("forward", "backward", "forward+backward")
-# The loss weights a case runs, by name: the two published presets, and three sets for the other kernel paths (the
-# intra-modal term, gradient distillation's P @ Y and P^T @ X streams, and the sigmoid terms as MobileCLIP2 trains:
-# SigLIP's loss and the sigmoid distillation, without the softmax task term).
+# The loss weights a case runs, by name: the two published presets, and four sets for the other kernel paths (the
+# intra-modal term, gradient distillation's P @ Y and P^T @ X streams, the sigmoid terms as MobileCLIP2 trains:
+# SigLIP's loss and the sigmoid distillation, without the softmax task term, and a teacher ensemble).
 WEIGHT_SETS = {
     "clip-rd": LOSS_PRESETS["clip-rd"],
     "clip-kd": LOSS_PRESETS["clip-kd"],
     "intra-kd": LOSS_PRESETS["intra-kd"],
     "clip-kd+gd": {**LOSS_PRESETS["clip-kd"], "gd": 1.0},
     "siglip-kd": {"task": 0.0, "siglip": 1.0, "sigmoid_kd": 1.0},
+    "kd-ensemble": {"task": 1.0, "hrd": 1.0},
 }
+# Weight sets distilled from a teacher ensemble: (teachers, ensemble mode). kd-ensemble is MobileCLIP's dataset
+# reinforcement: the image-text logits (CLIP-KD's hrd) of two teachers averaged after the softmax, with the task term.
+ENSEMBLES = {"kd-ensemble": (2, "average-after-softmax")}
 PRESETS = ("clip-rd", "clip-kd")  # the published presets: every backend, the largest sizes
-EXTRA_SETS = ("intra-kd", "clip-kd+gd", "siglip-kd")  # other kernel paths, at smaller sizes
+EXTRA_SETS = ("intra-kd", "clip-kd+gd", "siglip-kd", "kd-ensemble")  # other kernel paths, at smaller sizes
 # "floor" is not a loss backend: the matrix multiplications alone (bench.cases.FloorCase).
 LOSS_BACKENDS = ("reference", "compiled", "chunked", "triton")
 ALL_BACKENDS = LOSS_BACKENDS + ("floor",)
@@ -52,6 +57,11 @@ def weights_of(name: str) -> dict[str, float]:
     if name in LOSS_PRESETS:
         return dict(LOSS_PRESETS[name])
     raise ValueError(f"unknown weight set {name!r}; expected one of {list(WEIGHT_SETS)}")
+
+
+def ensemble_of(name: str) -> tuple[int, str]:
+    """(teachers, ensemble mode) of a weight set: one teacher unless it is in ENSEMBLES."""
+    return ENSEMBLES.get(name, (1, "average-after-softmax"))
 
 
 def quick_mode() -> bool:

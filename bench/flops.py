@@ -7,7 +7,10 @@ For ``clip-rd`` that is 12 forward + 12 gradient products, for ``clip-kd`` 6 + 6
 direction and side, ``R Y`` and ``R^T X`` in the forward (8), and per student direction ``EX Y^T`` and ``X EY^T``
 (its upstream gradient through the logits) and four gradient products ``dA Y``, ``R EY``, ``dA^T X``, ``R^T EX`` in
 the backward (12). The sigmoid terms (siglip, sigmoid_kd) add S_I S_T^T and its two gradient products, and
-sigmoid_kd the teacher's T_I T_T^T (one per ensemble member; the benchmark has one teacher). Elementwise work (exp,
+sigmoid_kd the teacher's T_I T_T^T (one per ensemble member; the benchmark has one teacher). A weight set with a
+softmax teacher ensemble (``config.ENSEMBLES``) counts every teacher's views (``spec.active_uses`` over its members);
+average-after-softmax's value pass needs the teachers' logits again only where rows are streamed in tiles (Triton),
+so it is not counted. Elementwise work (exp,
 softmax, sigmoid, the O(N D) fd term) is not counted: GFLOP/s here is useful matmul throughput, the same count for
 every backend.
 """
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 
 from kernels import spec
 
-from .config import weights_of
+from .config import ensemble_of, weights_of
 
 STUDENT = set(spec.STUDENT_INPUTS)
 # Product kinds by the shape of their result: rows x N logits, anchor rows (rows x D) or candidate rows (N x D).
@@ -40,7 +43,7 @@ class Product:
 def products(preset: str) -> list[Product]:
     """The products the objective cannot avoid for this weight set (views deduplicated by operands, scale ignored)."""
     weights = spec.resolve_weights(weights_of(preset))
-    uses = spec.active_uses(weights)
+    uses = spec.active_uses(weights, ensemble_of(preset)[0])
     views, graded = {}, {}
     for use in uses:
         key = (use.view.anchor, use.view.candidate)

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from .cli import USER_ERROR_STATUS, HelpFormatter, run_command
+from .cli import USER_ERROR_STATUS, HelpFormatter, one_line, run_command
 from .teachers.store import describe, read_manifest, verify
 from .teachers.viewcheck import VIEW_TOLERANCE, verify_views
 
@@ -15,8 +16,9 @@ def parser() -> argparse.ArgumentParser:
     about_info = "Print the manifest: teacher, logit scale, width, parts."
     info = commands.add_parser("info", help=about_info, description=about_info, formatter_class=HelpFormatter)
     info.add_argument("store", help="store directory")
-    about_verify = ("Check checksums, finiteness and unique keys; with --train-data, also that every training "
-                    "sample is the one the store was built from.")
+    about_verify = ("Check everything training checks (manifest fields and logit scale, dtypes, shapes, checksums, "
+                    "finiteness, unique keys) and more (key hashes, unit-norm rows); with --train-data, also that "
+                    "each shard is the one its part was built from, sample by sample.")
     check = commands.add_parser("verify", help=about_verify, description=about_verify, formatter_class=HelpFormatter)
     check.add_argument("store", help="store directory")
     check.add_argument("--train-data", default=None,
@@ -42,15 +44,16 @@ def inspect_store(argv=None) -> None:
         return
     if args.command == "verify-views":
         check = verify_views(args.store, args.samples, args.train_data, args.seed)
-        verdict = "OK" if check.ok else "error"
+        verdict = "OK" if check.ok else "error"  # an error on stderr, as verify's
         print(f"{verdict}: {args.store}: {check.checked} stored view(s) replayed; worst cosine error "
-              f"{check.worst:.3g} ({check.where}); tolerance {VIEW_TOLERANCE:.3g}")
+              f"{check.worst:.3g} ({check.where}); tolerance {VIEW_TOLERANCE:.3g}",
+              file=sys.stdout if check.ok else sys.stderr)
         if not check.ok:
             raise SystemExit(USER_ERROR_STATUS)
         return
     problems = verify(args.store, args.train_data)
-    if problems:  # a report, one line per problem (the exit status of a user's error)
-        print("\n".join(f"error: {problem}" for problem in problems))
+    if problems:  # a report, one error line per problem on stderr (the exit status of a user's error)
+        print("\n".join(f"error: {one_line(problem)}" for problem in problems), file=sys.stderr)
         raise SystemExit(USER_ERROR_STATUS)
     manifest = read_manifest(args.store)
     checked = f"; every sample of {args.train_data} matches" if args.train_data else ""

@@ -83,25 +83,7 @@ def parser() -> argparse.ArgumentParser:
     a("--teacher-store", default=None, help="teacher embedding store directory built by engine.precompute "
       "(default: the cache's store for this teacher and data, built when missing)")
     a("--online-teacher", action="store_true", help="run the teacher on every batch instead of reading a store")
-    a("--augmentations", type=int, default=None, metavar="K",
-      help="the teacher store's views per sample (MobileCLIP's dataset reinforcement): each step trains every sample "
-      "on one stored view, replayed exactly at the student's size, against the teacher's embedding of that view; "
-      "view 0 is the evaluation view; 0: the evaluation view alone, not replayed (default: a given --teacher-store's "
-      f"own; the cache's store: {DEFAULT_AUGMENTATIONS})")
-    a("--aug-cfg", nargs="*", default=[], metavar="KEY=VALUE",
-      help="how the store's views are drawn: open_clip_train's --aug-cfg keys scale and ratio (RandomResizedCrop), "
-      "hflip (the flip's probability), and torchvision's RandAugment num_ops (0: none) and magnitude (of 31 bins) "
-      "(default: a given --teacher-store's own; else scale=0.9,1.0 ratio=0.75,1.333 hflip=0 num_ops=2 magnitude=9"
-      + (f" with the cache's store's {DEFAULT_AUG_CFG}" if DEFAULT_AUG_CFG else "") + ")")
-    a("--captions", type=int, default=None, metavar="C",
-      help="the teacher store's captions per sample: the .txt, then the first C-1 synthetic captions of its "
-      f"syn.json (default: a given --teacher-store's own; the cache's store: {DEFAULT_CAPTIONS})")
-    a("--view-sampling", default=d.view_sampling, choices=SAMPLINGS,
-      help="which stored view and synthetic caption a sample gets at each step: 'random' (drawn from seed, epoch "
-      "and sample key: the same after --resume) or 'sequential' (view epoch mod K, MobileCLIP's sample-sequential)")
-    a("--mix-synthetic-ratio", type=float, default=d.mix_synthetic_ratio,
-      help="with stored synthetic captions (--captions > 1): the probability that a sample's caption at a step is "
-      "one of them rather than its .txt (MobileCLIP's mix-synthetic ratio)")
+    add_reinforcement_flags(a, d)
     add_dataset_reinforcement_flags(p)
     a("--preset", default=d.preset, choices=sorted(PRESETS),
       help="loss preset (the per-term weights below override it)")
@@ -172,8 +154,32 @@ def parser() -> argparse.ArgumentParser:
     a("--max-skipped-steps", type=int, default=d.max_skipped_steps,
       help="amp: stop when this many consecutive steps were skipped for non-finite gradients")
     a("--prepare-timeout", type=float, default=d.prepare_timeout,
-      help="torchrun: seconds the other ranks wait for rank 0 to prepare data, teacher and store")
+      help="seconds to wait for data, teacher and store being prepared by rank 0 (torchrun) or built by another "
+      "run (the same cache or --teacher-store)")
     return p
+
+
+def add_reinforcement_flags(a, d: TrainConfig) -> None:
+    """The reinforced store's flags (engine.teachers.reinforced): its views and captions, and how a step draws them."""
+    a("--augmentations", type=int, default=None, metavar="K",
+      help="the teacher store's views per sample (MobileCLIP's dataset reinforcement): each step trains every sample "
+      "on one stored view, replayed exactly at the student's size, against the teacher's embedding of that view; "
+      "view 0 is the evaluation view; 0: the evaluation view alone, not replayed (default: a given --teacher-store's "
+      f"own; the cache's store: {DEFAULT_AUGMENTATIONS})")
+    a("--aug-cfg", nargs="*", default=[], metavar="KEY=VALUE",
+      help="how the store's views are drawn: open_clip_train's --aug-cfg keys scale and ratio (RandomResizedCrop), "
+      "hflip (the flip's probability), and torchvision's RandAugment num_ops (0: none) and magnitude (of 31 bins) "
+      "(default: a given --teacher-store's own; else scale=0.9,1.0 ratio=0.75,1.333 hflip=0 num_ops=2 magnitude=9"
+      + (f" with the cache's store's {DEFAULT_AUG_CFG}" if DEFAULT_AUG_CFG else "") + ")")
+    a("--captions", type=int, default=None, metavar="C",
+      help="the teacher store's captions per sample: the .txt, then the first C-1 synthetic captions of its "
+      f"syn.json (default: a given --teacher-store's own; the cache's store: {DEFAULT_CAPTIONS})")
+    a("--view-sampling", default=d.view_sampling, choices=SAMPLINGS,
+      help="which stored view and synthetic caption a sample gets at each step: 'random' (drawn from seed, epoch "
+      "and sample key: the same after --resume) or 'sequential' (view epoch mod K, MobileCLIP's sample-sequential)")
+    a("--mix-synthetic-ratio", type=float, default=d.mix_synthetic_ratio,
+      help="with stored synthetic captions (--captions > 1): the probability that a sample's caption at a step is "
+      "one of them rather than its .txt (MobileCLIP's mix-synthetic ratio)")
 
 
 def add_dataset_reinforcement_flags(p: argparse.ArgumentParser) -> None:

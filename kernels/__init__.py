@@ -1,5 +1,5 @@
 """The CLIP distillation objective (CLIP-KD, CLIP-RD, intra-modal RD, gradient distillation, SigLIP's loss and
-MobileCLIP2's sigmoid distillation) in three backends.
+MobileCLIP2's sigmoid distillation), from one teacher or a teacher ensemble, in three backends.
 
 ``clip_rd_loss`` is the functional contract of kernels/README.md; ``ClipRDLoss`` the module owning the learnable
 multipliers and projections. Backends: ``reference`` (plain PyTorch), ``chunked`` (streamed PyTorch, the CPU fast

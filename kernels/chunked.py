@@ -18,16 +18,21 @@ import torch.nn.functional as F
 
 from .reference import upcast
 from .spec import (
-    INPUTS,
-    SCALES,
+    AVERAGE_AFTER_SOFTMAX,
     SIGMOID_TERMS,
     STUDENT_INPUTS,
     TERM_WEIGHT,
+    EnsembleCorrection,
     Use,
     View,
     active_terms,
     active_uses,
+    ensemble_corrections,
+    ensemble_inputs,
+    ensemble_scales,
     refuse_double_backward,
+    teacher_inputs,
+    teacher_scales,
 )
 
 # Bytes of the per-block buffers (log-softmax and softmax of every view, fp32): the block's rows follow from it,
@@ -49,12 +54,19 @@ def block_rows_for(n_columns: int, n_rows: int, views: int = 1) -> int:
 
 @dataclass
 class _Plan:
-    """What one call computes: the uses, the distinct views grouped by candidate, and which views feed gradients."""
+    """What one call computes: the uses, the distinct views grouped by candidate, and which views feed gradients.
+
+    With a teacher ensemble the uses read every teacher's inputs (spec.ensemble_inputs) and scales, and under
+    average-after-softmax ``corrections`` add each KD's ensemble term (spec.EnsembleCorrection) to its value."""
 
     uses: list[Use]
     terms: list[str]
     weights: Mapping[str, float]
     gd: bool
+    teachers: int = 1
+    corrections: list[EnsembleCorrection] = field(default_factory=list)
+    inputs: tuple[str, ...] = field(init=False)  # input names, students first, then every teacher's
+    scales: tuple[str, ...] = field(init=False)  # scale names: spec.SCALES, then every further teacher's
     views: list[View] = field(init=False)
     # candidate -> the views with that candidate: their logits are one stacked (views * block, N) product, and the
     # candidate's gradient one (N, views * block) @ (views * block, D) product (K = views * block, not block).
@@ -62,6 +74,7 @@ class _Plan:
     uses_by_view: dict[View, list[Use]] = field(init=False)  # graded view -> the uses it is the input of
 
     def __post_init__(self):
+        self.inputs, self.scales = ensemble_inputs(self.teachers), ensemble_scales(self.teachers)
         seen: dict[View, None] = {}
         for use in self.uses:
             seen[use.view] = None
@@ -76,15 +89,18 @@ class _Plan:
             self.uses_by_view.setdefault(use.view, []).append(use)
 
 
-def chunked_relational_loss(inputs, scales, weights, row_start: int, row_stop: int, group=None):
+def chunked_relational_loss(inputs, scales, weights, row_start: int, row_stop: int, group=None, teachers: int = 1,
+                            ensemble: str = AVERAGE_AFTER_SOFTMAX):
     """Backend entry point: (total, {term: detached value}) for the active row-softmax terms and gd.
 
-    Under torch.no_grad (evaluation) no gradient work is done at all.
+    inputs: spec.ensemble_inputs(teachers) -> (N, D) (teachers of hrd and intra alone may be (N, D_k)); scales:
+    spec.ensemble_scales(teachers) -> 0-dim fp32. Under torch.no_grad (evaluation) no gradient work is done at all.
     """
-    plan = _Plan(active_uses(weights), [t for t in active_terms(weights) if t != "fd"], weights, weights["gd"] != 0)
+    plan = _Plan(active_uses(weights, teachers), [t for t in active_terms(weights) if t != "fd"], weights,
+                 weights["gd"] != 0, teachers, ensemble_corrections(weights, teachers, ensemble))
     if not plan.terms:
         return inputs["s_img"].new_zeros((), dtype=torch.float32), {}
-    tensors = [inputs[name] for name in INPUTS] + [scales[name] for name in SCALES]
+    tensors = [inputs[name] for name in plan.inputs] + [scales[name] for name in plan.scales]
     if not torch.is_grad_enabled():
         tensors = [t.detach() for t in tensors]  # nothing will be differentiated: skip every gradient product
     total, values = _ChunkedLoss.apply(plan, row_start, row_stop, group, *tensors)
@@ -94,12 +110,14 @@ def chunked_relational_loss(inputs, scales, weights, row_start: int, row_stop: i
 class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: _Plan, row_start: int, row_stop: int, group, *tensors):
-        embeddings = dict(zip(INPUTS, tensors[:4]))
-        scales = dict(zip(SCALES, tensors[4:]))
-        want = dict(zip(INPUTS + SCALES, ctx.needs_input_grad[4:]))
+        names = plan.inputs + plan.scales
+        embeddings = dict(zip(plan.inputs, tensors[:len(plan.inputs)]))
+        scales = dict(zip(plan.scales, tensors[len(plan.inputs):]))
+        want = dict(zip(names, ctx.needs_input_grad[4:]))
         values, grads, pending_gd = _forward_and_gradients(plan, embeddings, scales, want, row_start, row_stop, group)
         total = sum(plan.weights[TERM_WEIGHT[t]] * values[t] for t in plan.terms)
-        ctx.grad_names = [name for name in INPUTS + SCALES if want[name]]
+        ctx.grad_names = [name for name in names if want[name]]
+        ctx.all_names = names
         ctx.save_for_backward(*[grads[name] for name in ctx.grad_names])
         ctx.pending_gd, ctx.group = pending_gd, group
         term_values = torch.stack([values[t] for t in plan.terms])
@@ -115,7 +133,7 @@ class _ChunkedLoss(torch.autograd.Function):
             for name, grad in _gd_group_gradients(ctx.pending_gd, grad_total, ctx.group).items():
                 if name in grads:
                     grads[name] = grads[name] + grad.to(grads[name].dtype)
-        return (None, None, None, None, *[grads.get(name) for name in INPUTS + SCALES])
+        return (None, None, None, None, *[grads.get(name) for name in ctx.all_names])
 
 
 def _forward_and_gradients(plan: _Plan, embeddings, scales, want, row_start: int, row_stop: int, group=None):
@@ -129,10 +147,10 @@ def _forward_and_gradients(plan: _Plan, embeddings, scales, want, row_start: int
     n = X["s_img"].shape[0]
     n_rows = row_stop - row_start
     grads_on = {name for name in STUDENT_INPUTS if want[name]}
-    need_grad = bool(grads_on) or any(want[name] for name in SCALES)
+    need_grad = bool(grads_on) or any(want[name] for name in plan.scales)
     dX = {name: torch.zeros_like(X[name]) for name in grads_on}
     device = X["s_img"].device
-    dscale = {name: torch.zeros((), dtype=torch.float64, device=device) for name in SCALES}
+    dscale = {name: torch.zeros((), dtype=torch.float64, device=device) for name in plan.scales}
     sums = {term: torch.zeros((), dtype=torch.float64, device=device) for term in plan.terms}
     # Coefficient of each use in the total: weight * share / rows (the row mean).
     coef = {use: plan.weights[TERM_WEIGHT[use.term]] * use.share / n_rows for use in plan.uses}
@@ -175,6 +193,17 @@ def _forward_and_gradients(plan: _Plan, embeddings, scales, want, row_start: int
                 cross[use] = _dot(P[target], LP[view])
                 block_sum = target_entropy[target] - cross[use]
             sums[use.term] += use.share * block_sum
+        # Average-after-softmax: KD(A ; pbar) = mean_k KD(A ; G_k) - JSD, summed over the block's rows as
+        # JSD = mean_k sum_ij p_k log p_k - sum_ij pbar log pbar (teachers only: no gradient).
+        for correction in plan.corrections:
+            own = sum(target_entropy[t] if t in target_entropy else _dot(P[t], LP[t]) for t in correction.targets)
+            pbar = P[correction.targets[0]].clone()  # (rows, N): mean_k p_k
+            for target in correction.targets[1:]:
+                pbar.add_(P[target])
+            pbar.div_(len(correction.targets))
+            jsd = own / len(correction.targets) - torch.xlogy(pbar, pbar).sum().double()
+            sums[correction.term] -= correction.share * jsd
+            del pbar
         if not need_grad:
             continue
         # Scale gradients need no product: with A = s Z, dtotal/ds = sum(dA * Z) = sum(dA * LP) / s because each row
@@ -216,9 +245,9 @@ def _forward_and_gradients(plan: _Plan, embeddings, scales, want, row_start: int
     pending = None
     if plan.gd:
         values["gd"], pending = _gradient_distillation(plan.weights["gd"], X, s, dX, dscale, need_grad, row_start,
-                                                       row_stop, group, grads_on)
+                                                       row_stop, group, grads_on, plan.teachers)
     grads = {name: dX[name].to(embeddings[name].dtype) for name in grads_on}
-    grads.update({name: dscale[name].float() for name in SCALES if want[name]})
+    grads.update({name: dscale[name].float() for name in plan.scales if want[name]})
     return values, grads, pending
 
 
@@ -227,8 +256,10 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.vdot(a.reshape(-1), b.reshape(-1)).double()
 
 
-def _gradient_distillation(weight, X, s, dX, dscale, need_grad, row_start, row_stop, group=None, grads_on=()):
-    """gd over both directions, streamed in two passes (the gY sums need every anchor block before any gradient).
+def _gradient_distillation(weight, X, s, dX, dscale, need_grad, row_start, row_stop, group=None, grads_on=(),
+                           teachers: int = 1):
+    """gd over both directions, streamed in two passes (the gY sums need every anchor block before any gradient);
+    with an ensemble, the mean over the teachers of each one's gd against the same student side.
 
     Without a group, adds weight * d(gd)/d(input) into dX and dscale in place and returns (value, None). With a
     process group the gY sums span every rank: pass 1's sums are all-reduced here, and the gradient, whose gY part
@@ -236,7 +267,7 @@ def _gradient_distillation(weight, X, s, dX, dscale, need_grad, row_start, row_s
     """
     device = X["s_img"].device
     value = torch.zeros((), dtype=torch.float64, device=device)
-    s_student, s_teacher = s["gd_student"], s["gd_teacher"]
+    s_student = s["gd_student"]
     local_rows = row_stop - row_start
     total_rows = local_rows
     if group is not None:
@@ -246,28 +277,33 @@ def _gradient_distillation(weight, X, s, dX, dscale, need_grad, row_start, row_s
         dist.all_reduce(count, group=group)
         total_rows = int(count.item())
     pending = []
-    for anchor, candidate, t_anchor, t_candidate in (
-        ("s_img", "s_txt", "t_img", "t_txt"),
-        ("s_txt", "s_img", "t_txt", "t_img"),
-    ):
-        Xs, Ys, Xt, Yt = X[anchor], X[candidate], X[t_anchor], X[t_candidate]
+    for anchor, candidate, t_side in (("s_img", "s_txt", 0), ("s_txt", "s_img", 1)):
+        Xs, Ys = X[anchor], X[candidate]
         n, d = Ys.shape[0], Ys.shape[1]
         # Pass 1: RY = R Y / B (rows, D) and RtX = R^T X / B (N, D), so that gX = s * RY and gY = s * RtX.
         RY_s, RtX_s, lse_s = _residual_products(Xs, Ys, s_student, row_start, row_stop, total_rows)
-        RY_t, RtX_t, _ = _residual_products(Xt, Yt, s_teacher, row_start, row_stop, total_rows)
         if group is not None:  # gY sums over every rank's anchors
             import torch.distributed as dist
 
             dist.all_reduce(RtX_s, group=group)
-            dist.all_reduce(RtX_t, group=group)
-        diff_x = s_student * RY_s - s_teacher * RY_t
-        diff_y = s_student * RtX_s - s_teacher * RtX_t
-        value += 0.5 * (diff_x.pow(2).mean().double() + diff_y.pow(2).mean().double())
+        # dL/dgX and dL/dgY of weight * mean_k 1/2 [MSE(gX - gX_k) + MSE(gY - gY_k)] (MSE(gX): mean over this rank's
+        # rows); linear in the differences, so the teachers' sum feeds one gradient pass.
+        EX, EY = torch.zeros_like(RY_s), torch.zeros_like(RtX_s)
+        for k in range(teachers):
+            images, texts = teacher_inputs(k)
+            Xt, Yt = (X[images], X[texts]) if t_side == 0 else (X[texts], X[images])
+            s_teacher = s[teacher_scales(k)[1]]
+            RY_t, RtX_t, _ = _residual_products(Xt, Yt, s_teacher, row_start, row_stop, total_rows)
+            if group is not None:
+                dist.all_reduce(RtX_t, group=group)
+            diff_x = s_student * RY_s - s_teacher * RY_t
+            diff_y = s_student * RtX_s - s_teacher * RtX_t
+            value += 0.5 * (diff_x.pow(2).mean().double() + diff_y.pow(2).mean().double()) / teachers
+            if need_grad:
+                EX.add_(diff_x, alpha=weight / (teachers * local_rows * d))
+                EY.add_(diff_y, alpha=weight / (teachers * n * d))
         if not need_grad:
             continue
-        # dL/dgX and dL/dgY of weight * 1/2 [MSE(gX) + MSE(gY)] (MSE(gX): mean over this rank's rows).
-        EX = diff_x * (weight / (local_rows * d))
-        EY = diff_y * (weight / (n * d))
         direction = (anchor, candidate, lse_s, EX, EY, RY_s, RtX_s)
         if group is None:
             _gd_gradients(direction, X, s_student, row_start, row_stop, total_rows, dX, dscale, 1.0, 1.0)

@@ -39,7 +39,9 @@ def _sigmoid_backend(name: str):
 def triton_unsupported(weights: dict, s_img: torch.Tensor, group, teachers: Sequence = ()) -> Optional[str]:
     """Why the Triton kernels cannot run this call (None if they can): ``auto`` then takes the chunked backend.
 
-    ``teachers``: sigmoid_kd's SigmoidTeacher members, whose widths the kernels walk too."""
+    ``teachers``: the call's teacher members (Teacher or SigmoidTeacher, an ensemble among them), whose widths the
+    kernels walk too. Every term, teacher ensembles in both modes included, has kernels: only widths and dtypes
+    send a call to the chunked backend."""
     from .triton_config import MAX_WIDTH, SUPPORTED_DTYPES
 
     widest = max([s_img.shape[1], *(teacher.image.shape[1] for teacher in teachers)])
@@ -77,16 +79,20 @@ def clip_rd_loss(
     backend: str = "auto",
     group=None,
     gd_convention: str = "paper",
+    ensemble: str = spec.AVERAGE_AFTER_SOFTMAX,
 ) -> dict[str, torch.Tensor]:
     """The distillation objective; returns {"total", <one key per computed term>} as 0-dim fp32 tensors.
 
     s_* / t_*: (N, D) L2-normalised student / teacher embeddings (t_* never differentiated); mixed dtypes are
     computed in the widest one. Scales are already exponentiated; lam_img, lam_txt, kappa are raw multipliers.
-    student_bias: the student's logit bias (siglip, sigmoid_kd; None: none). For sigmoid_kd, t_img and t_txt may be
-    lists of K teachers (N, D_k), each of its own width, with teacher_scale and teacher_bias one scalar for all or a
-    list of K; every other teacher term needs one teacher of the student's (N, D).
-    ``weights`` is a preset name or a partial mapping. Anchors are rows [row_start, row_stop) (open_clip's local
-    loss), candidates all N; ``group`` (a torch.distributed process group) makes gd exact across the ranks of a
+    student_bias: the student's logit bias (siglip, sigmoid_kd; None: none). t_img and t_txt may be lists of K
+    teachers (N, D_k) (a teacher ensemble), with teacher_scale and teacher_bias one scalar for all or a list of K.
+    ``ensemble`` says how the softmax terms use an ensemble: "average-after-softmax" (hrd and intra distil from the
+    mean of the teachers' softmaxes; terms that put teacher and student embeddings side by side are refused) or
+    "average-losses" (every teacher term is the mean of its per-teacher values; those terms need every teacher at the
+    student's width D). hrd, intra and sigmoid_kd take teachers of any width; sigmoid_kd always averages after the
+    sigmoid. ``weights`` is a preset name or a partial mapping. Anchors are rows [row_start, row_stop) (open_clip's
+    local loss), candidates all N; ``group`` (a torch.distributed process group) makes gd exact across the ranks of a
     local loss. ``gd_convention``: "paper" (logits s X Y^T) or "clip-kd-code" (the published CLIP-KD code's X Y^T / s).
     With backend "chunked" or "triton" only "total" carries a gradient; the per-term values are detached, for logging.
     """
@@ -98,7 +104,7 @@ def clip_rd_loss(
     if resolved["afd"] != 0.0:
         raise ValueError("weights['afd']: afd needs the fusion layers of ClipRDLoss (kernels.ClipRDLoss), not the "
                          "functional form")
-    row_start, row_stop = spec.validate_inputs(s_img, s_txt, t_img, t_txt, row_start, row_stop, resolved)
+    row_start, row_stop = spec.validate_inputs(s_img, s_txt, t_img, t_txt, row_start, row_stop, resolved, ensemble)
     images, texts = spec.teacher_members(t_img, t_txt)
     device = s_img.device
     needs_teacher_scale = any(resolved[key] != 0.0 for key in ("hrd", "intra", "gd", "cross_kd", "sigmoid_kd"))
@@ -123,7 +129,8 @@ def clip_rd_loss(
     # gd's logit scale: the paper's s, or the published code's 1 / s (autograd carries the chain rule to tau_s).
     code = gd_convention == "clip-kd-code"
     scales["gd_student"] = 1.0 / scales["student"] if code else scales["student"]
-    scales["gd_teacher"] = 1.0 / scales["teacher"] if code else scales["teacher"]
+    gd_teachers = [1.0 / scale if code else scale for scale in teacher_scales]
+    scales["gd_teacher"] = gd_teachers[0]
     dtype = _common_dtype(s_img, s_txt, *images, *texts)
     s_img, s_txt = s_img.to(dtype), s_txt.to(dtype)
     images, texts = [x.to(dtype).detach() for x in images], [x.to(dtype).detach() for x in texts]
@@ -131,30 +138,40 @@ def clip_rd_loss(
     if resolved["sigmoid_kd"] != 0.0:
         sigmoid_teachers = tuple(spec.SigmoidTeacher(*member)
                                  for member in zip(images, texts, teacher_scales, teacher_biases))
-    # The row-softmax terms and gd read one teacher of the student's shape (validated when they are active); where
-    # sigmoid_kd alone reads the teachers (an ensemble, other widths), their slots hold the student, unread.
-    same_shape = len(images) == 1 and images[0].shape == s_img.shape
-    t_img, t_txt = (images[0], texts[0]) if same_shape else (s_img.detach(), s_txt.detach())
+    # The softmax teacher terms read every teacher (validated for them); where none is active (the student's own and
+    # the sigmoid terms alone), the one teacher slot holds the student, unread.
+    teachers = ()
+    if any(resolved[key] != 0.0 for key in spec.TEACHER_TERMS):
+        teachers = tuple(spec.Teacher(*member) for member in zip(images, texts, teacher_scales, gd_teachers))
+    t_img, t_txt = (images[0], texts[0]) if teachers else (s_img.detach(), s_txt.detach())
     if backend == "auto":
-        on_gpu = device.type == "cuda" and triton_unsupported(resolved, s_img, group, sigmoid_teachers) is None
+        on_gpu = device.type == "cuda" and triton_unsupported(resolved, s_img, group,
+                                                              teachers + sigmoid_teachers) is None
         backend = "triton" if on_gpu else "chunked"
     if backend == "reference":
         return reference_loss(s_img, s_txt, t_img, t_txt, *scales.values(), weights=resolved, row_start=row_start,
-                              row_stop=row_stop, group=group, student_bias=bias, sigmoid_teachers=sigmoid_teachers)
+                              row_stop=row_stop, group=group, student_bias=bias, sigmoid_teachers=sigmoid_teachers,
+                              teachers=teachers, ensemble=ensemble)
     if backend == "triton":
-        reason = triton_unsupported(resolved, s_img, group, sigmoid_teachers)
+        reason = triton_unsupported(resolved, s_img, group, teachers + sigmoid_teachers)
         if reason:
             raise ValueError(f"backend='triton': {reason}; use backend='auto' or 'chunked'")
 
+    # Teacher k >= 1 as t_img{k}, t_txt{k} with scales teacher{k}, gd_teacher{k} (spec.ensemble_inputs / _scales).
     inputs = {"s_img": s_img, "s_txt": s_txt, "t_img": t_img, "t_txt": t_txt}
-    total, terms = _relational_backend(backend)(inputs, scales, resolved, row_start, row_stop, group)
+    for k, teacher in enumerate(teachers[1:], start=1):
+        inputs.update(zip(spec.teacher_inputs(k), (teacher.image, teacher.text)))
+        scales.update(zip(spec.teacher_scales(k), (teacher.scale, teacher.gd_scale)))
+    total, terms = _relational_backend(backend)(inputs, scales, resolved, row_start, row_stop, group,
+                                                teachers=max(len(teachers), 1), ensemble=ensemble)
     if any(resolved[key] != 0.0 for key in spec.SIGMOID_TERMS):
         sigmoid_total, sigmoid_terms = _sigmoid_backend(backend)(s_img, s_txt, sigmoid_teachers, scales["student"],
                                                                  bias, resolved, row_start, row_stop)
         total = total + sigmoid_total
         terms.update(sigmoid_terms)
-    if resolved["fd"] != 0.0:
-        fd = feature_distillation(s_img, s_txt, t_img, t_txt, row_start, row_stop)
+    if resolved["fd"] != 0.0:  # the mean over teachers (one teacher: its own), each of the student's width
+        fd = sum(feature_distillation(s_img, s_txt, t.image, t.text, row_start, row_stop) for t in teachers)
+        fd = fd / len(teachers)
         total = total + resolved["fd"] * fd
         terms["fd"] = fd.detach()
     return {"total": total, **{key: terms[key] for key in spec.TERM_KEYS if key in terms}}

@@ -12,7 +12,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .spec import TERM_WEIGHT, SigmoidTeacher, active_terms
+from .spec import AVERAGE_AFTER_SOFTMAX, TERM_WEIGHT, SigmoidTeacher, Teacher, active_terms
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -44,6 +44,17 @@ def sigmoid_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
 
 
+def kd_average_after_softmax(logits: torch.Tensor, targets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """KD(A ; mean_k P(G_k)) = mean_i sum_j pbar_ij (log pbar_ij - log P(A)_ij), pbar = mean_k softmax(G_k): the
+    teachers' distributions averaged after the softmax (each G_k its own teacher's scale), all detached; masked (-inf)
+    columns contribute 0, and so does a column whose pbar is 0 (xlogy(0, 0) = 0). A NaN anywhere stays a NaN."""
+    pbar = torch.stack([F.softmax(target.detach(), dim=1) for target in targets]).mean(dim=0)
+    log_p = F.log_softmax(logits, dim=1)
+    pointwise = torch.xlogy(pbar, pbar) - pbar * log_p
+    masked = targets[0].detach() == float("-inf")
+    return torch.where(masked, torch.zeros_like(pointwise), pointwise).sum(dim=1).mean()
+
+
 def feature_distillation(s_img, s_txt, t_img, t_txt, row_start: int, row_stop: int) -> torch.Tensor:
     """fd = MSE(S_I, T_I) + MSE(S_T, T_T) over the owned rows (mean over elements)."""
     rows = slice(row_start, row_stop)
@@ -70,16 +81,26 @@ def reference_loss(
     group=None,
     student_bias: Optional[torch.Tensor] = None,
     sigmoid_teachers: Sequence[SigmoidTeacher] = (),
+    teachers: Sequence[Teacher] = (),
+    ensemble: str = AVERAGE_AFTER_SOFTMAX,
 ) -> dict[str, torch.Tensor]:
     """Every term of kernels/README.md with a non-zero weight, plus "total"; all differentiable, all fp32.
 
     Inputs are (N, D); anchors are rows [row_start, row_stop) of each anchor matrix, candidates all N rows,
     and the positive of local row i is column row_start + i. siglip adds ``student_bias`` (None: no bias) to the
     student's logits; sigmoid_kd's soft targets come from ``sigmoid_teachers`` (one or more, any widths).
+    ``teachers``: a teacher ensemble for the softmax terms (empty: the one teacher t_img, t_txt, teacher_scale,
+    gd_teacher); a term reading teachers is the mean over them of its single-teacher form, but for hrd and intra under
+    ``ensemble="average-after-softmax"``, where one KD holds the student's view against the mean of the teachers'
+    softmaxes.
     """
     S_I, S_T = upcast(s_img), upcast(s_txt)
-    T_I, T_T = upcast(t_img).detach(), upcast(t_txt).detach()
-    tau_s, tau_t = student_scale, teacher_scale.detach()
+    if not teachers:
+        teachers = (Teacher(t_img, t_txt, teacher_scale, gd_teacher),)
+    # Teacher k's (T_I, T_T, tau_t, gd scale), detached.
+    members = [(upcast(t.image).detach(), upcast(t.text).detach(), t.scale.detach(), t.gd_scale.detach())
+               for t in teachers]
+    tau_s = student_scale
     rows = slice(row_start, row_stop)
     pos = torch.arange(row_start, row_stop, device=S_I.device)  # (rows,) positive column of each anchor row
     local = torch.arange(row_stop - row_start, device=S_I.device)
@@ -91,50 +112,73 @@ def reference_loss(
             out = out.index_put((local, pos), out.new_tensor(float("-inf")))
         return out
 
+    def mean_over_teachers(term):
+        """The mean over the teachers of ``term(T_I, T_T, tau_t, gd_teacher)``: the single-teacher term for one."""
+        return sum(term(*member) for member in members) / len(members)
+
     CE = lambda a: cross_entropy(a, pos)  # noqa: E731
     KD = kl_distill
+    averaged_targets = len(members) > 1 and ensemble == AVERAGE_AFTER_SOFTMAX
     terms: dict[str, torch.Tensor] = {}
     wanted = set(active_terms(weights))
 
     if "task" in wanted:
         terms["task"] = 0.5 * (CE(logits(tau_s, S_I, S_T)) + CE(logits(tau_s, S_T, S_I)))
     if "fd" in wanted:
-        terms["fd"] = feature_distillation(S_I, S_T, T_I, T_T, row_start, row_stop)
+        terms["fd"] = mean_over_teachers(lambda T_I, T_T, *_: feature_distillation(S_I, S_T, T_I, T_T, row_start,
+                                                                                     row_stop))
     if "icl" in wanted:
-        terms["icl"] = 0.5 * (CE(logits(kappa, S_I, T_T)) + CE(logits(kappa, S_T, T_I)))
+        terms["icl"] = mean_over_teachers(
+            lambda T_I, T_T, *_: 0.5 * (CE(logits(kappa, S_I, T_T)) + CE(logits(kappa, S_T, T_I))))
     if "hrd" in wanted:
-        terms["hrd"] = 0.5 * (
-            KD(logits(tau_s, S_I, S_T), logits(tau_t, T_I, T_T))
-            + KD(logits(tau_s, S_T, S_I), logits(tau_t, T_T, T_I))
-        )
+        if averaged_targets:  # one student view per direction against the mean of the teachers' softmaxes
+            terms["hrd"] = 0.5 * (
+                kd_average_after_softmax(logits(tau_s, S_I, S_T), [logits(t, T_I, T_T) for T_I, T_T, t, _ in members])
+                + kd_average_after_softmax(logits(tau_s, S_T, S_I), [logits(t, T_T, T_I) for T_I, T_T, t, _ in members])
+            )
+        else:
+            terms["hrd"] = mean_over_teachers(lambda T_I, T_T, tau_t, _: 0.5 * (
+                KD(logits(tau_s, S_I, S_T), logits(tau_t, T_I, T_T))
+                + KD(logits(tau_s, S_T, S_I), logits(tau_t, T_T, T_I))
+            ))
     if "vrd" in wanted:
-        terms["vrd"] = 0.5 * (
+        terms["vrd"] = mean_over_teachers(lambda T_I, T_T, *_: 0.5 * (
             KD(logits(lam_img, T_I, S_I), logits(lam_txt, T_T, S_T))
             + KD(logits(lam_img, S_I, T_I), logits(lam_txt, S_T, T_T))
-        )
-        terms["vrd_ce_img"] = 0.5 * (CE(logits(lam_img, T_I, S_I)) + CE(logits(lam_img, S_I, T_I)))
-        terms["vrd_ce_txt"] = 0.5 * (CE(logits(lam_txt, T_T, S_T)) + CE(logits(lam_txt, S_T, T_T)))
+        ))
+        terms["vrd_ce_img"] = mean_over_teachers(
+            lambda T_I, T_T, *_: 0.5 * (CE(logits(lam_img, T_I, S_I)) + CE(logits(lam_img, S_I, T_I))))
+        terms["vrd_ce_txt"] = mean_over_teachers(
+            lambda T_I, T_T, *_: 0.5 * (CE(logits(lam_txt, T_T, S_T)) + CE(logits(lam_txt, S_T, T_T))))
     if "xrd" in wanted:
-        terms["xrd"] = 0.25 * (
+        terms["xrd"] = mean_over_teachers(lambda T_I, T_T, *_: 0.25 * (
             KD(logits(kappa, T_I, S_T), logits(kappa, T_T, S_I))
             + KD(logits(kappa, T_T, S_I), logits(kappa, T_I, S_T))
             + KD(logits(kappa, S_T, T_I), logits(kappa, S_I, T_T))
             + KD(logits(kappa, S_I, T_T), logits(kappa, S_T, T_I))
-        )
+        ))
     if "intra" in wanted:
-        terms["intra"] = 0.5 * (
-            KD(logits(tau_s, S_I, S_I, True), logits(tau_t, T_I, T_I, True))
-            + KD(logits(tau_s, S_T, S_T, True), logits(tau_t, T_T, T_T, True))
-        )
+        if averaged_targets:
+            terms["intra"] = 0.5 * (
+                kd_average_after_softmax(logits(tau_s, S_I, S_I, True),
+                                         [logits(t, T_I, T_I, True) for T_I, _, t, _ in members])
+                + kd_average_after_softmax(logits(tau_s, S_T, S_T, True),
+                                           [logits(t, T_T, T_T, True) for _, T_T, t, _ in members])
+            )
+        else:
+            terms["intra"] = mean_over_teachers(lambda T_I, T_T, tau_t, _: 0.5 * (
+                KD(logits(tau_s, S_I, S_I, True), logits(tau_t, T_I, T_I, True))
+                + KD(logits(tau_s, S_T, S_T, True), logits(tau_t, T_T, T_T, True))
+            ))
     if "cross_kd" in wanted:
-        terms["cross_kd"] = 0.5 * (
+        terms["cross_kd"] = mean_over_teachers(lambda T_I, T_T, tau_t, _: 0.5 * (
             KD(logits(kappa, S_I, T_T), logits(tau_t, T_I, T_T)) + KD(logits(kappa, S_T, T_I), logits(tau_t, T_T, T_I))
-        )
+        ))
     if "gd" in wanted:
-        terms["gd"] = sum(
-            gradient_distillation(X_s, Y_s, gd_student, X_t, Y_t, gd_teacher.detach(), row_start, row_stop, group)
+        terms["gd"] = mean_over_teachers(lambda T_I, T_T, _, gd_teacher: sum(
+            gradient_distillation(X_s, Y_s, gd_student, X_t, Y_t, gd_teacher, row_start, row_stop, group)
             for X_s, Y_s, X_t, Y_t in ((S_I, S_T, T_I, T_T), (S_T, S_I, T_T, T_I))
-        )
+        ))
 
     if "siglip" in wanted or "sigmoid_kd" in wanted:
         # Student logits z = s S_I[rows] S_T^T + b (rows, N): SigLIP's, image anchors against every text.

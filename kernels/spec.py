@@ -27,9 +27,22 @@ TERM_WEIGHT = {key: ("vrd" if key.startswith("vrd") else key) for key in TERM_KE
 SIGMOID_TERMS = ("siglip", "sigmoid_kd")
 # Terms that read the student's own embeddings alone: ClipRDLoss never projects the student for them.
 STUDENT_WIDTH_TERMS = ("task", "siglip", "sigmoid_kd")
-# Terms that need one teacher of the student's (N, D): they compare teacher and student embeddings, or run in the
-# row-softmax backends, which stack all four inputs as one (4, N, D) tensor.
-SAME_WIDTH_TEACHER_TERMS = ("fd", "icl", "hrd", "vrd", "xrd", "intra", "gd", "cross_kd", "afd")
+# Every term that reads the teacher arguments but sigmoid_kd (which reads them as SigmoidTeacher members).
+TEACHER_TERMS = ("fd", "icl", "hrd", "vrd", "xrd", "intra", "gd", "cross_kd", "afd")
+# Teacher terms whose student views read the student alone and whose KD targets are a teacher's own logit views:
+# they compare logits, never embeddings, so their teachers may have any width, and a teacher ensemble's targets can be
+# averaged after the softmax (one student distribution against the mean of the teachers').
+LOGIT_TARGET_TERMS = ("hrd", "intra")
+# Teacher terms that put teacher and student embeddings side by side (in one product, or one difference): each
+# teacher must be of the student's width, and an ensemble feeds them as the mean over teachers of the single-teacher
+# term (ensemble="average-losses"; ClipRDLoss projects the student to each teacher's width). afd is refused with an
+# ensemble: its fusion layers are sized for one teacher.
+EMBEDDING_TEACHER_TERMS = ("fd", "icl", "vrd", "xrd", "gd", "cross_kd", "afd")
+# How a teacher ensemble forms the softmax terms' targets (kernels/README.md, "Teacher ensembles"):
+# "average-after-softmax": KD(A ; mean_k softmax(G_k)), MobileCLIP's --distill-average-after-softmax (the default);
+# "average-losses": the mean over teachers k of the single-teacher term.
+AVERAGE_AFTER_SOFTMAX, AVERAGE_LOSSES = "average-after-softmax", "average-losses"
+ENSEMBLE_MODES = (AVERAGE_AFTER_SOFTMAX, AVERAGE_LOSSES)
 
 PRESETS: dict[str, dict[str, float]] = {
     "clip-rd": {"task": 1.0, "fd": 2000.0, "icl": 1.0, "hrd": 1.0, "vrd": 1.0, "xrd": 1.0},
@@ -137,14 +150,95 @@ _USES: dict[str, tuple[Use, ...]] = {
 }
 
 
-def active_uses(weights: Mapping[str, float]) -> list[Use]:
-    """The row-softmax uses of every term whose weight is non-zero (a zero-weight term costs nothing)."""
-    return [use for key, uses in _USES.items() if weights[key] != 0.0 for use in uses]
+def teacher_inputs(k: int) -> tuple[str, str]:
+    """Input names of teacher k's image and text embeddings: t_img, t_txt for the first, t_img1, t_txt1, ... after."""
+    return ("t_img", "t_txt") if k == 0 else (f"t_img{k}", f"t_txt{k}")
+
+
+def teacher_scales(k: int) -> tuple[str, str]:
+    """Scale names of teacher k: its logit scale and gd's teacher-side scale (teacher, gd_teacher for the first)."""
+    return ("teacher", "gd_teacher") if k == 0 else (f"teacher{k}", f"gd_teacher{k}")
+
+
+def ensemble_inputs(teachers: int) -> tuple[str, ...]:
+    """Input names of a call with ``teachers`` teachers: INPUTS, then t_img1, t_txt1, ... (students first)."""
+    return INPUTS + tuple(name for k in range(1, teachers) for name in teacher_inputs(k))
+
+
+def ensemble_scales(teachers: int) -> tuple[str, ...]:
+    """Scale names of a call with ``teachers`` teachers: SCALES, then teacher1, gd_teacher1, ..."""
+    return SCALES + tuple(name for k in range(1, teachers) for name in teacher_scales(k))
+
+
+def _of_teacher(view: Optional[View], k: int) -> Optional[View]:
+    """``view`` with the first teacher's inputs and scale replaced by teacher k's."""
+    if view is None or k == 0:
+        return view
+    rename = dict(zip(teacher_inputs(0) + teacher_scales(0), teacher_inputs(k) + teacher_scales(k)))
+    return View(rename.get(view.anchor, view.anchor), rename.get(view.candidate, view.candidate),
+                rename.get(view.scale, view.scale), view.masked)
+
+
+def active_uses(weights: Mapping[str, float], teachers: int = 1) -> list[Use]:
+    """The row-softmax uses of every term whose weight is non-zero (a zero-weight term costs nothing).
+
+    With an ensemble of ``teachers``, every use that reads a teacher is repeated once per teacher k, on teacher k's
+    inputs and scale, with its share divided by the number of teachers: the mean over teachers of the single-teacher
+    term (average-losses). It is also every gradient of average-after-softmax, whose KD(A ; mean_k P(G_k)) has
+    d/dA = P(A) - mean_k P(G_k) = mean_k (P(A) - P(G_k)); that mode's value adds ``ensemble_corrections``."""
+    out = []
+    for key, uses in _USES.items():
+        if weights[key] == 0.0:
+            continue
+        for use in uses:
+            reads_teacher = any(name not in STUDENT_INPUTS for name in _use_inputs(use))
+            if teachers == 1 or not reads_teacher:
+                out.append(use)
+                continue
+            out += [Use(use.term, use.share / teachers, _of_teacher(use.view, k), _of_teacher(use.target, k))
+                    for k in range(teachers)]
+    return out
+
+
+def _use_inputs(use: Use) -> tuple[str, ...]:
+    views = (use.view,) if use.target is None else (use.view, use.target)
+    return tuple(name for view in views for name in (view.anchor, view.candidate))
+
+
+@dataclass(frozen=True)
+class EnsembleCorrection:
+    """``-share * mean_i JSD_i`` added to term ``term`` under average-after-softmax: per anchor row i, with p_k the
+    softmax of target view ``targets[k]`` (teacher k's) and pbar = mean_k p_k,
+        JSD_i = mean_k sum_j p_kj log p_kj - sum_j pbar_j log pbar_j   (>= 0, the teachers' Jensen-Shannon divergence),
+    and KD(A ; pbar) = mean_k KD(A ; G_k) - mean_i JSD_i: teachers only, so no gradient (kernels/README.md)."""
+
+    term: str
+    share: float
+    targets: tuple[View, ...]
+
+
+def ensemble_corrections(weights: Mapping[str, float], teachers: int, ensemble: str) -> list[EnsembleCorrection]:
+    """What turns the mean of the per-teacher KDs of LOGIT_TARGET_TERMS into the KD against the averaged target:
+    one correction per KD use, for an ensemble under average-after-softmax (none otherwise)."""
+    if teachers == 1 or ensemble != AVERAGE_AFTER_SOFTMAX:
+        return []
+    return [EnsembleCorrection(use.term, use.share, tuple(_of_teacher(use.target, k) for k in range(teachers)))
+            for key in LOGIT_TARGET_TERMS if weights[key] != 0.0 for use in _USES[key]]
 
 
 def active_terms(weights: Mapping[str, float]) -> list[str]:
     """Output keys computed for these weights, in reporting order."""
     return [key for key in TERM_KEYS if weights[TERM_WEIGHT[key]] != 0.0]
+
+
+class Teacher(NamedTuple):
+    """One member of the softmax terms' teacher ensemble: (N, D_k) image and text embeddings, its exponentiated logit
+    scale and gd's teacher-side scale (0-dim fp32); never differentiated."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+    scale: torch.Tensor
+    gd_scale: torch.Tensor
 
 
 class SigmoidTeacher(NamedTuple):
@@ -182,6 +276,22 @@ def _check_tensor(name: str, tensor) -> None:
         raise TypeError(f"{name}: expected a floating-point dtype, got {tensor.dtype}")
 
 
+def ensemble_refusal(weights: Mapping[str, float], teachers: int, ensemble: str) -> Optional[str]:
+    """Why these weights cannot take a teacher ensemble in this mode (one line), or None when they can."""
+    if teachers == 1:
+        return None
+    if weights["afd"] != 0.0:
+        return (f"weights['afd']: afd fuses the student with one teacher (fusion layers of its width); a teacher "
+                f"ensemble ({teachers} teachers) cannot feed it")
+    embedding = [key for key in EMBEDDING_TEACHER_TERMS if weights[key] != 0.0]
+    if ensemble == AVERAGE_AFTER_SOFTMAX and embedding:
+        return (f"ensemble='{AVERAGE_AFTER_SOFTMAX}': weights {embedding} put teacher and student embeddings side by "
+                f"side, with no teacher softmax target to average over {teachers} teachers; pass "
+                f"ensemble='{AVERAGE_LOSSES}' (the mean of the per-teacher terms), or keep to hrd, intra and the "
+                "student's own and sigmoid terms")
+    return None
+
+
 def validate_inputs(
     s_img: torch.Tensor,
     s_txt: torch.Tensor,
@@ -190,34 +300,38 @@ def validate_inputs(
     row_start: int,
     row_stop: Optional[int],
     weights: Mapping[str, float],
+    ensemble: str = AVERAGE_AFTER_SOFTMAX,
 ) -> tuple[int, int]:
-    """Check the embeddings (a teacher or a list of teachers) and the owned row range; return the range as
-    (start, stop).
+    """Check the embeddings (a teacher or a list of teachers), the ensemble mode and the owned row range; return the
+    range as (start, stop).
 
-    Every term but the sigmoid ones reads one teacher of the student's (N, D); sigmoid_kd alone takes an ensemble,
-    each member's image and text embeddings (N, D_k) of its own width."""
+    Every teacher is (N, D_k), its image and text embeddings of one width. The terms of EMBEDDING_TEACHER_TERMS need
+    every teacher at the student's width D; the logit terms (LOGIT_TARGET_TERMS, sigmoid_kd) take any widths."""
+    if ensemble not in ENSEMBLE_MODES:
+        raise ValueError(f"ensemble: unknown mode {ensemble!r}; expected one of {list(ENSEMBLE_MODES)}")
     images, texts = teacher_members(t_img, t_txt)
-    ensemble = len(images) > 1
-    teacher_names = [(f"t_img[{k}]", f"t_txt[{k}]") if ensemble else ("t_img", "t_txt") for k in range(len(images))]
+    is_ensemble = len(images) > 1
+    teacher_names = [(f"t_img[{k}]", f"t_txt[{k}]") if is_ensemble else ("t_img", "t_txt") for k in range(len(images))]
     named = {"s_img": s_img, "s_txt": s_txt}
     for (image_name, text_name), image, text in zip(teacher_names, images, texts):
         named[image_name], named[text_name] = image, text
     for name, tensor in named.items():
         _check_tensor(name, tensor)
     shape = tuple(s_img.shape)
-    same_width = [key for key in SAME_WIDTH_TEACHER_TERMS if weights[key] != 0.0]
-    if ensemble and same_width:
-        raise ValueError(f"t_img: a teacher ensemble ({len(images)} teachers) feeds sigmoid_kd only; weights "
-                         f"{same_width} need one teacher of the student's width")
+    refusal = ensemble_refusal(weights, len(images), ensemble)
+    if refusal:
+        raise ValueError(refusal)
+    embedding = [key for key in EMBEDDING_TEACHER_TERMS if weights[key] != 0.0]
     for name, tensor in named.items():
         if tensor.device != s_img.device:
             raise ValueError(f"{name}: on device {tensor.device} but s_img is on {s_img.device}")
-        if name == "s_txt" or same_width:
+        if name == "s_txt" or (embedding and name != "s_img"):
             if tuple(tensor.shape) != shape:
-                raise ValueError(
-                    f"{name}: shape {tuple(tensor.shape)} does not match s_img {shape}; all four inputs must be "
-                    "(N, D) with the same N and width D (project the student to the teacher width first)"
-                )
+                why = ("s_img and s_txt must be (N, D) alike" if name == "s_txt" else
+                       f"weights {embedding} compare teacher and student embeddings, so every teacher must be (N, D) "
+                       "with the student's N and width D (project the student to the teacher's width first; "
+                       "ClipRDLoss does, per teacher)")
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match s_img {shape}; {why}")
         elif tensor.shape[0] != shape[0]:
             raise ValueError(f"{name}: {tensor.shape[0]} rows but s_img has {shape[0]}; row i of every input "
                              "belongs to pair i")

@@ -47,6 +47,7 @@ import triton.language as tl
 
 from . import spec
 from .triton_config import block_config, stream_split
+from .triton_ensemble import MEMBER_COLUMNS, ensemble_jsd
 from .triton_gd import GradientDistillation
 from .triton_tiles import (
     INTERPRETING,
@@ -62,8 +63,8 @@ from .triton_tiles import (
     tile_axes,
 )
 
-# Stacked embedding order: inputs[k] is slab k of the (4, N, D) tensor; slabs 0 and 1 take gradients.
-_SLABS = spec.INPUTS  # ("s_img", "s_txt", "t_img", "t_txt")
+# Stacked embedding order: input k of spec.ensemble_inputs is slab k of the (4 + 2 (K - 1), N, D) tensor (s_img, s_txt,
+# t_img, t_txt, then the other teachers' images and texts); slabs 0 and 1 take gradients.
 # Pair table columns (int32): anchor/candidate slab and scale index of P and Q, has Q, masked, use flags.
 _PAIR_COLUMNS = ("anchor_p", "cand_p", "scale_p", "anchor_q", "cand_q", "scale_q",
                  "has_q", "masked", "ce_p", "ce_q", "kd_pq", "kd_qp")
@@ -99,9 +100,9 @@ def _load_backward_scalars(coef_ptr, scale_ptr, pair, scale_p, scale_q):
 
 @triton.jit(do_not_specialize=["n_cols", "row_start", "n_rows"])
 def _relational_fwd_kernel(
-    emb_ptr,       # (4, N, D) stacked s_img, s_txt, t_img, t_txt (student dtype)
+    emb_ptr,       # (slabs, N, D) stacked s_img, s_txt, t_img, t_txt, t_img1, t_txt1, ... (student dtype)
     pair_ptr,      # (n_pairs, PAIR_WIDTH) int32 pair table
-    scale_ptr,     # (len(spec.SCALES),) fp32 scales, spec.SCALES order
+    scale_ptr,     # (len(plan.scales),) fp32 scales: spec.ensemble_scales order
     lse_ptr,       # out (n_pairs, PAIR_VIEWS, rows) fp32: lse of P and Q per anchor row
     row_loss_ptr,  # out (n_pairs, NUM_USES, rows) fp32: CE(P), CE(Q), KL(P;Q), KL(Q;P) per anchor row
     n_cols, width, row_start, n_rows,
@@ -206,10 +207,10 @@ def _pair_probabilities(x_p, y_p, x_q, y_q, s_p, s_q, lse_p, lse_q, has_q, maske
 
 @triton.jit(do_not_specialize=["n_cols", "row_start", "n_rows", "n_pairs", "split_len"])
 def _relational_bwd_kernel(
-    emb_ptr,     # (4, N, D) stacked embeddings
+    emb_ptr,     # (slabs, N, D) stacked embeddings
     pair_ptr,    # (n_pairs, PAIR_WIDTH) int32 pair table
     coef_ptr,    # (n_pairs, COEF_WIDTH) fp32: unit coefficients of ce_p, ce_q, kd_pq, kd_qp; gradient scale
-    scale_ptr,   # (len(spec.SCALES),) fp32 scales
+    scale_ptr,   # (len(plan.scales),) fp32 scales
     lse_ptr,     # (n_pairs, PAIR_VIEWS, rows) fp32 from the forward
     grad_ptr,    # in/out (splits, 2, rows (ROWS) or N, D) fp32, zero-filled: gradient of the owned rows of
                  # s_img, s_txt as anchors (ROWS) or as candidates, one slab per split
@@ -284,13 +285,14 @@ class _Pair:
     uses: list = field(default_factory=list)  # (slot: index into _USE_SLOTS, Use)
 
 
-def _build_pairs(weights: dict[str, float]) -> list[_Pair]:
+def _build_pairs(weights: dict[str, float], teachers: int = 1) -> list[_Pair]:
     """Group the active uses into pairs: a KD view with its target, and each CE-only view on its own.
 
     A view with KD targets in two terms (cross_kd's S_I T_T^T also has xrd's partner) sits in one pair per partner:
-    its logits are computed once per pair, and the gradients of the pairs add up.
+    its logits are computed once per pair, and the gradients of the pairs add up. So does a student view with the
+    targets of a teacher ensemble: one pair per teacher.
     """
-    uses = spec.active_uses(weights)
+    uses = spec.active_uses(weights, teachers)
     pairs: list[_Pair] = []
     home: dict[spec.View, tuple[int, int]] = {}  # view -> (pair index, 0 for P / 1 for Q) where its CE uses go
     placed: dict[spec.Use, tuple[int, int]] = {}  # KD use -> (pair index, side of its view)
@@ -332,13 +334,20 @@ class _Plan:
     norm: torch.Tensor             # (n_pairs,) fp32: largest |weighted| of each pair
     term_shares: torch.Tensor      # (n_terms, n_pairs * NUM_USES) fp32: share of each slot's mean in each term
     scale_index: torch.Tensor      # (n_pairs * PAIR_VIEWS,) int64: scale of P and Q, for the scale-gradient sum
+    scales: tuple[str, ...]        # scale names in the order of the kernels' scale vector
+    members: torch.Tensor          # (n_corrections, K, len(MEMBER_COLUMNS)) int32: average-after-softmax teachers
+    correction_shares: torch.Tensor  # (n_terms, n_corrections) fp32: share of each correction's row mean per term
+    correction_weighted: torch.Tensor  # (n_corrections,) fp32: weight * share of each correction in the total
 
 
 @functools.lru_cache(maxsize=32)
-def _plan(weight_items: tuple[tuple[str, float], ...], device: torch.device) -> _Plan:
-    """The pair plan of resolved weights (as sorted items, to be hashable) on ``device``; cached per call site."""
+def _plan(weight_items: tuple[tuple[str, float], ...], device: torch.device, teachers: int = 1,
+          ensemble: str = spec.AVERAGE_AFTER_SOFTMAX) -> _Plan:
+    """The pair plan of resolved weights (as sorted items, to be hashable) and ``teachers`` teachers on ``device``;
+    cached per call site."""
     weights = dict(weight_items)
-    pairs = _build_pairs(weights)
+    pairs = _build_pairs(weights, teachers)
+    slabs, scale_names = spec.ensemble_inputs(teachers), spec.ensemble_scales(teachers)
     terms = tuple(k for k in spec.active_terms(weights) if k not in ("fd", "gd"))
     table, weighted, shares, scale_index = [], [], {k: [] for k in terms}, []
     for pair in pairs:
@@ -350,9 +359,9 @@ def _plan(weight_items: tuple[tuple[str, float], ...], device: torch.device) -> 
             flags[slot] = 1
             slot_weight[slot] += weights[spec.TERM_WEIGHT[use.term]] * use.share
             slot_share[use.term][slot] += use.share
-        scale_p, scale_q = spec.SCALES.index(pair.p.scale), spec.SCALES.index(q.scale)
-        table.append([_SLABS.index(pair.p.anchor), _SLABS.index(pair.p.candidate), scale_p,
-                      _SLABS.index(q.anchor), _SLABS.index(q.candidate), scale_q,
+        scale_p, scale_q = scale_names.index(pair.p.scale), scale_names.index(q.scale)
+        table.append([slabs.index(pair.p.anchor), slabs.index(pair.p.candidate), scale_p,
+                      slabs.index(q.anchor), slabs.index(q.candidate), scale_q,
                       int(pair.q is not None), int(pair.p.masked), *flags])
         weighted.append(slot_weight)
         for k in terms:
@@ -360,6 +369,15 @@ def _plan(weight_items: tuple[tuple[str, float], ...], device: torch.device) -> 
         scale_index += [scale_p, scale_q]
     weighted_t = torch.tensor(weighted, dtype=torch.float32).reshape(len(pairs), NUM_USES)
     norm = weighted_t.abs().amax(dim=1) if pairs else torch.zeros(0)
+    # Average-after-softmax: each KD's teachers, read where the forward saved their lse (the target side of a pair).
+    corrections = spec.ensemble_corrections(weights, teachers, ensemble)
+    saved_at = {}  # view -> its row of the forward's lse, (n_pairs * PAIR_VIEWS, rows): the first pair holding it
+    for index, pair in enumerate(pairs):
+        for side, view in enumerate((pair.p, pair.q)):
+            if view is not None:
+                saved_at.setdefault(view, index * PAIR_VIEWS + side)
+    members = [[[slabs.index(t.anchor), slabs.index(t.candidate), scale_names.index(t.scale), saved_at[t],
+                 int(t.masked)] for t in correction.targets] for correction in corrections]
     return _Plan(
         terms=terms,
         table=torch.tensor(table, dtype=torch.int32, device=device).reshape(len(pairs), PAIR_WIDTH),
@@ -368,6 +386,13 @@ def _plan(weight_items: tuple[tuple[str, float], ...], device: torch.device) -> 
         norm=norm.to(device),
         term_shares=torch.tensor([shares[k] for k in terms], dtype=torch.float32, device=device),
         scale_index=torch.tensor(scale_index, dtype=torch.int64, device=device),
+        scales=scale_names,
+        members=torch.tensor(members, dtype=torch.int32, device=device).reshape(len(corrections), teachers,
+                                                                                 len(MEMBER_COLUMNS)),
+        correction_shares=torch.tensor([[c.share if c.term == k else 0.0 for c in corrections] for k in terms],
+                                       dtype=torch.float32, device=device).reshape(len(terms), len(corrections)),
+        correction_weighted=torch.tensor([weights[spec.TERM_WEIGHT[c.term]] * c.share for c in corrections],
+                                         dtype=torch.float32, device=device),
     )
 
 
@@ -375,7 +400,7 @@ def _plan(weight_items: tuple[tuple[str, float], ...], device: torch.device) -> 
 
 
 def _relational_forward(emb: torch.Tensor, plan: _Plan, scales: torch.Tensor, row_start: int, n_rows: int):
-    """emb (4, N, D), scales fp32 -> lse (n_pairs, PAIR_VIEWS, rows), row_loss (n_pairs, NUM_USES, rows), fp32."""
+    """emb (slabs, N, D), scales fp32 -> lse (n_pairs, PAIR_VIEWS, rows), row_loss (n_pairs, NUM_USES, rows), fp32."""
     n_pairs, n_cols, width = plan.table.shape[0], emb.shape[1], emb.shape[2]
     cfg = block_config(width, emb.dtype)
     lse = torch.empty((n_pairs, PAIR_VIEWS, n_rows), dtype=torch.float32, device=emb.device)
@@ -416,7 +441,7 @@ def _relational_backward(emb: torch.Tensor, plan: _Plan, coef: torch.Tensor, sca
         partial_scales += dscale.sum(0)
     grad_rows, grad = grads
     grad[:, row_start:row_start + n_rows] += grad_rows
-    grad_scales = torch.zeros(len(spec.SCALES), dtype=torch.float32, device=emb.device)
+    grad_scales = torch.zeros(len(plan.scales), dtype=torch.float32, device=emb.device)
     grad_scales.index_add_(0, plan.scale_index, partial_scales)
     return grad, grad_scales
 
@@ -425,18 +450,27 @@ def _relational_backward(emb: torch.Tensor, plan: _Plan, coef: torch.Tensor, sca
 
 
 class _RelationalLoss(torch.autograd.Function):
-    """(s_img, s_txt, t_img, t_txt, scales (len(spec.SCALES),)) -> total (0-dim) and the detached term values."""
+    """(plan, row_start, rows, scales (len(plan.scales),), s_img, s_txt, t_img, t_txt, t_img1, t_txt1, ...) -> total
+    (0-dim) and the detached term values."""
 
     @staticmethod
-    def forward(ctx, s_img, s_txt, t_img, t_txt, scales, plan: _Plan, row_start: int, n_rows: int):
-        # One (4, N, D) slab in the student dtype: kernels address any input by its slab index.
-        emb = torch.stack((s_img, s_txt, t_img.to(s_img.dtype), t_txt.to(s_img.dtype)))
+    def forward(ctx, plan: _Plan, row_start: int, n_rows: int, scales, *embeddings):
+        emb = _stack(embeddings)
         lse, row_loss = _relational_forward(emb, plan, scales, row_start, n_rows)
         slot_mean = row_loss.sum(dim=2) / n_rows  # (n_pairs, NUM_USES): mean over the owned rows of each use
-        terms = plan.term_shares @ slot_mean.reshape(-1)
+        terms = _shares_of(plan.term_shares, slot_mean.reshape(-1))
         total = (plan.weighted * slot_mean).sum()
+        if plan.members.shape[0]:  # average-after-softmax: KD(A ; pbar) = mean_k KD(A ; G_k) - mean_i JSD_i
+            cfg = block_config(emb.shape[2], emb.dtype)
+            jsd = ensemble_jsd(emb, plan.members, scales, lse, row_start, n_rows, cfg, kernel_options(cfg, emb.dtype))
+            jsd_mean = jsd.sum(dim=1) / n_rows  # (n_corrections,)
+            terms = terms - _shares_of(plan.correction_shares, jsd_mean)
+            total = total - (plan.correction_weighted * jsd_mean).sum()
         ctx.save_for_backward(emb, scales, lse)
         ctx.plan, ctx.row_start, ctx.n_rows = plan, row_start, n_rows
+        students = len(spec.STUDENT_INPUTS)
+        ctx.widths = [embedding.shape[1] for embedding in embeddings[:students]]
+        ctx.n_teacher_inputs = len(embeddings) - students
         ctx.mark_non_differentiable(terms)
         return total, terms
 
@@ -450,41 +484,70 @@ class _RelationalLoss(torch.autograd.Function):
         coef = torch.cat((plan.unit, gscale[:, None]), dim=1).contiguous()
         grad_emb, grad_scales = _relational_backward(emb, plan, coef, scales, lse, ctx.row_start, ctx.n_rows)
         dtype = emb.dtype
-        return grad_emb[0].to(dtype), grad_emb[1].to(dtype), None, None, grad_scales, None, None, None
+        # the students' own widths: the columns past them are the zero padding of a wider teacher
+        grads = [grad_emb[slab, :, :width].to(dtype) for slab, width in enumerate(ctx.widths)]
+        return None, None, None, grad_scales, *grads, *([None] * ctx.n_teacher_inputs)
+
+
+def _shares_of(shares: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """(n_terms,) sums of share * mean over the entries each term has a share in: a term does not read the others'
+    entries (0 * NaN would make a NaN teacher row spoil the student's own task value)."""
+    return torch.where(shares != 0, shares * means, 0.0).sum(dim=1)
+
+
+def _stack(embeddings) -> torch.Tensor:
+    """One (slabs, N, D) tensor in the student dtype, D the widest input's: kernels address any input by its slab
+    index. Narrower inputs (an ensemble's teachers of hrd and intra may differ from the student) are zero-padded,
+    which leaves every product, and so every logit, as it was."""
+    dtype = embeddings[0].dtype
+    width = max(embedding.shape[1] for embedding in embeddings)
+    if all(embedding.shape[1] == width for embedding in embeddings):
+        return torch.stack([embedding.to(dtype) for embedding in embeddings])
+    emb = embeddings[0].new_zeros((len(embeddings), embeddings[0].shape[0], width))
+    for slab, embedding in enumerate(embeddings):
+        emb[slab, :, :embedding.shape[1]] = embedding.detach()
+    return emb
 
 
 # ------------------------------------------------------------------------------------------------ backend entry
 
 
-def triton_relational_loss(inputs, scales, weights, row_start, row_stop, group=None):
+def triton_relational_loss(inputs, scales, weights, row_start, row_stop, group=None, teachers: int = 1,
+                           ensemble: str = spec.AVERAGE_AFTER_SOFTMAX):
     """The row-softmax terms and gd of the objective with the fused Triton kernels (contract in kernels/README.md).
 
-    inputs: {"s_img","s_txt","t_img","t_txt"} -> (N, D); scales: spec.SCALES -> 0-dim fp32; weights resolved.
-    Returns (total, {term: detached 0-dim fp32}) for the active terms among task, icl, hrd, vrd, vrd_ce_img,
-    vrd_ce_txt, xrd, intra, cross_kd, gd; anchors are rows [row_start, row_stop), columns all N. ``group`` (a
-    torch.distributed process group or None) makes gd exact across the ranks of a local loss."""
+    inputs: spec.ensemble_inputs(teachers) -> (N, D) (teachers of hrd and intra alone may be (N, D_k)); scales:
+    spec.ensemble_scales(teachers) -> 0-dim fp32; weights resolved. Returns (total, {term: detached 0-dim fp32}) for
+    the active terms among task, icl, hrd, vrd, vrd_ce_img, vrd_ce_txt, xrd, intra, cross_kd, gd; anchors are rows
+    [row_start, row_stop), columns all N. ``group`` (a torch.distributed process group or None) makes gd exact across
+    the ranks of a local loss. With an ensemble, gd is the mean of one gd call per teacher."""
     s_img = inputs["s_img"]
     if not s_img.is_cuda and not INTERPRETING:
         raise RuntimeError(
             "triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before kernels.triton_fused is imported "
             f"to run on {s_img.device} tensors; use backend='chunked' on CPU"
         )
-    n_cols, width = s_img.shape
-    block_config(width, s_img.dtype)  # unsupported width or dtype: a clear error before any launch
+    names = spec.ensemble_inputs(teachers)
+    n_cols = s_img.shape[0]
+    block_config(max(inputs[name].shape[1] for name in names), s_img.dtype)  # a clear error before any launch
     row_stop = n_cols if row_stop is None else row_stop
     n_rows = row_stop - row_start
-    plan = _plan(tuple(sorted(weights.items())), s_img.device)
+    plan = _plan(tuple(sorted(weights.items())), s_img.device, teachers, ensemble)
     total = torch.zeros((), dtype=torch.float32, device=s_img.device)
     terms = {}
     if plan.terms:
-        scale_vec = torch.stack([scales[name].reshape(()).float() for name in spec.SCALES])
-        total, values = _RelationalLoss.apply(inputs["s_img"], inputs["s_txt"], inputs["t_img"], inputs["t_txt"],
-                                              scale_vec, plan, row_start, n_rows)
+        scale_vec = torch.stack([scales[name].reshape(()).float() for name in plan.scales])
+        total, values = _RelationalLoss.apply(plan, row_start, n_rows, scale_vec, *(inputs[name] for name in names))
         terms = dict(zip(plan.terms, values.unbind(0)))
     if weights["gd"] != 0.0:
-        gd_scales = torch.stack([scales[name].reshape(()).float() for name in ("gd_student", "gd_teacher")])
-        gd = GradientDistillation.apply(inputs["s_img"], inputs["s_txt"], inputs["t_img"], inputs["t_txt"],
-                                        gd_scales, row_start, n_rows, group)
+        values = []
+        for k in range(teachers):
+            image, text = spec.teacher_inputs(k)
+            gd_scales = torch.stack([scales[name].reshape(()).float()
+                                     for name in ("gd_student", spec.teacher_scales(k)[1])])
+            values.append(GradientDistillation.apply(inputs["s_img"], inputs["s_txt"], inputs[image], inputs[text],
+                                                     gd_scales, row_start, n_rows, group))
+        gd = sum(values) / teachers
         total = total + weights["gd"] * gd
         terms["gd"] = gd.detach()
     return total, terms

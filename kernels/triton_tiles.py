@@ -15,7 +15,8 @@ import triton.language as tl
 # Read once: Triton decides at import time whether @triton.jit kernels run on the interpreter.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Stacked embedding order: slab k of the (4, N, D) tensor is spec.INPUTS[k]; slabs 0 and 1 (students) take gradients.
+# Stacked embedding order: slab k of the (slabs, N, D) tensor is spec.ensemble_inputs(K)[k]; slabs 0 and 1 (students)
+# take gradients.
 STUDENT_SLABS = tl.constexpr(2)
 
 

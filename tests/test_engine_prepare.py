@@ -11,7 +11,7 @@ import models
 from engine.data import synthetic
 from engine.evaluation.metrics import evaluate
 from engine.teachers import default as defaults
-from tests.test_engine_distributed import _free_port
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,7 +32,7 @@ def test_shipped_teacher_reproduces_its_recorded_accuracy(tmp_path):
 
 def _torchrun(args, cache, timeout=240):
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "engine.train", "--", *args]
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "engine.train", "--", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CLIP_RD_CACHE": str(cache)}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 

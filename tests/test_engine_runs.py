@@ -86,7 +86,7 @@ def test_a_run_folder_belongs_to_one_run(tmp_path, synth_data, store_dir):
     run_dir.mkdir(parents=True)
     with exclusive(run_dir / RUN_LOCK, "test"):  # another process training in the folder
         message = train_cli(tmp_path, synth_data, store_dir, "--stop-after-steps", "1")
-    assert message.startswith(f"error: run {run_dir} is in use by pid"), message
+    assert message.startswith(f"error: run {run_dir} is in use by another process (pid"), message
     for name in ("../../x", "a/b", "..", "."):
         with pytest.raises(ValueError, match="a run name is one folder name inside --logs"):
             parse_args(["--name", name])

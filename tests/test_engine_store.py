@@ -22,6 +22,10 @@ from engine.teachers.precompute import build_store
 from tests.helpers import command_error
 
 
+def _part(store, shard):
+    return store / "parts" / store_lib.part_name(str(shard))
+
+
 def test_store_matches_teacher_embeddings(synth_data, teacher_ckpt, store_dir):
     urls = data_lib.expand_urls(synth_data["train"])
     fingerprint = store_lib.teacher_fingerprint("tiny-vit-teacher", str(teacher_ckpt))
@@ -49,18 +53,20 @@ def test_store_resumes_only_missing_parts(tmp_path, synth_data, teacher_ckpt, st
     copy = tmp_path / "store"
     shutil.copytree(store_dir, copy)
     manifest = store_lib.read_manifest(copy)
-    # simulate a build killed after the first two shards: the third part and completion are missing
-    del manifest["parts"]["train-00002.tar"]
-    manifest["complete"] = False
-    store_lib._write_manifest(copy, manifest)
-    shutil.rmtree(copy / "parts" / "train-00002")
-    kept = {p: os.stat(copy / "parts" / p / "image.npy").st_mtime_ns for p in ("train-00000", "train-00001")}
     urls = data_lib.expand_urls(synth_data["train"])
+    names = [store_lib.part_name(url) for url in urls]
+    # simulate a build killed after the first two shards: the third part and completion are missing
+    del manifest["parts"][names[2]]
+    manifest["complete"] = False
+    manifest["count"] = 64
+    store_lib.write_manifest(copy, manifest)
+    shutil.rmtree(copy / "parts" / names[2])
+    kept = {p: os.stat(copy / "parts" / p / "image.npy").st_mtime_ns for p in names[:2]}
     with pytest.raises(store_lib.StoreError, match=r"no part for 1 training shard.*train-00002.tar.*'1000020000'"):
         store_lib.TeacherStore(copy, urls)
     build_store(synth_data["train"], "tiny-vit-teacher", str(teacher_ckpt), copy, progress=False)
     assert {p: os.stat(copy / "parts" / p / "image.npy").st_mtime_ns for p in kept} == kept
-    for part in ("train-00000", "train-00001", "train-00002"):
+    for part in names:
         for array in store_lib.PART_ARRAYS:
             assert np.array_equal(np.load(copy / "parts" / part / f"{array}.npy"),
                                   np.load(store_dir / "parts" / part / f"{array}.npy")), (part, array)
@@ -80,11 +86,11 @@ def test_store_from_another_teacher_refused(tmp_path, synth_data, store_dir):
 def test_corrupt_part_and_missing_store(tmp_path, synth_data, store_dir):
     copy = tmp_path / "store"
     shutil.copytree(store_dir, copy)
-    with open(copy / "parts" / "train-00000" / "image.npy", "r+b") as handle:
+    with open(_part(copy, synth_data["root"] / "train-00000.tar") / "image.npy", "r+b") as handle:
         handle.seek(200)
         handle.write(b"\x00\x3c" * 8)  # finite fp16 values: only the checksum can tell
     urls = data_lib.expand_urls(synth_data["train"])
-    with pytest.raises(store_lib.StoreError, match="train-00000/image.npy: checksum does not match"):
+    with pytest.raises(store_lib.StoreError, match="train-00000-[0-9a-f]{8}/image.npy: checksum does not match"):
         store_lib.TeacherStore(copy, urls)
     with pytest.raises(store_lib.StoreError, match="no teacher store at"):
         store_lib.TeacherStore(tmp_path / "nowhere", urls)
@@ -184,7 +190,7 @@ def test_repeated_key_refused_by_precompute_and_by_the_index(tmp_path, synth_dat
                       torch.zeros(len(keys), 128))
         writer.commit()
     with pytest.raises(store_lib.StoreError, match=rf"key '{keys0[7]}' appears twice .*train-00000.tar and "
-                                                   rf"train-00001.tar"):
+                                                   rf".*train-00001.tar"):
         store_lib.TeacherStore(root)
 
 
@@ -224,15 +230,15 @@ def test_non_finite_rows_refused_at_precompute_and_at_load(tmp_path, synth_data,
     # a part damaged after the build (NaN row, checksum and manifest made consistent) is refused when loading
     copy = tmp_path / "store"
     shutil.copytree(store_dir, copy)
-    image_file = copy / "parts" / "train-00002" / "image.npy"
+    image_file = _part(copy, synth_data["root"] / "train-00002.tar") / "image.npy"
     image = np.load(image_file)
     image[4] = np.nan
     np.save(image_file, image)
     manifest = store_lib.read_manifest(copy)
-    manifest["parts"]["train-00002.tar"]["sha256"]["image"] = store_lib.sha256_file(image_file)
-    store_lib._write_manifest(copy, manifest)
+    manifest["parts"][image_file.parent.name]["sha256"]["image"] = store_lib.sha256_file(image_file)
+    store_lib.write_manifest(copy, manifest)
     message = _train(tmp_path, synth_data["train"], copy)
-    assert message is not None and "train-00002/image.npy holds non-finite values" in message
+    assert message is not None and f"{image_file} holds non-finite values" in message
 
 
 def test_store_command_line(tmp_path, synth_data, store_dir, capsys):
@@ -245,7 +251,7 @@ def test_store_command_line(tmp_path, synth_data, store_dir, capsys):
     (copy / "manifest.json").write_text("{")
     with pytest.raises(SystemExit) as exc:
         store_cmd.main(["verify", str(copy)])
-    assert exc.value.code == 2 and "not valid JSON" in capsys.readouterr().out
+    assert exc.value.code == 2 and "not valid JSON" in capsys.readouterr().err
 
 
 def _peak_rss_of_precompute(tmp_path, train_samples: int) -> int:
@@ -304,9 +310,10 @@ def test_resume_refuses_a_store_of_other_data_or_damaged(tmp_path, synth_data, t
     assert _precompute("--train-data", other["train"], *teacher) == (
         f"error: --teacher-store {copy}: cannot resume its build: shard {tmp_path / 'other/train-00000.tar'} does "
         f"not begin with the sample its part was built from (key or content differs); {fix}")
-    shutil.rmtree(copy / "parts" / "train-00001")
+    part = _part(copy, synth_data["root"] / "train-00001.tar")
+    shutil.rmtree(part)
     assert _precompute("--train-data", synth_data["train"], *teacher) == (
-        f"error: --teacher-store {copy}: cannot resume its build: {copy / 'parts/train-00001/keys.npy'} is missing; "
+        f"error: --teacher-store {copy}: cannot resume its build: {part / 'keys.npy'} is missing; "
         f"{fix}")
 
 
@@ -352,19 +359,20 @@ def test_precompute_refuses_teacher_weights_that_do_not_load(tmp_path, synth_dat
 def test_store_command_names_damaged_files(tmp_path, synth_data, store_dir, capsys):
     copy = tmp_path / "store"
     shutil.copytree(store_dir, copy)
-    part_file = copy / "parts" / "train-00001" / "image.npy"
+    part_file = _part(copy, synth_data["root"] / "train-00001.tar") / "image.npy"
     part_file.unlink()
     part_file.mkdir()
     data = tmp_path / "data"
     shutil.copytree(synth_data["root"], data)
     (data / "sizes.json").write_text('{"train-00000.tar": 32,')
-    for argv, message in [(["verify", str(copy)], f"part of shard train-00001.tar: {part_file} cannot be read (Is a "
+    shard = synth_data["root"] / "train-00001.tar"
+    for argv, message in [(["verify", str(copy)], f"part of shard {shard}: {part_file} cannot be read (Is a "
                                                   f"directory); rebuild the store"),
                           (["verify", str(store_dir), "--train-data", str(data / "train-{00000..00002}.tar")],
                            f"error: {data / 'sizes.json'}: damaged sizes file (Expecting property name")]:
         with pytest.raises(SystemExit):
             store_cmd.main(argv)
-        out = capsys.readouterr().out
+        out = capsys.readouterr().err
         assert out.count("\n") == 1 and out.startswith("error: ") and message in out, out
     manifest = copy / "manifest.json"
     manifest.unlink()
@@ -373,9 +381,9 @@ def test_store_command_names_damaged_files(tmp_path, synth_data, store_dir, caps
         with pytest.raises(SystemExit):
             store_cmd.main([command, str(copy)])
         captured = capsys.readouterr()
-        reported = captured.err.strip() if command == "info" else captured.out.strip()
+        reported = captured.err.strip()
         assert reported == (f"error: {manifest}: cannot read it (Is a directory); restore it or rebuild the store "
-                            f"with engine.precompute")
+                            f"with engine.precompute (into a new --teacher-store)")
 
 
 def test_verify_compares_shard_sizes(tmp_path, synth_data, store_dir):

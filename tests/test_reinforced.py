@@ -52,16 +52,22 @@ def built(tmp_path_factory, synth_data, teacher_ckpt):
     return root, calls
 
 
+def _part(root: Path, shard: str) -> str:
+    """The part folder name of shard ``shard`` (its file name without .tar) in store ``root``."""
+    return next(name for name in store_lib.read_manifest(root)["parts"] if name.startswith(f"{shard}-"))
+
+
 def _edited(tmp_path, root, shard, array, edit) -> Path:
     """A copy of the store whose part ``array`` went through ``edit`` (checksum and manifest made consistent)."""
     copy = tmp_path / "edited"
     shutil.copytree(root, copy)
-    path = copy / "parts" / shard / f"{array}.npy"
+    name = _part(copy, shard)
+    path = copy / "parts" / name / f"{array}.npy"
     values = np.load(path)
     np.save(path, edit(values))
     manifest = store_lib.read_manifest(copy)
-    manifest["parts"][f"{shard}.tar"]["sha256"][array] = store_lib.sha256_file(path)
-    store_lib._write_manifest(copy, manifest)
+    manifest["parts"][name]["sha256"][array] = store_lib.sha256_file(path)
+    store_lib.write_manifest(copy, manifest)
     return copy
 
 
@@ -107,7 +113,7 @@ def test_verify_views_passes_every_view_and_fails_a_shifted_one(tmp_path, built,
     copy = _edited(tmp_path, root, "train-00001", "views", shift)
     with pytest.raises(SystemExit) as exc:
         store_cmd.main(["verify-views", str(copy), "--samples", "1000"])
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert exc.value.code == 2 and out.startswith(f"error: {copy}: 288 stored view(s) replayed; worst cosine error ")
     assert "(sample '1000010005' of shard train-00001.tar, view 2)" in out
     assert float(out.split("worst cosine error ")[1].split()[0]) > 10 * VIEW_TOLERANCE
@@ -168,10 +174,10 @@ def test_bad_inputs_refused_in_one_line_before_any_step(tmp_path, built, synth_d
                                    train_cli(tmp_path, synth_data, root, "--augmentations", "2"))
     cases = {("views", lambda v: v.__setitem__((7, 1, slice(0, 4)), (8, 0, 32, 32)) or v):
              "stored view 1: crop [i, j, h, w] = [8, 0, 32, 32] lies outside its 32x32 image",
-             ("views", lambda v: v[:, :2]): "views.npy has shape (32, 2, 9), the manifest's settings give (32, 3, 9) "
-                                            "(parameters that do not match the embedding rows)",
+             ("views", lambda v: v[:, :2]): "views.npy holds an array of shape (32, 2, 9), not (32, 3, 9) (the "
+                                            "manifest's count, embed_dim, views and captions)",
              ("image", lambda v: v.__setitem__((4, 2, 0), np.nan) or v):
-             "train-00002/image.npy holds non-finite values"}
+             "/image.npy holds non-finite values"}
     for (array, edit), message in cases.items():
         copy = _edited(tmp_path, root, "train-00002", array, edit)
         assert_refused_before_any_step(tmp_path, message, train_cli(tmp_path, synth_data, copy))
@@ -179,21 +185,21 @@ def test_bad_inputs_refused_in_one_line_before_any_step(tmp_path, built, synth_d
     manifest = json.loads((root / "manifest.json").read_text())
     old = tmp_path / "old"
     shutil.copytree(root, old)
-    store_lib._write_manifest(old, {**manifest, "format": 2})
-    assert_refused_before_any_step(tmp_path, "store format 2 is not 3 (an older or foreign store); rebuild it",
+    store_lib.write_manifest(old, {**manifest, "format": 3})
+    assert_refused_before_any_step(tmp_path, "store format 3 is not 4 (a store of an older version or a foreign one)",
                                    train_cli(tmp_path, synth_data, old))
 
 
 def test_non_finite_view_refused_when_written(tmp_path, built):
     root, _ = built
     manifest = store_lib.read_manifest(root)
-    writer = store_lib.PartWriter(tmp_path, manifest, "train-00000.tar", 2)
+    writer = store_lib.PartWriter(tmp_path, manifest, str(tmp_path / "train-00000.tar"), 2)
     image, text = F.normalize(torch.randn(2, 3, 128), dim=-1), F.normalize(torch.randn(2, 3, 128), dim=-1)
     image[1, 2, 5] = float("inf")
     views = np.stack([reinforced.draw_views(key, (32, 32), SETTINGS, (32, 32), "squash") for key in "ab"])
     with pytest.raises(store_lib.StoreError) as exc:
         writer.append(["a", "b"], [1, 2], image, text, views, np.array([[32, 32]] * 2))
     writer.abort()
-    assert str(exc.value) == ("shard train-00000.tar: the teacher gave non-finite embeddings for 1 sample(s), keys "
+    assert str(exc.value) == (f"shard {tmp_path / 'train-00000.tar'}: the teacher gave non-finite embeddings for 1 sample(s), keys "
                               "['b'] (first: sample 1 of the batch, image of view 2); refusing to store them (check "
                               "the teacher weights)")

@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # In the inputs' dtype; every other buffer is fp32, int32 or int64.
 EMBEDDING_POINTERS = ("emb_ptr", "ex_ptr", "ey_ptr", "s_img_ptr", "s_txt_ptr", "teacher_ptr")
-INT_POINTERS = ("pair_ptr",)
+INT_POINTERS = ("pair_ptr", "member_ptr")
 INT64_POINTERS = ("table_ptr",)
 FLOAT_SCALARS = ("inv_rows",)
 
@@ -52,6 +52,7 @@ def _signature(kernel, emb_dtype: str, constexprs: dict, width: int):
 
 def kernel_variants(cfg, dtype):
     """(kernel, constexprs, warps) for every kernel the host wrappers launch, each backward direction apart."""
+    import kernels.triton_ensemble as ensemble
     import kernels.triton_fused as fused
     import kernels.triton_gd as gd
 
@@ -65,6 +66,7 @@ def kernel_variants(cfg, dtype):
         *((gd._gd_products_kernel, c, cfg.backward_warps) for c in passes),
         (gd._gd_delta_kernel, common, cfg.backward_warps),
         *((gd._gd_backward_kernel, c, cfg.backward_warps) for c in passes),
+        (ensemble._ensemble_jsd_kernel, {**common, "BLOCK_N": ensemble.block_n(cfg)}, cfg.forward_warps),
     ]
 
 
@@ -167,8 +169,9 @@ def test_kernels_compile_for_sm80_sm90_without_spills():
     assert out.returncode == 0, out.stderr[-4000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
     print("\n" + _format(rows))
-    # 9 kernels and directions at every width, the 3 of the sigmoid terms at theirs
-    assert len(rows) == (9 * len(WIDTHS) + 3 * len(SIGMOID_WIDTHS)) * len(DTYPES) * len(TARGETS)
+    # 10 kernels and directions at every width (the ensemble's value kernel with them), the 3 of the sigmoid terms at
+    # theirs
+    assert len(rows) == (10 * len(WIDTHS) + 3 * len(SIGMOID_WIDTHS)) * len(DTYPES) * len(TARGETS)
     spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, "register spills:\n" + _format(spilled)
     # sm_80 has 164 KiB of shared memory per block (sm_90: 227 KiB); Triton fails to compile beyond, but be explicit.

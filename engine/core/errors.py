@@ -33,5 +33,9 @@ class WriteError(UserError):
     """An output that cannot be written (full disk, read-only or missing folder); the previous file is intact."""
 
 
+class BusyError(UserError):
+    """A folder (the embedded dataset, a teacher store) that another process is still building after the wait."""
+
+
 class NonFiniteLossError(UserError):
     """Training diverged: the loss, a gradient or the weights became NaN or Inf; nothing non-finite was saved."""

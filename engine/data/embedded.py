@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..core.errors import UserError
+from ..core.lock import DEFAULT_TIMEOUT
 from . import synthetic
 
 
@@ -30,9 +31,10 @@ def data_dir(cache: Path) -> Path:
     return Path(cache) / f"data-v{synthetic.FORMAT_VERSION}"
 
 
-def ensure_default_data(cache: Path, progress: bool = True) -> dict[str, str]:
-    """The embedded dataset's {"train": pattern, "val": pattern}, generated into ``data_dir(cache)`` when missing."""
-    return synthetic.build(data_dir(cache), synthetic.SyntheticSpec(), progress=progress)
+def ensure_default_data(cache: Path, progress: bool = True, timeout: float = DEFAULT_TIMEOUT) -> dict[str, str]:
+    """The embedded dataset's {"train": pattern, "val": pattern}, generated into ``data_dir(cache)`` when missing
+    (or after waiting, at most ``timeout`` seconds, for another process generating it)."""
+    return synthetic.build(data_dir(cache), synthetic.SyntheticSpec(), progress=progress, timeout=timeout)
 
 
 def embedded_val_data(cache_dir: Optional[str]) -> str:

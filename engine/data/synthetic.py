@@ -6,9 +6,9 @@ shape and some of the size, position and background (so retrieval needs more tha
 img2dataset's layout: ``{key}.png`` + ``{key}.txt`` + ``{key}.json`` per sample, plus DataCompDR's ``{key}.syn.json``
 (``{"syn_text": [...]}``: ``SYNTHETIC_CAPTIONS`` more captions of the same image from the other templates), names
 ``train-{00000..000NN}.tar``, a ``sizes.json`` (shard file -> sample count) and a ``dataset.json`` recording how the
-data was made. Generation is deterministic in (seed, split, shard) and writes every file atomically (temp +
-os.replace); the synthetic captions come from a generator of their own, so images and ``.txt`` captions are those
-of format 1.
+data was made. Generation is deterministic in (seed, split, shard), writes every file atomically (temp +
+os.replace), one process at a time (engine.core.lock); the synthetic captions come from a generator of their own, so
+images and ``.txt`` captions are those of format 1.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ..core.errors import UserError
-from ..core.io import atomic_write, atomic_write_json
+from ..core.io import atomic_write, atomic_write_json, sweep_temporaries
+from ..core.lock import DEFAULT_TIMEOUT, building
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 COLOURS = {
@@ -165,27 +166,38 @@ def shard_pattern(root: Path, split: str, count: int) -> str:
     return str(Path(root) / f"{split}-{{00000..{count - 1:05d}}}.tar")
 
 
-def build(root: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), progress: bool = True) -> dict[str, str]:
+def build(root: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), progress: bool = True,
+          timeout: float = DEFAULT_TIMEOUT) -> dict[str, str]:
     """Generate (or reuse) the dataset under ``root``; returns {"train": pattern, "val": pattern}.
 
-    building.json records the spec of an unfinished build: a rerun with that spec keeps its intact shards (each is
-    written atomically); dataset.json is written last and marks the dataset complete. A folder holding another
-    spec, or shards of unknown origin, is refused (a ValueError naming it).
+    One process generates at a time (a lock on ``root``; another waits at most ``timeout`` seconds, then reuses what
+    it built). building.json records the spec of an unfinished build: a rerun with that spec keeps its intact shards
+    (each is written atomically) and removes the temporaries of killed builds; dataset.json is written last and
+    marks the dataset complete. A folder holding another spec, or shards of unknown origin, is refused (a UserError
+    naming it).
     """
     root = Path(root)
-    marker, building = root / "dataset.json", root / "building.json"
-    if marker.exists():
-        found = _read_spec(marker)
-        if found != asdict(spec):
-            raise UserError(f"{root}: holds a procedural dataset made with {found}, not {asdict(spec)}; "
-                            "use another --data-dir or delete it")
-        return _patterns(root, spec)
-    _make_folder(root)
-    foreign = _read_spec(building) != asdict(spec) if building.exists() else _has_outputs(root)
+    marker = root / "dataset.json"
+    if not marker.exists():
+        _make_folder(root)
+        with building(root, f"the procedural dataset in {root}", timeout):
+            sweep_temporaries(root)
+            if not marker.exists():  # else another process finished it while this one waited
+                _generate(root, spec, progress)
+    found = _read_spec(marker)
+    if found != asdict(spec):
+        raise UserError(f"{root}: holds a procedural dataset made with {found}, not {asdict(spec)}; "
+                        "use another --data-dir or delete it")
+    return _patterns(root, spec)
+
+
+def _generate(root: Path, spec: SyntheticSpec, progress: bool) -> None:
+    building_file = root / "building.json"
+    foreign = _read_spec(building_file) != asdict(spec) if building_file.exists() else _has_outputs(root)
     if foreign:
         raise UserError(f"{root}: holds an unfinished procedural dataset made with other settings (or shards of "
                         "unknown origin); remove it or pick another --data-dir")
-    atomic_write_json(building, asdict(spec))
+    atomic_write_json(building_file, asdict(spec))
     sizes, jobs = {}, []
     for split_id, (split, total) in enumerate((("train", spec.train_samples), ("val", spec.val_samples)), start=1):
         for shard in range((total + spec.shard_size - 1) // spec.shard_size):
@@ -201,9 +213,8 @@ def build(root: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), progre
     bar.close()
     atomic_write_json(root / "sizes.json", sizes)
     atomic_write_json(root / "classnames.json", {"classnames": list(CLASSNAMES), "templates": list(PROMPT_TEMPLATES)})
-    atomic_write_json(marker, asdict(spec))
-    building.unlink()
-    return _patterns(root, spec)
+    atomic_write_json(root / "dataset.json", asdict(spec))
+    building_file.unlink()
 
 
 def _read_spec(path: Path) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 import models
 
 from ..core.errors import UserError
+from .manifest import FORMAT_VERSION
 from .reinforced import Reinforcement
 
 DEFAULT_TEACHER = "tiny-vit-teacher"
@@ -36,12 +37,14 @@ def default_teacher_record() -> dict:
 
 def default_store_dir(cache: Path, fingerprint: str, train_pattern: str,
                       settings: Reinforcement = Reinforcement()) -> Path:
-    """<cache>/stores/<teacher fingerprint>-<hash of the data's pattern>[<views and captions>]; a pattern inside the
-    cache is hashed relative to it, so a moved or copied cache keeps using its store (every lookup still checks each
-    sample); stores of other views and captions (engine.teachers.reinforced) live beside each other."""
+    """<cache>/stores/<teacher fingerprint>-<hash of the store format and the data's pattern>[<views and captions>];
+    a pattern inside the cache is hashed relative to it, so a moved or copied cache keeps using its store (every
+    lookup still checks each sample); stores of other views and captions (engine.teachers.reinforced) live beside
+    each other."""
     if "://" not in train_pattern and not train_pattern.startswith("pipe:"):
         relative = os.path.relpath(os.path.abspath(train_pattern), os.path.abspath(cache))
         if not relative.startswith(os.pardir):
             train_pattern = relative
-    data_id = hashlib.sha256(train_pattern.encode()).hexdigest()[:10]
+    # the format is part of the name: a store of an older format is left as it was, and a new one built beside it
+    data_id = hashlib.sha256(f"format {FORMAT_VERSION}: {train_pattern}".encode()).hexdigest()[:10]
     return cache / "stores" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', fingerprint)}-{data_id}{settings.slug()}"

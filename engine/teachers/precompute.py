@@ -1,10 +1,12 @@
 """Building a teacher store: the teacher run once over the shards, batch by batch, part by part.
 
 Resumable: shards already in the store are skipped (each part is written atomically); a part that is damaged or
-was built from other data is refused. engine.teachers.store holds the layout and the augmentation decision.
+was built from other data is refused. One process builds a store at a time (engine.core.lock).
+engine.teachers.store holds the layout and the augmentation decision.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,8 @@ from tqdm import tqdm
 import models
 
 from ..core.errors import StoreError
+from ..core.io import sweep_temporaries
+from ..core.lock import DEFAULT_TIMEOUT, building
 from ..data import shards as data_lib
 from . import reinforced
 from . import store as store_lib
@@ -37,51 +41,68 @@ def check_unique_keys(urls: list[str]) -> dict[str, int]:
     return counts
 
 
-@torch.no_grad()
 def build_store(pattern: str, teacher_name: str, pretrained: str, root: str | Path, batch_size: int = 500,
                 progress: bool = True, device: str | torch.device | None = None,
-                settings: reinforced.Reinforcement = reinforced.Reinforcement()) -> Path:
-    """Run the teacher over every shard, batch by batch as samples stream (memory independent of shard size):
-    per sample one image forward per stored view (``settings.views``, at least one) and one text forward per
-    caption (``settings.captions``), about ``batch_size`` images per forward."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+                timeout: float = DEFAULT_TIMEOUT, settings: reinforced.Reinforcement = reinforced.Reinforcement()
+                ) -> Path:
+    """Run the teacher over every shard without a part yet, batch by batch as samples stream (memory independent of
+    shard size): per sample one image forward per stored view (``settings.views``, at least one) and one text
+    forward per caption (``settings.captions``), about ``batch_size`` images per forward. One process builds a store
+    at a time: another waits (at most ``timeout`` seconds) and then finds it built; the temporaries of killed builds
+    are swept first."""
     root = Path(root)
     urls = data_lib.expand_urls(pattern)
     counts = check_unique_keys(urls)
     sizes = {url: counts[url] if size is None else size for url, size in data_lib.shard_sizes(urls).items()}
     fingerprint = store_lib.teacher_fingerprint(teacher_name, pretrained)
-    previous = store_lib.reopen(root, fingerprint)  # the output is checked before the teacher is loaded
-    if previous:
-        reinforced.check_settings(f"--teacher-store {root}", previous, settings, "pass its --augmentations, "
-                                  "--aug-cfg and --captions, another --teacher-store, or delete it to rebuild it")
-    todo = store_lib.shards_to_build(root, previous, urls) if previous else urls
-    teacher = models.create_teacher(teacher_name, pretrained, device=device)
-    teacher_info = {"model": teacher_name, "pretrained": str(pretrained), "fingerprint": fingerprint}
-    bias = None if getattr(teacher, "logit_bias", None) is None else teacher.logit_bias.item()
-    inputs = reinforced.TeacherInputs(teacher, models.get_tokenizer(teacher_name), settings)
-    manifest = previous or store_lib.begin(root, teacher_info, teacher.logit_scale.exp().item(),
-                                           models.embed_dim(teacher_name), bias,
-                                           settings.record(inputs.reference_hw, inputs.resize_mode))
-    manifest.setdefault("train_data", pattern)  # the data it was built from, as given (verify-views reads it)
-    bar = tqdm(total=sum(sizes[u] for u in todo), desc="teacher embeddings", disable=not progress, leave=False)
-    samples_per_batch = max(1, batch_size // max(settings.views, 1))  # about batch_size images per forward
-    for url in todo:
-        writer = store_lib.PartWriter(root, manifest, url, sizes[url])
-        try:
-            decoded = (inputs(raw) for raw in data_lib.read_shard(url, sizes[url]))
-            for batch in data_lib.batched(decoded, samples_per_batch):
-                image, text = embed(teacher, inputs, batch, device)
-                views = np.stack(batch["views"]) if settings.views else None
-                writer.append(batch["key"], batch["digest"].tolist(), image, text, views,
-                              np.stack(batch["source_hw"]))
-                bar.update(len(batch["key"]))
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
-    bar.close()
-    store_lib.finish(root, manifest)
+    store_lib.create_root(root)
+    with building(root, f"teacher store {root}", timeout):
+        sweep_temporaries(root)
+        sweep_temporaries(root / "parts")
+        previous = store_lib.reopen(root, fingerprint)  # the output is checked before the teacher is loaded
+        if previous:
+            reinforced.check_settings(f"--teacher-store {root}", previous, settings, "pass its --augmentations, "
+                                      "--aug-cfg and --captions, another --teacher-store, or delete it to rebuild it")
+        todo = store_lib.shards_to_build(root, previous, urls) if previous else urls
+        if previous and not todo:  # built already, or meanwhile by the process this one waited for
+            if not previous["complete"]:
+                store_lib.finish(root, previous)
+            return root
+        teacher = models.create_teacher(teacher_name, pretrained,
+                                        device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        recorded = os.path.abspath(pretrained) if os.path.isfile(pretrained) else str(pretrained)
+        bias = None if teacher.logit_bias is None else teacher.logit_bias.item()  # a SigLIP teacher's
+        inputs = reinforced.TeacherInputs(teacher, models.get_tokenizer(teacher_name), settings)
+        manifest = previous or store_lib.begin(root, {"model": teacher_name, "pretrained": recorded,
+                                                      "fingerprint": fingerprint},
+                                               teacher.logit_scale.exp().item(), models.embed_dim(teacher_name), bias,
+                                               settings.record(inputs.reference_hw, inputs.resize_mode), pattern)
+        _build_parts(root, manifest, todo, sizes, teacher, inputs, batch_size, progress)
+        store_lib.finish(root, manifest)
     return root
+
+
+@torch.no_grad()
+def _build_parts(root: Path, manifest: dict, todo: list[str], sizes: dict[str, int], teacher,
+                 inputs: reinforced.TeacherInputs, batch_size: int, progress: bool) -> None:
+    device = next(teacher.parameters()).device
+    views = inputs.settings.views
+    samples_per_batch = max(1, batch_size // max(views, 1))  # about batch_size images per forward
+    # closed (its line cleared) however the loop ends, so that an error is printed on a line of its own
+    with tqdm(total=sum(sizes[u] for u in todo), desc="teacher embeddings", disable=not progress, leave=False) as bar:
+        for url in todo:
+            writer = store_lib.PartWriter(root, manifest, url, sizes[url])
+            try:
+                decoded = (inputs(raw) for raw in data_lib.read_shard(url, sizes[url]))
+                for batch in data_lib.batched(decoded, samples_per_batch):
+                    image, text = embed(teacher, inputs, batch, device)
+                    writer.append(batch["key"], batch["digest"].tolist(), image, text,
+                                  np.stack(batch["views"]) if views else None, np.stack(batch["source_hw"]))
+                    bar.update(len(batch["key"]))
+                writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
 
 
 def embed(teacher, inputs: reinforced.TeacherInputs, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,8 +81,12 @@ class Reinforcement:
 
     @classmethod
     def from_record(cls, record: dict) -> "Reinforcement":
-        aug = record.get("aug_cfg")
-        return cls(int(record["views"]), int(record["captions"]), augment.AugmentCfg.from_dict(aug) if aug else None)
+        """The settings of a manifest's ``augmentation`` record (a ConfigError, KeyError or TypeError when it is not
+        one)."""
+        views, aug = record["views"], record["aug_cfg"]
+        if (aug is None) != (views == 0):
+            raise ConfigError("aug_cfg is recorded exactly when views are")
+        return cls.from_flags(views, aug, record["captions"])
 
     def slug(self) -> str:
         """A short name of these settings for the cache's store folder ('' for a plain store)."""
@@ -133,13 +137,14 @@ def row_shapes(settings: Reinforcement, dim: int) -> dict[str, tuple[tuple[int, 
     return shapes
 
 
-def as_rows(value, array: np.ndarray, count: int) -> np.ndarray:
-    """``value`` (a tensor or array of ``count`` samples) in the dtype and per-sample shape of part ``array``."""
+def as_rows(value, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """``value`` (a tensor or array) as rows of a part file: ``dtype``, ``shape`` (a plain store's (B, D) embeddings
+    are (B, 1, D))."""
     if value is None:
-        raise StoreError(f"a store with views needs every row's {array.shape[1:]} entries, got none")
+        raise StoreError(f"a store with views needs rows of shape {shape} for every part file, got none")
     if torch.is_tensor(value):  # torch's rounding to fp16, as the embeddings were always stored
-        value = value.to(TORCH_DTYPES[array.dtype]).numpy()
-    return np.asarray(value, dtype=array.dtype).reshape((count, *array.shape[1:]))
+        value = value.to(TORCH_DTYPES[dtype]).numpy()
+    return np.asarray(value, dtype=dtype).reshape(shape)
 
 
 def non_finite_rows(rows: dict[str, np.ndarray]) -> Optional[tuple[int, tuple[np.ndarray, str]]]:
@@ -155,19 +160,27 @@ def non_finite_rows(rows: dict[str, np.ndarray]) -> Optional[tuple[int, tuple[np
     return len(samples), (samples, f"sample {int(samples[0])} of the batch, {what} {index}")
 
 
-def part_problem(arrays: dict, settings: Reinforcement, dim: int) -> Optional[str]:
-    """None if a part's arrays have the shapes ``settings`` give and every stored view fits its image."""
-    count = len(arrays["keys"])
-    for name, (shape, _) in row_shapes(settings, dim).items():
-        found = arrays[name].shape if name in arrays else "none"
-        if found != (count, *shape):
-            return f"{name}.npy has shape {found}, the manifest's settings give {(count, *shape)} (parameters that " \
-                   f"do not match the embedding rows)"
-    bad = augment.rows_problem(np.asarray(arrays["views"]), np.asarray(arrays["source_hw"])) \
-        if settings.views else None
-    if bad:
-        sample, view, what = bad
-        return f"sample {str(arrays['keys'][sample])!r}, stored view {view}: {what}"
+def views_problem(arrays: dict) -> Optional[str]:
+    """None if every stored view of a part fits its image (its crop inside, its operations RandAugment's), else the
+    first sample and view that does not, and why."""
+    bad = augment.rows_problem(np.asarray(arrays["views"]), np.asarray(arrays["source_hw"]))
+    if bad is None:
+        return None
+    sample, view, what = bad
+    return f"sample {str(arrays['keys'][sample])!r}, stored view {view}: {what}"
+
+
+def record_problem(record) -> Optional[str]:
+    """What an ``augmentation`` record holds that no build writes, else None."""
+    try:
+        settings = Reinforcement.from_record(record)
+        sizes = record["reference_hw"] if settings.views else [1, 1]
+        if settings.views and record["resize_mode"] not in ("shortest", "longest", "squash"):
+            raise ValueError(record["resize_mode"])
+        if not (len(sizes) == 2 and all(type(x) is int and x > 0 for x in sizes)):
+            raise ValueError(sizes)
+    except (ConfigError, KeyError, TypeError, ValueError) as exc:
+        return f"augmentation {record!r} is not a record of views, captions and how they were drawn ({exc})"
     return None
 
 

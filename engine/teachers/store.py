@@ -2,21 +2,23 @@
 
 Layout of a store directory (specification in the README, section "Teacher store")::
 
-    manifest.json              teacher (model, pretrained, fingerprint), logit_scale, logit_bias (SigLIP teachers;
-                               null for CLIP ones), embed_dim, count, parts,
+    manifest.json              format, teacher (model, pretrained, fingerprint), logit_scale, logit_bias (a SigLIP
+                               teacher's; null for CLIP ones), embed_dim, count, parts (per part: the shard's path
+                               or URL, count, its size, each file's sha256),
                                complete, and "digest": the sha256 of everything else in the file
-    parts/<shard>/keys.npy     (count,) unicode: the samples' ``__key__``, in shard order
-    parts/<shard>/key_hashes.npy  (count,) int64: blake2b-64 of each key (the index is built from these)
-    parts/<shard>/digests.npy  (count,) int64: blake2b-64 of the sample's raw members, names included
-    parts/<shard>/image.npy    (count, V, D) fp16, L2-normalised teacher image embeddings of V stored views
-    parts/<shard>/text.npy     (count, C, D) fp16, L2-normalised teacher text embeddings of C captions
-    parts/<shard>/views.npy, source_hw.npy   the stored views' parameters (stores with views)
+    parts/<file name>-<hash>/  one shard's keys, key hashes, sample digests, image and text rows, and a reinforced
+                               store's view parameters (engine.teachers.parts); the hash is of the shard's full path
+                               (engine.teachers.manifest)
+    .lock                      held by the process building the store (engine.core.lock)
 
-Building goes shard by shard; a part is written into a temporary folder and renamed into place, then recorded (with
-the sha256 of each file) in the manifest, itself written to a temporary file and renamed; a killed build resumes
-where it stopped. Loading checks the manifest digest, the teacher, every part's checksums and finiteness, that no
-key appears twice, and that the training shards are the ones the store was built from. Every lookup checks key
-and sample digest together, so a sample can never be paired with another sample's targets.
+Building goes shard by shard, one process at a time; a part is written into a temporary folder and renamed into
+place, then recorded (with the sha256 of each file) in the manifest, itself written atomically; a killed build
+resumes where it stopped, and the temporaries it left are swept. Loading checks the manifest (digest, fields, logit
+scale, the teacher's own scale when its checkpoint is still there), every part's dtypes, shapes, checksums and
+finiteness, that no key appears twice, and that each training shard is the one its part was built from (size, keys
+in order). Every lookup checks key and sample digest together, so a sample can never be paired with another
+sample's targets. ``verify`` checks all that, and more: key hashes, unit-norm rows, and with the shards every
+sample's content digest.
 
 The part arrays are memory-mapped: the processes of a machine share one copy in the page cache, and a process's
 private memory holds only the index (16 bytes per sample).
@@ -30,11 +32,8 @@ by design.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -42,81 +41,30 @@ import numpy as np
 import torch
 
 from ..core.errors import ShardError, StoreError
-from ..data.shards import (
-    expand_urls,
-    is_remote,
-    key_hash,
-    read_shard,
-    sample_digest,
-    shard_keys,
-    shard_sizes,
-)
+from ..data.shards import expand_urls, is_remote, key_hash, read_shard, sample_digest, shard_keys, shard_sizes
 from . import reinforced
+from .manifest import (
+    FORMAT_VERSION,
+    PART_ARRAYS,
+    REBUILD,
+    match_parts,
+    part_name,
+    read_manifest,
+    sha256_file,
+    shard_source,
+    teacher_fingerprint,
+    teacher_scale_problem,
+    write_manifest,
+)
+from .parts import PartWriter, open_part, part_damage, shard_change
 
-FORMAT_VERSION = 3  # 3: (count, V, D) images and (count, C, D) texts, views (engine.teachers.reinforced)
-PART_ARRAYS = ("keys", "key_hashes", "digests", "image", "text")
-FLOAT_ARRAYS = ("image", "text", "views")  # checked for finiteness when a part is verified
-_READ_CHUNK = 1 << 24  # bytes per read when verifying a part file
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def teacher_fingerprint(model: str, pretrained: Optional[str]) -> str:
-    """Identifies a teacher: ``model`` + the sha256 of a checkpoint file, or + the open_clip tag."""
-    if pretrained and os.path.isfile(pretrained):
-        return f"{model}:sha256={sha256_file(pretrained)[:16]}"
-    return f"{model}:tag={pretrained}"
-
-
-def part_dir_name(url: str) -> str:
-    return Path(url).name.rsplit(".", 1)[0]
+__all__ = ["FORMAT_VERSION", "PART_ARRAYS", "PartWriter", "StoreError", "TeacherStore", "begin", "describe",
+           "finish", "part_name", "read_manifest", "reopen", "sha256_file", "shards_to_build", "teacher_fingerprint",
+           "verify", "write_manifest"]
+UNIT_NORM_TOLERANCE = 1e-2  # |squared norm - 1| of a unit row rounded to fp16 stays below 1e-3
 
 
-# ------------------------------------------------------------------------------------------------------ manifest
-
-
-def _content_digest(manifest: dict) -> str:
-    body = {k: v for k, v in manifest.items() if k != "digest"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def _write_manifest(root: Path, manifest: dict) -> None:
-    manifest["digest"] = _content_digest(manifest)
-    tmp = root / f".manifest.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, root / "manifest.json")
-
-
-def read_manifest(root: str | os.PathLike) -> dict:
-    """The manifest of a store, refused (StoreError naming the file) if missing, unreadable, edited or old."""
-    path = Path(root) / "manifest.json"
-    if Path(root).is_file():
-        raise StoreError(f"{root}: is a file; a teacher store is a directory with a manifest.json")
-    if not path.exists():
-        raise StoreError(f"no teacher store at {root} (manifest.json missing); build it with "
-                         f"`python -m engine.precompute --teacher-store {root} ...`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StoreError(f"{path}: not valid JSON ({exc}): the file is damaged or truncated; rebuild the store "
-                         f"with engine.precompute") from exc
-    except OSError as exc:  # a directory in its place, or unreadable
-        raise StoreError(f"{path}: cannot read it ({exc.strerror}); restore it or rebuild the store with "
-                         f"engine.precompute") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise StoreError(f"{path}: store format {found} is not {FORMAT_VERSION} (an older or foreign store); "
-                         f"rebuild it with engine.precompute (or delete {Path(root)} and rerun)")
-    if manifest.get("digest") != _content_digest(manifest):
-        raise StoreError(f"{path}: content does not match its digest (the file was edited or damaged); restore it "
-                         f"or rebuild the store with engine.precompute")
-    return manifest
+# ------------------------------------------------------------------------------------------------------ building
 
 
 def create_root(root: Path) -> None:
@@ -132,9 +80,8 @@ def create_root(root: Path) -> None:
 
 
 def reopen(root: Path, fingerprint: str) -> Optional[dict]:
-    """The manifest of a store begun earlier, None for a new one (its directory is created); refuses a store that
-    cannot be written or that another teacher began. Needs no teacher: a build checks its output first."""
-    create_root(root)
+    """The manifest of a store begun earlier, None for a new one (its directory must exist: create_root); refuses a
+    store that another teacher began. Needs no teacher: a build checks its output first."""
     if not (root / "manifest.json").exists():
         return None
     manifest = read_manifest(root)
@@ -153,177 +100,52 @@ def shards_to_build(root: Path, manifest: dict, urls: list[str]) -> list[str]:
     or deletes this one. Only a shard's first sample is compared, so resuming does not read the data again (every
     lookup in training compares the samples one by one).
     """
-    for url in urls:
-        record = manifest["parts"].get(Path(url).name)
-        problem = record and (part_damage(root, record) or shard_change(url, record)
-                              or _first_sample_change(root, record, url))
+    matched = match_parts(manifest["parts"], urls)
+    for url, name in zip(urls, matched):
+        record = manifest["parts"].get(name)
+        problem = record and (part_damage(root, name, record, manifest["embed_dim"], reinforced.of_manifest(manifest))
+                              or shard_change(url, record)
+                              or _first_sample_change(root, name, url))
         if problem:
             raise StoreError(f"--teacher-store {root}: cannot resume its build: {problem}; the store was built from "
                              f"other data or is damaged: pass another --teacher-store, or delete {root} to rebuild it")
-    return [url for url in urls if Path(url).name not in manifest["parts"]]
+    return [url for url, name in zip(urls, matched) if name is None]
 
 
-def _first_sample_change(root: Path, record: dict, url: str) -> Optional[str]:
+def _first_sample_change(root: Path, name: str, url: str) -> Optional[str]:
     """None if a local shard begins with the sample (key and content digest) that its part begins with."""
     if is_remote(url):
         return None
-    stored = zip(np.load(root / record["dir"] / "keys.npy", mmap_mode="r")[:1],
-                 np.load(root / record["dir"] / "digests.npy", mmap_mode="r")[:1])
-    found = [(raw["__key__"], sample_digest(raw)) for raw in itertools.islice(read_shard(url), 1)]
-    if found == [(str(key), int(digest)) for key, digest in stored]:
+    part = open_part(root, name)
+    stored = [(str(key), int(digest)) for key, digest in zip(part["keys"][:1], part["digests"][:1])]
+    if [(raw["__key__"], sample_digest(raw)) for raw in itertools.islice(read_shard(url), 1)] == stored:
         return None
     return f"shard {url} does not begin with the sample its part was built from (key or content differs)"
 
 
 def begin(root: Path, teacher: dict, logit_scale: float, embed_dim: int, logit_bias: Optional[float] = None,
-          augmentation: Optional[dict] = None) -> dict:
-    """Create or reopen a store for resuming; refuses a store begun by another teacher. ``augmentation``: the
-    views and captions it holds (engine.teachers.reinforced's record; None: a plain store)."""
+          augmentation: Optional[dict] = None, train_data: Optional[str] = None) -> dict:
+    """Create or reopen a store for resuming; refuses a store begun by another teacher. ``augmentation``: the views
+    and captions it holds (engine.teachers.reinforced's record; None: a plain store); ``train_data``: the shards it
+    is built from, as given (verify-views reads them)."""
     root = Path(root)
+    create_root(root)
     manifest = reopen(root, teacher["fingerprint"])
     if manifest is not None:
         return manifest
     manifest = {"format": FORMAT_VERSION, "teacher": teacher, "logit_scale": float(logit_scale),
                 "logit_bias": None if logit_bias is None else float(logit_bias), "embed_dim": int(embed_dim),
                 "dtype": "float16", "normalized": True,
-                "augmentation": augmentation or reinforced.Reinforcement().record(),
+                "augmentation": augmentation or reinforced.Reinforcement().record(), "train_data": train_data,
                 "sample_digest": "blake2b-64 over the sample's raw members (name, size, bytes) in name order",
                 "count": 0, "parts": {}, "complete": False}
-    _write_manifest(root, manifest)
+    write_manifest(root, manifest)
     return manifest
 
 
 def finish(root: Path, manifest: dict) -> None:
     manifest["complete"] = True
-    _write_manifest(Path(root), manifest)
-
-
-# --------------------------------------------------------------------------------------------------------- parts
-
-
-class PartWriter:
-    """Writes one shard's part row batch by row batch into memory-mapped arrays (memory independent of shard size).
-
-    ``append`` refuses non-finite rows (naming their keys and views); ``commit`` renames the finished part into place
-    and records it in the manifest. Nothing is recorded if the part is not committed.
-    """
-
-    def __init__(self, root: Path, manifest: dict, url: str, count: int):
-        self.root, self.manifest, self.url, self.count = Path(root), manifest, url, count
-        self.name = part_dir_name(url)
-        self.tmp = self.root / "parts" / f".{self.name}.tmp{os.getpid()}"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        self.keys: list[str] = []
-        self.key_hashes = np.empty(count, dtype=np.int64)
-        self.digests = np.empty(count, dtype=np.int64)
-        shapes = reinforced.row_shapes(reinforced.of_manifest(manifest), manifest["embed_dim"])
-        self.arrays = {name: np.lib.format.open_memmap(self.tmp / f"{name}.npy", "w+", dtype, (count, *shape))
-                       for name, (shape, dtype) in shapes.items()}
-
-    def append(self, keys: Sequence[str], digests: Sequence[int], image: torch.Tensor, text: torch.Tensor,
-               views: Optional[np.ndarray] = None, source_hw: Optional[np.ndarray] = None) -> None:
-        """Rows of ``keys``: image (B, V, D), text (B, C, D) (a plain store's may be (B, D)), and with stored views
-        their parameters (B, K, P) and the source images' sizes (B, 2)."""
-        start, stop = len(self.keys), len(self.keys) + len(keys)
-        if stop > self.count:
-            raise StoreError(f"shard {self.url}: more than the {self.count} samples its size says")
-        given = {"image": image, "text": text, "views": views, "source_hw": source_hw}
-        rows = {name: reinforced.as_rows(given[name], array, len(keys)) for name, array in self.arrays.items()}
-        bad = reinforced.non_finite_rows(rows)
-        if bad is not None:
-            count, (sample, what) = bad
-            named = [keys[i] for i in sample[:10]]
-            raise StoreError(f"shard {self.url}: the teacher gave non-finite embeddings for {count} sample(s), keys "
-                             f"{named} (first: {what}); refusing to store them (check the teacher weights)")
-        self.keys.extend(keys)
-        self.key_hashes[start:stop] = [key_hash(k) for k in keys]
-        self.digests[start:stop] = digests
-        for name, value in rows.items():
-            self.arrays[name][start:stop] = value
-
-    def commit(self) -> None:
-        if len(self.keys) != self.count:
-            raise StoreError(f"shard {self.url}: read {len(self.keys)} samples, its size says {self.count}")
-        names = [*PART_ARRAYS, *(name for name in self.arrays if name not in PART_ARRAYS)]
-        for array in self.arrays.values():
-            array.flush()
-        del self.arrays
-        np.save(self.tmp / "keys.npy", np.array(self.keys, dtype=str))
-        np.save(self.tmp / "key_hashes.npy", self.key_hashes)
-        np.save(self.tmp / "digests.npy", self.digests)
-        final = self.root / "parts" / self.name
-        shutil.rmtree(final, ignore_errors=True)  # a leftover of an interrupted build, never recorded
-        os.replace(self.tmp, final)
-        self.manifest["parts"][Path(self.url).name] = {
-            "dir": f"parts/{self.name}", "count": self.count,
-            "shard_bytes": None if is_remote(self.url) else os.path.getsize(self.url),
-            "sha256": {array: sha256_file(final / f"{array}.npy") for array in names}}
-        self.manifest["count"] = sum(part["count"] for part in self.manifest["parts"].values())
-        _write_manifest(self.root, self.manifest)
-
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def verify_part_file(path: Path, expected_sha256: str, check_finite: bool) -> Optional[str]:
-    """None if the .npy file has its recorded checksum (and only finite values), else what is wrong.
-
-    Reads the file once with plain reads (not through the memory map), so verifying leaves no pages mapped.
-    """
-    if not path.exists():
-        return f"{path} is missing"
-    try:
-        handle = open(path, "rb")
-    except OSError as exc:  # a directory in its place, or unreadable
-        return f"{path} cannot be read ({exc.strerror})"
-    digest = hashlib.sha256()
-    with handle:
-        try:
-            version = np.lib.format.read_magic(handle)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0
-            _, _, dtype = read_header(handle)
-        except ValueError as exc:
-            return f"{path} is not a valid array file ({exc})"
-        header = handle.tell()
-        handle.seek(0)
-        digest.update(handle.read(header))
-        carry = b""
-        for block in iter(lambda: handle.read(_READ_CHUNK), b""):
-            digest.update(block)
-            if check_finite:
-                data = carry + block
-                usable = len(data) - len(data) % dtype.itemsize
-                if not np.isfinite(np.frombuffer(data[:usable], dtype=dtype)).all():
-                    return f"{path} holds non-finite values"
-                carry = data[usable:]
-    if digest.hexdigest() != expected_sha256:
-        return f"{path}: checksum does not match the manifest (the file was changed or damaged)"
-    return None
-
-
-def part_arrays(record: dict) -> list[str]:
-    """The array files of a part: every part's, and the stored views' where the part records them."""
-    return [*PART_ARRAYS, *(name for name in reinforced.VIEW_ARRAYS if name in record["sha256"])]
-
-
-def part_damage(root: Path, record: dict) -> Optional[str]:
-    """None if every file of a part has its recorded checksum (and the embeddings are finite), else what is wrong."""
-    for array in part_arrays(record):
-        problem = verify_part_file(root / record["dir"] / f"{array}.npy", record["sha256"][array],
-                                   array in FLOAT_ARRAYS)
-        if problem:
-            return problem
-    return None
-
-
-def shard_change(url: str, record: dict) -> Optional[str]:
-    """None if a local shard has the size recorded when its part was built (a remote one is not checked here)."""
-    if is_remote(url) or record["shard_bytes"] is None or os.path.getsize(url) == record["shard_bytes"]:
-        return None
-    return (f"shard {url} changed since the store was built ({os.path.getsize(url)} bytes, store recorded "
-            f"{record['shard_bytes']})")
+    write_manifest(Path(root), manifest)
 
 
 # --------------------------------------------------------------------------------------------------------- store
@@ -336,7 +158,7 @@ class TeacherStore:
     """
 
     def __init__(self, root: str | os.PathLike, urls: Optional[list[str]] = None,
-                 expected_teacher: Optional[str] = None, check_keys: bool = True):
+                 expected_teacher: Optional[str] = None):
         self.root = Path(root)
         manifest = read_manifest(self.root)
         self.manifest = manifest
@@ -344,35 +166,32 @@ class TeacherStore:
         if expected_teacher is not None and fingerprint != expected_teacher:
             raise StoreError(f"{root}: store was built by teacher {fingerprint}, but this run's teacher is "
                              f"{expected_teacher}; rebuild it with engine.precompute or pass the matching teacher")
+        problem = teacher_scale_problem(manifest)
+        if problem:
+            raise StoreError(f"{self.root / 'manifest.json'}: {problem} (the file was edited); {REBUILD}")
         self.logit_scale = float(manifest["logit_scale"])
         # a SigLIP teacher's logit bias (None for a CLIP teacher, and in stores written before it was recorded)
         self.logit_bias = manifest.get("logit_bias")
         self.embed_dim = int(manifest["embed_dim"])
         self.teacher = manifest["teacher"]
         self.reinforcement = reinforced.of_manifest(manifest)
-        names = list(manifest["parts"]) if urls is None else [Path(u).name for u in urls]
-        present = [name for name in names if name in manifest["parts"]]
-        self.part_names, self.parts = present, []
-        for name in present:
-            self.parts.append(self._open_part(name))
+        matched = list(manifest["parts"]) if urls is None else match_parts(manifest["parts"], urls)
+        self.part_names = [name for name in matched if name is not None]
+        self.parts = [self._open_part(name) for name in self.part_names]
+        self._index_of = {name: i for i, name in enumerate(self.part_names)}
         self._build_index()
         if urls is not None:
-            self._check_shards(urls, check_keys)
+            self._check_shards(urls, matched)
 
-    def _open_part(self, shard: str) -> dict:
-        record = self.manifest["parts"][shard]
-        folder = self.root / record["dir"]
-        problem = part_damage(self.root, record)
+    def _open_part(self, name: str) -> dict:
+        record = self.manifest["parts"][name]
+        problem = part_damage(self.root, name, record, self.embed_dim, self.reinforcement)
+        arrays = open_part(self.root, name, list(record["sha256"])) if problem is None else {}
+        if problem is None and self.reinforcement.views:
+            problem = reinforced.views_problem(arrays)
         if problem:
-            raise StoreError(f"{self.root}: part of shard {shard}: {problem}; rebuild the store")
-        arrays = {array: np.load(folder / f"{array}.npy", mmap_mode="r") for array in part_arrays(record)}
-        if any(len(array) != record["count"] for array in arrays.values()):
-            raise StoreError(f"{self.root}: part of shard {shard} does not hold the {record['count']} rows the "
-                             f"manifest records; rebuild the store")
-        problem = reinforced.part_problem(arrays, self.reinforcement, self.embed_dim)
-        if problem:
-            raise StoreError(f"{self.root}: part of shard {shard}: {problem}; rebuild the store")
-        return {"shard": shard, **arrays}
+            raise StoreError(f"{self.root}: part of shard {record['shard']}: {problem}; rebuild the store")
+        return {"name": name, "shard": record["shard"], **arrays}
 
     def _build_index(self) -> None:
         """Sorted key hashes and their (part, row): 16 bytes per sample; a key in two places is refused."""
@@ -395,29 +214,51 @@ class TeacherStore:
         part = int(np.searchsorted(self.offsets, global_row, side="right")) - 1
         return part, global_row - int(self.offsets[part])
 
-    def _check_shards(self, urls: list[str], check_keys: bool) -> None:
-        manifest = self.manifest
-        missing = [u for u in urls if Path(u).name not in manifest["parts"]]
+    def _check_shards(self, urls: list[str], matched: list[Optional[str]]) -> None:
+        missing = [url for url, name in zip(urls, matched) if name is None]
         if missing:
             keys = [k for u in missing[:3] for k in shard_keys(u)[:50]]
             absent = [k for k in keys if not self.contains(k)][:5]
-            state = "" if manifest["complete"] else " (the store build did not finish: rerun engine.precompute)"
+            state = "" if self.manifest["complete"] else " (the store build did not finish: rerun engine.precompute)"
             raise StoreError(f"{self.root}: store has no part for {len(missing)} training shard(s) "
                              f"{[Path(u).name for u in missing[:5]]}; keys without embeddings include {absent}"
                              f"{state}")
-        for url, part in zip(urls, self.parts):
-            if is_remote(url):  # read only as it streams: checked sample by sample at lookup (key and digest)
-                continue
-            changed = shard_change(url, manifest["parts"][part["shard"]])
-            if changed:
-                raise StoreError(f"{self.root}: {changed}; rebuild")
-            if check_keys:
-                keys = shard_keys(url)
-                if keys != list(map(str, part["keys"])):
-                    absent = sorted(set(keys) - set(map(str, part["keys"])))
-                    detail = f"keys {absent[:10]} have no embeddings" if absent else "its keys differ in order"
-                    raise StoreError(f"{self.root}: shard {url} does not have the samples its part was built from: "
-                                     f"{detail}; rebuild the store")
+        for url, name in zip(urls, matched):
+            problem = self.shard_problem(url, name)
+            if problem:
+                raise StoreError(f"{self.root}: {problem}; rebuild the store")
+
+    def shard_problem(self, url: str, name: str) -> Optional[str]:
+        """What differs between a local training shard and its part without reading its samples (its size, its keys
+        in order), else None; a remote shard is checked sample by sample as it streams (every lookup)."""
+        if is_remote(url):
+            return None
+        return shard_change(url, self.manifest["parts"][name]) or self._key_problem(url, name, shard_keys(url))
+
+    def sample_problem(self, url: str, name: str, expected: Optional[int]) -> Optional[str]:
+        """What differs between a shard's samples, read in full, and its part: keys in order, content digests."""
+        found = [(raw["__key__"], sample_digest(raw)) for raw in read_shard(url, expected)]
+        keys = [key for key, _ in found]
+        problem = self._key_problem(url, name, keys)
+        if problem:
+            return problem
+        digests = np.fromiter((digest for _, digest in found), dtype=np.int64, count=len(found))
+        differ = np.flatnonzero(digests != self.parts[self._index_of[name]]["digests"])
+        if len(differ):
+            return (f"shard {url}: {len(differ)} sample(s) differ from the ones the store was built from, e.g. "
+                    f"{[keys[i] for i in differ[:5]]}")
+        return None
+
+    def _key_problem(self, url: str, name: str, keys: list[str]) -> Optional[str]:
+        stored = [str(key) for key in self.parts[self._index_of[name]]["keys"]]
+        if keys == stored:
+            return None
+        extra, lost = sorted(set(keys) - set(stored)), sorted(set(stored) - set(keys))
+        detail = (f"keys {extra[:5]} are not in its part" if extra else f"its part's keys {lost[:5]} are not in it"
+                  if lost else "its keys are in another order")
+        source = self.manifest["parts"][name]["shard"]
+        moved = "" if source == shard_source(url) else f"; that part was built from {source}"
+        return f"shard {url} does not have the samples its part was built from ({detail}){moved}"
 
     def contains(self, key: str) -> bool:
         return self._locate([key])[0][0] >= 0
@@ -485,54 +326,65 @@ class TeacherStore:
 
 
 def verify(root: str, train_data: Optional[str] = None) -> list[str]:
-    """Everything wrong with a store (and, with ``train_data``, with its shards); empty when it is sound."""
+    """Everything wrong with a store (and, with ``train_data``, with its shards); empty when it is sound. Checks
+    what loading it for training checks, then key hashes and unit-norm rows, and every sample's content digest."""
     try:
         store = TeacherStore(root, None)
+        problem = deep_problem(store)
     except (StoreError, ShardError) as exc:
         return [str(exc)]
-    problems = [] if store.manifest["complete"] else [f"{root}: the build did not finish (rerun engine.precompute)"]
+    problems = [problem] if problem else []
+    if not store.manifest["complete"]:
+        problems.append(f"{root}: the build did not finish (rerun engine.precompute)")
     if train_data is None:
         return problems
     try:
         urls = expand_urls(train_data)
         sizes = shard_sizes(urls)
-    except ShardError as exc:
+        matched = match_parts(store.manifest["parts"], urls)
+    except (ShardError, StoreError) as exc:
         return problems + [str(exc)]
-    for url in urls:
-        if Path(url).name not in store.manifest["parts"]:
-            problems.append(f"shard {url}: no part in the store")
-            continue
-        changed = shard_change(url, store.manifest["parts"][Path(url).name])
-        if changed:
-            problems.append(changed)
-        mismatched, unknown = [], []
+    for url, name in zip(urls, matched):
         try:
-            for raw in read_shard(url, sizes[url]):
-                (part,), (row,) = store._locate([raw["__key__"]])
-                if part < 0:
-                    unknown.append(raw["__key__"])
-                elif int(store.parts[part]["digests"][row]) != sample_digest(raw):
-                    mismatched.append(raw["__key__"])
+            problem = f"shard {url}: no part in the store" if name is None else \
+                store.shard_problem(url, name) or store.sample_problem(url, name, sizes[url])
         except ShardError as exc:
-            problems.append(str(exc))
-            continue
-        if unknown:
-            problems.append(f"shard {url}: {len(unknown)} sample(s) have no embeddings, e.g. {unknown[:5]}")
-        if mismatched:
-            problems.append(f"shard {url}: {len(mismatched)} sample(s) differ from the ones the store was built "
-                            f"from, e.g. {mismatched[:5]}")
+            problem = str(exc)
+        if problem:
+            problems.append(problem)
     return problems
+
+
+def deep_problem(store: TeacherStore) -> Optional[str]:
+    """What only reading every row finds: key hashes that are not their keys', rows that are not unit-norm."""
+    for name, part in zip(store.part_names, store.parts):
+        folder = store.root / "parts" / name
+        hashes = np.fromiter((key_hash(str(key)) for key in part["keys"]), dtype=np.int64, count=len(part["keys"]))
+        if not np.array_equal(hashes, part["key_hashes"]):
+            return f"{folder / 'key_hashes.npy'} does not hold the hashes of its keys (the file was edited)"
+        for array in ("image", "text"):
+            off = sum(int((np.abs(np.einsum("ij,ij->i", rows, rows) - 1) > UNIT_NORM_TOLERANCE).sum())
+                      for rows in _row_blocks(part[array]))
+            if off:
+                return f"{folder / f'{array}.npy'}: {off} row(s) are not unit-norm (the embeddings were edited)"
+    return None
+
+
+def _row_blocks(rows: np.ndarray, size: int = 1 << 16):
+    """(n, D) float32 blocks of a part's (count, V or C, D) rows."""
+    for start in range(0, len(rows), size):
+        yield rows[start:start + size].reshape(-1, rows.shape[-1]).astype(np.float32)
 
 
 def describe(root: str) -> str:
     manifest = read_manifest(root)
     lines = [f"teacher store {root}",
-             f"  teacher      {manifest['teacher']['fingerprint']} ({manifest['teacher'].get('pretrained')})",
+             f"  teacher      {manifest['teacher']['fingerprint']} ({manifest['teacher']['pretrained']})",
              f"  logit scale  {manifest['logit_scale']:.4f}",
              f"  width        {manifest['embed_dim']} ({manifest['dtype']}, L2-normalised)",
              f"  samples      {manifest['count']} in {len(manifest['parts'])} part(s); "
              f"{'complete' if manifest['complete'] else 'INCOMPLETE build'}",
              f"  augmentation {reinforced.of_manifest(manifest).describe()}"]
-    lines += [f"  part {name}: {part['count']} samples, shard {part['shard_bytes']} bytes"
+    lines += [f"  part {name}: {part['count']} samples, shard {part['shard']} ({part['shard_bytes']} bytes)"
               for name, part in sorted(manifest["parts"].items())]
     return "\n".join(lines)

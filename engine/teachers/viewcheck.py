@@ -20,6 +20,7 @@ import models
 from ..core.errors import StoreError, UserError
 from ..data.shards import decode_image, expand_urls, read_shard, sample_digest
 from . import reinforced
+from .manifest import match_parts
 from .store import TeacherStore, teacher_fingerprint
 
 # 1 - cosine between a replayed view's embedding and the stored one. Rounding a unit vector to fp16 turns it by at
@@ -63,11 +64,12 @@ def store_teacher(store: TeacherStore, device) -> torch.nn.Module:
 
 
 def shard_urls(store: TeacherStore, train_data: Optional[str]) -> dict[str, str]:
-    """Shard name -> path or URL, from ``train_data`` or the data the store records it was built from."""
+    """Part name -> the path or URL of its shard, from ``train_data`` or the data the store was built from."""
     pattern = train_data or store.manifest.get("train_data")
     if pattern is None:
         raise UserError(f"{store.root}: the store does not record its data: pass --train-data")
-    return {Path(url).name: url for url in expand_urls(pattern)}
+    urls = expand_urls(pattern)
+    return {name: url for name, url in zip(match_parts(store.manifest["parts"], urls), urls) if name is not None}
 
 
 @torch.no_grad()
@@ -103,19 +105,20 @@ def replayed_part(store: TeacherStore, part: int, rows: dict[int, list[int]], ur
     """Per chosen sample of one part: (names of its chosen views, their pixels uint8 (k, 3, H, W), their stored
     embeddings (k, D)); the sample must be the one the store was built from."""
     arrays, shard = store.parts[part], store.parts[part]["shard"]
-    if shard not in urls:
+    if arrays["name"] not in urls:
         raise UserError(f"--train-data: has no shard {shard}, which the store was built from")
+    url = urls[arrays["name"]]
     wanted = {str(arrays["keys"][row]): row for row in rows}
-    for raw in read_shard(urls[shard]):
+    for raw in read_shard(url):
         row = wanted.pop(raw["__key__"], None)
         if row is None:
             continue
         if sample_digest(raw) != int(arrays["digests"][row]):
-            raise StoreError(f"{store.root}: sample {raw['__key__']!r} of shard {urls[shard]} is not the sample the "
-                             f"store was built from (content digest differs)")
+            raise StoreError(f"{store.root}: sample {raw['__key__']!r} of shard {url} is not the sample the store was "
+                             f"built from (content digest differs)")
         views = rows[row]
         pixels = inputs.replayed(decode_image(raw), np.asarray(arrays["views"][row])[views])
-        yield [f"sample {raw['__key__']!r} of shard {shard}, view {v}" for v in views], pixels, \
+        yield [f"sample {raw['__key__']!r} of shard {Path(url).name}, view {v}" for v in views], pixels, \
             torch.from_numpy(np.asarray(arrays["image"][row])[views])
     if wanted:
-        raise UserError(f"--train-data: shard {urls[shard]} lacks samples the store holds, e.g. {sorted(wanted)[:3]}")
+        raise UserError(f"--train-data: shard {url} lacks samples the store holds, e.g. {sorted(wanted)[:3]}")

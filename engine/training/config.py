@@ -151,7 +151,7 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
         for name in ("warmup", "wd", "workers", "save_frequency"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"--{name}: must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "eps", "prepare_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")

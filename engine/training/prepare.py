@@ -3,8 +3,9 @@
 ``prepare(cfg, env)`` resolves every input a run reads, generating the embedded default (procedural data, the
 store of the shipped teacher) into the cache when no data is given, and checks that each given file exists and is
 what it should be. Under torchrun, rank 0 prepares while the other ranks wait for its outcome (up to
-``cfg.prepare_timeout`` seconds), so that ranks never build the same files at once. The training loop receives
-the result as ``Sources``; from here it uses only that type and ``needs_teacher``.
+``cfg.prepare_timeout`` seconds), so that ranks never build the same files at once; two runs build one folder
+through a lock on it (engine.core.lock), the second waiting as long for the first. The training loop receives the
+result as ``Sources``; from here it uses only that type and ``needs_teacher``.
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def resolve(cfg, progress: bool = True) -> Sources:
     cache = cache_root(cfg.cache_dir)
     train, val = cfg.train_data, cfg.val_data
     if train is None:
-        patterns = ensure_default_data(cache, progress)
+        patterns = ensure_default_data(cache, progress, cfg.prepare_timeout)
         train, val = patterns["train"], val or patterns["val"]
     require_sizes(expand_urls(train), cfg.train_num_samples)
     if val is not None and cfg.eval:
@@ -130,7 +131,8 @@ def resolve(cfg, progress: bool = True) -> Sources:
     store_dir = Path(cfg.teacher_store) if cfg.teacher_store else \
         defaults.default_store_dir(cache, fingerprint, train, settings)
     if not ((store_dir / "manifest.json").exists() and read_manifest(store_dir).get("complete")):
-        build_store(train, cfg.teacher, pretrained, store_dir, progress=progress, settings=settings)
+        build_store(train, cfg.teacher, pretrained, store_dir, progress=progress, timeout=cfg.prepare_timeout,
+                    settings=settings)
     return Sources(train, val, pretrained, fingerprint, store_dir, metrics)
 
 
