@@ -186,7 +186,13 @@ def test_mismatched_images_dropped_and_counted(tmp_path, shards):
     assert "epoch 1: dropped 1 sample(s) whose image does not match its sha256" in log
 
 
-def test_param_aug_round_trip_and_refusals():
+def test_param_aug_round_trip_and_refusals(tmp_path):
+    config = tmp_path / "dr.json"
+    config.write_text(json.dumps({"reinforce": {"image_augmentation": {"random_resized_crop": {"size": 224}}}}))
+    assert dr.read_config(str(config)) == (224, 224)
+    config.write_text("{}")
+    with pytest.raises(dr.ConfigError, match="cannot read reinforce.image_augmentation.random_resized_crop.size"):
+        dr.read_config(str(config))
     view = dr.parse_view([[1, 2, 30, 40], True, [[3, 4.5], [10, 4.0]]])
     assert view == augment.View((1, 2, 30, 40), True, ((3, 4.5), (10, 4.0)))
     assert dr.parse_view([[1, 2, 30, 40], [[0, 0.0]]]) == augment.View((1, 2, 30, 40), False, ((0, 0.0),))
