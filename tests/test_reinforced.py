@@ -200,6 +200,6 @@ def test_non_finite_view_refused_when_written(tmp_path, built):
     with pytest.raises(store_lib.StoreError) as exc:
         writer.append(["a", "b"], [1, 2], image, text, views, np.array([[32, 32]] * 2))
     writer.abort()
-    assert str(exc.value) == (f"shard {tmp_path / 'train-00000.tar'}: the teacher gave non-finite embeddings for 1 sample(s), keys "
-                              "['b'] (first: sample 1 of the batch, image of view 2); refusing to store them (check "
-                              "the teacher weights)")
+    assert str(exc.value) == (f"shard {tmp_path / 'train-00000.tar'}: the teacher gave non-finite embeddings for 1 "
+                              "sample(s), keys ['b'] (first: sample 1 of the batch, image of view 2); refusing to "
+                              "store them (check the teacher weights)")

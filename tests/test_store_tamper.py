@@ -85,7 +85,7 @@ CASES = {
     "negative-scale": (lambda store, data: _edit_manifest(store, _scale(value=-50)), "logit_scale -50 is not a "
                        "teacher's logit scale"),
     "doubled-scale": (lambda store, data: _edit_manifest(store, _scale(factor=2)), "is not its teacher's"),
-    "doubled-width": (lambda store, data: _edit_manifest(store, _double_width), "(32, 128), not (32, 256)"),
+    "doubled-width": (lambda store, data: _edit_manifest(store, _double_width), "(32, 1, 128), not (32, 1, 256)"),
     "swapped-parts": (_swap_parts, "train-00000.tar does not have the samples its part was built from"),
     "copied-shard": (_copy_shard, "train-00000.tar does not have the samples its part was built from"),
     "pickled-keys": (_pickled_keys, "keys.npy holds object values, not plain text keys"),

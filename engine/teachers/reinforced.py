@@ -129,11 +129,11 @@ def draw_views(key: str, source_hw: tuple[int, int], settings: Reinforcement, re
     return np.stack([view.row() for view in views])
 
 
-def row_shapes(settings: Reinforcement, dim: int) -> dict[str, tuple[tuple[int, ...], type]]:
-    """Each written part array's shape per sample and dtype (keys, key hashes and digests aside)."""
-    shapes = {"image": ((max(settings.views, 1), dim), np.float16), "text": ((settings.captions, dim), np.float16)}
+def row_shapes(settings: Reinforcement, dim: int) -> dict[str, tuple[int, ...]]:
+    """Each row array of a part and its shape per sample (keys, key hashes and digests aside)."""
+    shapes = {"image": (max(settings.views, 1), dim), "text": (settings.captions, dim)}
     if settings.views:
-        shapes.update(views=((settings.views, settings.param_width), np.float32), source_hw=((2,), np.int32))
+        shapes.update(views=(settings.views, settings.param_width), source_hw=(2,))
     return shapes
 
 
