@@ -117,12 +117,19 @@ def test_training_runs_from_one_concatenated_teacher(tmp_path, shards):
     assert len(rows) == 3 and all(math.isfinite(row["hrd"]) and math.isfinite(row["task"]) for row in rows)
 
 
-def test_training_runs_from_an_ensemble(tmp_path, shards):
+def test_training_runs_from_an_ensemble_and_resumes_exactly(tmp_path, shards):
+    ensemble = ("--distill-teacher-dimension", *WIDTHS, "--distill-logit-scale", "100", "50")
     for mode in ([], ["--distill-average-after-softmax"]):
         name = "after" if mode else "losses"
-        assert train(tmp_path, shards, "--distill-teacher-dimension", *WIDTHS, "--distill-logit-scale", "100", "50",
-                     *mode, name=name) is None
+        assert train(tmp_path, shards, *ensemble, *mode, name=name) is None
         assert len(steps_logged(tmp_path, name)) == 3
+    assert train(tmp_path, shards, *ensemble, "--stop-after-steps", "1", name="cut") is None
+    assert train(tmp_path, shards, *ensemble, "--resume", "latest", name="cut") is None
+    full, cut = (torch.load(tmp_path / "logs" / name / "checkpoints" / "epoch_latest.pt", weights_only=False)
+                 for name in ("losses", "cut"))
+    assert full["step"] == cut["step"] == 3
+    for key in full["state_dict"]:  # the same views and captions drawn after the resume
+        assert torch.equal(full["state_dict"][key], cut["state_dict"][key]), key
 
 
 def edited(tmp_path, shards, name, edit, shard=1):
