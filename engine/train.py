@@ -29,6 +29,7 @@ from .training.config import (
     PRECISIONS,
     TrainConfig,
 )
+from .training.datacompdr import resolve_datacompdr
 from .training.distributed import close_distributed, init_distributed, is_collective_failure
 from .training.loop import run
 from .training.prepare import prepare
@@ -87,6 +88,7 @@ def parser() -> argparse.ArgumentParser:
       "(default: the cache's store for this teacher and data, built when missing)")
     a("--online-teacher", action="store_true", help="run the teacher on every batch instead of reading a store")
     add_reinforcement_flags(a, d)
+    add_dataset_reinforcement_flags(p)
     a("--preset", default=d.preset, choices=sorted(PRESETS),
       help="loss preset (the per-term weights below override it)")
     for key in WEIGHT_KEYS:
@@ -187,6 +189,41 @@ def add_reinforcement_flags(a, d: TrainConfig) -> None:
       "one of them rather than its .txt (MobileCLIP's mix-synthetic ratio)")
 
 
+def add_dataset_reinforcement_flags(p: argparse.ArgumentParser) -> None:
+    """MobileCLIP's flags for DataCompDR shards, with its meanings (README, "DataCompDR shards")."""
+    a = p.add_argument
+    a("--dataset-reinforcement", action="store_true",
+      help="--train-data are DataCompDR shards: each sample carries its views (paug.json) and its teachers' "
+      "embeddings (npz or pth.gz); no teacher store is read or built")
+    a("--dataset-reinforcement-config", default=None, metavar="FILE",
+      help="MobileCLIP's reinforcement JSON (e.g. datacompdr12m.json): its random_resized_crop size is the image "
+      "size the views' operations were drawn for (default: the student's)")
+    a("--dataset-reinforcement-mix-synthetic", action="store_true",
+      help="mix syn.json's synthetic captions with the ground-truth .txt")
+    a("--dataset-reinforcement-mix-synthetic-ratio", type=float, default=0.0,
+      help="with --dataset-reinforcement-mix-synthetic: the probability that a sample's caption at a step is a "
+      "synthetic one")
+    a("--dataset-reinforcement-sample-sequential", action="store_true",
+      help="view epoch mod K at each epoch instead of a random stored view")
+    a("--dataset-reinforcement-syn-text-key-regex", default=r"^syn_text.*$",
+      help="the syn.json keys whose captions are the synthetic ones (matched from the key's start, as re.match)")
+    a("--dataset-reinforcement-verify-sha256", action="store_true",
+      help="check each image's sha256 against its json's; a mismatch stops the run with the count and first keys")
+    a("--dataset-reinforcement-drop-mismatched", action="store_true",
+      help="with --dataset-reinforcement-verify-sha256: drop such samples instead, logging their count per epoch")
+    a("--distill-logit-scale", type=float, nargs="+", default=None,
+      help="the teachers' exponentiated logit scale: one for all, or one per teacher (default: 100)")
+    a("--distill-loss-weights", type=float, nargs=2, default=None, metavar=("W_CONTRASTIVE", "W_DISTILL"),
+      help="MobileCLIP's DRClipLoss weights: W_CONTRASTIVE is --task-weight and W_DISTILL --hrd-weight (the KD of "
+      "the student's image-text logits towards the teachers'); every other term is 0 unless given")
+    a("--distill-teacher-dimension", type=int, nargs="+", default=None,
+      help="the ensemble members' widths, in their stored order; they must sum to the stored width (default: one "
+      "teacher)")
+    a("--distill-average-after-softmax", action="store_true",
+      help="an ensemble's softmax terms against the mean of the teachers' softmaxes (default: the mean of the "
+      "per-teacher losses)")
+
+
 def parse_args(argv=None) -> TrainConfig:
     args = vars(parser().parse_args(argv))
     weights = {key: args.pop(f"{key}_weight") for key in WEIGHT_KEYS}
@@ -207,7 +244,8 @@ def train(argv=None, after_backward: Optional[AfterBackward] = None) -> None:
         return
     env, device = init_distributed()
     try:
-        run(cfg, prepare(cfg, env), env, device, after_backward)
+        sources = resolve_datacompdr(cfg) if cfg.dataset_reinforcement else prepare(cfg, env)
+        run(cfg, sources, env, device, after_backward)
     except RuntimeError as exc:  # a peer died or hung: a collective failed or timed out on this rank
         if not is_collective_failure(exc):
             raise

@@ -22,6 +22,12 @@ PURE = {"bf16": "bfloat16", "fp16": "float16"}  # the student's weights in this 
 DEFAULT_AUGMENTATIONS = 0
 DEFAULT_AUG_CFG: dict = {}
 DEFAULT_CAPTIONS = 1
+# the flags that only apply with --dataset-reinforcement
+DATASET_REINFORCEMENT_ONLY = ("dataset_reinforcement_config", "dataset_reinforcement_mix_synthetic",
+                              "dataset_reinforcement_mix_synthetic_ratio", "dataset_reinforcement_sample_sequential",
+                              "dataset_reinforcement_syn_text_key_regex", "dataset_reinforcement_verify_sha256",
+                              "dataset_reinforcement_drop_mismatched", "distill_logit_scale",
+                              "distill_teacher_dimension", "distill_average_after_softmax")
 # kernels' backends: auto = triton on a CUDA device (chunked where it cannot run), else chunked
 LOSS_BACKENDS = ("auto", "chunked", "triton", "reference")
 # Bounds no real run reaches, so that a typo (--lr 1e30, --epochs 100000000) is refused at start instead of
@@ -63,6 +69,20 @@ class TrainConfig:
     captions: Optional[int] = None
     view_sampling: str = "random"  # MobileCLIP's: a random stored view per step, or "sequential" (epoch modulo K)
     mix_synthetic_ratio: float = 0.5  # MobileCLIP's: probability of a synthetic caption instead of the ground truth
+    # DataCompDR shards (MobileCLIP's --dataset-reinforcement flags): each sample carries its views and its teacher
+    # embeddings, no store is read or built (engine.data.datacompdr)
+    dataset_reinforcement: bool = False
+    dataset_reinforcement_config: Optional[str] = None  # its JSON: the size the views were drawn for
+    dataset_reinforcement_mix_synthetic: bool = False
+    dataset_reinforcement_mix_synthetic_ratio: float = 0.0
+    dataset_reinforcement_sample_sequential: bool = False
+    dataset_reinforcement_syn_text_key_regex: str = r"^syn_text.*$"  # MobileCLIP's, matched from the start
+    dataset_reinforcement_verify_sha256: bool = False
+    dataset_reinforcement_drop_mismatched: bool = False  # with verify: drop, count and log instead of stopping
+    distill_logit_scale: Optional[list] = None  # per teacher (or one for all); None: 100
+    distill_loss_weights: Optional[list] = None  # MobileCLIP's [contrastive, distillation] = the task and hrd weights
+    distill_teacher_dimension: Optional[list] = None  # the ensemble members' widths, in their stored order
+    distill_average_after_softmax: bool = False  # the kernels' ensemble mode (else average-losses)
     # loss
     preset: str = "clip-rd"
     weights: dict = field(default_factory=dict)  # per-term overrides of the preset
@@ -106,6 +126,9 @@ class TrainConfig:
     def loss_weights(self) -> dict:
         """The preset's weights with the per-term overrides; with --siglip the task weight is the siglip term's."""
         weights = dict(PRESETS[self.preset])
+        if self.distill_loss_weights is not None:  # MobileCLIP's DRClipLoss: contrastive + KD of the logits (hrd)
+            weights = {key: 0.0 for key in WEIGHT_KEYS}
+            weights["task"], weights["hrd"] = (float(w) for w in self.distill_loss_weights)
         weights.update(self.weights)
         if self.siglip:
             weights["siglip"] = weights.pop("task", 1.0)
@@ -149,6 +172,38 @@ class TrainConfig:
             raise ConfigError("--teacher-store and --online-teacher exclude each other: "
                               "the online teacher needs no store")
         self._validate_reinforcement()
+        self._validate_dataset_reinforcement()
+
+    def ensemble(self) -> str:
+        """The kernels' ensemble mode of --distill-average-after-softmax."""
+        return "average-after-softmax" if self.distill_average_after_softmax else "average-losses"
+
+    def _validate_dataset_reinforcement(self) -> None:
+        default = TrainConfig()
+        given = [name for name in DATASET_REINFORCEMENT_ONLY if getattr(self, name) != getattr(default, name)]
+        if given and not self.dataset_reinforcement:
+            raise ConfigError(f"--{given[0].replace('_', '-')} only applies with --dataset-reinforcement")
+        if not 0.0 <= self.dataset_reinforcement_mix_synthetic_ratio <= 1.0:
+            raise ConfigError(f"--dataset-reinforcement-mix-synthetic-ratio: must be in [0, 1], got "
+                              f"{self.dataset_reinforcement_mix_synthetic_ratio}")
+        if self.dataset_reinforcement_drop_mismatched and not self.dataset_reinforcement_verify_sha256:
+            raise ConfigError("--dataset-reinforcement-drop-mismatched only applies with "
+                              "--dataset-reinforcement-verify-sha256")
+        dims, scales = self.distill_teacher_dimension, self.distill_logit_scale
+        if dims is not None and (not dims or any(d < 1 for d in dims)):
+            raise ConfigError(f"--distill-teacher-dimension: widths must be >= 1, got {dims}")
+        if scales is not None and (any(not s > 0 for s in scales) or len(scales) not in (1, len(dims or [0]))):
+            raise ConfigError(f"--distill-logit-scale {scales}: one positive scale, or one per teacher "
+                              f"({len(dims or [0])} by --distill-teacher-dimension)")
+        if self.distill_loss_weights is not None and len(self.distill_loss_weights) != 2:
+            raise ConfigError(f"--distill-loss-weights: two weights (contrastive, distillation), got "
+                              f"{self.distill_loss_weights}")
+        if self.dataset_reinforcement and not self.dataset_reinforcement_mix_synthetic and self.accum_freq > 1:
+            raise ConfigError("--accum-freq: with --dataset-reinforcement, only with --dataset-reinforcement-mix-"
+                              "synthetic (one caption per sample; without it each step has a second, synthetic one)")
+        if self.dataset_reinforcement and (self.online_teacher or self.teacher_store):
+            raise ConfigError("--dataset-reinforcement: the shards carry the teacher embeddings; leave out "
+                              "--online-teacher and --teacher-store")
 
     def _validate_reinforcement(self) -> None:
         if self.view_sampling not in SAMPLINGS:
@@ -257,6 +312,8 @@ def command_line(cfg: TrainConfig) -> str:
             words.append(f"--{f.name.replace('_', '-')}")
         elif f.name == "loss_backend" and value == "auto":
             words.append("--fused")
+        elif isinstance(value, list):  # nargs="+" flags (--distill-teacher-dimension 768 768)
+            words += [f"--{f.name.replace('_', '-')}", *(str(item) for item in value)]
         else:
             words += [f"--{f.name.replace('_', '-')}", str(value)]
     return shlex.join(words)

@@ -100,6 +100,9 @@ def train_run(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.de
                 log.info(f"stopped after {state.step} steps (--stop-after-steps); continue with: "
                          f"{resume_command(cfg, env)}")
                 return RunResult(run_dir, state.step, finished=False, **mean_times(step_times))
+            if stream.dropped:
+                log.warning(f"epoch {state.epoch + 1}: dropped {stream.dropped} sample(s) whose image does not match "
+                            f"its sha256 (--dataset-reinforcement-drop-mismatched)")
             state.epoch, state.batches_done = state.epoch + 1, 0
             last_eval = evaluate_epoch(state, sources, metrics, log)  # before the checkpoint: a resume redoes it
             last = state.epoch == cfg.epochs

@@ -24,6 +24,7 @@ from ..teachers.reinforced import Reinforcement, image_hw
 from ..teachers.sources import NoTeacher, OnlineTeacher, StoreTeacher, TeacherSource
 from ..teachers.store import TeacherStore
 from .config import AUTOCAST, PURE, TrainConfig
+from .datacompdr import datacompdr_codec, datacompdr_teacher
 from .distributed import DistEnv, wrap
 from .prepare import Sources, needs_teacher
 from .task import DistillationTask
@@ -79,8 +80,10 @@ def autocast_dtype(cfg: TrainConfig):
 def build_optimizer_state(cfg: TrainConfig, student: nn.Module, teacher: TeacherSource, device: torch.device,
                           total_steps: int, env: DistEnv = DistEnv()) -> TrainState:
     """Around a student and a teacher source: the loss module, the task (DDP under torchrun), AdamW, GradScaler."""
+    # a teacher ensemble (DataCompDR's --distill-teacher-dimension D1 D2 ...): one width per member, the mode
+    ensemble = {"ensemble": cfg.ensemble()} if isinstance(teacher.embed_dim, list) else {}
     loss_fn = ClipRDLoss(cfg.loss_weights(), student_dim=models.embed_dim(cfg.model), teacher_dim=teacher.embed_dim,
-                         backend=cfg.loss_backend).to(device)
+                         backend=cfg.loss_backend, **ensemble).to(device)
     # a single process runs the task itself; under torchrun DDP broadcasts rank 0's initial weights
     task = wrap(DistillationTask(student, loss_fn, teacher, env, cfg.local_loss, cfg.gather_with_grad,
                                  autocast_dtype(cfg)), env, device)
@@ -121,6 +124,8 @@ def lock_towers(student: nn.Module, cfg: TrainConfig) -> None:
 def teacher_source(cfg: TrainConfig, sources: Sources, student: nn.Module, device: torch.device) -> TeacherSource:
     if not needs_teacher(cfg):
         return NoTeacher()
+    if cfg.dataset_reinforcement:  # the shards carry the teachers' rows
+        return datacompdr_teacher(cfg, sources.train)
     if cfg.online_teacher:
         teacher = OnlineTeacher(cfg.teacher, sources.teacher_pretrained, student, cfg.model, device,
                                 autocast_dtype(cfg))
@@ -158,8 +163,9 @@ def build_state(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.
     if cfg.mfd_mask_ratio > 0:  # CLIP-KD's masked feature distillation: student sees a share of patches dropped
         student.visual.patch_dropout = PatchDropout(cfg.mfd_mask_ratio)
     teacher = teacher_source(cfg, sources, student, device)
-    codec = Codec({"image": models.get_preprocess(student), **teacher.images},
-                  {"text": models.get_tokenizer(cfg.model), **teacher.texts}, teacher.views)
+    codec = datacompdr_codec(cfg, student) if cfg.dataset_reinforcement else \
+        Codec({"image": models.get_preprocess(student), **teacher.images},
+              {"text": models.get_tokenizer(cfg.model), **teacher.texts}, teacher.views)
     # a step's batch holds its --accum-freq micro-batches: the same samples as one batch of batch-size x accum-freq
     stream = ShardStream(sources.train, codec, cfg.batch_size * cfg.accum_freq, cfg.seed, env.rank, env.world_size,
                          cfg.workers, shuffle_buffer=cfg.shuffle_buffer, num_samples=cfg.train_num_samples)
