@@ -27,7 +27,8 @@ setup(
     extras_require={
         # transformers: open_clip loads an exported tiny model's word tokenizer through it (tests/test_export.py);
         # matplotlib and tensorboard: the tests check the charts and the event files too
-        "test": ["pytest>=7", "pytest-benchmark>=4", "transformers", "matplotlib", "tensorboard"],
+        # pytest-xdist: the suite runs on every core (-n auto)
+        "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "transformers", "matplotlib", "tensorboard"],
         "plots": ["matplotlib"],
         "tensorboard": ["tensorboard"],
     },
