@@ -148,7 +148,8 @@ def test_eval_refuses_bad_classnames_files(tmp_path, synth_data, teacher_ckpt, c
     braces.write_text(json.dumps({**good, "templates": ["a photo of a {}."]}))  # OpenAI's template style
     few.write_text(json.dumps({**good, "classnames": good["classnames"][:5]}))
     with tarfile.open(synth_data["root"] / "val-00000.tar") as shard:
-        labels = [json.load(shard.extractfile(m))["label"] for m in shard.getmembers() if m.name.endswith(".json")]
+        labels = [json.load(shard.extractfile(m))["label"] for m in shard.getmembers()
+                  if m.name.endswith(".json") and not m.name.endswith(".syn.json")]
     cases = {
         missing: f"cannot read it as JSON ([Errno 2] No such file or directory: '{missing}')",
         tmp_path: f"cannot read it as JSON ([Errno 21] Is a directory: '{tmp_path}')",
