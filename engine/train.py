@@ -111,7 +111,9 @@ def parser() -> argparse.ArgumentParser:
     a("--warmup", type=int, default=d.warmup, help="linear warmup steps before the cosine decay")
     a("--precision", default=d.precision, choices=PRECISIONS,
       help="open_clip's meanings: amp = fp16 autocast with loss scaling, amp_bf16/amp_bfloat16 = bf16 autocast, "
-      "bf16/fp16 = the student's weights in that dtype, fp32 = no autocast; the loss always runs in fp32")
+      "bf16/fp16 = OpenAI-style low precision (linear, convolution and attention weights and the projections in that "
+      "dtype, LayerNorms in fp32), pure_bf16/pure_fp16 = every weight of the student in that dtype, fp32 = no "
+      "autocast; the loss always runs in fp32")
     a("--grad-clip-norm", type=float, default=d.grad_clip_norm, help="clip the gradient norm to this (default: no "
       "clipping)")
     a("--seed", type=int, default=d.seed, help="seed of the initialisation and the data order")

@@ -11,9 +11,13 @@ from kernels import PRESETS, WEIGHT_KEYS
 
 from ..core.errors import ConfigError
 
-PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "fp32")  # open_clip_train's choices and meanings
+# open_clip_train's choices and meanings
+PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32")
 AUTOCAST = {"amp": "float16", "amp_bf16": "bfloat16", "amp_bfloat16": "bfloat16"}
-PURE = {"bf16": "bfloat16", "fp16": "float16"}  # the student's weights in this dtype
+# open_clip's OpenAI-style low precision: it builds the model with its linear, convolution and attention weights and
+# the projections in bf16 / fp16, LayerNorms computing in fp32, other parameters fp32
+MIXED = ("bf16", "fp16")
+PURE = {"pure_bf16": "bfloat16", "pure_fp16": "float16"}  # every weight of the student in this dtype
 # kernels' backends: auto = triton on a CUDA device (chunked where it cannot run), else chunked
 LOSS_BACKENDS = ("auto", "chunked", "triton", "reference")
 
