@@ -362,14 +362,14 @@ class Peer:
                 "--batch-size", str(batch), "--epochs", "1", "--lr", str(a.lr), "--wd", "0.1", "--warmup", "10",
                 "--precision", a.precision, "--workers", str(a.workers if workers is None else workers),
                 "--seed", str(a.seed), "--log-every-n-steps", "1", "--save-frequency", "0", "--logs", str(logs),
-                "--name", name, "--model", a.student, "--pretrained", str(self.student_file)]
+                "--name", name, "--model", a.student, "--pretrained", str(self.student_file),
+                "--dataset-type", "webdataset"]
 
     def open_clip(self, name: str, batch: int, steps: int, distill: bool = False, **kw) -> list[str]:
         extra = ["--distill-model", self.args.teacher, "--distill-pretrained", str(self.teacher_file)] if distill \
             else []
         # scale (1, 1): open_clip_train's random crop keeps the whole image, so both tools see the same pixels
-        return self.shared(name, batch, steps, **kw) + ["--dataset-type", "webdataset",
-                                                        "--aug-cfg", "scale=(1.0,1.0)"] + extra
+        return self.shared(name, batch, steps, **kw) + ["--aug-cfg", "scale=(1.0,1.0)"] + extra
 
     def engine(self, name: str, batch: int, steps: int, teacher: Optional[str] = None, store: Optional[str] = None,
                accum: int = 1, **kw) -> list[str]:

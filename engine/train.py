@@ -40,6 +40,9 @@ def parser() -> argparse.ArgumentParser:
       "else ~/.cache/clip_rd)")
     a("--workers", type=int, default=d.workers, help="DataLoader worker processes per rank (0: load in the main "
       "process, in a background thread that prepares the next batch while a step runs)")
+    a("--dataset-type", default="auto", choices=("webdataset", "auto"),
+      help="open_clip_train's data format: this engine reads webdataset shards, so 'webdataset' and 'auto' are the "
+      "same here (open_clip's csv and synthetic formats are not supported)")
     a("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="samples in the shuffle buffer of each worker")
     a("--train-num-samples", type=int, default=None,
       help="samples in an epoch, spread evenly over the shards (a worker starts over its shards when they hold "

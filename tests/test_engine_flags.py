@@ -118,6 +118,14 @@ def test_missing_tensorboard_is_refused_at_start(tmp_path, synth_data, store_dir
     assert not (tmp_path / "logs" / "bad" / "checkpoints").exists()
 
 
+def test_dataset_type_as_open_clip_train_for_webdataset(capsys):
+    """open_clip_train's --dataset-type webdataset (or auto) runs the same; its csv and synthetic are refused."""
+    assert parse_args(["--dataset-type", "webdataset"]) == parse_args([]) == parse_args(["--dataset-type", "auto"])
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["--dataset-type", "csv"])
+    assert stopped.value.code == 2 and "--dataset-type: invalid choice: 'csv'" in capsys.readouterr().err
+
+
 def test_flags_parse_with_open_clip_defaults():
     cfg = parse_args([])
     assert (cfg.val_frequency, cfg.zeroshot_frequency, cfg.report_to, cfg.train_num_samples) == (1, 2, None, None)
