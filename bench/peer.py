@@ -752,6 +752,9 @@ def markdown(results: dict) -> str:
                           f"open_clip_train --distill-model, and costs N x {payback['precompute_per_sample_s']:.3g} s "
                           f"once: it has paid for itself after {fmt(payback['epochs_vs_online'])} epoch(s) against "
                           f"the online teacher, {fmt(payback['epochs_vs_open_clip'])} against open_clip_train."]
+    if loader and not s.get("plain"):
+        lines += ["", "Loader alone, samples/s: " + ", ".join(
+            f"{tool} {fmt(loader.get(tool, {}).get('samples_per_s'))}" for tool in ("open_clip", "engine")) + "."]
     breakdowns = breakdown_rows(results)
     if breakdowns:
         lines += ["", "## Step time, seconds per step", "",
@@ -940,7 +943,7 @@ def parser() -> argparse.ArgumentParser:
       "too long for the time budget)")
     a("--probe-steps", type=int, default=2, help="steps per probe of the batch search")
     a("--bisections", type=int, default=2, help="bisection steps after the doubling")
-    a("--granularity", type=int, default=8, help="open_clip_train's probe batches are multiples of this")
+    a("--granularity", type=int, default=4, help="open_clip_train's probe batches are multiples of this")
     a("--max-batch", type=int, default=1 << 16, help="no probe above this batch")
     a("--accum-time-factor", type=float, default=1.4,
       help="time of an --accum-freq step per sample relative to a plain one, for the probes' time estimates")
