@@ -597,7 +597,9 @@ class Peer:
                                        time.perf_counter() + remaining / 2)
         oc_max = out["open_clip"]["largest_fitting"] or a.batch_size
         micro = a.batch_size
-        start = max(micro, -(-oc_max // micro) * micro)  # open_clip's largest, as whole micro-batches
+        # the engine's memory hardly grows with --accum-freq: start where the question is, at --engine-start times
+        # open_clip_train's largest (whole micro-batches), then double (or bisect below it if that does not fit)
+        start = max(micro, -(-int(a.engine_start * oc_max) // micro) * micro)
         out["engine"] = self.search("engine", start, micro, *timing("engine"), deadline)
         return out
 
@@ -944,6 +946,8 @@ def parser() -> argparse.ArgumentParser:
     a("--probe-steps", type=int, default=2, help="steps per probe of the batch search")
     a("--bisections", type=int, default=2, help="bisection steps after the doubling")
     a("--granularity", type=int, default=4, help="open_clip_train's probe batches are multiples of this")
+    a("--engine-start", type=float, default=8.0,
+      help="the engine's search starts at this multiple of open_clip_train's largest batch")
     a("--max-batch", type=int, default=1 << 16, help="no probe above this batch")
     a("--accum-time-factor", type=float, default=1.4,
       help="time of an --accum-freq step per sample relative to a plain one, for the probes' time estimates")
