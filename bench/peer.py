@@ -774,7 +774,9 @@ def markdown(results: dict) -> str:
                   f"Cap {gib(search['cap_bytes'])} of {search['cap_kind']}; each probe {st['probe_steps']} steps. "
                   "open_clip_train refuses --accum-freq with --distill-model, so its search is plain CLIP; the "
                   "engine's is plain CLIP too, with --fused and --accum-freq (micro-batches of "
-                  f"{search['engine'].get('micro_batch')}).", "",
+                  f"{search['engine'].get('micro_batch')}), starting at {st.get('engine_start', 8):g} times "
+                  "open_clip_train's largest batch. A probe whose estimated time would end past the time budget is "
+                  "not run: a search stopped for time gives a lower bound.", "",
                   "| tool | largest that fits | smallest that does not | why the search stopped | probes (batch: "
                   "peak, result) |", "| --- | --- | --- | --- | --- |"]
         for tool in ("open_clip", "engine"):
