@@ -889,7 +889,7 @@ def plot(results: dict, path: Path) -> Optional[Path]:
     if search:
         axes[2].axhline(search["cap_bytes"] / GiB, color="gray", linestyle="--", label="cap")
         axes[2].set_xscale("log", base=2)
-        axes[2].set_xlabel("global batch (o: open_clip_train, s: engine --accum-freq)")
+        axes[2].set_xlabel("global batch (circles: open_clip_train,\nsquares: engine --accum-freq)")
         axes[2].set_ylabel("peak memory (GiB)")
         axes[2].set_title("batch search (green: fits)")
     label = " (measured under load)" if results.get("under_load") else ""
