@@ -611,6 +611,7 @@ class Peer:
         self.results["settings"] = {k: v for k, v in vars(a).items() if k not in ("out",)}
         self.results["settings"]["device"] = "cuda" if self.cuda else "cpu"
         self.results["load_1m_before"] = wait_for_quiet(a.max_load, a.wait_quiet_s)
+        self.started = time.perf_counter()  # the time budget starts after the wait
         print(f"peer benchmark: sections {self.sections}, load {self.results['load_1m_before']}, work folder "
               f"{self.work}", flush=True)
         self.prepare()
