@@ -53,6 +53,9 @@ def parser() -> argparse.ArgumentParser:
       "else ~/.cache/clip_rd)")
     a("--workers", type=int, default=d.workers, help="DataLoader worker processes per rank (0: load in the main "
       "process, in a background thread that prepares the next batch while a step runs)")
+    a("--dataset-type", default="auto", choices=("webdataset", "auto"),
+      help="open_clip_train's data format: this engine reads webdataset shards, so 'webdataset' and 'auto' are the "
+      "same here (open_clip's csv and synthetic formats are not supported)")
     a("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="samples in the shuffle buffer of each worker")
     a("--train-num-samples", type=int, default=None,
       help="samples in an epoch, spread evenly over the shards (a worker starts over its shards when they hold "
@@ -129,7 +132,9 @@ def parser() -> argparse.ArgumentParser:
     a("--warmup", type=int, default=d.warmup, help="linear warmup steps before the cosine decay")
     a("--precision", default=d.precision, choices=PRECISIONS,
       help="open_clip's meanings: amp = fp16 autocast with loss scaling, amp_bf16/amp_bfloat16 = bf16 autocast, "
-      "bf16/fp16 = the student's weights in that dtype, fp32 = no autocast; the loss always runs in fp32")
+      "bf16/fp16 = OpenAI-style low precision (linear, convolution and attention weights and the projections in that "
+      "dtype, LayerNorms in fp32), pure_bf16/pure_fp16 = every weight of the student in that dtype, fp32 = no "
+      "autocast; the loss always runs in fp32")
     a("--grad-clip-norm", type=float, default=d.grad_clip_norm, help="clip the gradient norm to this (default: no "
       "clipping)")
     a("--seed", type=int, default=d.seed, help="seed of the initialisation and the data order")

@@ -182,6 +182,14 @@ def create_teacher(name: str, pretrained: Optional[str], device: str | torch.dev
     return teacher
 
 
+def input_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype to feed a model's images in, as open_clip_train's ``get_input_dtype`` gives it for the precision the
+    model was built with: bf16 / fp16 when any of its weights are (``--precision bf16`` converts only some,
+    ``pure_bf16`` all), else fp32."""
+    dtypes = {p.dtype for p in model.parameters()}
+    return next((low for low in (torch.bfloat16, torch.float16) if low in dtypes), torch.float32)
+
+
 def get_tokenizer(name: str):
     """open_clip's tokenizer for the model, or the word tokenizer for the tiny configs."""
     cfg = model_config(name)

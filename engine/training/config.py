@@ -14,9 +14,13 @@ from ..core.errors import ConfigError
 from ..data.augment import SAMPLINGS, AugmentCfg
 from ..teachers.reinforced import Reinforcement
 
-PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "fp32")  # open_clip_train's choices and meanings
+# open_clip_train's choices and meanings
+PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32")
 AUTOCAST = {"amp": "float16", "amp_bf16": "bfloat16", "amp_bfloat16": "bfloat16"}
-PURE = {"bf16": "bfloat16", "fp16": "float16"}  # the student's weights in this dtype
+# open_clip's OpenAI-style low precision: it builds the model with its linear, convolution and attention weights and
+# the projections in bf16 / fp16, LayerNorms computing in fp32, other parameters fp32
+MIXED = ("bf16", "fp16")
+PURE = {"pure_bf16": "bfloat16", "pure_fp16": "float16"}  # every weight of the student in this dtype
 # The default run's store (engine.teachers.reinforced): stored views per sample (0: the evaluation view alone), how
 # they are drawn (--aug-cfg), captions per sample.
 DEFAULT_AUGMENTATIONS = 0

@@ -23,7 +23,7 @@ from ..data.shards import Codec, ShardStream, expand_urls
 from ..teachers.reinforced import Reinforcement, image_hw
 from ..teachers.sources import NoTeacher, OnlineTeacher, StoreTeacher, TeacherSource
 from ..teachers.store import TeacherStore
-from .config import AUTOCAST, PURE, TrainConfig
+from .config import AUTOCAST, MIXED, PURE, TrainConfig
 from .datacompdr import datacompdr_codec, datacompdr_teacher
 from .distributed import DistEnv, wrap
 from .prepare import Sources, needs_teacher
@@ -98,8 +98,9 @@ def create_student(cfg: TrainConfig, device: torch.device) -> nn.Module:
     models.model_config(cfg.model)  # an unknown model name is not the weights' fault
     # open_clip_train's --siglip initialisation: logit scale log(10), logit bias -10
     siglip = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if cfg.siglip else {}
+    precision = cfg.precision if cfg.precision in MIXED else "fp32"  # open_clip applies its bf16 / fp16 itself
     try:
-        return models.create_model(cfg.model, cfg.pretrained, device=device, **siglip)
+        return models.create_model(cfg.model, cfg.pretrained, device=device, precision=precision, **siglip)
     except (RuntimeError, ValueError, OSError, EOFError, KeyError, AssertionError, pickle.UnpicklingError) as exc:
         if not cfg.pretrained:
             raise
@@ -157,7 +158,7 @@ def build_state(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.
     """Student, teacher source, loss, optimizer and the data stream of a run (nothing trained yet)."""
     student = create_student(cfg, device)
     lock_towers(student, cfg)
-    if cfg.precision in PURE:  # open_clip's pure bf16 / fp16: the student's weights themselves in that dtype
+    if cfg.precision in PURE:  # open_clip's pure_bf16 / pure_fp16: every weight of the student in that dtype
         student.to(getattr(torch, PURE[cfg.precision]))
     student.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.mfd_mask_ratio > 0:  # CLIP-KD's masked feature distillation: student sees a share of patches dropped

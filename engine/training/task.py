@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+import models
+
 from ..teachers.sources import TeacherSource
 from .distributed import DistEnv, gather_rows
 from .gradcache import ReplayGradients, surrogate
@@ -31,9 +33,11 @@ class DistillationTask(nn.Module):
 
     def embed(self, batch: dict) -> dict:
         """The student's forward on this rank's batch (autocast as configured)."""
-        weight = next(self.student.parameters())  # its dtype: fp32, or bf16 / fp16 for pure low precision
-        with torch.autocast(weight.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return self.student(batch["image"].to(weight.device, weight.dtype), batch["text"].to(weight.device))
+        device = next(self.student.parameters()).device
+        with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            # fp32, or bf16 / fp16 for a student built in low precision (--precision bf16, pure_bf16, ...)
+            return self.student(batch["image"].to(device, models.input_dtype(self.student)),
+                                batch["text"].to(device))
 
     def forward(self, batch: dict, replay: Optional[ReplayGradients] = None):
         """The loss terms of this rank's batch; with ``replay``, GradCache's surrogate scalar for this micro-batch
