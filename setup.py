@@ -27,7 +27,11 @@ setup(
     extras_require={
         # transformers: open_clip loads an exported tiny model's word tokenizer through it (tests/test_export.py);
         # matplotlib and tensorboard: the tests check the charts and the event files too
-        "test": ["pytest>=7", "pytest-benchmark>=4", "transformers", "matplotlib", "tensorboard"],
+        # pytest-xdist: the suite runs on every core (-n auto); pandas: open_clip_train (shipped with open_clip_torch,
+        # whose training extra would pin webdataset <= 0.2.86) imports it; tests/test_peer.py runs open_clip_train
+        "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "transformers", "matplotlib", "tensorboard",
+                 "pandas"],
+        "peer": ["pandas", "matplotlib"],  # python -m bench.peer: open_clip_train side by side
         "plots": ["matplotlib"],
         "tensorboard": ["tensorboard"],
     },

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from .cli import HelpFormatter, run_command
 from .core.errors import ConfigError, UserError
+from .core.io import check_writable_folder
 from .data.augment import parse_pairs
 from .data.embedded import cache_root, ensure_default_data
 from .teachers import default as default_teacher
 from .teachers import store as store_lib
+from .teachers.datacompdr_export import export_datacompdr
 from .teachers.precompute import build_store
 from .teachers.reinforced import Reinforcement
 
@@ -41,6 +44,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", type=int, default=1, metavar="C",
                    help="captions per sample whose text embeddings are stored: the .txt, then the first C-1 of "
                    "its syn.json synthetic captions")
+    p.add_argument("--output-format", default="store", choices=("store", "datacompdr"),
+                   help="'store': the teacher store alone; 'datacompdr': also DataCompDR shards in --output, each "
+                   "sample with its views (paug.json), its teacher embeddings (npz), syn.json and json (uid, "
+                   "sha256), for engine.train --dataset-reinforcement (needs --augmentations K >= 1)")
+    p.add_argument("--output", default=None, help="with --output-format datacompdr: the folder of the shards")
     p.add_argument("--cache-dir", default=None,
                    help="cache of the embedded dataset and default stores (default: $CLIP_RD_CACHE or "
                    "~/.cache/clip_rd)")
@@ -52,6 +60,13 @@ def precompute(argv=None) -> None:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {args.batch_size}")
     settings = Reinforcement.from_flags(args.augmentations, parse_pairs(args.aug_cfg), args.captions)
+    if (args.output_format == "datacompdr") != (args.output is not None):
+        raise ConfigError("--output-format datacompdr and --output DIR go together")
+    if args.output_format == "datacompdr" and (settings.views < 1 or settings.captions < 2):
+        raise ConfigError("--output-format datacompdr: DataCompDR samples carry their views and synthetic captions; "
+                          "pass --augmentations K >= 1 and --captions C >= 2")
+    if args.output is not None:
+        check_writable_folder(Path(args.output), "--output")
     cache = cache_root(args.cache_dir)
     try:
         train = args.train_data or ensure_default_data(cache)["train"]
@@ -69,6 +84,9 @@ def precompute(argv=None) -> None:
     manifest = store_lib.read_manifest(root)
     print(f"teacher store {root}: {manifest['count']} samples, width {manifest['embed_dim']}, "
           f"teacher {manifest['teacher']['fingerprint']}, {settings.describe()} ({time.time() - start:.1f} s)")
+    if args.output_format == "datacompdr":
+        sizes = export_datacompdr(train, Path(root), Path(args.output))
+        print(f"DataCompDR shards {args.output}: {len(sizes)} shard(s), {sum(sizes.values())} samples")
 
 
 def main(argv=None) -> None:

@@ -22,9 +22,14 @@ from .training.config import (
     DEFAULT_AUGMENTATIONS,
     DEFAULT_CAPTIONS,
     LOSS_BACKENDS,
+    MAX_EPOCHS,
+    MAX_EPS,
+    MAX_LR,
+    MAX_STEPS,
     PRECISIONS,
     TrainConfig,
 )
+from .training.datacompdr import resolve_datacompdr
 from .training.distributed import close_distributed, init_distributed, is_collective_failure
 from .training.loop import run
 from .training.prepare import prepare
@@ -48,6 +53,9 @@ def parser() -> argparse.ArgumentParser:
       "else ~/.cache/clip_rd)")
     a("--workers", type=int, default=d.workers, help="DataLoader worker processes per rank (0: load in the main "
       "process, in a background thread that prepares the next batch while a step runs)")
+    a("--dataset-type", default="auto", choices=("webdataset", "auto"),
+      help="open_clip_train's data format: this engine reads webdataset shards, so 'webdataset' and 'auto' are the "
+      "same here (open_clip's csv and synthetic formats are not supported)")
     a("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="samples in the shuffle buffer of each worker")
     a("--train-num-samples", type=int, default=None,
       help="samples in an epoch, spread evenly over the shards (a worker starts over its shards when they hold "
@@ -83,11 +91,12 @@ def parser() -> argparse.ArgumentParser:
       "(default: the cache's store for this teacher and data, built when missing)")
     a("--online-teacher", action="store_true", help="run the teacher on every batch instead of reading a store")
     add_reinforcement_flags(a, d)
+    add_dataset_reinforcement_flags(p)
     a("--preset", default=d.preset, choices=sorted(PRESETS),
       help="loss preset (the per-term weights below override it)")
     for key in WEIGHT_KEYS:
         a(f"--{key.replace('_', '-')}-weight", type=float, default=None,
-          help=f"weight of the {key} term (default: the preset's)")
+          help=f"weight of the {key} term, >= 0 (default: the preset's)")
     a("--siglip", action="store_true",
       help="as open_clip_train: the student's own term is SigLIP's sigmoid loss instead of CLIP's softmax loss "
            "(its weight is --task-weight), with a learnable logit bias; logit scale and bias start at log(10) and "
@@ -111,16 +120,21 @@ def parser() -> argparse.ArgumentParser:
       "activation memory of one micro-batch (GradCache: one loss evaluation, a second forward per micro-batch)")
     a("--grad-checkpointing", action="store_true", help="recompute the student towers' activations in backward "
       "(open_clip's set_grad_checkpointing): less memory, more time")
-    a("--epochs", type=int, default=d.epochs, help="passes over the training data")
-    a("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
-    a("--wd", type=float, default=d.wd, help="weight decay (not on gains, biases, logit scale and multipliers)")
-    a("--beta1", type=float, default=d.beta1, help="AdamW beta1")
-    a("--beta2", type=float, default=d.beta2, help="AdamW beta2")
-    a("--eps", type=float, default=d.eps, help="AdamW epsilon")
+    a("--epochs", type=int, default=d.epochs, help=f"passes over the training data (at most {MAX_EPOCHS}, and "
+      f"{MAX_STEPS:,} optimizer steps in all: bounds no real run reaches)")
+    a("--lr", type=float, default=d.lr, help=f"peak learning rate (AdamW); at most {MAX_LR:g}, a bound no real run "
+      f"reaches (a larger value is refused as a typo)")
+    a("--wd", type=float, default=d.wd, help="weight decay (not on gains, biases, logit scale and multipliers); "
+      ">= 0")
+    a("--beta1", type=float, default=d.beta1, help="AdamW beta1, in [0, 1)")
+    a("--beta2", type=float, default=d.beta2, help="AdamW beta2, in [0, 1)")
+    a("--eps", type=float, default=d.eps, help=f"AdamW epsilon, > 0 and at most {MAX_EPS:g}")
     a("--warmup", type=int, default=d.warmup, help="linear warmup steps before the cosine decay")
     a("--precision", default=d.precision, choices=PRECISIONS,
       help="open_clip's meanings: amp = fp16 autocast with loss scaling, amp_bf16/amp_bfloat16 = bf16 autocast, "
-      "bf16/fp16 = the student's weights in that dtype, fp32 = no autocast; the loss always runs in fp32")
+      "bf16/fp16 = OpenAI-style low precision (linear, convolution and attention weights and the projections in that "
+      "dtype, LayerNorms in fp32), pure_bf16/pure_fp16 = every weight of the student in that dtype, fp32 = no "
+      "autocast; the loss always runs in fp32")
     a("--grad-clip-norm", type=float, default=d.grad_clip_norm, help="clip the gradient norm to this (default: no "
       "clipping)")
     a("--seed", type=int, default=d.seed, help="seed of the initialisation and the data order")
@@ -180,6 +194,41 @@ def add_reinforcement_flags(a, d: TrainConfig) -> None:
       "one of them rather than its .txt (MobileCLIP's mix-synthetic ratio)")
 
 
+def add_dataset_reinforcement_flags(p: argparse.ArgumentParser) -> None:
+    """MobileCLIP's flags for DataCompDR shards, with its meanings (README, "DataCompDR shards")."""
+    a = p.add_argument
+    a("--dataset-reinforcement", action="store_true",
+      help="--train-data are DataCompDR shards: each sample carries its views (paug.json) and its teachers' "
+      "embeddings (npz or pth.gz); no teacher store is read or built")
+    a("--dataset-reinforcement-config", default=None, metavar="FILE",
+      help="MobileCLIP's reinforcement JSON (e.g. datacompdr12m.json): its random_resized_crop size is the image "
+      "size the views' operations were drawn for (default: the student's)")
+    a("--dataset-reinforcement-mix-synthetic", action="store_true",
+      help="mix syn.json's synthetic captions with the ground-truth .txt")
+    a("--dataset-reinforcement-mix-synthetic-ratio", type=float, default=0.0,
+      help="with --dataset-reinforcement-mix-synthetic: the probability that a sample's caption at a step is a "
+      "synthetic one")
+    a("--dataset-reinforcement-sample-sequential", action="store_true",
+      help="view epoch mod K at each epoch instead of a random stored view")
+    a("--dataset-reinforcement-syn-text-key-regex", default=r"^syn_text.*$",
+      help="the syn.json keys whose captions are the synthetic ones (matched from the key's start, as re.match)")
+    a("--dataset-reinforcement-verify-sha256", action="store_true",
+      help="check each image's sha256 against its json's; a mismatch stops the run with the count and first keys")
+    a("--dataset-reinforcement-drop-mismatched", action="store_true",
+      help="with --dataset-reinforcement-verify-sha256: drop such samples instead, logging their count per epoch")
+    a("--distill-logit-scale", type=float, nargs="+", default=None,
+      help="the teachers' exponentiated logit scale: one for all, or one per teacher (default: 100)")
+    a("--distill-loss-weights", type=float, nargs=2, default=None, metavar=("W_CONTRASTIVE", "W_DISTILL"),
+      help="MobileCLIP's DRClipLoss weights: W_CONTRASTIVE is --task-weight and W_DISTILL --hrd-weight (the KD of "
+      "the student's image-text logits towards the teachers'); every other term is 0 unless given")
+    a("--distill-teacher-dimension", type=int, nargs="+", default=None,
+      help="the ensemble members' widths, in their stored order; they must sum to the stored width (default: one "
+      "teacher)")
+    a("--distill-average-after-softmax", action="store_true",
+      help="an ensemble's softmax terms against the mean of the teachers' softmaxes (default: the mean of the "
+      "per-teacher losses)")
+
+
 def parse_args(argv=None) -> TrainConfig:
     args = vars(parser().parse_args(argv))
     weights = {key: args.pop(f"{key}_weight") for key in WEIGHT_KEYS}
@@ -200,7 +249,8 @@ def train(argv=None, after_backward: Optional[AfterBackward] = None) -> None:
         return
     env, device = init_distributed()
     try:
-        run(cfg, prepare(cfg, env), env, device, after_backward)
+        sources = resolve_datacompdr(cfg) if cfg.dataset_reinforcement else prepare(cfg, env)
+        run(cfg, sources, env, device, after_backward)
     except RuntimeError as exc:  # a peer died or hung: a collective failed or timed out on this rank
         if not is_collective_failure(exc):
             raise

@@ -9,6 +9,7 @@ from .factory import (
     embed_dim,
     get_preprocess,
     get_tokenizer,
+    input_dtype,
     list_models,
     model_config,
     register_model_configs,
@@ -17,6 +18,6 @@ from .tokenizer import WordTokenizer
 
 __all__ = [
     "MODEL_CONFIG_DIR", "ModelError", "WORD_TOKENIZER_MODELS", "create_model", "create_teacher", "describe",
-    "embed_dim", "get_preprocess", "get_tokenizer", "list_models", "model_config", "register_model_configs",
-    "WordTokenizer",
+    "embed_dim", "get_preprocess", "get_tokenizer", "input_dtype", "list_models", "model_config",
+    "register_model_configs", "WordTokenizer",
 ]

@@ -26,6 +26,14 @@ WORD_TOKENIZER_MODELS = ("tiny-vit-student", "tiny-vit-teacher")
 # Preprocessing of the tiny models: the procedural images are already 32x32, so no resize, and mean/std 0.5.
 _TINY_PREPROCESS = {"size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resize_mode": "squash"}
 
+# What a file that is no torch checkpoint is, by its first bytes (checked in this order, after empty and tar).
+SIGNATURES = ((b"\x93NUMPY", "it is a NumPy .npy array"),
+              (b"\x89PNG\r\n\x1a\n", "it is a PNG image"), (b"\xff\xd8\xff", "it is a JPEG image"),
+              (b"GIF8", "it is a GIF image"), (b"%PDF", "it is a PDF document"),
+              (b"\x1f\x8b", "it is gzip-compressed"))
+# open_clip reads a file of these suffixes as big_vision SigLIP weights, only into a timm image tower.
+BIG_VISION_SUFFIXES = (".npz", ".npy")
+
 _registered = False
 
 
@@ -58,6 +66,10 @@ def model_config(name: str) -> dict:
 
 def _check_pretrained(name: str, pretrained: str) -> None:
     if os.path.isfile(pretrained):
+        timm_tower = "timm_model_name" in model_config(name)["vision_cfg"]
+        if Path(pretrained).suffix in BIG_VISION_SUFFIXES and not timm_tower:  # open_clip would fail in a traceback
+            raise ModelError(f"open_clip reads a {Path(pretrained).suffix} file as big_vision SigLIP weights, only "
+                             f"into a timm image tower, and {name} has none")
         return
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
@@ -67,19 +79,33 @@ def _check_pretrained(name: str, pretrained: str) -> None:
         )
 
 
-def describe_unloadable(path: str | os.PathLike, exc: Exception) -> str:
-    """What a file that torch.load refused looks like, in a few words (torch's own message is about pickling)."""
-    with open(path, "rb") as f:
-        head = f.read(4096)
+def describe_file(head: bytes) -> Optional[str]:
+    """What the file whose first 4096 bytes are ``head`` is, when it is recognisably no torch checkpoint."""
     if not head:
         return "the file is empty"
     if head[257:262] == b"ustar":
         return "it is a tar archive, such as a webdataset shard"
-    if head[:2] == b"\x1f\x8b":
-        return "it is gzip-compressed"
+    known = next((what for magic, what in SIGNATURES if head.startswith(magic)), None)
+    if known or not head.startswith(b"PK\x03\x04"):
+        return known
+    first_member = head[30:30 + int.from_bytes(head[26:28], "little")]  # from the zip's first local header
+    if first_member.endswith(b".npy"):
+        return "it is a NumPy .npz archive"
+    return None if b"/" in first_member else "it is a zip archive, not a torch.save file"  # torch: <name>/data.pkl
+
+
+def describe_unloadable(path: str | os.PathLike, exc: Exception) -> str:
+    """What a file that torch.load refused looks like, in a few words (torch's own message is about pickling)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    known = describe_file(head)
+    if known:
+        return known
     reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0].split('. ')[0][:160]}"
-    if head[:4] == b"PK\x03\x04":  # torch.save's zip container
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip container
         return f"a damaged or incomplete torch.save file, {reason}"
+    if head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < 100_000_000:  # length, then a JSON header
+        return "it is a safetensors file, which open_clip reads only under a .safetensors name"
     if all(byte in b"\t\n\r" or byte >= 32 for byte in head):
         return "it is a text file"
     return reason
@@ -97,7 +123,9 @@ def load_failure(path: str, exc: Exception) -> str:
     try:
         load_state_dict(path)
     except Exception as unreadable:  # torch.load raises many types for a file that is not a checkpoint
-        return describe_unloadable(path, unreadable)
+        described = describe_unloadable(path, unreadable)
+        # a ModelError of create_model says why open_clip refused the file: kept beside what the file is
+        return f"{described} ({one_line(exc)})" if isinstance(exc, ModelError) else described
     return one_line(exc)
 
 
@@ -123,6 +151,10 @@ def create_model(
             name, pretrained=pretrained or None, device=device, precision=precision, output_dict=True, **extra,
             **model_kwargs,
         )
+    except Exception as exc:  # open_clip's big_vision converter fails on other arrays with any exception type
+        if not (pretrained and Path(pretrained).suffix in BIG_VISION_SUFFIXES and os.path.isfile(pretrained)):
+            raise
+        raise ModelError(f"not big_vision SigLIP weights of {name}: {type(exc).__name__}: {one_line(exc)}") from exc
     finally:
         logging.getLogger().removeFilter(quiet)
 
@@ -148,6 +180,14 @@ def create_teacher(name: str, pretrained: Optional[str], device: str | torch.dev
                          f"{load_failure(pretrained, exc)}") from exc
     teacher.eval().requires_grad_(False)
     return teacher
+
+
+def input_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype to feed a model's images in, as open_clip_train's ``get_input_dtype`` gives it for the precision the
+    model was built with: bf16 / fp16 when any of its weights are (``--precision bf16`` converts only some,
+    ``pure_bf16`` all), else fp32."""
+    dtypes = {p.dtype for p in model.parameters()}
+    return next((low for low in (torch.bfloat16, torch.float16) if low in dtypes), torch.float32)
 
 
 def get_tokenizer(name: str):

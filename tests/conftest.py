@@ -1,7 +1,13 @@
 """Shared fixtures for the engine tests: a small procedural dataset and a random-weight teacher checkpoint."""
+import os
+
 import pytest
+import torch
 
 from tests.helpers import seeded_checkpoint
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one pytest process per core (-n auto): one thread each
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -123,9 +123,11 @@ def test_report_on_known_figures(tmp_path):
 def test_quick_suite_and_report_run(tmp_path):
     """A slice of ``pytest bench/ --bench-quick`` runs, records memory and FLOPs, and the report reads it."""
     result_json = tmp_path / "quick.json"
-    env = {**os.environ, "BENCH_QUICK": "1"}
+    # a pytest of its own, not a worker of this one's pytest-xdist (which disables pytest-benchmark)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")} | {"BENCH_QUICK": "1"}
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "pytest", "bench/test_loss.py", "-q", "-p", "no:cacheprovider", "--bench-quick",
+    cmd = [sys.executable, "-m", "pytest", "bench/test_loss.py", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+           "--bench-quick",
            "-k", "clip-kd-forward+backward-N128 and not compiled", f"--benchmark-json={result_json}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

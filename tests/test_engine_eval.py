@@ -1,8 +1,10 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from engine.evaluation.metrics import retrieval_recall, zero_shot_accuracy
 from tests.helpers import command_error
@@ -53,12 +55,21 @@ def test_eval_refuses_files_that_are_not_checkpoints(tmp_path, synth_data, capsy
     torch.save({"model": "tiny-vit-student", "state_dict": {"w": torch.zeros(64, 64)}}, cut)
     cut.write_bytes(cut.read_bytes()[:600])  # a copy interrupted mid-transfer
     shard = sorted(synth_data["root"].glob("train-*.tar"))[0]
+    arrays, image = tmp_path / "weights.npz", tmp_path / "plot.png"
+    np.savez(arrays, w=np.zeros(3))
+    Image.new("RGB", (4, 4)).save(image)
     cases = {text: "it is a text file", empty: "the file is empty", cut: "a damaged or incomplete torch.save file",
-             shard: "it is a tar archive, such as a webdataset shard"}
+             shard: "it is a tar archive, such as a webdataset shard", arrays: "it is a NumPy .npz archive",
+             image: "it is a PNG image"}
     for path, reason in cases.items():
         message = command_error(eval_main, ["--pretrained", str(path), "--val-data", synth_data["val"]])
         expected = f"error: --pretrained {path}: not a checkpoint file ({reason}"
         assert message.startswith(expected) and "\n" not in message, message
+    for path, reason in ((arrays, "it is a NumPy .npz archive (open_clip reads a .npz file as big_vision SigLIP "
+                                  "weights, only into a timm image tower"), (image, "it is a PNG image")):
+        message = command_error(eval_main, ["--pretrained", str(path), "--model", "tiny-vit-student"])
+        expected = f"error: --pretrained {path}: cannot load it into tiny-vit-student: {reason}"
+        assert message.startswith(expected) and "\n" not in message, message  # open_clip's loader: no traceback
     assert capsys.readouterr().out == ""  # no metrics printed
 
 
@@ -137,7 +148,8 @@ def test_eval_refuses_bad_classnames_files(tmp_path, synth_data, teacher_ckpt, c
     braces.write_text(json.dumps({**good, "templates": ["a photo of a {}."]}))  # OpenAI's template style
     few.write_text(json.dumps({**good, "classnames": good["classnames"][:5]}))
     with tarfile.open(synth_data["root"] / "val-00000.tar") as shard:
-        labels = [json.load(shard.extractfile(m))["label"] for m in shard.getmembers() if m.name.endswith(".json")]
+        labels = [json.load(shard.extractfile(m))["label"] for m in shard.getmembers()
+                  if m.name.endswith(".json") and not m.name.endswith(".syn.json")]
     cases = {
         missing: f"cannot read it as JSON ([Errno 2] No such file or directory: '{missing}')",
         tmp_path: f"cannot read it as JSON ([Errno 21] Is a directory: '{tmp_path}')",

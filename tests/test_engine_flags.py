@@ -3,6 +3,7 @@ import json
 import sys
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -115,6 +116,14 @@ def test_missing_tensorboard_is_refused_at_start(tmp_path, synth_data, store_dir
     assert got == ("error: --report-to tensorboard: the tensorboard package is not installed; "
                    "pip install -e '.[tensorboard]'")
     assert not (tmp_path / "logs" / "bad" / "checkpoints").exists()
+
+
+def test_dataset_type_as_open_clip_train_for_webdataset(capsys):
+    """open_clip_train's --dataset-type webdataset (or auto) runs the same; its csv and synthetic are refused."""
+    assert parse_args(["--dataset-type", "webdataset"]) == parse_args([]) == parse_args(["--dataset-type", "auto"])
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["--dataset-type", "csv"])
+    assert stopped.value.code == 2 and "--dataset-type: invalid choice: 'csv'" in capsys.readouterr().err
 
 
 def test_flags_parse_with_open_clip_defaults():
@@ -298,11 +307,31 @@ def test_evaluation_rows_follow_the_frequencies(tmp_path, synth_data, teacher_ck
     assert _rows(tmp_path, "never", kind="val") == [] and len(_rows(tmp_path, "never", kind="eval")) == 1
 
 
-def test_pure_bf16_student_is_evaluated(tmp_path, synth_data, teacher_ckpt, store_dir, imagenet_dir, two_templates):
-    """--precision bf16 keeps the student's weights in bf16: evaluation feeds it images of that dtype."""
-    result = _run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, batch_size=32, precision="bf16",
+@pytest.mark.parametrize("precision", ["bf16", "pure_bf16"])
+def test_low_precision_student_is_evaluated(tmp_path, synth_data, teacher_ckpt, store_dir, imagenet_dir, two_templates,
+                                            precision):
+    """--precision bf16 and pure_bf16 keep (some of) the student's weights in bf16: training and evaluation feed it
+    images of that dtype."""
+    result = _run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, batch_size=32, precision=precision,
                        preset="clip-kd", imagenet_val=str(imagenet_dir), zeroshot_frequency=1))
     assert {"acc1", "image_retrieval_recall@1", "imagenet-zeroshot-val-top1"} <= set(result.metrics)
+    weights = _checkpoint(tmp_path)["state_dict"]
+    assert weights["visual.conv1.weight"].dtype == torch.bfloat16
+    assert weights["visual.ln_pre.weight"].dtype == (torch.float32 if precision == "bf16" else torch.bfloat16)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "pure_bf16", "pure_fp16", "fp32"])
+def test_low_precision_student_is_open_clips(precision):
+    """--precision as open_clip_train builds the model: bf16 / fp16 its OpenAI-style mixed precision (linear,
+    convolution and attention weights in low precision, LayerNormFp32, the rest fp32), pure_* every weight."""
+    student = training_state.create_student(TrainConfig(precision=precision), torch.device("cpu"))
+    if precision in training_state.PURE:
+        student.to(getattr(torch, training_state.PURE[precision]))  # as build_state does
+    reference = models.create_model("tiny-vit-student", precision=precision)
+    assert [(name, p.dtype) for name, p in student.named_parameters()] == \
+        [(name, p.dtype) for name, p in reference.named_parameters()]
+    assert [type(m).__name__ for m in student.modules()] == [type(m).__name__ for m in reference.modules()]
+    assert models.input_dtype(student) == open_clip.get_input_dtype(precision) or torch.float32
 
 
 # ----------------------------------------------------------------------- remote shards, --train-num-samples

@@ -4,14 +4,17 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from engine import train as train_lib
 from engine.core import checkpoint as ckpt_lib
 from engine.core.errors import CheckpointError, NonFiniteLossError, ShardError, StoreError
 from engine.core.io import atomic_torch_save
 from engine.train import parse_args
+from engine.training import config as training_config
 from engine.training import loop as training_loop
 from engine.training.config import TrainConfig
 from engine.training.prepare import resolve
@@ -129,6 +132,21 @@ BAD_FLAGS = [
     (["--warmup", "-1"], "--warmup: must be >= 0"),
     (["--wd", "-0.1"], "--wd: must be >= 0"),
     (["--lr", "0"], "--lr: must be > 0"),
+    (["--lr", "inf"], "--lr: must be > 0 and at most 10, got inf"),
+    (["--lr", "1e30"], "--lr: must be > 0 and at most 10, got 1e+30"),
+    (["--lr", "nan"], "--lr: must be > 0 and at most 10, got nan"),
+    (["--wd", "nan"], "--wd: must be >= 0 and finite, got nan"),
+    (["--wd", "inf"], "--wd: must be >= 0 and finite, got inf"),
+    (["--eps", "inf"], "--eps: must be > 0 and at most 1, got inf"),
+    (["--eps", "0"], "--eps: must be > 0 and at most 1, got 0"),
+    (["--beta1", "nan"], "--beta1: must be in [0, 1), got nan"),
+    (["--beta2", "1"], "--beta2: must be in [0, 1), got 1"),
+    (["--fd-weight", "-5"], "--fd-weight: must be >= 0 and finite, got -5"),
+    (["--cross-kd-weight", "inf"], "--cross-kd-weight: must be >= 0 and finite, got inf"),
+    (["--grad-clip-norm", "inf"], "--grad-clip-norm: must be > 0 and finite"),
+    (["--mfd-mask-ratio", "nan"], "--mfd-mask-ratio: must be in [0, 1), got nan"),
+    (["--prepare-timeout", "inf"], "--prepare-timeout: must be > 0 and finite, got inf"),
+    (["--epochs", "100000000"], "--epochs: must be at most 10000"),
     (["--preset", "baseline", "--task-weight", "0"], "every term's weight is zero"),
     (["--val-data", "/nowhere/val-{0..1}.tar"], "--val-data: missing shard"),
     (["--train-data", "/nowhere/train-0.tar"], "missing shard"),
@@ -140,11 +158,91 @@ def test_bad_flag_stops_before_any_step(tmp_path, synth_data, store_dir, flags, 
     assert_refused_before_any_step(tmp_path, message, train_cli(tmp_path, synth_data, store_dir, *flags))
 
 
+def test_more_steps_than_the_bound_are_refused_before_any_step(tmp_path, synth_data, store_dir, monkeypatch):
+    monkeypatch.setattr(training_config, "MAX_STEPS", 10)  # the real bound needs a dataset of 10^9 / 10^4 batches
+    got = train_cli(tmp_path, synth_data, store_dir, "--epochs", "2")
+    assert_refused_before_any_step(tmp_path, "--epochs 2: the run would take 12 optimizer steps, more than 10", got)
+
+
+def test_resume_with_an_infinite_lr_leaves_the_good_checkpoint_intact(tmp_path, synth_data, store_dir):
+    assert train_cli(tmp_path, synth_data, store_dir, "--no-eval") is None
+    latest = tmp_path / "logs" / "bad" / "checkpoints" / "epoch_latest.pt"
+    good = latest.read_bytes()
+    got = train_cli(tmp_path, synth_data, store_dir, "--no-eval", "--resume", "latest", "--epochs", "4", "--lr", "inf")
+    assert got == "error: --lr: must be > 0 and at most 10, got inf"
+    assert latest.read_bytes() == good
+
+
+def test_weights_made_non_finite_by_a_step_are_never_saved(tmp_path, synth_data, teacher_ckpt, store_dir):
+    """A step whose update is Inf (a finite loss and gradient): the previous checkpoint stays, byte for byte."""
+    before = {}
+
+    def infinite_lr_at(step):
+        def after_backward(state, terms):
+            if state.step == step:
+                latest = Path(state.cfg.logs) / state.cfg.name / "checkpoints" / "epoch_latest.pt"
+                before["latest"] = latest.read_bytes() if latest.exists() else None
+                for group in state.optimizer.param_groups:
+                    group["lr"] = math.inf
+        return after_backward
+
+    for name, step, where in (("later", 7, "is in .*later/checkpoints/epoch_latest.pt"),
+                              ("first", 1, "is none: this run has not written a checkpoint yet")):
+        cfg = _cfg(tmp_path, synth_data, teacher_ckpt, store_dir, name=name, eval=False)
+        with pytest.raises(NonFiniteLossError, match=rf"is not finite after step {step} .*Its weights are not finite "
+                                                     rf"and were not saved; the last good state {where}"):
+            training_loop.run(cfg, resolve(cfg, progress=False), after_backward=infinite_lr_at(step))
+        checkpoints = tmp_path / "logs" / name / "checkpoints"
+        latest = checkpoints / "epoch_latest.pt"
+        assert (latest.read_bytes() if latest.exists() else None) == before["latest"]
+        assert sorted(p.name for p in checkpoints.iterdir()) == (["epoch_1.pt", "epoch_latest.pt"] if step > 6 else [])
+
+
+class Killed(BaseException):
+    """A kill -9: nothing after it runs in the process (not an Exception: no handler catches it)."""
+
+
+def test_killed_between_the_epoch_checkpoints_then_resumed_writes_every_epoch_checkpoint(
+        tmp_path, synth_data, teacher_ckpt, store_dir, monkeypatch):
+    """Killed after the first of the last epoch's two checkpoint files, whichever it is: the resumed run still
+    writes epoch_1.pt (a run resumed from an epoch_latest.pt of that epoch's end has nothing left to do)."""
+    common = dict(epochs=1, eval=False)
+    assert not run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, stop_after_steps=4, **common)).finished
+    real_save = ckpt_lib.Checkpoint.save
+
+    def killed_after_the_first_file(content, path):
+        real_save(content, path)
+        if content["epoch"] == 1:
+            raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt_lib.Checkpoint, "save", staticmethod(killed_after_the_first_file))
+        with pytest.raises(Killed):
+            run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, resume="latest", **common))
+    assert run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, resume="latest", **common)).finished
+    checkpoints = tmp_path / "logs" / "run" / "checkpoints"
+    steps = {p.name: torch.load(p, weights_only=True)["step"] for p in checkpoints.iterdir()}
+    assert steps == {"epoch_1.pt": 6, "epoch_latest.pt": 6}  # and no temporary left
+
+
 def test_bad_files_stop_before_any_step(tmp_path, synth_data, store_dir, teacher_ckpt):
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint")
     shard = synth_data["root"] / "train-00000.tar"
+    arrays, array, image, photo = (tmp_path / name for name in ("weights.npz", "weights.npy", "plot.png", "cat.jpg"))
+    np.savez(arrays, w=np.zeros(3))
+    np.save(array, np.zeros(3))
+    Image.new("RGB", (4, 4)).save(image)
+    Image.new("RGB", (4, 4)).save(photo)
     cases = [(["--resume", str(text)], f"--resume {text}: not a checkpoint file (it is a text file)"),
+             (["--resume", str(image)], f"--resume {image}: not a checkpoint file (it is a PNG image)"),
+             (["--resume", str(arrays)], f"--resume {arrays}: not a checkpoint file (it is a NumPy .npz archive"),
+             (["--pretrained", str(arrays)], f"--pretrained {arrays}: cannot load it into tiny-vit-student: it is a "
+                                             f"NumPy .npz archive"),
+             (["--pretrained", str(array)], f"--pretrained {array}: cannot load it into tiny-vit-student: it is a "
+                                            f"NumPy .npy array"),
+             (["--pretrained", str(photo)], f"--pretrained {photo}: cannot load it into tiny-vit-student: it is a "
+                                            f"JPEG image"),
              (["--resume", str(shard)], f"--resume {shard}: not a checkpoint file (it is a tar archive"),
              (["--resume", str(teacher_ckpt)], f"--resume {teacher_ckpt}: not a training checkpoint"),
              (["--teacher-store", str(text)], f"{text}: is a file"),

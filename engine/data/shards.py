@@ -393,7 +393,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.codec, self.batch_size, self.seed = codec, batch_size, seed
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
-        self.epoch, self.batches_done = 0, 0
+        self.epoch, self.batches_done, self.dropped = 0, 0, 0
         total = sum(self.sizes.values())
         if batch_size * world_size > total:
             raise ConfigError(f"batch size {batch_size} x {world_size} process(es) is larger than the dataset "
@@ -409,6 +409,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def set_epoch(self, epoch: int, batches_done: int = 0) -> None:
         self.epoch, self.batches_done = epoch, batches_done
+        self.dropped = 0  # samples the codec dropped this epoch (counted in this process: --workers 0)
 
     def _order(self):
         seed, epoch = (self.seed, self.epoch) if self.shuffle else (0, 0)
@@ -433,7 +434,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                 break
             if index < skip:
                 continue
-            batch.append(self.codec(sample, self.epoch))
+            decoded = self.codec(sample, self.epoch)
+            if decoded is None:  # a sample the codec drops (DataCompDR's sha256 mismatch, when dropping)
+                self.dropped += 1
+                continue
+            batch.append(decoded)
             if len(batch) == self.batch_size:
                 yield self.codec.collate(batch)
                 batch = []

@@ -83,14 +83,16 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
             (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w), (cx - r, cy - w), (cx - w, cy - w)]
 
 
-def render(shape: str, colour: tuple, background: tuple, side: int, center: tuple,
-           rng: np.random.Generator) -> Image.Image:
-    """One 32x32 RGB image: ``shape`` of bounding-box ``side`` px at ``center`` (pixels), with jitter and noise."""
-    s = _SUPERSAMPLE
+def render(shape: str, colour: tuple, background: tuple, side: float, center: tuple,
+           rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.Image:
+    """One ``size`` x ``size`` RGB image (32x32 by default): ``shape`` of bounding-box ``side`` px at ``center``
+    (pixels), with jitter and noise. Drawn at 4x 32 pixels and downsampled (anti-aliased edges), and directly from
+    128 pixels on."""
+    s = max(1, _SUPERSAMPLE * IMAGE_SIZE // size)
     def jitter(rgb, amount):
         return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)
 
-    canvas = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), jitter(background, 12))
+    canvas = Image.new("RGB", (size * s, size * s), jitter(background, 12))
     draw = ImageDraw.Draw(canvas)
     cx, cy, r, fill = center[0] * s, center[1] * s, side * s / 2, jitter(colour, 25)
     if shape == "circle":
@@ -103,25 +105,28 @@ def render(shape: str, colour: tuple, background: tuple, side: int, center: tupl
         draw.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=fill)
     else:
         draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
-    image = np.asarray(canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX), dtype=np.float32)
+    image = np.asarray(canvas.resize((size, size), Image.BOX) if s > 1 else canvas, dtype=np.float32)
     image = image + rng.normal(0.0, 6.0, image.shape)
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
 
 
-def make_sample(rng: np.random.Generator) -> tuple[Image.Image, dict]:
-    """Draw one (image, metadata) pair; metadata holds the caption and the label (index into CLASSNAMES)."""
+def make_sample(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[Image.Image, dict]:
+    """Draw one (image, metadata) pair; metadata holds the caption and the label (index into CLASSNAMES). ``size``:
+    the image's side in pixels; shapes, positions and jitter scale with it (the same draws from ``rng`` at any
+    size)."""
     shape = SHAPES[rng.integers(len(SHAPES))]
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
-    size = list(SIZES)[rng.integers(len(SIZES))]
+    size_name = list(SIZES)[rng.integers(len(SIZES))]
     position = list(POSITIONS)[rng.integers(len(POSITIONS))]
-    side = int(rng.integers(SIZES[size][0], SIZES[size][1] + 1))
+    zoom = size / IMAGE_SIZE  # 1.0 by default: the draws and the arithmetic of the 32x32 dataset
+    side = int(rng.integers(SIZES[size_name][0], SIZES[size_name][1] + 1)) * zoom
     fx, fy = POSITIONS[position]
-    center = (fx * IMAGE_SIZE + rng.uniform(-1.5, 1.5), fy * IMAGE_SIZE + rng.uniform(-1.5, 1.5))
-    image = render(shape, COLOURS[colour], BACKGROUNDS[background], side, center, rng)
+    center = (fx * size + rng.uniform(-1.5, 1.5) * zoom, fy * size + rng.uniform(-1.5, 1.5) * zoom)
+    image = render(shape, COLOURS[colour], BACKGROUNDS[background], side, center, rng, size)
     template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
-    caption = template.format(size=size, colour=colour, shape=shape, position=position, background=background)
-    meta = {"caption": caption, "shape": shape, "colour": colour, "size": size, "position": position,
+    caption = template.format(size=size_name, colour=colour, shape=shape, position=position, background=background)
+    meta = {"caption": caption, "shape": shape, "colour": colour, "size": size_name, "position": position,
             "background": background, "label": CLASSNAMES.index(f"{colour} {shape}"), "classname": f"{colour} {shape}"}
     return image, meta
 

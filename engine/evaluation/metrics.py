@@ -21,15 +21,15 @@ import torch.nn.functional as F
 from open_clip import IMAGENET_CLASSNAMES, build_zero_shot_classifier
 from torchvision.datasets import ImageFolder
 
-from models.factory import one_line
+from models.factory import input_dtype, one_line
 
 from ..core.errors import ShardError, UserError
 from ..data import shards as data_lib
 
 
 def _weight_dtype(model) -> torch.dtype:
-    """fp32, or bf16 / fp16 for a student trained in pure low precision (--precision bf16 / fp16)."""
-    return next(model.parameters()).dtype
+    """fp32, or bf16 / fp16 for a student trained in low precision (--precision bf16 / fp16 / pure_bf16 / ...)."""
+    return input_dtype(model)
 
 
 class Classnames(NamedTuple):

@@ -48,14 +48,17 @@ from .logger import pyplot
 from .loop import run
 from .prepare import resolve
 
-# Each CLIP-RD term alone on top of CLIP-KD, next to the four named presets: (preset, weight overrides).
-ABLATION_PRESETS: dict[str, tuple[str, dict]] = {
-    "baseline": ("baseline", {}),
-    "clip-kd": ("clip-kd", {}),
-    "clip-kd+vrd": ("clip-kd", {"vrd": 1.0}),
-    "clip-kd+xrd": ("clip-kd", {"xrd": 1.0}),
-    "clip-rd": ("clip-rd", {}),
-    "intra-kd": ("intra-kd", {}),
+# Each CLIP-RD term alone on top of CLIP-KD, next to the four named presets, and a SigLIP student (its own term
+# SigLIP's, MobileCLIP2's sigmoid distillation from the CLIP teacher, whose targets take SigLIP's initial bias -10):
+# (preset, weight overrides, other settings).
+ABLATION_PRESETS: dict[str, tuple[str, dict, dict]] = {
+    "baseline": ("baseline", {}, {}),
+    "clip-kd": ("clip-kd", {}, {}),
+    "clip-kd+vrd": ("clip-kd", {"vrd": 1.0}, {}),
+    "clip-kd+xrd": ("clip-kd", {"xrd": 1.0}, {}),
+    "clip-rd": ("clip-rd", {}, {}),
+    "intra-kd": ("intra-kd", {}, {}),
+    "siglip+sigmoid-kd": ("baseline", {"sigmoid_kd": 1.0}, {"siglip": True, "distill_logit_bias": -10.0}),
 }
 TABLE_METRICS = ("acc1", "acc5", "image_retrieval_recall@1", "image_retrieval_recall@5",
                  "text_retrieval_recall@1", "text_retrieval_recall@5")
@@ -71,7 +74,7 @@ EQUIVALENCE_RTOL = 1e-4
 EQUIVALENCE_PRESET = "clip-rd"
 # TrainConfig fields that identify one run rather than the ablation (excluded from the settings check).
 PER_RUN_FIELDS = ("preset", "weights", "seed", "name", "resume", "logs", "progress", "loss_backend", "stop_after_steps",
-                  "log_every_n_steps", "save_frequency", "eval")
+                  "log_every_n_steps", "save_frequency", "eval", "siglip", "distill_logit_bias")
 # --quick: a small procedural dataset and teacher, built once under <cache>/ablation-quick/.
 QUICK_DATA = dict(train_samples=1024, val_samples=128, shard_size=128, seed=0)
 QUICK_TEACHER = dict(epochs=2, batch_size=64, lr=2e-3, warmup=4)
@@ -100,10 +103,11 @@ def run_config(settings: AblationSettings, preset: str, seed: int) -> TrainConfi
     """The engine config of one (preset, seed) run: fused backend, resumable, no per-step bar."""
     if preset not in ABLATION_PRESETS:
         raise ConfigError(f"--presets: unknown ablation preset {preset!r}; expected some of {list(ABLATION_PRESETS)}")
-    engine_preset, extra = ABLATION_PRESETS[preset]
+    engine_preset, extra, settings_of_preset = ABLATION_PRESETS[preset]
     logs, name = str(settings.out_dir / "runs"), run_id(preset, seed)
     return replace(settings.base, preset=engine_preset, weights={**settings.base.weights, **extra}, seed=seed,
-                   loss_backend="auto", logs=logs, name=name, resume=resumable(logs, name), progress=settings.verbose)
+                   loss_backend="auto", logs=logs, name=name, resume=resumable(logs, name), progress=settings.verbose,
+                   **settings_of_preset)
 
 
 def shared_settings(base: TrainConfig) -> dict:

@@ -2,6 +2,7 @@
 line, with open_clip_train's flag names and meanings)."""
 from __future__ import annotations
 
+import math
 import os
 import shlex
 from dataclasses import dataclass, field, fields
@@ -13,16 +14,32 @@ from ..core.errors import ConfigError
 from ..data.augment import SAMPLINGS, AugmentCfg
 from ..teachers.reinforced import Reinforcement
 
-PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "fp32")  # open_clip_train's choices and meanings
+# open_clip_train's choices and meanings
+PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32")
 AUTOCAST = {"amp": "float16", "amp_bf16": "bfloat16", "amp_bfloat16": "bfloat16"}
-PURE = {"bf16": "bfloat16", "fp16": "float16"}  # the student's weights in this dtype
+# open_clip's OpenAI-style low precision: it builds the model with its linear, convolution and attention weights and
+# the projections in bf16 / fp16, LayerNorms computing in fp32, other parameters fp32
+MIXED = ("bf16", "fp16")
+PURE = {"pure_bf16": "bfloat16", "pure_fp16": "float16"}  # every weight of the student in this dtype
 # The default run's store (engine.teachers.reinforced): stored views per sample (0: the evaluation view alone), how
 # they are drawn (--aug-cfg), captions per sample.
 DEFAULT_AUGMENTATIONS = 0
 DEFAULT_AUG_CFG: dict = {}
 DEFAULT_CAPTIONS = 1
+# the flags that only apply with --dataset-reinforcement
+DATASET_REINFORCEMENT_ONLY = ("dataset_reinforcement_config", "dataset_reinforcement_mix_synthetic",
+                              "dataset_reinforcement_mix_synthetic_ratio", "dataset_reinforcement_sample_sequential",
+                              "dataset_reinforcement_syn_text_key_regex", "dataset_reinforcement_verify_sha256",
+                              "dataset_reinforcement_drop_mismatched", "distill_logit_scale",
+                              "distill_teacher_dimension", "distill_average_after_softmax")
 # kernels' backends: auto = triton on a CUDA device (chunked where it cannot run), else chunked
 LOSS_BACKENDS = ("auto", "chunked", "triton", "reference")
+# Bounds no real run reaches, so that a typo (--lr 1e30, --epochs 100000000) is refused at start instead of
+# diverging at the first step or counting the steps of every epoch for hours.
+MAX_LR = 10.0  # real peak learning rates are 1e-5 .. 1e-2
+MAX_EPS = 1.0  # AdamW's epsilon is 1e-8 .. 1e-6; above 1 it swamps the update's denominator
+MAX_EPOCHS = 10_000
+MAX_STEPS = 10**9  # optimizer steps of the whole run: 115 days at 100 steps a second
 
 
 @dataclass
@@ -56,6 +73,20 @@ class TrainConfig:
     captions: Optional[int] = None
     view_sampling: str = "random"  # MobileCLIP's: a random stored view per step, or "sequential" (epoch modulo K)
     mix_synthetic_ratio: float = 0.5  # MobileCLIP's: probability of a synthetic caption instead of the ground truth
+    # DataCompDR shards (MobileCLIP's --dataset-reinforcement flags): each sample carries its views and its teacher
+    # embeddings, no store is read or built (engine.data.datacompdr)
+    dataset_reinforcement: bool = False
+    dataset_reinforcement_config: Optional[str] = None  # its JSON: the size the views were drawn for
+    dataset_reinforcement_mix_synthetic: bool = False
+    dataset_reinforcement_mix_synthetic_ratio: float = 0.0
+    dataset_reinforcement_sample_sequential: bool = False
+    dataset_reinforcement_syn_text_key_regex: str = r"^syn_text.*$"  # MobileCLIP's, matched from the start
+    dataset_reinforcement_verify_sha256: bool = False
+    dataset_reinforcement_drop_mismatched: bool = False  # with verify: drop, count and log instead of stopping
+    distill_logit_scale: Optional[list] = None  # per teacher (or one for all); None: 100
+    distill_loss_weights: Optional[list] = None  # MobileCLIP's [contrastive, distillation] = the task and hrd weights
+    distill_teacher_dimension: Optional[list] = None  # the ensemble members' widths, in their stored order
+    distill_average_after_softmax: bool = False  # the kernels' ensemble mode (else average-losses)
     # loss
     preset: str = "clip-rd"
     weights: dict = field(default_factory=dict)  # per-term overrides of the preset
@@ -99,6 +130,9 @@ class TrainConfig:
     def loss_weights(self) -> dict:
         """The preset's weights with the per-term overrides; with --siglip the task weight is the siglip term's."""
         weights = dict(PRESETS[self.preset])
+        if self.distill_loss_weights is not None:  # MobileCLIP's DRClipLoss: contrastive + KD of the logits (hrd)
+            weights = {key: 0.0 for key in WEIGHT_KEYS}
+            weights["task"], weights["hrd"] = (float(w) for w in self.distill_loss_weights)
         weights.update(self.weights)
         if self.siglip:
             weights["siglip"] = weights.pop("task", 1.0)
@@ -111,6 +145,8 @@ class TrainConfig:
         unknown = sorted(set(self.weights) - set(WEIGHT_KEYS))
         if unknown:
             raise ConfigError(f"weights: unknown term(s) {unknown}; expected {list(WEIGHT_KEYS)}")
+        for key, value in self.weights.items():
+            require(f"--{key.replace('_', '-')}-weight", value, ">= 0 and finite", 0 <= value < math.inf)
         if not any(v != 0 for v in self.loss_weights().values()):
             raise ConfigError("loss weights: every term's weight is zero (preset and --*-weight flags): "
                               "nothing to train")
@@ -118,26 +154,19 @@ class TrainConfig:
             raise ConfigError(f"--loss-backend: {self.loss_backend!r} is not one of {LOSS_BACKENDS}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision: {self.precision!r} is not one of {PRECISIONS}")
-        if not 0.0 <= self.mfd_mask_ratio < 1.0:
-            raise ConfigError(f"--mfd-mask-ratio: must be in [0, 1), got {self.mfd_mask_ratio}")
+        require("--mfd-mask-ratio", self.mfd_mask_ratio, "in [0, 1)", 0.0 <= self.mfd_mask_ratio < 1.0)
         at_least_one = ("batch_size", "accum_freq", "epochs", "log_every_n_steps", "shuffle_buffer",
                         "max_skipped_steps")
         for name in at_least_one + ("stop_after_steps",):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
-        for name in ("warmup", "wd", "workers", "save_frequency"):
+        require("--epochs", self.epochs, f"at most {MAX_EPOCHS} (a bound no real run reaches)",
+                self.epochs <= MAX_EPOCHS)
+        for name in ("warmup", "workers", "save_frequency"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "eps", "prepare_timeout"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"--{name}: must be in [0, 1), got {getattr(self, name)}")
-        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
-            raise ConfigError(f"--grad-clip-norm: must be > 0 (leave it out for no clipping), "
-                              f"got {self.grad_clip_norm}")
+        self._validate_optimizer()
         self._validate_open_clip_flags()
         if self.name is not None and (not self.name.strip() or self.name in (".", "..") or "/" in self.name
                                       or os.sep in self.name or self.name.startswith("~")):
@@ -147,6 +176,38 @@ class TrainConfig:
             raise ConfigError("--teacher-store and --online-teacher exclude each other: "
                               "the online teacher needs no store")
         self._validate_reinforcement()
+        self._validate_dataset_reinforcement()
+
+    def ensemble(self) -> str:
+        """The kernels' ensemble mode of --distill-average-after-softmax."""
+        return "average-after-softmax" if self.distill_average_after_softmax else "average-losses"
+
+    def _validate_dataset_reinforcement(self) -> None:
+        default = TrainConfig()
+        given = [name for name in DATASET_REINFORCEMENT_ONLY if getattr(self, name) != getattr(default, name)]
+        if given and not self.dataset_reinforcement:
+            raise ConfigError(f"--{given[0].replace('_', '-')} only applies with --dataset-reinforcement")
+        if not 0.0 <= self.dataset_reinforcement_mix_synthetic_ratio <= 1.0:
+            raise ConfigError(f"--dataset-reinforcement-mix-synthetic-ratio: must be in [0, 1], got "
+                              f"{self.dataset_reinforcement_mix_synthetic_ratio}")
+        if self.dataset_reinforcement_drop_mismatched and not self.dataset_reinforcement_verify_sha256:
+            raise ConfigError("--dataset-reinforcement-drop-mismatched only applies with "
+                              "--dataset-reinforcement-verify-sha256")
+        dims, scales = self.distill_teacher_dimension, self.distill_logit_scale
+        if dims is not None and (not dims or any(d < 1 for d in dims)):
+            raise ConfigError(f"--distill-teacher-dimension: widths must be >= 1, got {dims}")
+        if scales is not None and (any(not s > 0 for s in scales) or len(scales) not in (1, len(dims or [0]))):
+            raise ConfigError(f"--distill-logit-scale {scales}: one positive scale, or one per teacher "
+                              f"({len(dims or [0])} by --distill-teacher-dimension)")
+        if self.distill_loss_weights is not None and len(self.distill_loss_weights) != 2:
+            raise ConfigError(f"--distill-loss-weights: two weights (contrastive, distillation), got "
+                              f"{self.distill_loss_weights}")
+        if self.dataset_reinforcement and not self.dataset_reinforcement_mix_synthetic and self.accum_freq > 1:
+            raise ConfigError("--accum-freq: with --dataset-reinforcement, only with --dataset-reinforcement-mix-"
+                              "synthetic (one caption per sample; without it each step has a second, synthetic one)")
+        if self.dataset_reinforcement and (self.online_teacher or self.teacher_store):
+            raise ConfigError("--dataset-reinforcement: the shards carry the teacher embeddings; leave out "
+                              "--online-teacher and --teacher-store")
 
     def _validate_reinforcement(self) -> None:
         if self.view_sampling not in SAMPLINGS:
@@ -180,6 +241,26 @@ class TrainConfig:
                   if value is not None and have[key] != value]
         return "; ".join(differ) or None
 
+    def _validate_optimizer(self) -> None:
+        """AdamW's settings, finite and in range (a NaN compares false, so every check refuses it)."""
+        require("--lr", self.lr, f"> 0 and at most {MAX_LR:g}", 0 < self.lr <= MAX_LR)
+        require("--wd", self.wd, ">= 0 and finite", 0 <= self.wd < math.inf)
+        require("--eps", self.eps, f"> 0 and at most {MAX_EPS:g}", 0 < self.eps <= MAX_EPS)
+        for name in ("beta1", "beta2"):
+            require(f"--{name}", getattr(self, name), "in [0, 1)", 0.0 <= getattr(self, name) < 1.0)
+        if self.grad_clip_norm is not None:
+            require("--grad-clip-norm", self.grad_clip_norm, "> 0 and finite (leave it out for no clipping)",
+                    0 < self.grad_clip_norm < math.inf)
+        require("--prepare-timeout", self.prepare_timeout, "> 0 and finite", 0 < self.prepare_timeout < math.inf)
+        if self.distill_logit_bias is not None:
+            require("--distill-logit-bias", self.distill_logit_bias, "finite", math.isfinite(self.distill_logit_bias))
+
+    def check_total_steps(self, total_steps: int) -> None:
+        """The run's optimizer steps (``--epochs`` epochs of the data's steps) within MAX_STEPS."""
+        if total_steps > MAX_STEPS:
+            raise ConfigError(f"--epochs {self.epochs}: the run would take {total_steps} optimizer steps, more than "
+                              f"{MAX_STEPS:,} (a bound no real run reaches)")
+
     def _validate_open_clip_flags(self) -> None:
         for name in ("val_frequency", "zeroshot_frequency", "lock_image_unlocked_groups", "lock_text_unlocked_layers"):
             if getattr(self, name) < 0:
@@ -193,6 +274,11 @@ class TrainConfig:
             if given and not getattr(self, f"lock_{tower}"):
                 raise ConfigError(f"--{given[0].replace('_', '-')} only applies with --lock-{tower}")
         report_to(self.report_to)
+
+
+def require(flag: str, value, expected: str, ok: bool) -> None:
+    if not ok:
+        raise ConfigError(f"{flag}: must be {expected}, got {value}")
 
 
 def report_to(value: Optional[str]) -> set:
@@ -230,6 +316,8 @@ def command_line(cfg: TrainConfig) -> str:
             words.append(f"--{f.name.replace('_', '-')}")
         elif f.name == "loss_backend" and value == "auto":
             words.append("--fused")
+        elif isinstance(value, list):  # nargs="+" flags (--distill-teacher-dimension 768 768)
+            words += [f"--{f.name.replace('_', '-')}", *(str(item) for item in value)]
         else:
             words += [f"--{f.name.replace('_', '-')}", str(value)]
     return shlex.join(words)

@@ -34,7 +34,7 @@ from .logger import MetricsWriter, plot_metrics, setup_logging, write_params
 from .prepare import Sources
 from .resume import resume
 from .state import TrainState, build_state
-from .step import AfterBackward, train_step
+from .step import AfterBackward, non_finite_parameter, train_step
 
 RUN_LOCK = ".run.lock"  # held by the run training in the folder (rank 0's process)
 
@@ -100,12 +100,17 @@ def train_run(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.de
                 log.info(f"stopped after {state.step} steps (--stop-after-steps); continue with: "
                          f"{resume_command(cfg, env)}")
                 return RunResult(run_dir, state.step, finished=False, **mean_times(step_times))
+            if stream.dropped:
+                log.warning(f"epoch {state.epoch + 1}: dropped {stream.dropped} sample(s) whose image does not match "
+                            f"its sha256 (--dataset-reinforcement-drop-mismatched)")
             state.epoch, state.batches_done = state.epoch + 1, 0
             last_eval = evaluate_epoch(state, sources, metrics, log)  # before the checkpoint: a resume redoes it
             last = state.epoch == cfg.epochs
-            save_checkpoint(state, ckpt_dir, [LATEST] + (
+            # epoch_K.pt before epoch_latest.pt: killed between the two, the run resumes before this epoch's end
+            # and writes both again
+            save_checkpoint(state, ckpt_dir, (
                 [f"epoch_{state.epoch}.pt"] if last or (cfg.save_frequency and state.epoch % cfg.save_frequency == 0)
-                else []))
+                else []) + [LATEST])
     except KeyboardInterrupt:
         saved = Checkpoint.load(ckpt_dir / LATEST, mmap=True).content["step"] if (ckpt_dir / LATEST).exists() else None
         log.warning(f"interrupted at step {state.step}; " + (
@@ -195,9 +200,8 @@ def train_one_epoch(state: TrainState, loader, ckpt_dir: Path, metrics: MetricsW
         try:
             terms = train_step(state, batch, after_backward)
         except NonFiniteLossError as exc:
-            save_checkpoint(state, ckpt_dir, [LATEST])
-            raise NonFiniteLossError(f"{exc} (epoch {state.epoch}, batch {state.batches_done}). Stopped before "
-                                     f"applying this step; the last good state is in {ckpt_dir / LATEST}")
+            raise NonFiniteLossError(f"{exc} (epoch {state.epoch}, batch {state.batches_done}). "
+                                     f"{keep_last_good_state(state, ckpt_dir)}") from exc
         step_times.append((time.perf_counter() - t_start, t_start - t_data))
         bar.update(1)
         if state.step % cfg.log_every_n_steps == 0 or state.step == state.total_steps:
@@ -231,6 +235,16 @@ def mean_times(step_times: list[tuple[float, float]]) -> dict:
             "mean_data_s": sum(t[1] for t in step_times) / len(step_times)}
 
 
+def keep_last_good_state(state: TrainState, ckpt_dir: Path) -> str:
+    """After a step failed: save epoch_latest.pt if the weights are still finite (a bad loss or gradient stops the
+    step before the optimizer changes them), never if not; says where the last good state is."""
+    if non_finite_parameter(state) is None:
+        save_checkpoint(state, ckpt_dir, [LATEST])
+        return f"Stopped before applying this step; the last good state is in {ckpt_dir / LATEST}"
+    where = f"in {state.last_good}" if state.last_good else "none: this run has not written a checkpoint yet"
+    return f"Its weights are not finite and were not saved; the last good state is {where}"
+
+
 def save_checkpoint(state: TrainState, ckpt_dir: Path, names: list[str]) -> None:
     """Called by every rank at the same step (the RNG states are gathered); rank 0 writes, atomically."""
     rank_rngs = [None] * state.env.world_size
@@ -244,6 +258,7 @@ def save_checkpoint(state: TrainState, ckpt_dir: Path, names: list[str]) -> None
                **({"rank_rng": rank_rngs} if state.env.world_size > 1 else {})}
     for name in names:
         Checkpoint.save(content, ckpt_dir / name)
+    state.last_good = ckpt_dir / names[-1]
 
 
 def due(frequency: int, epoch: int, epochs: int) -> bool:

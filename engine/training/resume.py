@@ -62,6 +62,7 @@ def resume(state: TrainState, path: Path, log) -> None:
     if changed:
         log.warning(f"resuming with changed settings: {'; '.join(changed)}")
     state.load_state_dict(saved.content)
+    state.last_good = path
     rank_rngs = saved.content.get("rank_rng", [saved.content["rng"]])
     set_rng_state(rank_rngs[env.rank] if len(rank_rngs) == env.world_size else saved.content["rng"])
     saved_world = saved.content.get("world_size", 1)

@@ -6,6 +6,7 @@ import math
 import os
 import pickle
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -22,7 +23,8 @@ from ..data.shards import Codec, ShardStream, expand_urls
 from ..teachers.reinforced import Reinforcement, image_hw
 from ..teachers.sources import NoTeacher, OnlineTeacher, StoreTeacher, TeacherSource
 from ..teachers.store import TeacherStore
-from .config import AUTOCAST, PURE, TrainConfig
+from .config import AUTOCAST, MIXED, PURE, TrainConfig
+from .datacompdr import datacompdr_codec, datacompdr_teacher
 from .distributed import DistEnv, wrap
 from .prepare import Sources, needs_teacher
 from .task import DistillationTask
@@ -54,6 +56,7 @@ class TrainState:
     epoch: int = 0
     batches_done: int = 0  # of the current epoch
     skipped_in_a_row: int = 0  # fp16 steps skipped for non-finite gradients
+    last_good: Optional[Path] = None  # the checkpoint this run last wrote or resumed from (not saved in one)
 
     def state_dict(self) -> dict:
         # the unwrapped modules' state dicts: they load in any world size
@@ -77,8 +80,10 @@ def autocast_dtype(cfg: TrainConfig):
 def build_optimizer_state(cfg: TrainConfig, student: nn.Module, teacher: TeacherSource, device: torch.device,
                           total_steps: int, env: DistEnv = DistEnv()) -> TrainState:
     """Around a student and a teacher source: the loss module, the task (DDP under torchrun), AdamW, GradScaler."""
+    # a teacher ensemble (DataCompDR's --distill-teacher-dimension D1 D2 ...): one width per member, the mode
+    ensemble = {"ensemble": cfg.ensemble()} if isinstance(teacher.embed_dim, list) else {}
     loss_fn = ClipRDLoss(cfg.loss_weights(), student_dim=models.embed_dim(cfg.model), teacher_dim=teacher.embed_dim,
-                         backend=cfg.loss_backend).to(device)
+                         backend=cfg.loss_backend, **ensemble).to(device)
     # a single process runs the task itself; under torchrun DDP broadcasts rank 0's initial weights
     task = wrap(DistillationTask(student, loss_fn, teacher, env, cfg.local_loss, cfg.gather_with_grad,
                                  autocast_dtype(cfg)), env, device)
@@ -93,8 +98,9 @@ def create_student(cfg: TrainConfig, device: torch.device) -> nn.Module:
     models.model_config(cfg.model)  # an unknown model name is not the weights' fault
     # open_clip_train's --siglip initialisation: logit scale log(10), logit bias -10
     siglip = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if cfg.siglip else {}
+    precision = cfg.precision if cfg.precision in MIXED else "fp32"  # open_clip applies its bf16 / fp16 itself
     try:
-        return models.create_model(cfg.model, cfg.pretrained, device=device, **siglip)
+        return models.create_model(cfg.model, cfg.pretrained, device=device, precision=precision, **siglip)
     except (RuntimeError, ValueError, OSError, EOFError, KeyError, AssertionError, pickle.UnpicklingError) as exc:
         if not cfg.pretrained:
             raise
@@ -119,6 +125,8 @@ def lock_towers(student: nn.Module, cfg: TrainConfig) -> None:
 def teacher_source(cfg: TrainConfig, sources: Sources, student: nn.Module, device: torch.device) -> TeacherSource:
     if not needs_teacher(cfg):
         return NoTeacher()
+    if cfg.dataset_reinforcement:  # the shards carry the teachers' rows
+        return datacompdr_teacher(cfg, sources.train)
     if cfg.online_teacher:
         teacher = OnlineTeacher(cfg.teacher, sources.teacher_pretrained, student, cfg.model, device,
                                 autocast_dtype(cfg))
@@ -150,16 +158,18 @@ def build_state(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.
     """Student, teacher source, loss, optimizer and the data stream of a run (nothing trained yet)."""
     student = create_student(cfg, device)
     lock_towers(student, cfg)
-    if cfg.precision in PURE:  # open_clip's pure bf16 / fp16: the student's weights themselves in that dtype
+    if cfg.precision in PURE:  # open_clip's pure_bf16 / pure_fp16: every weight of the student in that dtype
         student.to(getattr(torch, PURE[cfg.precision]))
     student.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.mfd_mask_ratio > 0:  # CLIP-KD's masked feature distillation: student sees a share of patches dropped
         student.visual.patch_dropout = PatchDropout(cfg.mfd_mask_ratio)
     teacher = teacher_source(cfg, sources, student, device)
-    codec = Codec({"image": models.get_preprocess(student), **teacher.images},
-                  {"text": models.get_tokenizer(cfg.model), **teacher.texts}, teacher.views)
+    codec = datacompdr_codec(cfg, student) if cfg.dataset_reinforcement else \
+        Codec({"image": models.get_preprocess(student), **teacher.images},
+              {"text": models.get_tokenizer(cfg.model), **teacher.texts}, teacher.views)
     # a step's batch holds its --accum-freq micro-batches: the same samples as one batch of batch-size x accum-freq
     stream = ShardStream(sources.train, codec, cfg.batch_size * cfg.accum_freq, cfg.seed, env.rank, env.world_size,
                          cfg.workers, shuffle_buffer=cfg.shuffle_buffer, num_samples=cfg.train_num_samples)
-    total_steps = sum(stream.steps_per_epoch(e) for e in range(cfg.epochs))
+    total_steps = sum(stream.steps_per_epoch(e) for e in range(cfg.epochs))  # --epochs is bounded: seconds at most
+    cfg.check_total_steps(total_steps)
     return build_optimizer_state(cfg, student, teacher, device, total_steps, env), stream

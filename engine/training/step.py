@@ -24,7 +24,8 @@ def train_step(state: TrainState, batch: dict, after_backward: Optional[AfterBac
     """Forward, backward, unscale, clip, finiteness check, optimizer step, logit-scale clamp; returns the terms.
 
     Raises NonFiniteLossError (before changing any weight) on a non-finite loss or gradient, except where amp's
-    GradScaler skips the step itself; ``cfg.max_skipped_steps`` such skips in a row raise as well.
+    GradScaler skips the step itself; ``cfg.max_skipped_steps`` such skips in a row raise as well; and (after the
+    step, the counters unchanged) when the step left a weight NaN or Inf.
     """
     cfg = state.cfg
     for group in state.optimizer.param_groups:
@@ -57,8 +58,28 @@ def train_step(state: TrainState, batch: dict, after_backward: Optional[AfterBac
         state.skipped_in_a_row = 0
     with torch.no_grad():
         state.student.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+    # a finite gradient can still take a weight to Inf (a huge learning rate): the fused check, then the exact one
+    name = None if parameters_finite(params) else non_finite_parameter(state)
+    if name is not None:
+        raise NonFiniteLossError(f"weight {name} is not finite after step {state.step} "
+                                 f"(lr {state.optimizer.param_groups[0]['lr']:g}): terms {rounded(terms)}")
     state.step, state.batches_done = state.step + 1, state.batches_done + 1
     return terms
+
+
+def parameters_finite(params: list[torch.Tensor]) -> bool:
+    """One fused pass: each tensor's sum of magnitudes is finite. A NaN or Inf always reaches the sum, so True means
+    every weight is finite; False can also be a sum of finite weights near 1e38 (the exact check tells)."""
+    return not params or bool(torch.isfinite(torch.stack(torch._foreach_norm(params, 1))).all())
+
+
+def non_finite_parameter(state: TrainState) -> Optional[str]:
+    """The name of the first student or loss-module parameter holding NaN or Inf, else None."""
+    for prefix, module in (("", state.student), ("loss ", state.loss_fn)):
+        for name, param in module.named_parameters():
+            if not torch.isfinite(param).all():
+                return prefix + name
+    return None
 
 
 def check_finite(state: TrainState, terms: dict) -> None:

@@ -1,0 +1,248 @@
+"""DataCompDR shards (--dataset-reinforcement): views replayed as torchvision's primitives make them, stored rows
+equal to the teachers' embeddings of the replayed views, training from them, and every bad input refused in one line
+before any step."""
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import models
+from engine import train as train_lib
+from engine.data import augment
+from engine.data import datacompdr as dr
+from engine.data import shards as data_lib
+from engine.precompute import main as precompute
+from engine.teachers.datacompdr import DataCompDRTeacher
+from engine.training.config import TrainConfig
+from engine.training.datacompdr import datacompdr_codec
+from engine.training.distributed import DistEnv
+from engine.training.task import DistillationTask
+from kernels import ClipRDLoss
+from tests import datacompdr_shards as fixture
+from tests.helpers import assert_refused_before_any_step, command_error, seeded_checkpoint
+
+WIDTHS = ("128", "64")  # tiny-vit-teacher, then tiny-vit-student as the second member
+
+
+@pytest.fixture(scope="module")
+def teacher_files(tmp_path_factory):
+    return [(name, str(seeded_checkpoint(tmp_path_factory, name, seed)))
+            for name, seed in (("tiny-vit-teacher", 11), ("tiny-vit-student", 12))]
+
+
+@pytest.fixture(scope="module")
+def teachers(teacher_files):
+    return [models.create_teacher(name, path) for name, path in teacher_files]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, teachers):
+    return fixture.write_shards(tmp_path_factory.mktemp("dcdr") / "good", teachers)
+
+
+def decoded(shards, epoch, **flags):
+    cfg = TrainConfig(dataset_reinforcement=True, distill_teacher_dimension=[128, 64], **flags)
+    student = models.create_model("tiny-vit-student")
+    codec = datacompdr_codec(cfg, student)
+    raws = [raw for url in data_lib.expand_urls(shards) for raw in data_lib.read_shard(url)]
+    return raws, codec.collate([codec(raw, epoch) for raw in raws])
+
+
+def test_every_view_replays_as_torchvision_makes_it(shards):
+    for epoch in range(fixture.VIEWS):  # sequential: view epoch mod K, every view of every sample once
+        raws, batch = decoded(shards, epoch, dataset_reinforcement_sample_sequential=True)
+        assert batch["view_index"].tolist() == [epoch] * len(raws)
+        for b, raw in enumerate(raws):
+            entries = json.loads(raw["paug.json"])["param_aug"]
+            entries = json.loads(entries) if isinstance(entries, str) else entries
+            expected = fixture.apply_view(Image.open(io.BytesIO(raw["png"])).convert("RGB"), entries[epoch])
+            assert torch.equal(batch["image"][b], fixture.pixels(expected)), (raw["__key__"], epoch)
+            stored = np.load(io.BytesIO(raw["npz"]))["image_emb"][epoch] if "npz" in raw else None
+            if stored is not None:
+                assert torch.equal(batch["dr_image"][b], torch.from_numpy(stored))
+
+
+def test_stored_embeddings_match_the_replayed_views_reembedded(shards, teachers):
+    raws, batch = decoded(shards, 1, seed=5)
+    views = [dr.read_views(raw) for raw in raws]
+    images = [augment.replay(Image.open(io.BytesIO(raw["png"])).convert("RGB"), views[b][int(batch["view_index"][b])],
+                             (32, 32), (32, 32)) for b, raw in enumerate(raws)]
+    again, _ = fixture.embed(teachers, images, ["x"])
+    for b, raw in enumerate(raws):
+        tolerance = 1e-5 if "npz" in raw else 2 ** -7  # pth.gz holds bf16
+        assert torch.allclose(batch["dr_image"][b], torch.from_numpy(again[b]), atol=tolerance, rtol=0)
+    assert len(set(batch["view_index"].tolist())) == fixture.VIEWS  # seeded: every view drawn somewhere
+
+
+def test_captions_ground_truth_or_synthetic_by_key_regex(shards):
+    raws, batch = decoded(shards, 0, dataset_reinforcement_mix_synthetic=True,
+                          dataset_reinforcement_mix_synthetic_ratio=0.5)
+    rows = batch["caption_index"].tolist()
+    assert set(rows) == {0, 1, 2}  # the .txt, or syn_text's two captions (rows 1, 2); syn_other (row 3) never
+    for b, raw in enumerate(raws):
+        captions = [raw["txt"].decode(), *json.loads(raw["syn.json"])["syn_text"]]
+        assert batch["caption"][b] == captions[rows[b]]
+    _, other = decoded(shards, 0, dataset_reinforcement_mix_synthetic=True,
+                       dataset_reinforcement_mix_synthetic_ratio=1.0,
+                       dataset_reinforcement_syn_text_key_regex="syn_o")
+    assert set(other["caption_index"].tolist()) == {3}
+    raws, plain = decoded(shards, 0)  # MobileCLIP without mix: the .txt, and a synthetic caption beside it
+    assert set(plain["caption_index"].tolist()) == {0} and set(plain["syn_caption_index"].tolist()) == {1, 2}
+    for b, raw in enumerate(raws):
+        assert plain["caption"][b] == raw["txt"].decode()
+        assert plain["syn_caption"][b] == json.loads(raw["syn.json"])["syn_text"][plain["syn_caption_index"][b] - 1]
+
+
+def train(tmp_path, data, *extra, name="run"):
+    argv = ["--train-data", data, "--dataset-reinforcement", "--batch-size", "8", "--epochs", "1", "--no-eval",
+            "--logs", str(tmp_path / "logs"), "--name", name, "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+            "--log-every-n-steps", "1", "--distill-loss-weights", "1", "1", *extra]
+    return command_error(train_lib.main, argv)
+
+
+def steps_logged(tmp_path, name="run"):
+    rows = [json.loads(line) for line in (tmp_path / "logs" / name / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if row.get("kind") == "train"]
+
+
+def test_training_runs_from_one_concatenated_teacher(tmp_path, shards):
+    assert train(tmp_path, shards, "--distill-logit-scale", "50", "--dataset-reinforcement-mix-synthetic",
+                 "--dataset-reinforcement-mix-synthetic-ratio", "0.5", "--dataset-reinforcement-verify-sha256") is None
+    rows = steps_logged(tmp_path)
+    assert len(rows) == 3 and all(math.isfinite(row["hrd"]) and math.isfinite(row["task"]) for row in rows)
+
+
+def test_training_runs_from_an_ensemble_and_resumes_exactly(tmp_path, shards):
+    ensemble = ("--distill-teacher-dimension", *WIDTHS, "--distill-logit-scale", "100", "50")
+    for mode in ([], ["--distill-average-after-softmax"]):
+        name = "after" if mode else "losses"
+        assert train(tmp_path, shards, *ensemble, *mode, name=name) is None
+        assert len(steps_logged(tmp_path, name)) == 3
+    assert train(tmp_path, shards, *ensemble, "--stop-after-steps", "1", name="cut") is None
+    assert train(tmp_path, shards, *ensemble, "--resume", "latest", name="cut") is None
+    full, cut = (torch.load(tmp_path / "logs" / name / "checkpoints" / "epoch_latest.pt", weights_only=False)
+                 for name in ("losses", "cut"))
+    assert full["step"] == cut["step"] == 3
+    for key in full["state_dict"]:  # the same views and captions drawn after the resume
+        assert torch.equal(full["state_dict"][key], cut["state_dict"][key]), key
+
+
+def edited(tmp_path, shards, name, edit, shard=1):
+    """A copy of the shards with ``edit`` applied to the first sample of shard ``shard``."""
+    root = tmp_path / name
+    root.mkdir()
+    for url in data_lib.expand_urls(shards):
+        samples = fixture.read_tar(Path(url))
+        if Path(url).name == f"{shard:05d}.tar":
+            samples[0] = edit(dict(samples[0]))
+        fixture.write_tar(root / Path(url).name, samples)
+    return str(root / "{00000..00001}.tar")
+
+
+def nan_embeddings(sample):
+    archive = dict(np.load(io.BytesIO(sample["npz"])))
+    archive["image_emb"][1, 3] = np.nan
+    buffer = io.BytesIO()
+    np.savez(buffer, **archive)
+    return {**sample, "npz": buffer.getvalue()}
+
+
+def short_views(sample):
+    entries = json.loads(sample["paug.json"])["param_aug"]
+    entries = json.loads(entries) if isinstance(entries, str) else entries
+    return {**sample, "paug.json": json.dumps({"param_aug": entries[:2]}).encode()}
+
+
+def changed_pixel(sample):
+    image = np.array(Image.open(io.BytesIO(sample["png"])))
+    image[0, 0, 0] ^= 1
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format="PNG")
+    return {**sample, "png": png.getvalue()}
+
+
+def test_bad_inputs_refused_in_one_line_before_any_step(tmp_path, shards):
+    changed = edited(tmp_path, shards, "changed", changed_pixel, shard=1)
+    assert_refused_before_any_step(tmp_path, "--dataset-reinforcement-verify-sha256: 1 image(s) do not match their "
+                                   "json's sha256 (first: 000012)",
+                                   train(tmp_path, changed, "--dataset-reinforcement-verify-sha256", name="bad"),
+                                   name="bad")
+    cases = {
+        "short": (short_views, (), "sample '000000' has 2 view(s) in paug.json but 3 image_emb row(s)"),
+        "nan": (nan_embeddings, (), "sample '000000' npz holds non-finite values (NaN or Inf)"),
+        "nosyn": (lambda s: {k: v for k, v in s.items() if k != "syn.json"}, ("--dataset-reinforcement-mix-synthetic",),
+                  "sample '000000' lacks syn.json, which --dataset-reinforcement-mix-synthetic reads"),
+        "dims": (lambda s: s, ("--distill-teacher-dimension", "128", "32"),
+                 "--distill-teacher-dimension 128 32: sums to 160, but sample '000000'"),
+    }
+    for name, (edit, flags, message) in cases.items():
+        data = edited(tmp_path, shards, name, edit, shard=0)
+        assert_refused_before_any_step(tmp_path, message, train(tmp_path, data, *flags, name="bad"), name="bad")
+
+
+def test_mismatched_images_dropped_and_counted(tmp_path, shards):
+    changed = edited(tmp_path, shards, "changed", changed_pixel, shard=1)
+    assert train(tmp_path, changed, "--dataset-reinforcement-verify-sha256", "--dataset-reinforcement-drop-mismatched",
+                 name="drop") is None
+    log = (tmp_path / "logs" / "drop" / "out.log").read_text()
+    assert "epoch 1: dropped 1 sample(s) whose image does not match its sha256" in log
+
+
+def test_param_aug_round_trip_and_refusals(tmp_path):
+    config = tmp_path / "dr.json"
+    config.write_text(json.dumps({"reinforce": {"image_augmentation": {"random_resized_crop": {"size": 224}}}}))
+    assert dr.read_config(str(config)) == (224, 224)
+    config.write_text("{}")
+    with pytest.raises(dr.ConfigError, match="cannot read reinforce.image_augmentation.random_resized_crop.size"):
+        dr.read_config(str(config))
+    view = dr.parse_view([[1, 2, 30, 40], True, [[3, 4.5], [10, 4.0]]])
+    assert view == augment.View((1, 2, 30, 40), True, ((3, 4.5), (10, 4.0)))
+    assert dr.parse_view([[1, 2, 30, 40], [[0, 0.0]]]) == augment.View((1, 2, 30, 40), False, ((0, 0.0),))
+
+
+def test_precompute_writes_datacompdr_shards_that_train(tmp_path, shards, teacher_files):
+    out, teacher_ckpt = tmp_path / "dr", teacher_files[0][1]
+    argv = ["--train-data", shards, "--teacher-pretrained", teacher_ckpt, "--teacher-store",
+            tmp_path / "store", "--augmentations", "2", "--aug-cfg", "hflip=0.5", "--captions", "2",
+            "--output-format", "datacompdr", "--output", out, "--cache-dir", tmp_path / "cache"]
+    assert command_error(precompute, argv) is None
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert sorted(sizes) == [Path(u).name for u in data_lib.expand_urls(shards)]
+    assert set(sizes.values()) == {12}
+    written = {name: (out / name).stat().st_mtime_ns for name in sizes}
+    assert command_error(precompute, argv) is None  # resumed: nothing rewritten
+    assert {name: (out / name).stat().st_mtime_ns for name in sizes} == written
+    teacher = models.create_teacher("tiny-vit-teacher", teacher_ckpt)
+    raws = list(data_lib.read_shard(str(out / sorted(sizes)[0])))
+    settings = dr.DRSettings(mix_synthetic=True)
+    for raw in raws[:4]:
+        sample = dr.read_sample(raw, settings, dr.syn_key_pattern("syn_text"))
+        image = Image.open(io.BytesIO(raw["png"])).convert("RGB")
+        views = [fixture.pixels(augment.replay(image, v, (32, 32), (32, 32))) for v in sample.views]
+        again = torch.nn.functional.normalize(teacher.encode_image(torch.stack(views)), dim=-1).detach()
+        assert torch.allclose(torch.from_numpy(sample.image_emb), again, atol=2e-3, rtol=0)
+        assert dr.sha256_mismatch(raw) is None and len(sample.synthetic) == 1
+    pattern = f"{out}/{{{','.join(sorted(sizes))}}}"
+    assert train(tmp_path, pattern, "--dataset-reinforcement-mix-synthetic",
+                 "--dataset-reinforcement-mix-synthetic-ratio", "0.5", "--dataset-reinforcement-verify-sha256") is None
+
+
+def test_without_mix_a_step_adds_the_synthetic_captions_loss(shards):
+    """MobileCLIP's DRClipLoss without mix-synthetic: loss(images, .txt) + loss(images, synthetic), term by term."""
+    _, batch = decoded(shards, 0)
+    torch.manual_seed(0)
+    student = models.create_model("tiny-vit-student")
+    teacher = DataCompDRTeacher.of([192], [100.0], None, 192)
+    task = DistillationTask(student, ClipRDLoss({"task": 1.0, "hrd": 1.0}, student_dim=64, teacher_dim=192,
+                                                backend="reference"), teacher, DistEnv(), False, False)
+    both = task(batch)
+    plain = {k: v for k, v in batch.items() if not k.startswith(("syn_", "dr_syn"))}
+    synthetic = {**plain, "text": batch["syn_text"], "dr_text": batch["dr_syn_text"]}
+    gt, syn = task(plain), task(synthetic)
+    for name in ("total", "task", "hrd"):
+        assert torch.allclose(both[name], gt[name] + syn[name], rtol=1e-6, atol=0), name
