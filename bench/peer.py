@@ -709,6 +709,13 @@ def targets(results: dict) -> list[dict]:
                   ratio(store, engine_plain), 0.95),
            target("distillation from the store: engine / open_clip_train --distill-model >= 2.5",
                   ratio(store, oc_distill), 2.5)]
+    oc_steps = [r for r in distill.get("runs", {}).get("open_clip", []) if r.get("breakdown")]
+    if oc_steps and out[2]["value"] is not None:  # skipping the teacher saves at most its forward
+        step, teacher = mean(r["step_s"] for r in oc_steps), mean(r["breakdown"]["teacher"] for r in oc_steps)
+        if step > teacher:
+            out[2]["ceiling"] = step / (step - teacher)
+            out[2]["note"] += (f"; the models' ceiling on this machine: {out[2]['ceiling']:.2f}x (open_clip_train's "
+                               f"distillation step {step:.3g} s, of which the teacher's forward {teacher:.3g} s)")
     search = s.get("search", {})
     oc_max = search.get("open_clip", {}).get("largest_fitting")
     engine_max = search.get("engine", {}).get("largest_fitting")
@@ -760,10 +767,13 @@ def markdown(results: dict) -> str:
              f"Machine: {m['cpu_model']}, {m['cpu_cores']} cores, {m['memory_gib']} GiB"
              + (f", GPU {m['gpu']['name']}" if m.get("gpu") else ", no GPU")
              + f"; torch {m['torch']}. 1-minute load average {results['load_1m_before']} before, "
-               f"{results['load_1m_after']} after (read {st['after_pause_s']:g} s after the last run, when this "
-               f"run's own share has decayed; {results.get('load_1m_at_end')} at its end). Other processes took "
-               f"{pct((results.get('others_cpu_share') or {}).get('mean'))} of the CPUs during the runs on average, "
-               f"{pct((results.get('others_cpu_share') or {}).get('max'))} at most (one run)"
+               f"{results['load_1m_after']} after" + (
+                 f" (read {st['after_pause_s']:g} s after the last run, when this run's own share has decayed; "
+                 f"{results.get('load_1m_at_end')} at its end)" if "after_pause_s" in st else
+                 " (right after the last run: its own processes count in it)")
+             + (f". Other processes took {pct(results['others_cpu_share']['mean'])} of the CPUs during the runs on "
+                f"average, {pct(results['others_cpu_share']['max'])} at most (one run)"
+                if results.get("others_cpu_share") else "")
              + (f"; at or above {st['max_load']}, so these numbers were measured under load" if label else "") + ".",
              "", f"Student {st['student']}, teacher {st['teacher']}, {results['inputs']['image_size']}-pixel JPEG "
                  f"shards; batch {st['batch_size']}, --lr {st['lr']}, --precision {st['precision']}, --workers "
@@ -823,8 +833,9 @@ def markdown(results: dict) -> str:
                   f"Cap {gib(search['cap_bytes'])} of {search['cap_kind']}; each probe {st['probe_steps']} steps. "
                   "open_clip_train refuses --accum-freq with --distill-model, so its search is plain CLIP; the "
                   "engine's is plain CLIP too, with --fused and --accum-freq (micro-batches of "
-                  f"{search['engine'].get('micro_batch')}), starting at {st.get('engine_start', 8):g} times "
-                  "open_clip_train's largest batch. A probe whose estimated time would end past the time budget is "
+                  f"{search['engine'].get('micro_batch')}), starting at "
+                  + (f"{st['engine_start']:g} times " if "engine_start" in st else "")
+                  + "open_clip_train's largest batch. A probe whose estimated time would end past the time budget is "
                   "not run: a search stopped for time gives a lower bound.", "",
                   "| tool | largest that fits | smallest that does not | why the search stopped | probes (batch: "
                   "peak, result) |", "| --- | --- | --- | --- | --- |"]
@@ -964,6 +975,8 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     a = p.add_argument
     a("--out", default=str(DEFAULT_OUT), help="results folder (peer.json, peer.md, peer.png)")
+    a("--render", default=None, metavar="PEER_JSON", help="measure nothing: write --out's Markdown and plot again "
+      "from this peer.json (targets recomputed)")
     a("--work-dir", default=None, help="data, weights, store and run folders (default: a temporary folder, removed "
       "at the end unless --keep)")
     a("--keep", action="store_true", help="keep the work folder and every run's logs and checkpoints")
@@ -1044,7 +1057,14 @@ def resolve_defaults(args: argparse.Namespace, cuda: bool) -> argparse.Namespace
 def main(argv=None) -> None:
     import torch
 
-    args = resolve_defaults(parser().parse_args(argv), torch.cuda.is_available())
+    args = parser().parse_args(argv)
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+        results["targets"] = targets(results)
+        write(results, Path(args.out))
+        print(markdown(results))
+        return
+    args = resolve_defaults(args, torch.cuda.is_available())
     peer = Peer(args)
     try:
         results = peer.run()
