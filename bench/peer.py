@@ -112,6 +112,26 @@ def tree_memory(pids: list[int]) -> tuple[int, int, int]:
             max((_kib(f"/proc/{pid}/status", "VmHWM:") for pid in pids), default=0))
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all cores; /proc/stat: everything but idle and iowait)."""
+    with open("/proc/stat") as handle:
+        values = [int(v) for v in handle.readline().split()[1:]]
+    return (sum(values[:8]) - values[3] - values[4]) / CLOCK_TICKS
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of one process so far; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def mem_available() -> int:
     return _kib("/proc/meminfo", "MemAvailable:")
 
@@ -128,6 +148,7 @@ class Launcher:
         self.work, self.configs, self.phases, self.sync = work, configs, phases, sync
         self.cap_bytes, self.min_available, self.keep, self.verbose = cap_bytes, min_available, keep, verbose
         self.count = 0
+        self.history: list[tuple[float, float]] = []  # (wall seconds, other processes' CPU share) of every run
 
     def run(self, label: str, tool: str, argv: list[str], *, logs: Optional[Path] = None, cap: bool = False,
             timeout: Optional[float] = None, phases: Optional[bool] = None, sync: bool = False,
@@ -150,7 +171,7 @@ class Launcher:
         load = load_1m()
         command = [sys.executable, "-m", "bench.peer_launch", tool, *argv]
         (folder / "command.txt").write_text(" ".join(command) + "\n")
-        start = time.perf_counter()
+        start, busy_start, own_cpu, mine = time.perf_counter(), machine_busy_s(), {}, time.process_time()
         with open(folder / "output.txt", "w") as output:
             proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
                                     start_new_session=True)
@@ -160,7 +181,10 @@ class Launcher:
                 pid, status = os.waitpid(proc.pid, os.WNOHANG)
                 if pid:
                     break
-                rss, pss, hwm = tree_memory(process_tree(proc.pid))
+                pids = process_tree(proc.pid)
+                for child in pids:  # CPU time is monotonic: keep each process's last reading
+                    own_cpu[child] = max(own_cpu.get(child, 0.0), cpu_s(child))
+                rss, pss, hwm = tree_memory(pids)
                 peak_rss, peak_pss, peak_hwm = max(peak_rss, rss), max(peak_pss, pss), max(peak_hwm, hwm)
                 if killed is None:
                     if cap and self.cap_bytes and not self.device_cap and pss > self.cap_bytes:
@@ -174,12 +198,17 @@ class Launcher:
                 time.sleep(POLL_S)
             proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - start
+        # what other processes took of the machine meanwhile (this run's own CPU time, sampled every 0.1 s, taken out)
+        own = sum(own_cpu.values()) + time.process_time() - mine  # the run's processes and this one's polling
+        others = max(machine_busy_s() - busy_start - own, 0.0) / (wall * (os.cpu_count() or 1))
         rows = [json.loads(line) for line in events.read_text().splitlines()] if events.exists() else []
         result = {"label": label, "tool": tool, "returncode": proc.returncode, "killed": killed, "wall_s": wall,
-                  "load_1m_before": load, "peak_tree_rss": peak_rss, "peak_tree_pss": peak_pss,
-                  "max_process_rss": peak_hwm, "folder": str(folder), "logs": str(logs or ""),
+                  "load_1m_before": load, "others_cpu_share": others, "peak_tree_rss": peak_rss,
+                  "peak_tree_pss": peak_pss, "max_process_rss": peak_hwm, "folder": str(folder),
+                  "logs": str(logs or ""),
                   "steps": [r for r in rows if r["kind"] == "step"],
                   **{r["kind"]: r for r in rows if r["kind"] != "step"}}
+        self.history.append((wall, others))
         exit_row = result.get("exit", {})
         if "cuda_peak_bytes" in exit_row:
             result["cuda_peak"] = exit_row["cuda_peak_bytes"]
@@ -188,7 +217,7 @@ class Launcher:
         if self.verbose:
             print(f"  {label}: exit {proc.returncode}{f' (killed: {killed})' if killed else ''}, {wall:.1f} s, "
                   f"{len(result['steps'])} steps, peak PSS {peak_pss / GiB:.2f} GiB, RSS {peak_rss / GiB:.2f} GiB, "
-                  f"load {load}", flush=True)
+                  f"load {load}, other processes {others:.0%} of the CPUs", flush=True)
         return result
 
     device_cap = False  # True on CUDA: the cap is the GPU's memory (set per process), not the host's
@@ -283,6 +312,7 @@ def summarise(result: dict, batch: int, warmup: int, measured: int) -> dict:
     logged samples/s over the same steps."""
     steps = result["steps"]
     out = {k: result.get(k) for k in ("label", "tool", "returncode", "killed", "wall_s", "load_1m_before",
+                                      "others_cpu_share",
                                       "peak_tree_rss", "peak_tree_pss", "max_process_rss", "cuda_peak", "error")}
     out["steps_done"] = len(steps)
     window = steps[warmup:warmup + measured]
@@ -622,11 +652,22 @@ class Peer:
             start = time.perf_counter()
             self.results["sections"][section] = getattr(self, f"section_{section}")()
             self.results["sections"][section]["seconds"] = time.perf_counter() - start
+        self.results["load_1m_at_end"] = load_1m()
+        # the 1-minute average counts this run's own work: read it again once that has decayed (e^-1 after 60 s)
+        time.sleep(a.after_pause_s)
         self.results["load_1m_after"] = load_1m()
+        self.results["others_cpu_share"] = others_share(self.launcher.history)
         self.results["seconds"] = time.perf_counter() - self.started
         self.results["under_load"] = max(self.results["load_1m_before"], self.results["load_1m_after"]) >= a.max_load
         self.results["targets"] = targets(self.results)
         return self.results
+
+
+def others_share(history: list[tuple[float, float]]) -> dict:
+    """Over all runs: the share of the machine's CPUs that other processes took, mean (by time) and largest."""
+    total = sum(wall for wall, _ in history)
+    return {"mean": sum(wall * share for wall, share in history) / total if total else None,
+            "max": max((share for _, share in history), default=None)}
 
 
 def wait_for_quiet(max_load: float, wait_s: float) -> float:
@@ -668,6 +709,13 @@ def targets(results: dict) -> list[dict]:
                   ratio(store, engine_plain), 0.95),
            target("distillation from the store: engine / open_clip_train --distill-model >= 2.5",
                   ratio(store, oc_distill), 2.5)]
+    oc_steps = [r for r in distill.get("runs", {}).get("open_clip", []) if r.get("breakdown")]
+    if oc_steps and out[2]["value"] is not None:  # skipping the teacher saves at most its forward
+        step, teacher = mean(r["step_s"] for r in oc_steps), mean(r["breakdown"]["teacher"] for r in oc_steps)
+        if step > teacher:
+            out[2]["ceiling"] = step / (step - teacher)
+            out[2]["note"] += (f"; the models' ceiling on this machine: {out[2]['ceiling']:.2f}x (open_clip_train's "
+                               f"distillation step {step:.3g} s, of which the teacher's forward {teacher:.3g} s)")
     search = s.get("search", {})
     oc_max = search.get("open_clip", {}).get("largest_fitting")
     engine_max = search.get("engine", {}).get("largest_fitting")
@@ -697,6 +745,10 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def pct(value) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
 def gib(value) -> str:
     return "-" if value is None else f"{value / GiB:.2f} GiB"
 
@@ -715,7 +767,13 @@ def markdown(results: dict) -> str:
              f"Machine: {m['cpu_model']}, {m['cpu_cores']} cores, {m['memory_gib']} GiB"
              + (f", GPU {m['gpu']['name']}" if m.get("gpu") else ", no GPU")
              + f"; torch {m['torch']}. 1-minute load average {results['load_1m_before']} before, "
-               f"{results['load_1m_after']} after (the run's own processes count in the second)"
+               f"{results['load_1m_after']} after" + (
+                 f" (read {st['after_pause_s']:g} s after the last run, when this run's own share has decayed; "
+                 f"{results.get('load_1m_at_end')} at its end)" if "after_pause_s" in st else
+                 " (right after the last run: its own processes count in it)")
+             + (f". Other processes took {pct(results['others_cpu_share']['mean'])} of the CPUs during the runs on "
+                f"average, {pct(results['others_cpu_share']['max'])} at most (one run)"
+                if results.get("others_cpu_share") else "")
              + (f"; at or above {st['max_load']}, so these numbers were measured under load" if label else "") + ".",
              "", f"Student {st['student']}, teacher {st['teacher']}, {results['inputs']['image_size']}-pixel JPEG "
                  f"shards; batch {st['batch_size']}, --lr {st['lr']}, --precision {st['precision']}, --workers "
@@ -775,8 +833,9 @@ def markdown(results: dict) -> str:
                   f"Cap {gib(search['cap_bytes'])} of {search['cap_kind']}; each probe {st['probe_steps']} steps. "
                   "open_clip_train refuses --accum-freq with --distill-model, so its search is plain CLIP; the "
                   "engine's is plain CLIP too, with --fused and --accum-freq (micro-batches of "
-                  f"{search['engine'].get('micro_batch')}), starting at {st.get('engine_start', 8):g} times "
-                  "open_clip_train's largest batch. A probe whose estimated time would end past the time budget is "
+                  f"{search['engine'].get('micro_batch')}), starting at "
+                  + (f"{st['engine_start']:g} times " if "engine_start" in st else "")
+                  + "open_clip_train's largest batch. A probe whose estimated time would end past the time budget is "
                   "not run: a search stopped for time gives a lower bound.", "",
                   "| tool | largest that fits | smallest that does not | why the search stopped | probes (batch: "
                   "peak, result) |", "| --- | --- | --- | --- | --- |"]
@@ -916,6 +975,8 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     a = p.add_argument
     a("--out", default=str(DEFAULT_OUT), help="results folder (peer.json, peer.md, peer.png)")
+    a("--render", default=None, metavar="PEER_JSON", help="measure nothing: write --out's Markdown and plot again "
+      "from this peer.json (targets recomputed)")
     a("--work-dir", default=None, help="data, weights, store and run folders (default: a temporary folder, removed "
       "at the end unless --keep)")
     a("--keep", action="store_true", help="keep the work folder and every run's logs and checkpoints")
@@ -958,6 +1019,8 @@ def parser() -> argparse.ArgumentParser:
       "many seconds from the start")
     a("--max-load", type=float, default=1.5, help="a 1-minute load average at or above this, before or after, "
       "labels the results as measured under load")
+    a("--after-pause-s", type=float, default=None, help="seconds after the last run before the load is read again "
+      "(default: 60; 0 with --smoke)")
     a("--wait-quiet-s", type=float, default=0, help="wait up to this long for the load to fall below --max-load "
       "before starting")
     a("--min-available-gib", type=float, default=1.5,
@@ -971,11 +1034,11 @@ def resolve_defaults(args: argparse.Namespace, cuda: bool) -> argparse.Namespace
     defaults = {"student": "ViT-T-16", "teacher": "ViT-B-16", "image_size": 224,
                 "batch_size": 256 if gpu else 8, "warmup_steps": 5 if gpu else 2, "steps": 20 if gpu else 4,
                 "precision": "amp_bf16" if gpu else "fp32", "cap_gib": 3.5 if small_cpu else 8.0,
-                "sections": ",".join(SECTIONS), "repeats": 2, "loss_store": True}
+                "sections": ",".join(SECTIONS), "repeats": 2, "loss_store": True, "after_pause_s": 60}
     if args.smoke:
         defaults.update({"student": "peer-smoke-student", "teacher": "peer-smoke-teacher", "image_size": 32,
                          "batch_size": 8, "warmup_steps": 1, "steps": 1, "precision": "fp32",
-                         "sections": "loss,plain", "repeats": 1, "loss_store": False})
+                         "sections": "loss,plain", "repeats": 1, "loss_store": False, "after_pause_s": 0})
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -994,7 +1057,14 @@ def resolve_defaults(args: argparse.Namespace, cuda: bool) -> argparse.Namespace
 def main(argv=None) -> None:
     import torch
 
-    args = resolve_defaults(parser().parse_args(argv), torch.cuda.is_available())
+    args = parser().parse_args(argv)
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+        results["targets"] = targets(results)
+        write(results, Path(args.out))
+        print(markdown(results))
+        return
+    args = resolve_defaults(args, torch.cuda.is_available())
     peer = Peer(args)
     try:
         results = peer.run()
