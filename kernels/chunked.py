@@ -44,10 +44,10 @@ BLOCK_BYTES = 64 << 20
 MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 16, 512
 
 
-def block_rows_for(n_columns: int, n_rows: int, views: int = 1) -> int:
-    """Anchor rows per block: two fp32 (rows, N) buffers per view within BLOCK_BYTES, a multiple of 16 within
+def block_rows_for(n_columns: int, n_rows: int, views: int = 1, block_bytes: int = BLOCK_BYTES) -> int:
+    """Anchor rows per block: two fp32 (rows, N) buffers per view within ``block_bytes``, a multiple of 16 within
     [MIN_BLOCK_ROWS, MAX_BLOCK_ROWS], at most the number of rows."""
-    rows = BLOCK_BYTES // (8 * max(views, 1) * max(n_columns, 1))
+    rows = block_bytes // (8 * max(views, 1) * max(n_columns, 1))
     rows = max(MIN_BLOCK_ROWS, min(MAX_BLOCK_ROWS, rows - rows % 16))
     return min(rows, n_rows)
 
@@ -65,6 +65,7 @@ class _Plan:
     gd: bool
     teachers: int = 1
     corrections: list[EnsembleCorrection] = field(default_factory=list)
+    block_bytes: int = BLOCK_BYTES  # the per-block buffers' budget (block_rows_for)
     inputs: tuple[str, ...] = field(init=False)  # input names, students first, then every teacher's
     scales: tuple[str, ...] = field(init=False)  # scale names: spec.SCALES, then every further teacher's
     views: list[View] = field(init=False)
@@ -90,14 +91,15 @@ class _Plan:
 
 
 def chunked_relational_loss(inputs, scales, weights, row_start: int, row_stop: int, group=None, teachers: int = 1,
-                            ensemble: str = AVERAGE_AFTER_SOFTMAX):
+                            ensemble: str = AVERAGE_AFTER_SOFTMAX, block_bytes: int = BLOCK_BYTES):
     """Backend entry point: (total, {term: detached value}) for the active row-softmax terms and gd.
 
     inputs: spec.ensemble_inputs(teachers) -> (N, D) (teachers of hrd and intra alone may be (N, D_k)); scales:
     spec.ensemble_scales(teachers) -> 0-dim fp32. Under torch.no_grad (evaluation) no gradient work is done at all.
+    block_bytes: the budget of a block's (rows, N) buffers, which sets the rows per block (block_rows_for).
     """
     plan = _Plan(active_uses(weights, teachers), [t for t in active_terms(weights) if t != "fd"], weights,
-                 weights["gd"] != 0, teachers, ensemble_corrections(weights, teachers, ensemble))
+                 weights["gd"] != 0, teachers, ensemble_corrections(weights, teachers, ensemble), block_bytes)
     if not plan.terms:
         return inputs["s_img"].new_zeros((), dtype=torch.float32), {}
     tensors = [inputs[name] for name in plan.inputs] + [scales[name] for name in plan.scales]
@@ -155,7 +157,7 @@ def _forward_and_gradients(plan: _Plan, embeddings, scales, want, row_start: int
     # Coefficient of each use in the total: weight * share / rows (the row mean).
     coef = {use: plan.weights[TERM_WEIGHT[use.term]] * use.share / n_rows for use in plan.uses}
 
-    block = block_rows_for(n, n_rows, len(plan.views))
+    block = block_rows_for(n, n_rows, len(plan.views), plan.block_bytes)
     for start in range(row_start, row_stop, block):
         stop = min(start + block, row_stop)
         rows = stop - start
@@ -245,7 +247,7 @@ def _forward_and_gradients(plan: _Plan, embeddings, scales, want, row_start: int
     pending = None
     if plan.gd:
         values["gd"], pending = _gradient_distillation(plan.weights["gd"], X, s, dX, dscale, need_grad, row_start,
-                                                       row_stop, group, grads_on, plan.teachers)
+                                                       row_stop, group, grads_on, plan.teachers, plan.block_bytes)
     grads = {name: dX[name].to(embeddings[name].dtype) for name in grads_on}
     grads.update({name: dscale[name].float() for name in plan.scales if want[name]})
     return values, grads, pending
@@ -257,7 +259,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _gradient_distillation(weight, X, s, dX, dscale, need_grad, row_start, row_stop, group=None, grads_on=(),
-                           teachers: int = 1):
+                           teachers: int = 1, block_bytes: int = BLOCK_BYTES):
     """gd over both directions, streamed in two passes (the gY sums need every anchor block before any gradient);
     with an ensemble, the mean over the teachers of each one's gd against the same student side.
 
@@ -281,7 +283,7 @@ def _gradient_distillation(weight, X, s, dX, dscale, need_grad, row_start, row_s
         Xs, Ys = X[anchor], X[candidate]
         n, d = Ys.shape[0], Ys.shape[1]
         # Pass 1: RY = R Y / B (rows, D) and RtX = R^T X / B (N, D), so that gX = s * RY and gY = s * RtX.
-        RY_s, RtX_s, lse_s = _residual_products(Xs, Ys, s_student, row_start, row_stop, total_rows)
+        RY_s, RtX_s, lse_s = _residual_products(Xs, Ys, s_student, row_start, row_stop, total_rows, block_bytes)
         if group is not None:  # gY sums over every rank's anchors
             import torch.distributed as dist
 
@@ -293,7 +295,7 @@ def _gradient_distillation(weight, X, s, dX, dscale, need_grad, row_start, row_s
             images, texts = teacher_inputs(k)
             Xt, Yt = (X[images], X[texts]) if t_side == 0 else (X[texts], X[images])
             s_teacher = s[teacher_scales(k)[1]]
-            RY_t, RtX_t, _ = _residual_products(Xt, Yt, s_teacher, row_start, row_stop, total_rows)
+            RY_t, RtX_t, _ = _residual_products(Xt, Yt, s_teacher, row_start, row_stop, total_rows, block_bytes)
             if group is not None:
                 dist.all_reduce(RtX_t, group=group)
             diff_x = s_student * RY_s - s_teacher * RY_t
@@ -306,16 +308,17 @@ def _gradient_distillation(weight, X, s, dX, dscale, need_grad, row_start, row_s
             continue
         direction = (anchor, candidate, lse_s, EX, EY, RY_s, RtX_s)
         if group is None:
-            _gd_gradients(direction, X, s_student, row_start, row_stop, total_rows, dX, dscale, 1.0, 1.0)
+            _gd_gradients(direction, X, s_student, row_start, row_stop, total_rows, dX, dscale, 1.0, 1.0, block_bytes)
         else:
             pending.append(direction)
     if group is None or not need_grad:
         return value.float(), None
     return value.float(), {"directions": pending, "X": X, "scale": s_student, "rows": (row_start, row_stop),
-                           "total_rows": total_rows, "grads_on": grads_on}
+                           "total_rows": total_rows, "grads_on": grads_on, "block_bytes": block_bytes}
 
 
-def _gd_gradients(direction, X, scale, row_start, row_stop, total_rows, dX, dscale, x_factor, y_factor):
+def _gd_gradients(direction, X, scale, row_start, row_stop, total_rows, dX, dscale, x_factor, y_factor,
+                  block_bytes: int = BLOCK_BYTES):
     """Add one gd direction's gradient into dX / dscale["gd_student"]: the gX part (this rank's rows) times
     ``x_factor``, the part through the gY sums times ``y_factor`` (the sum of every rank's factor under a group).
 
@@ -328,7 +331,7 @@ def _gd_gradients(direction, X, scale, row_start, row_stop, total_rows, dX, dsca
     Xs, Ys = X[anchor], X[candidate]
     n_rows = row_stop - row_start
     rows_scale = scale / total_rows
-    block = block_rows_for(Ys.shape[0], n_rows)
+    block = block_rows_for(Ys.shape[0], n_rows, block_bytes=block_bytes)
     for start in range(row_start, row_stop, block):
         stop = min(start + block, row_stop)
         local = torch.arange(stop - start, device=Xs.device)
@@ -360,18 +363,19 @@ def _gd_group_gradients(pending: dict, grad_total: torch.Tensor, group) -> dict:
     dscale = {"gd_student": torch.zeros((), dtype=torch.float64, device=own.device)}
     for direction in pending["directions"]:
         _gd_gradients(direction, X, pending["scale"], *pending["rows"], pending["total_rows"], dX, dscale,
-                      float(own), float(everyone))
+                      float(own), float(everyone), pending["block_bytes"])
     return {**dX, "gd_student": dscale["gd_student"].float()}
 
 
-def _residual_products(X, Y, scale: float, row_start: int, row_stop: int, total_rows: int):
+def _residual_products(X, Y, scale: float, row_start: int, row_stop: int, total_rows: int,
+                       block_bytes: int = BLOCK_BYTES):
     """R = P(scale X[rows] Y^T) - I_pos streamed by row blocks: (R Y / B, R^T X[rows] / B, lse per row), where
     B = total_rows."""
     n_rows, n = row_stop - row_start, Y.shape[0]
     RY = Y.new_empty(n_rows, Y.shape[1])
     RtX = torch.zeros_like(Y)
     lse = Y.new_empty(n_rows)
-    block = block_rows_for(n, n_rows)
+    block = block_rows_for(n, n_rows, block_bytes=block_bytes)
     for start in range(row_start, row_stop, block):
         stop = min(start + block, row_stop)
         local = torch.arange(stop - start, device=Y.device)
@@ -386,13 +390,14 @@ def _residual_products(X, Y, scale: float, row_start: int, row_stop: int, total_
     return RY, RtX, lse
 
 
-def chunked_sigmoid_loss(s_img, s_txt, teachers, student_scale, student_bias, weights, row_start: int, row_stop: int):
+def chunked_sigmoid_loss(s_img, s_txt, teachers, student_scale, student_bias, weights, row_start: int, row_stop: int,
+                         block_bytes: int = BLOCK_BYTES):
     """Backend entry point of the sigmoid terms: (total, {term: detached value}) for siglip and sigmoid_kd.
 
     s_img, s_txt (N, D); teachers: the SigmoidTeacher members of sigmoid_kd's soft labels (detached, any widths);
     student_scale, student_bias: 0-dim tensors (bias None: logits without a bias). Blocks of image anchor rows hold
     complete rows of the logits, so the loss and its gradient come from one pass; computed in fp32 (fp64 for fp64
-    inputs). Under torch.no_grad no gradient work is done.
+    inputs). Under torch.no_grad no gradient work is done. block_bytes: as in chunked_relational_loss.
     """
     terms = tuple(term for term in SIGMOID_TERMS if weights[term] != 0.0)
     bias = student_bias if student_bias is not None else student_scale.new_zeros(())
@@ -400,7 +405,8 @@ def chunked_sigmoid_loss(s_img, s_txt, teachers, student_scale, student_bias, we
     if not torch.is_grad_enabled():
         tensors = [t.detach() for t in tensors]  # nothing will be differentiated: skip every gradient product
     term_weights = tuple(weights[term] for term in SIGMOID_TERMS)
-    total, values = _ChunkedSigmoidLoss.apply(term_weights, tuple(teachers), row_start, row_stop, *tensors)
+    total, values = _ChunkedSigmoidLoss.apply(term_weights, tuple(teachers), row_start, row_stop, block_bytes,
+                                              *tensors)
     return total, {term: values[i] for i, term in enumerate(terms)}
 
 
@@ -409,10 +415,10 @@ _SIGMOID_INPUTS = ("s_img", "s_txt", "scale", "bias")
 
 class _ChunkedSigmoidLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, term_weights, teachers, row_start: int, row_stop: int, *tensors):
-        want = dict(zip(_SIGMOID_INPUTS, ctx.needs_input_grad[4:]))
+    def forward(ctx, term_weights, teachers, row_start: int, row_stop: int, block_bytes: int, *tensors):
+        want = dict(zip(_SIGMOID_INPUTS, ctx.needs_input_grad[5:]))
         values, grads = _sigmoid_forward_and_gradients(dict(zip(SIGMOID_TERMS, term_weights)), teachers,
-                                                       *tensors, want, row_start, row_stop)
+                                                       *tensors, want, row_start, row_stop, block_bytes)
         total = sum(weight * values[term] for term, weight in zip(SIGMOID_TERMS, term_weights) if weight != 0.0)
         ctx.grad_names = [name for name in _SIGMOID_INPUTS if want[name]]
         ctx.save_for_backward(*[grads[name] for name in ctx.grad_names])
@@ -425,10 +431,11 @@ class _ChunkedSigmoidLoss(torch.autograd.Function):
         refuse_double_backward("chunked", "whose gradients are computed in its forward pass")
         saved = dict(zip(ctx.grad_names, ctx.saved_tensors))
         grads = {name: saved[name] * grad_total.to(saved[name].dtype) for name in saved}
-        return (None, None, None, None, *[grads.get(name) for name in _SIGMOID_INPUTS])
+        return (None, None, None, None, None, *[grads.get(name) for name in _SIGMOID_INPUTS])
 
 
-def _sigmoid_forward_and_gradients(weights, teachers, s_img, s_txt, scale, bias, want, row_start: int, row_stop: int):
+def _sigmoid_forward_and_gradients(weights, teachers, s_img, s_txt, scale, bias, want, row_start: int, row_stop: int,
+                                   block_bytes: int = BLOCK_BYTES):
     """siglip and sigmoid_kd values (fp32) and, where wanted, d(total)/d(input) for s_img, s_txt, scale and bias.
 
     Student logits z = s S_I[rows] S_T^T + b (rows, N); with labels y (+1 on the positive, -1 elsewhere) and soft
@@ -449,7 +456,7 @@ def _sigmoid_forward_and_gradients(weights, teachers, s_img, s_txt, scale, bias,
 
     # (rows, N) buffers alive per block: the raw and biased logits, a softplus and the gradient (two views' worth);
     # sigmoid_kd adds the soft labels, a teacher's probabilities, the margins and their softplus (two more).
-    block = block_rows_for(n, n_rows, views=4 if w_kd else 2)
+    block = block_rows_for(n, n_rows, views=4 if w_kd else 2, block_bytes=block_bytes)
     for start in range(row_start, row_stop, block):
         stop = min(start + block, row_stop)
         local = torch.arange(stop - start, device=device)

@@ -7,6 +7,7 @@ import torch
 
 from . import spec
 from .reference import feature_distillation, reference_loss
+from .triton_config import MAX_WIDTH, SUPPORTED_DTYPES, BlockConfig
 
 Scalar = Union[float, torch.Tensor]
 Teachers = Union[torch.Tensor, Sequence[torch.Tensor]]  # one teacher, or a list or tuple of them (an ensemble)
@@ -42,8 +43,6 @@ def triton_unsupported(weights: dict, s_img: torch.Tensor, group, teachers: Sequ
     ``teachers``: the call's teacher members (Teacher or SigmoidTeacher, an ensemble among them), whose widths the
     kernels walk too. Every term, teacher ensembles in both modes included, has kernels: only widths and dtypes
     send a call to the chunked backend."""
-    from .triton_config import MAX_WIDTH, SUPPORTED_DTYPES
-
     widest = max([s_img.shape[1], *(teacher.image.shape[1] for teacher in teachers)])
     if widest > MAX_WIDTH:
         return f"embedding width {widest} exceeds the Triton kernels' maximum {MAX_WIDTH}"
@@ -80,6 +79,8 @@ def clip_rd_loss(
     group=None,
     gd_convention: str = "paper",
     ensemble: str = spec.AVERAGE_AFTER_SOFTMAX,
+    block_bytes: Optional[int] = None,
+    tiles: Optional[BlockConfig] = None,
 ) -> dict[str, torch.Tensor]:
     """The distillation objective; returns {"total", <one key per computed term>} as 0-dim fp32 tensors.
 
@@ -95,6 +96,9 @@ def clip_rd_loss(
     local loss), candidates all N; ``group`` (a torch.distributed process group) makes gd exact across the ranks of a
     local loss. ``gd_convention``: "paper" (logits s X Y^T) or "clip-kd-code" (the published CLIP-KD code's X Y^T / s).
     With backend "chunked" or "triton" only "total" carries a gradient; the per-term values are detached, for logging.
+    ``block_bytes`` (chunked backend: the budget of a block's (rows, N) buffers, default chunked.BLOCK_BYTES) and
+    ``tiles`` (Triton backend: a triton_config.BlockConfig, default block_config's for the width and dtype) change
+    speed and memory, never a result beyond rounding; each is ignored by the other backends.
     """
     if backend not in spec.BACKENDS:
         raise ValueError(f"backend: unknown backend {backend!r}; expected one of {list(spec.BACKENDS)}")
@@ -104,6 +108,9 @@ def clip_rd_loss(
     if resolved["afd"] != 0.0:
         raise ValueError("weights['afd']: afd needs the fusion layers of ClipRDLoss (kernels.ClipRDLoss), not the "
                          "functional form")
+    if block_bytes is not None and (isinstance(block_bytes, bool) or not isinstance(block_bytes, int)
+                                    or block_bytes < 1):
+        raise ValueError(f"block_bytes: expected a positive int, got {block_bytes!r}")
     row_start, row_stop = spec.validate_inputs(s_img, s_txt, t_img, t_txt, row_start, row_stop, resolved, ensemble)
     images, texts = spec.teacher_members(t_img, t_txt)
     device = s_img.device
@@ -162,11 +169,16 @@ def clip_rd_loss(
     for k, teacher in enumerate(teachers[1:], start=1):
         inputs.update(zip(spec.teacher_inputs(k), (teacher.image, teacher.text)))
         scales.update(zip(spec.teacher_scales(k), (teacher.scale, teacher.gd_scale)))
+    # the backend's blocking: rows per block (chunked) or tile sizes (triton)
+    if backend == "chunked":
+        blocking = {} if block_bytes is None else {"block_bytes": block_bytes}
+    else:
+        blocking = {"tiles": tiles}
     total, terms = _relational_backend(backend)(inputs, scales, resolved, row_start, row_stop, group,
-                                                teachers=max(len(teachers), 1), ensemble=ensemble)
+                                                teachers=max(len(teachers), 1), ensemble=ensemble, **blocking)
     if any(resolved[key] != 0.0 for key in spec.SIGMOID_TERMS):
         sigmoid_total, sigmoid_terms = _sigmoid_backend(backend)(s_img, s_txt, sigmoid_teachers, scales["student"],
-                                                                 bias, resolved, row_start, row_stop)
+                                                                 bias, resolved, row_start, row_stop, **blocking)
         total = total + sigmoid_total
         terms.update(sigmoid_terms)
     if resolved["fd"] != 0.0:  # the mean over teachers (one teacher: its own), each of the student's width

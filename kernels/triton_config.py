@@ -7,6 +7,7 @@ new local-loss row range reuses the compiled kernels. Only the backward passes' 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -26,14 +27,18 @@ class BlockConfig:
     forward_warps: int
     backward_warps: int
     num_stages: int
+    target_programs: int = TARGET_PROGRAMS  # programs a backward pass aims to launch (stream_split)
 
 
 def _next_power_of_2(value: int) -> int:
     return 1 << (value - 1).bit_length()
 
 
-def block_config(width: int, dtype: torch.dtype) -> BlockConfig:
-    """Tile sizes for embeddings of width ``width`` and ``dtype``; raises a clear error for what is unsupported."""
+def block_config(width: int, dtype: torch.dtype, tiles: Optional[BlockConfig] = None) -> BlockConfig:
+    """Tile sizes for embeddings of width ``width`` and ``dtype``; raises a clear error for what is unsupported.
+
+    ``tiles`` (clip_rd_loss's ``tiles=``) replaces the choice below after the same checks: smaller tiles make small
+    problems cross every block boundary in tests, and a user may tune a new GPU without editing this file."""
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"triton backend: inputs must be float32, bfloat16 or float16, got {dtype}")
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
@@ -43,6 +48,10 @@ def block_config(width: int, dtype: torch.dtype) -> BlockConfig:
             f"triton backend: embedding width D = {width} exceeds the supported maximum {MAX_WIDTH}; "
             "use backend='chunked'"
         )
+    if tiles is not None:
+        if not isinstance(tiles, BlockConfig):
+            raise TypeError(f"tiles: expected a kernels.triton_config.BlockConfig, got {type(tiles).__name__}")
+        return tiles
     # tl.dot needs every dimension >= 16. Sizes are the largest that compile without register spills on sm_80 and
     # sm_90 (tests/test_triton_compile.py); fp32 operands go through 3-pass TF32, which needs about twice the
     # registers, hence smaller tiles. The backward computes each dA tile once and adds dA @ Y to fp32 gradient rows
@@ -56,12 +65,13 @@ def block_config(width: int, dtype: torch.dtype) -> BlockConfig:
                        forward_warps=8, backward_warps=8, num_stages=2)
 
 
-def stream_split(owned_blocks: int, streamed_blocks: int, block: int) -> tuple[int, int]:
+def stream_split(owned_blocks: int, streamed_blocks: int, block: int,
+                 target_programs: int = TARGET_PROGRAMS) -> tuple[int, int]:
     """Split of a backward pass's streamed axis: (splits, elements per split, a multiple of ``block``).
 
-    A pass launches ``owned_blocks`` x splits programs; splits grow until that reaches TARGET_PROGRAMS (at most one
+    A pass launches ``owned_blocks`` x splits programs; splits grow until that reaches target_programs (at most one
     per streamed tile). Each split adds one fp32 partial-gradient slab of the owned rows, summed on the host: at most
-    TARGET_PROGRAMS x (rows of an owned block) x D x 4 bytes more (64 MiB at D = 1024, 64-row blocks)."""
-    wanted = max(1, min(streamed_blocks, -(-TARGET_PROGRAMS // owned_blocks)))
+    target_programs x (rows of an owned block) x D x 4 bytes more (64 MiB at D = 1024, 64-row blocks, the default)."""
+    wanted = max(1, min(streamed_blocks, -(-target_programs // owned_blocks)))
     per_split = -(-streamed_blocks // wanted)  # whole tiles per split
     return -(-streamed_blocks // per_split), per_split * block

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from . import spec
-from .triton_config import block_config, stream_split
+from .triton_config import BlockConfig, block_config, stream_split
 from .triton_ensemble import MEMBER_COLUMNS, ensemble_jsd
 from .triton_gd import GradientDistillation
 from .triton_tiles import (
@@ -399,10 +399,11 @@ def _plan(weight_items: tuple[tuple[str, float], ...], device: torch.device, tea
 # ------------------------------------------------------------------------------------------------ host wrappers
 
 
-def _relational_forward(emb: torch.Tensor, plan: _Plan, scales: torch.Tensor, row_start: int, n_rows: int):
+def _relational_forward(emb: torch.Tensor, plan: _Plan, scales: torch.Tensor, row_start: int, n_rows: int,
+                        tiles: Optional[BlockConfig]):
     """emb (slabs, N, D), scales fp32 -> lse (n_pairs, PAIR_VIEWS, rows), row_loss (n_pairs, NUM_USES, rows), fp32."""
     n_pairs, n_cols, width = plan.table.shape[0], emb.shape[1], emb.shape[2]
-    cfg = block_config(width, emb.dtype)
+    cfg = block_config(width, emb.dtype, tiles)
     lse = torch.empty((n_pairs, PAIR_VIEWS, n_rows), dtype=torch.float32, device=emb.device)
     row_loss = torch.empty((n_pairs, NUM_USES, n_rows), dtype=torch.float32, device=emb.device)
     grid = (triton.cdiv(n_rows, cfg.block_m), n_pairs)
@@ -414,11 +415,11 @@ def _relational_forward(emb: torch.Tensor, plan: _Plan, scales: torch.Tensor, ro
 
 
 def _relational_backward(emb: torch.Tensor, plan: _Plan, coef: torch.Tensor, scales: torch.Tensor,
-                         lse: torch.Tensor, row_start: int, n_rows: int):
+                         lse: torch.Tensor, row_start: int, n_rows: int, tiles: Optional[BlockConfig]):
     """-> grad of s_img/s_txt (2, N, D) fp32 and of the scales fp32; coef (n_pairs, COEF_WIDTH) as the kernel
     reads it."""
     n_pairs, n_cols, width = plan.table.shape[0], emb.shape[1], emb.shape[2]
-    cfg = block_config(width, emb.dtype)
+    cfg = block_config(width, emb.dtype, tiles)
     options = dict(BLOCK_D=cfg.block_d, num_warps=cfg.backward_warps, num_stages=cfg.num_stages,
                    **kernel_options(cfg, emb.dtype))
     row_blocks, col_blocks = triton.cdiv(n_rows, cfg.block_m), triton.cdiv(n_cols, cfg.block_n)
@@ -431,7 +432,8 @@ def _relational_backward(emb: torch.Tensor, plan: _Plan, coef: torch.Tensor, sca
         # Each pass owns its output blocks and streams the other axis, split so the pass fills the GPU. The kernel
         # accumulates into its own rows (read-modify-write): start from zero, and so do the scale-gradient partial
         # sums of pairs a program skips.
-        splits, split_len = stream_split(owned_blocks * STUDENT_SLABS, streamed_blocks, streamed_block)
+        splits, split_len = stream_split(owned_blocks * STUDENT_SLABS, streamed_blocks, streamed_block,
+                                         cfg.target_programs)
         grad = torch.zeros((splits, STUDENT_SLABS, owned_len, width), **f32)
         dscale = torch.zeros((owned_blocks * STUDENT_SLABS * splits, n_pairs * PAIR_VIEWS), **f32)
         _relational_bwd_kernel[(owned_blocks, STUDENT_SLABS, splits)](
@@ -450,24 +452,24 @@ def _relational_backward(emb: torch.Tensor, plan: _Plan, coef: torch.Tensor, sca
 
 
 class _RelationalLoss(torch.autograd.Function):
-    """(plan, row_start, rows, scales (len(plan.scales),), s_img, s_txt, t_img, t_txt, t_img1, t_txt1, ...) -> total
-    (0-dim) and the detached term values."""
+    """(plan, row_start, rows, tiles, scales (len(plan.scales),), s_img, s_txt, t_img, t_txt, t_img1, t_txt1, ...) ->
+    total (0-dim) and the detached term values."""
 
     @staticmethod
-    def forward(ctx, plan: _Plan, row_start: int, n_rows: int, scales, *embeddings):
+    def forward(ctx, plan: _Plan, row_start: int, n_rows: int, tiles: Optional[BlockConfig], scales, *embeddings):
         emb = _stack(embeddings)
-        lse, row_loss = _relational_forward(emb, plan, scales, row_start, n_rows)
+        lse, row_loss = _relational_forward(emb, plan, scales, row_start, n_rows, tiles)
         slot_mean = row_loss.sum(dim=2) / n_rows  # (n_pairs, NUM_USES): mean over the owned rows of each use
         terms = _shares_of(plan.term_shares, slot_mean.reshape(-1))
         total = (plan.weighted * slot_mean).sum()
         if plan.members.shape[0]:  # average-after-softmax: KD(A ; pbar) = mean_k KD(A ; G_k) - mean_i JSD_i
-            cfg = block_config(emb.shape[2], emb.dtype)
+            cfg = block_config(emb.shape[2], emb.dtype, tiles)
             jsd = ensemble_jsd(emb, plan.members, scales, lse, row_start, n_rows, cfg, kernel_options(cfg, emb.dtype))
             jsd_mean = jsd.sum(dim=1) / n_rows  # (n_corrections,)
             terms = terms - _shares_of(plan.correction_shares, jsd_mean)
             total = total - (plan.correction_weighted * jsd_mean).sum()
         ctx.save_for_backward(emb, scales, lse)
-        ctx.plan, ctx.row_start, ctx.n_rows = plan, row_start, n_rows
+        ctx.plan, ctx.row_start, ctx.n_rows, ctx.tiles = plan, row_start, n_rows, tiles
         students = len(spec.STUDENT_INPUTS)
         ctx.widths = [embedding.shape[1] for embedding in embeddings[:students]]
         ctx.n_teacher_inputs = len(embeddings) - students
@@ -482,11 +484,12 @@ class _RelationalLoss(torch.autograd.Function):
         # d total / d logits of a pair = gscale * (unit coefficients combination of P - onehot, P - P(target)).
         gscale = plan.norm * (grad_total.float() / ctx.n_rows)
         coef = torch.cat((plan.unit, gscale[:, None]), dim=1).contiguous()
-        grad_emb, grad_scales = _relational_backward(emb, plan, coef, scales, lse, ctx.row_start, ctx.n_rows)
+        grad_emb, grad_scales = _relational_backward(emb, plan, coef, scales, lse, ctx.row_start, ctx.n_rows,
+                                                     ctx.tiles)
         dtype = emb.dtype
         # the students' own widths: the columns past them are the zero padding of a wider teacher
         grads = [grad_emb[slab, :, :width].to(dtype) for slab, width in enumerate(ctx.widths)]
-        return None, None, None, grad_scales, *grads, *([None] * ctx.n_teacher_inputs)
+        return None, None, None, None, grad_scales, *grads, *([None] * ctx.n_teacher_inputs)
 
 
 def _shares_of(shares: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
@@ -513,14 +516,15 @@ def _stack(embeddings) -> torch.Tensor:
 
 
 def triton_relational_loss(inputs, scales, weights, row_start, row_stop, group=None, teachers: int = 1,
-                           ensemble: str = spec.AVERAGE_AFTER_SOFTMAX):
+                           ensemble: str = spec.AVERAGE_AFTER_SOFTMAX, tiles: Optional[BlockConfig] = None):
     """The row-softmax terms and gd of the objective with the fused Triton kernels (contract in kernels/README.md).
 
     inputs: spec.ensemble_inputs(teachers) -> (N, D) (teachers of hrd and intra alone may be (N, D_k)); scales:
     spec.ensemble_scales(teachers) -> 0-dim fp32; weights resolved. Returns (total, {term: detached 0-dim fp32}) for
     the active terms among task, icl, hrd, vrd, vrd_ce_img, vrd_ce_txt, xrd, intra, cross_kd, gd; anchors are rows
     [row_start, row_stop), columns all N. ``group`` (a torch.distributed process group or None) makes gd exact across
-    the ranks of a local loss. With an ensemble, gd is the mean of one gd call per teacher."""
+    the ranks of a local loss. With an ensemble, gd is the mean of one gd call per teacher. ``tiles``: the kernels'
+    tile sizes (None: block_config's choice for the width and dtype)."""
     s_img = inputs["s_img"]
     if not s_img.is_cuda and not INTERPRETING:
         raise RuntimeError(
@@ -529,7 +533,7 @@ def triton_relational_loss(inputs, scales, weights, row_start, row_stop, group=N
         )
     names = spec.ensemble_inputs(teachers)
     n_cols = s_img.shape[0]
-    block_config(max(inputs[name].shape[1] for name in names), s_img.dtype)  # a clear error before any launch
+    block_config(max(inputs[name].shape[1] for name in names), s_img.dtype, tiles)  # a clear error before any launch
     row_stop = n_cols if row_stop is None else row_stop
     n_rows = row_stop - row_start
     plan = _plan(tuple(sorted(weights.items())), s_img.device, teachers, ensemble)
@@ -537,7 +541,8 @@ def triton_relational_loss(inputs, scales, weights, row_start, row_stop, group=N
     terms = {}
     if plan.terms:
         scale_vec = torch.stack([scales[name].reshape(()).float() for name in plan.scales])
-        total, values = _RelationalLoss.apply(plan, row_start, n_rows, scale_vec, *(inputs[name] for name in names))
+        total, values = _RelationalLoss.apply(plan, row_start, n_rows, tiles, scale_vec,
+                                              *(inputs[name] for name in names))
         terms = dict(zip(plan.terms, values.unbind(0)))
     if weights["gd"] != 0.0:
         values = []
@@ -546,7 +551,7 @@ def triton_relational_loss(inputs, scales, weights, row_start, row_stop, group=N
             gd_scales = torch.stack([scales[name].reshape(()).float()
                                      for name in ("gd_student", spec.teacher_scales(k)[1])])
             values.append(GradientDistillation.apply(inputs["s_img"], inputs["s_txt"], inputs[image], inputs[text],
-                                                     gd_scales, row_start, n_rows, group))
+                                                     gd_scales, row_start, n_rows, group, tiles))
         gd = sum(values) / teachers
         total = total + weights["gd"] * gd
         terms["gd"] = gd.detach()

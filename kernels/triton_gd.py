@@ -21,12 +21,14 @@ scaled in backward by the sum of every rank's upstream gradient (the all-reduce'
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from . import spec
-from .triton_config import block_config, stream_split
+from .triton_config import BlockConfig, block_config, stream_split
 from .triton_tiles import (
     STUDENT_SLABS,
     add_tile_product,
@@ -223,12 +225,12 @@ def _gd_backward_kernel(
 # ------------------------------------------------------------------------------------------------ host wrappers
 
 
-def _launch_passes(kernel, emb, n_rows: int, views: int, make_args):
+def _launch_passes(kernel, emb, n_rows: int, views: int, make_args, tiles: Optional[BlockConfig]):
     """Launch ``kernel`` as a row pass and a column pass, each split over its streamed axis to fill the GPU.
 
     make_args(ROWS, out) -> positional arguments before split_len; returns the two outputs summed over splits,
     (views, rows, D) and (views, N, D) fp32, and the row pass's scale partial sums."""
-    cfg = block_config(emb.shape[2], emb.dtype)
+    cfg = block_config(emb.shape[2], emb.dtype, tiles)
     n_cols, width = emb.shape[1], emb.shape[2]
     row_blocks, col_blocks = triton.cdiv(n_rows, cfg.block_m), triton.cdiv(n_cols, cfg.block_n)
     results = []
@@ -236,7 +238,8 @@ def _launch_passes(kernel, emb, n_rows: int, views: int, make_args):
         (1, row_blocks, n_rows, col_blocks, cfg.block_n),
         (0, col_blocks, n_cols, row_blocks, cfg.block_m),
     ):
-        splits, split_len = stream_split(owned_blocks * views, streamed_blocks, streamed_block)
+        splits, split_len = stream_split(owned_blocks * views, streamed_blocks, streamed_block,
+                                         cfg.target_programs)
         out = torch.zeros((splits, views, owned_len, width), dtype=torch.float32, device=emb.device)
         dscale = torch.zeros(owned_blocks * views * splits, dtype=torch.float32, device=emb.device)
         kernel[(owned_blocks, views, splits)](
@@ -247,18 +250,18 @@ def _launch_passes(kernel, emb, n_rows: int, views: int, make_args):
     return rows_out, cols_out, dscale
 
 
-def _gd_forward(emb, scales, row_start: int, n_rows: int, total_rows: int):
+def _gd_forward(emb, scales, row_start: int, n_rows: int, total_rows: int, tiles: Optional[BlockConfig]):
     """emb (4, N, D), scales (2,) -> lse (4, rows), R Y / B (4, rows, D), R^T X / B (4, N, D); fp32, views
     side * 2 + direction; R^T X sums only this program's anchor rows."""
     n_cols, width = emb.shape[1], emb.shape[2]
-    cfg = block_config(width, emb.dtype)
+    cfg = block_config(width, emb.dtype, tiles)
     lse = torch.empty((GD_VIEWS, n_rows), dtype=torch.float32, device=emb.device)
     _gd_lse_kernel[(triton.cdiv(n_rows, cfg.block_m), GD_VIEWS)](
         emb, scales, lse, n_cols, width, row_start, n_rows,
         num_warps=cfg.forward_warps, num_stages=cfg.num_stages, **kernel_options(cfg, emb.dtype))
     rows_out, cols_out, _ = _launch_passes(
         _gd_products_kernel, emb, n_rows, GD_VIEWS,
-        lambda out, _dscale: (emb, scales, lse, out, 1.0 / total_rows, n_cols, width, row_start, n_rows))
+        lambda out, _dscale: (emb, scales, lse, out, 1.0 / total_rows, n_cols, width, row_start, n_rows), tiles)
     return lse, rows_out, cols_out
 
 
@@ -270,11 +273,12 @@ def _units(tensor: torch.Tensor, dtype: torch.dtype):
     return (tensor / norm[:, None, None]).to(dtype).contiguous(), norm
 
 
-def _gd_backward(emb, scales, lse, upstream_x, upstream_y, row_start: int, n_rows: int, total_rows: int):
+def _gd_backward(emb, scales, lse, upstream_x, upstream_y, row_start: int, n_rows: int, total_rows: int,
+                 tiles: Optional[BlockConfig]):
     """EX (2, rows, D), EY (2, N, D) fp32 -> gradient of the student slabs (2, N, D) fp32 and the part of d loss /
     d gd_student that goes through the softmax."""
     n_cols, width = emb.shape[1], emb.shape[2]
-    cfg = block_config(width, emb.dtype)
+    cfg = block_config(width, emb.dtype, tiles)
     ex, ex_norm = _units(upstream_x, emb.dtype)
     ey, ey_norm = _units(upstream_y, emb.dtype)
     # H = (s / B)(EX Y^T + X EY^T) = unit (cx EX_u Y^T + cy X EY_u^T), unit the larger factor so both are <= 1.
@@ -289,18 +293,19 @@ def _gd_backward(emb, scales, lse, upstream_x, upstream_y, row_start: int, n_row
         num_warps=cfg.backward_warps, num_stages=cfg.num_stages, **options)
     rows_out, cols_out, dscale = _launch_passes(
         _gd_backward_kernel, emb, n_rows, STUDENT_SLABS,
-        lambda out, ds: (emb, scales, lse, ex, ey, coef, delta, out, ds, n_cols, width, row_start, n_rows))
+        lambda out, ds: (emb, scales, lse, ex, ey, coef, delta, out, ds, n_cols, width, row_start, n_rows), tiles)
     grad = cols_out.flip(0)  # direction d's candidates are slab 1 - d
     grad[:, row_start:row_start + n_rows] += rows_out
     return grad, dscale
 
 
 class GradientDistillation(torch.autograd.Function):
-    """(s_img, s_txt, t_img, t_txt, scales (2,) = gd_student, gd_teacher) -> gd (0-dim fp32); the teacher side
-    and gd_teacher get no gradient."""
+    """(s_img, s_txt, t_img, t_txt, scales (2,) = gd_student, gd_teacher, row_start, rows, group, tiles) -> gd
+    (0-dim fp32); the teacher side and gd_teacher get no gradient."""
 
     @staticmethod
-    def forward(ctx, s_img, s_txt, t_img, t_txt, scales, row_start: int, n_rows: int, group):
+    def forward(ctx, s_img, s_txt, t_img, t_txt, scales, row_start: int, n_rows: int, group,
+                tiles: Optional[BlockConfig]):
         emb = torch.stack((s_img, s_txt, t_img.to(s_img.dtype), t_txt.to(s_img.dtype)))
         total_rows = n_rows
         if group is not None:
@@ -309,7 +314,7 @@ class GradientDistillation(torch.autograd.Function):
             count = torch.tensor([n_rows], dtype=torch.int64, device=emb.device)
             dist.all_reduce(count, group=group)
             total_rows = int(count.item())
-        lse, row_products, col_products = _gd_forward(emb, scales, row_start, n_rows, total_rows)
+        lse, row_products, col_products = _gd_forward(emb, scales, row_start, n_rows, total_rows, tiles)
         if group is not None:  # gY sums over every rank's anchors
             dist.all_reduce(col_products, group=group)
         student, teacher = scales[0], scales[1]
@@ -317,7 +322,7 @@ class GradientDistillation(torch.autograd.Function):
         diff_y = student * col_products[:2] - teacher * col_products[2:]  # (2 directions, N, D): gY_S - gY_T
         value = 0.5 * (diff_x.pow(2).mean(dim=(1, 2)) + diff_y.pow(2).mean(dim=(1, 2))).sum()
         ctx.save_for_backward(emb, scales, lse, row_products[:2], col_products[:2], diff_x, diff_y)
-        ctx.row_start, ctx.n_rows, ctx.total_rows, ctx.group = row_start, n_rows, total_rows, group
+        ctx.row_start, ctx.n_rows, ctx.total_rows, ctx.group, ctx.tiles = row_start, n_rows, total_rows, group, tiles
         return value
 
     @staticmethod
@@ -338,7 +343,7 @@ class GradientDistillation(torch.autograd.Function):
         # gX = s R Y / B, gY = s R^T X / B: the explicit dependence on s, this rank's own
         explicit = own * ((loss_x * row_products).sum() + (loss_y * col_products).sum())
         grad, through_softmax = _gd_backward(emb, scales, lse, loss_x * own, loss_y * everyone, ctx.row_start,
-                                             ctx.n_rows, ctx.total_rows)
+                                             ctx.n_rows, ctx.total_rows, ctx.tiles)
         grad_scales = torch.stack((explicit + through_softmax, torch.zeros_like(explicit)))
         dtype = emb.dtype
-        return grad[0].to(dtype), grad[1].to(dtype), None, None, grad_scales, None, None, None
+        return grad[0].to(dtype), grad[1].to(dtype), None, None, grad_scales, None, None, None, None

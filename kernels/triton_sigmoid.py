@@ -22,12 +22,14 @@ at large batches (dz ~ 1 / rows); the unit comes back as a factor of the product
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from . import spec
-from .triton_config import block_config, stream_split
+from .triton_config import BlockConfig, block_config, stream_split
 from .triton_tiles import (
     INTERPRETING,
     add_tile_product,
@@ -208,20 +210,21 @@ def _pack_teachers(teachers, dtype: torch.dtype, device: torch.device):
     return buffer, torch.tensor(table, dtype=torch.int64, device=device), scales.contiguous()
 
 
-def _config(s_img: torch.Tensor, teacher_widths: list[int]):
+def _config(s_img: torch.Tensor, teacher_widths: list[int], tiles: Optional[BlockConfig]):
     """Tiles for the widest of the student's and the teachers' widths (D is a loop: one config serves them all)."""
-    return block_config(max([s_img.shape[1], *teacher_widths]), s_img.dtype)
+    return block_config(max([s_img.shape[1], *teacher_widths]), s_img.dtype, tiles)
 
 
 class _SigmoidLoss(torch.autograd.Function):
     """(s_img, s_txt, scales (2,) = s, b) -> total (0-dim fp32) and the term values (SIGMOID_SLOTS,) detached."""
 
     @staticmethod
-    def forward(ctx, s_img, s_txt, scales, teachers, term_weights, row_start: int, n_rows: int):
+    def forward(ctx, s_img, s_txt, scales, teachers, term_weights, row_start: int, n_rows: int,
+                tiles: Optional[BlockConfig]):
         s_txt = s_txt.contiguous()
         s_img = s_img.contiguous()
         buffer, table, teacher_scales = _pack_teachers(teachers, s_img.dtype, s_img.device)
-        cfg = _config(s_img, [t.image.shape[1] for t in teachers])
+        cfg = _config(s_img, [t.image.shape[1] for t in teachers], tiles)
         n_cols, width = s_img.shape
         row_loss = torch.empty((SIGMOID_SLOTS, n_rows), dtype=torch.float32, device=s_img.device)
         _sigmoid_fwd_kernel[(triton.cdiv(n_rows, cfg.block_m),)](
@@ -254,7 +257,8 @@ class _SigmoidLoss(torch.autograd.Function):
             (1, row_blocks, n_rows, col_blocks, cfg.block_n),
             (0, col_blocks, n_cols, row_blocks, cfg.block_m),
         ):
-            splits, split_len = stream_split(owned_blocks, streamed_blocks, streamed_block)
+            splits, split_len = stream_split(owned_blocks, streamed_blocks, streamed_block,
+                                             cfg.target_programs)
             grad = torch.zeros((splits, owned_len, width), **f32)
             dscale = torch.zeros((owned_blocks * splits, 2), **f32)
             _sigmoid_bwd_kernel[(owned_blocks, splits)](
@@ -269,25 +273,26 @@ class _SigmoidLoss(torch.autograd.Function):
         # dz = coef[2] * unit dz: d total / ds = sum(dz * Z), d total / db = sum(dz).
         grad_scales = partial_scales * coef[2]
         dtype = s_img.dtype
-        return grad_img.to(dtype), grad_txt.to(dtype), grad_scales, None, None, None, None
+        return grad_img.to(dtype), grad_txt.to(dtype), grad_scales, None, None, None, None, None
 
 
-def triton_sigmoid_loss(s_img, s_txt, teachers, student_scale, student_bias, weights, row_start: int, row_stop: int):
+def triton_sigmoid_loss(s_img, s_txt, teachers, student_scale, student_bias, weights, row_start: int, row_stop: int,
+                        tiles: Optional[BlockConfig] = None):
     """siglip and sigmoid_kd with the fused Triton kernels: (total, {term: detached 0-dim fp32}).
 
     s_img, s_txt (N, D); teachers: the SigmoidTeacher members of sigmoid_kd's soft labels (any widths up to the
     kernels' maximum); student_scale, student_bias 0-dim tensors (bias None: no bias). Anchors are image rows
-    [row_start, row_stop), columns all N texts."""
+    [row_start, row_stop), columns all N texts. ``tiles``: as in triton_relational_loss."""
     if not s_img.is_cuda and not INTERPRETING:
         raise RuntimeError(
             "triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before kernels.triton_sigmoid is imported "
             f"to run on {s_img.device} tensors; use backend='chunked' on CPU"
         )
     kd = weights["sigmoid_kd"] != 0.0
-    _config(s_img, [t.image.shape[1] for t in teachers] if kd else [])  # a clear error before any launch
+    _config(s_img, [t.image.shape[1] for t in teachers] if kd else [], tiles)  # a clear error before any launch
     bias = student_bias if student_bias is not None else student_scale.new_zeros(())
     scales = torch.stack((student_scale.reshape(()).float(), bias.reshape(()).float()))
     term_weights = tuple(weights[term] for term in spec.SIGMOID_TERMS)
     total, values = _SigmoidLoss.apply(s_img, s_txt, scales, tuple(teachers) if kd else (), term_weights, row_start,
-                                       row_stop - row_start)
+                                       row_stop - row_start, tiles)
     return total, {term: values[i] for i, term in enumerate(spec.SIGMOID_TERMS) if weights[term] != 0.0}

@@ -10,12 +10,18 @@ import torch.nn.functional as F
 
 from kernels import clip_rd_loss, resolve_weights
 from kernels.reference import reference_loss
+from kernels.triton_config import BlockConfig
 
 # Per-dtype tolerances on losses and gradients against the fp64 reference on the same (rounded) inputs, relative to
 # the largest magnitude of the compared tensor. Low-precision inputs are upcast before any arithmetic, so their
 # error comes from rounding the returned gradients (and, in Triton, from tl.dot on low-precision tiles).
 TOLERANCES = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 SCALARS = ("student_scale", "lam_img", "lam_txt", "kappa")
+# Blocking small enough that small problems cross every block boundary: the chunked backend's 16-row blocks
+# (clip_rd_loss's block_bytes=) and Triton tiles of 16 rows, 32 columns and 16-wide D chunks (its tiles=).
+SMALL_BLOCKS = {"block_bytes": 1}
+SMALL_TILES = BlockConfig(block_m=16, block_n=32, block_k=16, block_d=16, forward_warps=4, backward_warps=4,
+                          num_stages=1)
 
 
 def make_inputs(n: int, d: int, dtype=torch.float32, seed: int = 0, device="cpu", related: bool = True):
@@ -37,10 +43,11 @@ def make_inputs(n: int, d: int, dtype=torch.float32, seed: int = 0, device="cpu"
     return (s_img, s_txt, t_img, t_txt), scalars
 
 
-def run(backend, embeddings, scalars, weights, row_start=0, row_stop=None, grad_output=1.0):
+def run(backend, embeddings, scalars, weights, row_start=0, row_stop=None, grad_output=1.0, **options):
     """Loss values and gradients w.r.t. s_img, s_txt and the four learnable scalars.
 
-    backend "reference" is the ground truth: the reference objective evaluated in fp64.
+    backend "reference" is the ground truth: the reference objective evaluated in fp64. ``options`` go to
+    clip_rd_loss for the other backends (block_bytes=, tiles=).
     """
     as_double = backend == "reference"
     embeddings = [
@@ -58,7 +65,7 @@ def run(backend, embeddings, scalars, weights, row_start=0, row_stop=None, grad_
     else:
         terms = clip_rd_loss(
             *embeddings, teacher_scale=40.0, weights=weights, row_start=row_start, row_stop=row_stop,
-            backend=backend, **scalars,
+            backend=backend, **scalars, **options,
         )
     (terms["total"] * grad_output).backward()
     grads = {"s_img": embeddings[0].grad, "s_txt": embeddings[1].grad}
@@ -79,11 +86,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
 
-def compare_backends(backend, n, d, weights, dtype=torch.float32, row_start=0, row_stop=None, grad_output=1.0):
-    """Values and gradients of ``backend`` against the reference on the same (rounded) inputs."""
+def compare_backends(backend, n, d, weights, dtype=torch.float32, row_start=0, row_stop=None, grad_output=1.0,
+                     **options):
+    """Values and gradients of ``backend`` against the reference on the same (rounded) inputs; ``options`` go to
+    clip_rd_loss for ``backend`` (block_bytes=, tiles=)."""
     embeddings, scalars = make_inputs(n, d, dtype)
     ref_terms, ref_grads = run("reference", embeddings, scalars, weights, row_start, row_stop, grad_output)
-    terms, grads = run(backend, embeddings, scalars, weights, row_start, row_stop, grad_output)
+    terms, grads = run(backend, embeddings, scalars, weights, row_start, row_stop, grad_output, **options)
     assert set(terms) == set(ref_terms), f"term keys {sorted(terms)} != {sorted(ref_terms)}"
     tol = TOLERANCES[dtype]
     for key in ref_terms:
@@ -196,3 +205,56 @@ def run_ranks(target, world: int, *args, start: str = "spawn") -> dict:
         proc.join(timeout=60)
         assert proc.exitcode == 0, f"rank process exited with {proc.exitcode}"
     return results
+
+
+def unit_rows(base: torch.Tensor, generator: torch.Generator, mix: float = 0.8) -> torch.Tensor:
+    """Unit rows of ``mix * base`` plus fresh noise: rows built from one base share a component."""
+    return F.normalize(mix * base + torch.randn(base.shape, generator=generator, dtype=base.dtype), dim=1)
+
+
+def teacher_list_inputs(n: int, d: int, widths, seed: int = 0, share_student: bool = True) -> dict:
+    """fp64 student (n, d) embeddings and a list of teachers, one (n, width) pair per width: paired rows share a
+    component, so positives stand out; with ``share_student`` the teachers also share the student's (they agree)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, d, generator=g, dtype=torch.float64)
+    inputs = {"s_img": unit_rows(base, g), "s_txt": unit_rows(base, g), "t_img": [], "t_txt": []}
+    for width in widths:
+        own = torch.randn(n, max(width - d, 0) if share_student else width, generator=g, dtype=torch.float64)
+        teacher_base = torch.cat([base, own], 1)[:, :width] if share_student else own
+        inputs["t_img"].append(unit_rows(teacher_base, g, 1.5))
+        inputs["t_txt"].append(unit_rows(teacher_base, g, 1.5))
+    return inputs
+
+
+def run_teacher_lists(backend: str, inputs: dict, dtype, scalars: dict, grads, grad_output: float = 1.0,
+                      one_as_tensor: bool = False, **kwargs):
+    """clip_rd_loss on ``inputs`` (s_img, s_txt and lists t_img, t_txt) with every embedding rounded to ``dtype`` and
+    ``scalars`` as fp32 leaves: (detached terms, the gradients named in ``grads``). ``one_as_tensor`` passes a
+    one-teacher list as its tensor; ``kwargs`` go to clip_rd_loss."""
+    embeddings = {k: inputs[k].detach().to(dtype).requires_grad_(True) for k in ("s_img", "s_txt")}
+    leaves = {k: torch.as_tensor(v, dtype=torch.float32).clone().requires_grad_(True) for k, v in scalars.items()}
+    teachers = [[t.to(dtype) for t in inputs[k]] for k in ("t_img", "t_txt")]
+    if one_as_tensor and len(teachers[0]) == 1:
+        teachers = [side[0] for side in teachers]
+    terms = clip_rd_loss(embeddings["s_img"], embeddings["s_txt"], *teachers, backend=backend, **leaves, **kwargs)
+    (terms["total"] * grad_output).backward()
+    leaves.update(embeddings)
+    return {k: v.detach() for k, v in terms.items()}, {k: leaves[k].grad for k in grads}
+
+
+def compare_with_reference(run, backend: str, inputs: dict, dtype, grads, **kwargs) -> None:
+    """``run(backend, inputs, dtype, **kwargs) -> (terms, gradients)`` on ``dtype`` inputs against
+    ``run("reference", ...)`` in fp64 on the same rounded inputs: every term, and the gradients named in ``grads``
+    (the embeddings' in ``dtype``, the scalars' in fp32)."""
+    rounded = {**inputs, **{k: inputs[k].to(dtype).double() for k in ("s_img", "s_txt")},
+               **{k: [t.to(dtype).double() for t in inputs[k]] for k in ("t_img", "t_txt")}}
+    want_terms, want_grads = run("reference", rounded, **kwargs)
+    terms, got = run(backend, inputs, dtype, **kwargs)
+    assert set(terms) == set(want_terms)
+    tol = TOLERANCES[dtype]
+    for key in want_terms:
+        assert terms[key].dtype == torch.float32 and terms[key].dim() == 0
+        assert_close(terms[key], want_terms[key], tol, f"term {key}", floor=1.0)
+    for key in grads:
+        assert_close(got[key], want_grads[key], tol, f"grad {key}")
+        assert got[key].dtype == (dtype if key.startswith("s_") else torch.float32), f"grad {key}: {got[key].dtype}"

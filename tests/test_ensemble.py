@@ -12,13 +12,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.chunked as chunked
 import kernels.triton_fused as triton_fused
 from kernels import ClipRDLoss, clip_rd_loss, resolve_weights, spec
 from kernels.functional import triton_unsupported
 from kernels.reference import kd_average_after_softmax
-from kernels.triton_config import BlockConfig
-from tests.helpers import TOLERANCES, assert_close, run_ranks
+from tests.helpers import (
+    SMALL_BLOCKS,
+    SMALL_TILES,
+    assert_close,
+    compare_with_reference,
+    run_ranks,
+    run_teacher_lists,
+    teacher_list_inputs,
+)
 
 AFTER, LOSSES = spec.AVERAGE_AFTER_SOFTMAX, spec.AVERAGE_LOSSES
 # Two teachers of their own widths, other than the student's (MobileCLIP distils from two), at their own scales.
@@ -31,69 +37,24 @@ GRADS = ("s_img", "s_txt", *SCALARS)
 LOGIT_TERMS = {"task": 1.0, "hrd": 1.0, "intra": 0.5}
 EVERY_TERM = {"task": 1.0, "fd": 3.0, "icl": 1.0, "hrd": 1.0, "vrd": 1.0, "xrd": 1.0, "intra": 0.5, "cross_kd": 1.0,
               "gd": 2.0}
-# Tiles that cross block boundaries at N = 21 (16-row, 32-column tiles, 16-wide D chunks).
-SMALL_TILES = BlockConfig(block_m=16, block_n=32, block_k=16, block_d=16, forward_warps=4, backward_warps=4,
-                          num_stages=1)
-
-
-def _unit(base: torch.Tensor, generator, mix: float = 0.8) -> torch.Tensor:
-    return F.normalize(mix * base + torch.randn(base.shape, generator=generator, dtype=base.dtype), dim=1)
 
 
 def make_inputs(n: int, d: int, widths=WIDTHS, seed: int = 0) -> dict:
-    """fp64 student (n, d) embeddings and a teacher per width, paired rows sharing a component so that positives
-    stand out (and the teachers agree in part)."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(n, d, generator=g, dtype=torch.float64)
-    inputs = {"s_img": _unit(base, g), "s_txt": _unit(base, g), "t_img": [], "t_txt": []}
-    for width in widths:
-        teacher_base = torch.cat([base, torch.randn(n, max(width - d, 0), generator=g, dtype=torch.float64)], 1)
-        teacher_base = teacher_base[:, :width]
-        inputs["t_img"].append(_unit(teacher_base, g, 1.5))
-        inputs["t_txt"].append(_unit(teacher_base, g, 1.5))
-    return inputs
+    """fp64 student (n, d) embeddings and a teacher per width, sharing the student's component (teachers agree)."""
+    return teacher_list_inputs(n, d, widths, seed, share_student=True)
 
 
 def run(backend: str, inputs: dict, dtype=torch.float64, weights=LOGIT_TERMS, ensemble=AFTER, grad_output=1.0,
         **kwargs):
     """Term values and the gradients of GRADS, with the embeddings rounded to ``dtype`` (fp64 for the reference)."""
-    embeddings = {k: inputs[k].detach().to(dtype).requires_grad_(True) for k in ("s_img", "s_txt")}
-    scalars = {k: torch.tensor(v, requires_grad=True) for k, v in SCALARS.items()}
-    teachers = {k: [t.to(dtype) for t in inputs[k]] for k in ("t_img", "t_txt")}
     kwargs.setdefault("teacher_scale", TEACHER_SCALES[:len(inputs["t_img"])])
-    terms = clip_rd_loss(embeddings["s_img"], embeddings["s_txt"], teachers["t_img"], teachers["t_txt"],
-                         weights=weights, backend=backend, ensemble=ensemble,
-                         **scalars, **kwargs)
-    (terms["total"] * grad_output).backward()
-    leaves = {**embeddings, **scalars}
-    return {k: v.detach() for k, v in terms.items()}, {k: leaves[k].grad for k in GRADS}
+    return run_teacher_lists(backend, inputs, dtype, SCALARS, GRADS, grad_output, weights=weights, ensemble=ensemble,
+                             **kwargs)
 
 
 def compare(backend: str, inputs: dict, dtype, **kwargs):
     """Values and gradients of ``backend`` on ``dtype`` inputs against the fp64 reference on the same rounded inputs."""
-    rounded = {**{k: inputs[k].to(dtype).double() for k in ("s_img", "s_txt")},
-               **{k: [t.to(dtype).double() for t in inputs[k]] for k in ("t_img", "t_txt")}}
-    want_terms, want_grads = run("reference", rounded, **kwargs)
-    terms, grads = run(backend, inputs, dtype, **kwargs)
-    assert set(terms) == set(want_terms)
-    tol = TOLERANCES[dtype]
-    for key in want_terms:
-        assert terms[key].dtype == torch.float32 and terms[key].dim() == 0
-        assert_close(terms[key], want_terms[key], tol, f"term {key}", floor=1.0)
-    for key in GRADS:
-        assert_close(grads[key], want_grads[key], tol, f"grad {key}")
-    assert grads["s_img"].dtype == dtype and grads["student_scale"].dtype == torch.float32
-
-
-@pytest.fixture
-def small_blocks(monkeypatch):
-    """Blocks of 16 rows in the chunked backend, so every test crosses block boundaries."""
-    monkeypatch.setattr(chunked, "BLOCK_BYTES", 1)
-
-
-@pytest.fixture
-def small_tiles(monkeypatch):
-    monkeypatch.setattr(triton_fused, "block_config", lambda width, dtype: SMALL_TILES)
+    compare_with_reference(run, backend, inputs, dtype, GRADS, **kwargs)
 
 
 # ---- the reference against hand computations ----------------------------------------------------------------------
@@ -191,12 +152,12 @@ CHUNKED_IDS = ["after-fp32", "losses-fp32-rows", "every-term-3-teachers-rows", "
 
 
 @pytest.mark.parametrize("dtype,n,rows,weights,mode,widths", CHUNKED_CASES, ids=CHUNKED_IDS)
-def test_chunked_matches_reference(small_blocks, dtype, n, rows, weights, mode, widths):
+def test_chunked_matches_reference(dtype, n, rows, weights, mode, widths):
     compare("chunked", make_inputs(n, 17, widths), dtype, weights=weights, ensemble=mode, row_start=rows[0],
-            row_stop=rows[1])
+            row_stop=rows[1], **SMALL_BLOCKS)
 
 
-# Smaller than the chunked cases (the interpreter is slow): N = 21 crosses the 16 x 32 tiles of small_tiles; the
+# Smaller than the chunked cases (the interpreter is slow): N = 21 crosses the 16 x 32 tiles of SMALL_TILES; the
 # teacher terms at N = 9: fd, icl, hrd, and vrd for teacher-anchored views (their scale gradients come from the
 # column pass), gd (its kernels once per teacher). bf16 takes the interpreter's upcast dot (DOT_FP32).
 TRITON_EVERY_TERM = {"task": 1.0, "fd": 3.0, "icl": 1.0, "hrd": 1.0, "vrd": 1.0, "gd": 2.0}
@@ -209,11 +170,11 @@ TRITON_IDS = ["after-fp32-rows", "after-bf16", "every-term-fp16-rows"]
 
 
 @pytest.mark.parametrize("dtype,n,rows,weights,mode,widths", TRITON_CASES, ids=TRITON_IDS)
-def test_triton_matches_reference(small_tiles, dtype, n, rows, weights, mode, widths):
+def test_triton_matches_reference(dtype, n, rows, weights, mode, widths):
     """Teachers wider than the student are stacked zero-padded to the widest width; the students' gradients come
     back at their own."""
     compare("triton", make_inputs(n, 9, widths), dtype, weights=weights, ensemble=mode, row_start=rows[0],
-            row_stop=rows[1], grad_output=-1.5)
+            row_stop=rows[1], grad_output=-1.5, tiles=SMALL_TILES)
 
 
 def test_triton_plan_reads_each_teacher_where_the_forward_saved_it():

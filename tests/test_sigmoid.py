@@ -6,91 +6,56 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (open_clip imports it too): kernels interpreted
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.chunked as chunked
 import kernels.triton_config as triton_config
-import kernels.triton_sigmoid as triton_sigmoid
 from kernels import ClipRDLoss, clip_rd_loss
 from kernels.functional import triton_unsupported
 from kernels.spec import SigmoidTeacher, resolve_weights
-from kernels.triton_config import BlockConfig
-from tests.helpers import TOLERANCES, assert_close, run_ranks
+from tests.helpers import (
+    SMALL_BLOCKS,
+    SMALL_TILES,
+    assert_close,
+    compare_with_reference,
+    run_ranks,
+    run_teacher_lists,
+    teacher_list_inputs,
+)
 
 SIGMOID = {"task": 0.0, "siglip": 1.0, "sigmoid_kd": 1.0}
 # Two teachers of their own widths (MobileCLIP2 distils from an ensemble), scales and biases as SigLIP trains them.
 TEACHER_WIDTHS = (12, 20)
 TEACHER_SCALES, TEACHER_BIASES = [20.0, 30.0], [-4.0, -8.0]
 GRADS = ("s_img", "s_txt", "student_scale", "student_bias")
-# Tiles that cross block boundaries at N = 33 (16-row, 32-column tiles, 16-wide D chunks).
-SMALL_TILES = BlockConfig(block_m=16, block_n=32, block_k=16, block_d=16, forward_warps=4, backward_warps=4,
-                          num_stages=1)
-
-
-def _unit(base: torch.Tensor, generator, mix: float = 0.8) -> torch.Tensor:
-    return F.normalize(mix * base + torch.randn(base.shape, generator=generator), dim=1)
 
 
 def make_inputs(n: int, d: int, widths=TEACHER_WIDTHS, seed: int = 0) -> dict:
-    """fp64 student (n, d) embeddings and a teacher per width, paired rows sharing a component so that positives
-    stand out; the student's scale and bias (fp32 leaves, as a model holds them)."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(n, d, generator=g, dtype=torch.float64)
-    inputs = {"s_img": _unit(base, g), "s_txt": _unit(base, g), "t_img": [], "t_txt": []}
-    for width in widths:
-        teacher_base = torch.randn(n, width, generator=g, dtype=torch.float64)
-        inputs["t_img"].append(_unit(teacher_base, g, 1.5))
-        inputs["t_txt"].append(_unit(teacher_base, g, 1.5))
+    """fp64 student (n, d) embeddings and a teacher per width (teachers of their own, not sharing the student's
+    component); the student's scale and bias (fp32 leaves, as a model holds them)."""
+    inputs = teacher_list_inputs(n, d, widths, seed, share_student=False)
     inputs["student_scale"] = torch.tensor(14.3)
     inputs["student_bias"] = torch.tensor(-3.0)
     return inputs
 
 
 def run(backend: str, inputs: dict, dtype=torch.float64, weights=SIGMOID, grad_output: float = 1.0, **kwargs):
-    """Term values and the gradients of GRADS, with the embeddings rounded to ``dtype`` (fp64 for the reference)."""
-    embeddings = {k: inputs[k].to(dtype).requires_grad_(True) for k in ("s_img", "s_txt")}
-    scalars = {k: inputs[k].clone().requires_grad_(True) for k in ("student_scale", "student_bias")}
-    teachers = {k: [t.to(dtype) for t in inputs[k]] for k in ("t_img", "t_txt")}
-    if len(teachers["t_img"]) == 1:
-        teachers = {k: v[0] for k, v in teachers.items()}
+    """Term values and the gradients of GRADS, with the embeddings rounded to ``dtype`` (fp64 for the reference);
+    one teacher is passed as a tensor, more as a list."""
     n_teachers = len(inputs["t_img"])
-    terms = clip_rd_loss(embeddings["s_img"], embeddings["s_txt"], teachers["t_img"], teachers["t_txt"],
-                         teacher_scale=TEACHER_SCALES[:n_teachers], teacher_bias=TEACHER_BIASES[:n_teachers],
-                         weights=weights, backend=backend, **scalars, **kwargs)
-    (terms["total"] * grad_output).backward()
-    leaves = {**embeddings, **scalars}
-    return {k: v.detach() for k, v in terms.items()}, {k: leaves[k].grad for k in GRADS}
+    scalars = {k: inputs[k] for k in ("student_scale", "student_bias")}
+    return run_teacher_lists(backend, inputs, dtype, scalars, GRADS, grad_output, one_as_tensor=True,
+                             teacher_scale=TEACHER_SCALES[:n_teachers], teacher_bias=TEACHER_BIASES[:n_teachers],
+                             weights=weights, **kwargs)
 
 
 def compare(backend: str, inputs: dict, dtype, **kwargs):
     """Values and gradients of ``backend`` on ``dtype`` inputs against the fp64 reference on the same rounded inputs."""
-    rounded = {**inputs, **{k: inputs[k].to(dtype).double() for k in ("s_img", "s_txt")},
-               **{k: [t.to(dtype).double() for t in inputs[k]] for k in ("t_img", "t_txt")}}
-    want_terms, want_grads = run("reference", rounded, **kwargs)
-    terms, grads = run(backend, inputs, dtype, **kwargs)
-    assert set(terms) == set(want_terms)
-    tol = TOLERANCES[dtype]
-    for key in want_terms:
-        assert terms[key].dtype == torch.float32 and terms[key].dim() == 0
-        assert_close(terms[key], want_terms[key], tol, f"term {key}", floor=1.0)
-    for key in GRADS:
-        assert_close(grads[key], want_grads[key], tol, f"grad {key}")
-    assert grads["s_img"].dtype == dtype and grads["student_bias"].dtype == torch.float32
-
-
-@pytest.fixture
-def small_blocks(monkeypatch):
-    """Blocks of 16 rows in the chunked backend, so every test crosses block boundaries."""
-    monkeypatch.setattr(chunked, "BLOCK_BYTES", 1)
-
-
-@pytest.fixture
-def small_tiles(monkeypatch):
-    monkeypatch.setattr(triton_sigmoid, "block_config", lambda width, dtype: SMALL_TILES)
+    compare_with_reference(run, backend, inputs, dtype, GRADS, **kwargs)
 
 
 # ---- ground truth nobody here wrote -------------------------------------------------------------------------------
@@ -98,11 +63,11 @@ def small_tiles(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
 @pytest.mark.parametrize("n,d", [(1, 9), (7, 5), (33, 17)])
-def test_siglip_equals_open_clip_siglip_loss(small_blocks, backend, n, d):
+def test_siglip_equals_open_clip_siglip_loss(backend, n, d):
     from open_clip.loss import SigLipLoss
 
     inputs = make_inputs(n, d, widths=(d,))  # an unread teacher: siglip is the student alone
-    terms, grads = run(backend, inputs, weights={"task": 0.0, "siglip": 1.0})
+    terms, grads = run(backend, inputs, weights={"task": 0.0, "siglip": 1.0}, **SMALL_BLOCKS)
     leaves = [inputs["s_img"].clone().requires_grad_(True), inputs["s_txt"].clone().requires_grad_(True),
               inputs["student_scale"].clone().requires_grad_(True), inputs["student_bias"].clone().requires_grad_(True)]
     theirs = SigLipLoss()(*leaves)
@@ -132,9 +97,9 @@ def mobileclip2_distill_siglip(image, text, scale, bias, dist_image, dist_text, 
 
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
 @pytest.mark.parametrize("widths", [(12,), TEACHER_WIDTHS], ids=["one-teacher", "ensemble"])
-def test_sigmoid_kd_equals_mobileclip2_distill_siglip_loss(small_blocks, backend, widths):
+def test_sigmoid_kd_equals_mobileclip2_distill_siglip_loss(backend, widths):
     inputs = make_inputs(33, 17, widths)
-    terms, grads = run(backend, inputs)
+    terms, grads = run(backend, inputs, **SMALL_BLOCKS)
     leaves = [inputs["s_img"].clone().requires_grad_(True), inputs["s_txt"].clone().requires_grad_(True),
               inputs["student_scale"].clone().requires_grad_(True), inputs["student_bias"].clone().requires_grad_(True)]
     k = len(widths)
@@ -176,10 +141,10 @@ SHAPE_IDS = ["fp32-N1", "fp32-N7", "fp32-N33", "bf16-N33-rows", "fp16-N33-rows"]
 
 
 @pytest.mark.parametrize("dtype,n,rows", SHAPES, ids=SHAPE_IDS)
-def test_chunked_matches_reference(small_blocks, dtype, n, rows):
+def test_chunked_matches_reference(dtype, n, rows):
     row_start, row_stop = rows or (0, None)
     compare("chunked", make_inputs(n, 17), dtype, weights={**SIGMOID, "task": 1.0}, row_start=row_start,
-            row_stop=row_stop)
+            row_stop=row_stop, **SMALL_BLOCKS)
 
 
 @pytest.mark.parametrize("dtype,n,rows", SHAPES, ids=SHAPE_IDS)
@@ -192,16 +157,16 @@ def test_triton_matches_reference(dtype, n, rows):
 @pytest.mark.parametrize("weights,rows", [(SIGMOID, (0, 33)), ({"task": 0.0, "siglip": 1.0}, (5, 19)),
                                           ({"task": 0.0, "sigmoid_kd": -2.0}, (32, 33))],
                          ids=["both", "siglip-rows", "sigmoid_kd-last-row"])
-def test_triton_row_blocks_cross_tiles(small_tiles, weights, rows):
+def test_triton_row_blocks_cross_tiles(weights, rows):
     compare("triton", make_inputs(33, 17), torch.float32, weights=weights, row_start=rows[0], row_stop=rows[1],
-            grad_output=-1.5)
+            grad_output=-1.5, tiles=SMALL_TILES)
 
 
-def test_triton_stream_splits(small_tiles, monkeypatch):
+def test_triton_stream_splits():
     """A small program target splits both backward passes' streamed axes into runs of tiles, each in its own slab."""
-    monkeypatch.setattr(triton_config, "TARGET_PROGRAMS", 4)
-    assert triton_config.stream_split(3, 2, 32) == (2, 32)  # row pass: 3 row blocks, 2 column tiles
-    compare("triton", make_inputs(40, 17), torch.float32, row_start=2, row_stop=40)
+    assert triton_config.stream_split(3, 2, 32, 4) == (2, 32)  # row pass: 3 row blocks, 2 column tiles
+    compare("triton", make_inputs(40, 17), torch.float32, row_start=2, row_stop=40,
+            tiles=dataclasses.replace(SMALL_TILES, target_programs=4))
 
 
 def test_one_teacher_of_the_student_width_with_every_other_term():

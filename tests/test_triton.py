@@ -3,6 +3,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on the interpreter
 
+import dataclasses
 import subprocess
 import sys
 
@@ -11,7 +12,6 @@ import torch
 
 import kernels.triton_config as triton_config
 import kernels.triton_fused as triton_fused
-import kernels.triton_gd as triton_gd
 from kernels import PRESETS, clip_rd_loss, resolve_weights, spec
 from kernels.functional import triton_unsupported
 from kernels.triton_config import BlockConfig, block_config
@@ -32,6 +32,7 @@ SHAPES = {
     "intra-kd": [(3, 8), (69, 24)],
     "clip-kd+gd": [(1, 8), (69, 24)],
 }
+# 16-row, 32-column tiles and 16-wide D chunks (clip_rd_loss's tiles=), so small problems cross every block boundary.
 SMALL_TILES = BlockConfig(block_m=16, block_n=32, block_k=16, block_d=16, forward_warps=4, backward_warps=4,
                           num_stages=1)
 # Wide teachers under the interpreter: the real configurations walk D = 1280 in 16-wide (fp32) chunks, thousands of
@@ -41,58 +42,45 @@ WIDE_CHUNKS = BlockConfig(block_m=16, block_n=16, block_k=256, block_d=256, forw
                           num_stages=1)
 
 
-def _use_config(monkeypatch, config):
-    """Every Triton kernel module reads its tiles from block_config: replace it in each."""
-    for module in (triton_fused, triton_gd):
-        monkeypatch.setattr(module, "block_config", lambda width, dtype: config)
-
-
-@pytest.fixture
-def small_tiles(monkeypatch):
-    """16-row, 32-column tiles and 16-wide D chunks, so small problems cross every block boundary."""
-    _use_config(monkeypatch, SMALL_TILES)
-
-
 @pytest.mark.parametrize("name,n,d", [(name, n, d) for name, shapes in SHAPES.items() for n, d in shapes])
 def test_weight_sets_match_reference(name, n, d):
     compare_backends("triton", n, d, WEIGHT_SETS[name])
 
 
 @pytest.mark.parametrize("name", sorted(WEIGHT_SETS))
-def test_weight_sets_match_reference_small_tiles(small_tiles, name):
-    compare_backends("triton", 37, 24, WEIGHT_SETS[name])
+def test_weight_sets_match_reference_small_tiles(name):
+    compare_backends("triton", 37, 24, WEIGHT_SETS[name], tiles=SMALL_TILES)
 
 
 @pytest.mark.parametrize("weights", SINGLE_TERMS, ids=lambda w: next(k for k, v in w.items() if v))
 @pytest.mark.parametrize("n,d", [(3, 8), (37, 24)])
-def test_single_terms_match_reference(small_tiles, weights, n, d):
-    compare_backends("triton", n, d, weights)
+def test_single_terms_match_reference(weights, n, d):
+    compare_backends("triton", n, d, weights, tiles=SMALL_TILES)
 
 
 @pytest.mark.parametrize("weights", [PRESETS["clip-rd"], {**PRESETS["intra-kd"], "gd": 1.0}],
                          ids=["clip-rd", "intra+gd"])
 @pytest.mark.parametrize("rows", [(5, 19), (0, 1), (36, 37)])
-def test_local_rows_match_reference(small_tiles, weights, rows):
-    compare_backends("triton", 37, 24, weights, row_start=rows[0], row_stop=rows[1])
+def test_local_rows_match_reference(weights, rows):
+    compare_backends("triton", 37, 24, weights, row_start=rows[0], row_stop=rows[1], tiles=SMALL_TILES)
 
 
 @pytest.mark.parametrize("weights,rows", [(PRESETS["clip-rd"], (5, 60)), ({**PRESETS["intra-kd"], "gd": 1.0}, (0, 69))])
-def test_many_width_chunks_and_stream_splits(small_tiles, monkeypatch, weights, rows):
+def test_many_width_chunks_and_stream_splits(weights, rows):
     """D = 40 is three 16-wide read-modify-write chunks (the last ragged); a small program target splits both
     backward passes' streamed axes (and gd's product passes) into runs of several tiles (the last shorter), each
     into its own slab."""
-    monkeypatch.setattr(triton_config, "TARGET_PROGRAMS", 12)
-    assert triton_config.stream_split(2 * 4, 3, 32) == (2, 64)  # row pass of (5, 60): 4 row blocks, 3 col tiles
-    assert triton_config.stream_split(2 * 3, 5, 16) == (2, 48)  # column pass of (0, 69): 5 row blocks
-    compare_backends("triton", 69, 40, weights, row_start=rows[0], row_stop=rows[1])
+    tiles = dataclasses.replace(SMALL_TILES, target_programs=12)
+    assert triton_config.stream_split(2 * 4, 3, 32, 12) == (2, 64)  # row pass of (5, 60): 4 row blocks, 3 col tiles
+    assert triton_config.stream_split(2 * 3, 5, 16, 12) == (2, 48)  # column pass of (0, 69): 5 row blocks
+    compare_backends("triton", 69, 40, weights, row_start=rows[0], row_stop=rows[1], tiles=tiles)
 
 
 @pytest.mark.parametrize("d", [1152, 1280])
 @pytest.mark.parametrize("name", sorted(WEIGHT_SETS))
-def test_wide_teachers_match_reference(monkeypatch, name, d):
+def test_wide_teachers_match_reference(name, d):
     """SigLIP SO400M (1152) and ViT-bigG-14 (1280) widths, every preset and gd, values and gradients."""
-    _use_config(monkeypatch, WIDE_CHUNKS)
-    compare_backends("triton", 5, d, WEIGHT_SETS[name], row_start=1, row_stop=4)
+    compare_backends("triton", 5, d, WEIGHT_SETS[name], row_start=1, row_stop=4, tiles=WIDE_CHUNKS)
 
 
 def test_wide_teachers_with_the_real_tiles():
@@ -100,7 +88,7 @@ def test_wide_teachers_with_the_real_tiles():
     compare_backends("triton", 5, 1280, EVERY_TERM, dtype=torch.float16, row_start=1, row_stop=4)
 
 
-def test_views_shared_between_terms(small_tiles):
+def test_views_shared_between_terms():
     """cross_kd's S_I T_T^T is icl's CE view and xrd's KD partner too, and its target T_I T_T^T is also hrd's:
     a view with a CE use and KD targets sits in one pair per partner, with its CE counted once, and a target shared by
     several pairs is recomputed in each."""
@@ -113,7 +101,7 @@ def test_views_shared_between_terms(small_tiles):
     ce_uses = [use for pair in pairs for slot, use in pair.uses if use.target is None and use.view == view]
     assert len(ce_uses) == 1
     assert sum(target in (pair.p, pair.q) for pair in pairs) == 2  # hrd's and cross_kd's
-    compare_backends("triton", 37, 24, weights)
+    compare_backends("triton", 37, 24, weights, tiles=SMALL_TILES)
 
 
 def test_stream_split_covers_the_axis_with_whole_tiles():
@@ -135,8 +123,9 @@ def test_low_precision_inputs(dtype, name, n, d):
     compare_backends("triton", n, d, {**PRESETS[name], "vrd": 1.0, "xrd": 1.0, "gd": 1.0}, dtype=dtype)
 
 
-def test_grad_output_scales_every_gradient(small_tiles):
-    compare_backends("triton", 21, 24, {**PRESETS["clip-rd"], "intra": 0.5, "gd": 2.0}, grad_output=-2.5)
+def test_grad_output_scales_every_gradient():
+    compare_backends("triton", 21, 24, {**PRESETS["clip-rd"], "intra": 0.5, "gd": 2.0}, grad_output=-2.5,
+                     tiles=SMALL_TILES)
 
 
 @pytest.mark.parametrize("student,teacher", [(torch.float32, torch.float16), (torch.bfloat16, torch.float32)])
