@@ -60,6 +60,23 @@ def test_members_match_tarfile(fmt):
     assert any(len(name) > 100 for name, _ in got)  # the long names really went through the extra headers
 
 
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT],
+                         ids=["ustar", "gnu", "pax"])
+def test_names_alone_match_tarfile_and_shard_keys_webdataset(tmp_path, fmt):
+    """The headers-only walk (shard_keys' fast path) names the same members; the keys are webdataset's samples'."""
+    blob = _tar(fmt)
+    assert list(tario.regular_member_names(io.BytesIO(blob))) == [name for name, _ in _tarfile_members(blob)]
+    shard = tmp_path / "shard.tar"
+    shard.write_bytes(blob)
+    assert data_lib.shard_keys(str(shard)) == [s["__key__"] for s in wds.tarfile_samples([{"url": str(shard)}])]
+
+
+def test_names_alone_refuse_a_member_past_the_end():
+    blob = _tar(tarfile.PAX_FORMAT, special=False)
+    with pytest.raises(tario.TarFormatError, match="member '000001.png' at byte 0 ends after 100 of 516 bytes"):
+        list(tario.regular_member_names(io.BytesIO(blob[:512 + 100])))
+
+
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["gnu", "pax"])
 def test_samples_match_webdataset(tmp_path, fmt):
     shard = tmp_path / "shard.tar"

@@ -149,6 +149,12 @@ def shard_keys(url: str) -> list[str]:
     """The ``__key__`` of every sample in a shard, in order (a local shard: only its tar headers are read)."""
     if is_remote(url):
         return [sample["__key__"] for sample in read_shard(url)]
+    try:  # an uncompressed tar: its headers alone, several times faster than tarfile (engine.data.tario)
+        with open(url, "rb") as stream:
+            if stream.peek(1) and not tario.is_compressed(stream.peek(8)):
+                return _keys_in_order(tario.regular_member_names(stream))
+    except (tario.TarFormatError, OSError):
+        pass  # tarfile below reads compressed tars and names what is wrong with a damaged one as it always has
     try:
         with tarfile.open(url) as tar:
             names = tar.getnames()
@@ -156,6 +162,11 @@ def shard_keys(url: str) -> list[str]:
         # tarfile.open's own message lists every compression it tried, one per line
         reason = "not a tar archive" if str(exc).startswith("file could not be opened successfully") else exc
         raise ShardError(f"corrupt shard {url}: {reason}") from exc
+    return _keys_in_order(names)
+
+
+def _keys_in_order(names) -> list[str]:
+    """The sample keys of a shard's member names, in order, grouped as webdataset groups them."""
     keys = []
     for name in names:
         match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)  # webdataset's base_plus_ext grouping

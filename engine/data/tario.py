@@ -12,8 +12,9 @@ members per sample that is as much as decoding the sample. This reader parses on
 """
 from __future__ import annotations
 
+import io
 import tarfile
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Optional
 
 from ..core.errors import ShardError
 
@@ -59,6 +60,20 @@ def _pax_records(payload: bytes, offset: int) -> dict[str, str]:
 
 def regular_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     """``(name, bytes)`` of each regular file of an uncompressed tar stream, in stream order."""
+    return _walk(stream, read_data=True)
+
+
+def regular_member_names(stream: BinaryIO) -> Iterator[str]:
+    """The name of each regular file of an uncompressed tar file, in order, reading only the headers: the stream must
+    be seekable (a local file). A member that would end past the end of the file raises, as a short read would."""
+    return (name for name, _ in _walk(stream, read_data=False))
+
+
+def _walk(stream: BinaryIO, read_data: bool) -> Iterator[tuple[str, Optional[bytes]]]:
+    """``(name, bytes)`` of each regular member, or ``(name, None)`` with the data skipped by seeking."""
+    end = None if read_data else stream.seek(0, io.SEEK_END)  # the file's size: a skipped member must fit in it
+    if not read_data:
+        stream.seek(0)
     offset, pending = 0, {}  # pending: name/size overrides from a pax or GNU long-name member for the next one
     while True:
         header = stream.read(BLOCK)
@@ -89,8 +104,15 @@ def regular_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         name, size, pending = pending.get("path", name), int(pending.get("size", size)), {}
         if kind == b"S":
             raise TarFormatError(f"member {name!r} at byte {offset} is a sparse file, which shards cannot hold")
-        data = _read_exactly(stream, size, f"member {name!r}", offset)
-        stream.read(-size % BLOCK)  # padding to the next block
+        if read_data:
+            data = _read_exactly(stream, size, f"member {name!r}", offset)
+            stream.read(-size % BLOCK)  # padding to the next block
+        else:
+            if offset + BLOCK + size > end:
+                raise TarFormatError(f"member {name!r} at byte {offset} ends after {end - offset - BLOCK} of {size} "
+                                     "bytes (truncated?)")
+            data = None
+            stream.seek(size + -size % BLOCK, io.SEEK_CUR)
         offset += BLOCK + size + -size % BLOCK
         if kind in REGULAR:
             yield name, data
