@@ -47,7 +47,7 @@ def built(tmp_path_factory, synth_data, teacher_ckpt):
     root = tmp_path_factory.mktemp("reinforced") / "store"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(models, "create_teacher", counting_teacher)
-        build_store(synth_data["train"], "tiny-vit-teacher", str(teacher_ckpt), root, batch_size=48, progress=False,
+        build_store(synth_data["train"], [("tiny-vit-teacher", str(teacher_ckpt))], root, batch_size=48, progress=False,
                     settings=SETTINGS)
     return root, calls
 
