@@ -96,6 +96,16 @@ def store_settings(cfg, manifest: Optional[dict]) -> Reinforcement:
     return settings
 
 
+def resolve_teachers(cfg) -> tuple[Teacher, ...]:
+    """The run's teachers in order, their weights resolved (the shipped default teacher's when none are given) and
+    fingerprinted; a missing checkpoint file is refused in one line."""
+    teachers = []
+    for model, pretrained in cfg.teacher_members():
+        weights = defaults.teacher_weights(model, pretrained)
+        teachers.append(Teacher(model, weights, teacher_fingerprint(model, weights)))
+    return tuple(teachers)
+
+
 def resolve(cfg, progress: bool = True) -> Sources:
     """Resolve (and build when needed) the inputs of ``cfg``; every bad one is a one-line error."""
     check_student_inputs(cfg)
@@ -116,9 +126,7 @@ def resolve(cfg, progress: bool = True) -> Sources:
     settings = store_settings(cfg, given)
     if cfg.teacher_store is not None and not cfg.online_teacher and cfg.teacher_pretrained is None:
         return Sources(train, val, (), Path(cfg.teacher_store))  # a given store names its own teachers
-    teachers = tuple(Teacher(model, weights, teacher_fingerprint(model, weights)) for model, weights in
-                     ((model, defaults.teacher_weights(model, pretrained)) for model, pretrained in
-                      cfg.teacher_members()))
+    teachers = resolve_teachers(cfg)
     fingerprints = [teacher.fingerprint for teacher in teachers]
     recorded = [teacher.pretrained for teacher in teachers] == [str(defaults.SHIPPED_TEACHER)] and \
         cfg.train_data is None and cfg.val_data is None
