@@ -53,24 +53,30 @@ def _counting(calls):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, synth_data, members):
+def data(synth_data):
+    """Two of the small dataset's three shards (64 samples), to keep the stores' builds short."""
+    return {**synth_data, "train": str(synth_data["root"] / "train-{00000..00001}.tar")}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, data, members):
     """The ensemble store (2 views, 2 captions), each member's own store of the same settings, and the rows each
     teacher's forwards were given while building the ensemble's."""
     root = tmp_path_factory.mktemp("ensemble")
     calls = {}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(models, "create_teacher", _counting(calls))
-        build_store(synth_data["train"], members, root / "ensemble", batch_size=48, progress=False,
+        build_store(data["train"], members, root / "ensemble", batch_size=48, progress=False,
                     settings=SETTINGS)
-    singles = [build_store(synth_data["train"], [member], root / f"single{k}", batch_size=48, progress=False,
+    singles = [build_store(data["train"], [member], root / f"single{k}", batch_size=48, progress=False,
                            settings=SETTINGS) for k, member in enumerate(members)]
     return root / "ensemble", singles, calls
 
 
 def test_each_members_rows_are_its_own_stores_rows(built, members):
     root, singles, calls = built
-    # per member, one image forward per view and one text forward per caption of each of the 96 samples, no more
-    assert calls == {path: {"image": 96 * 2, "text": 96 * 2} for _, path in members}
+    # per member, one image forward per view and one text forward per caption of each of the 64 samples, no more
+    assert calls == {path: {"image": 64 * 2, "text": 64 * 2} for _, path in members}
     manifest = store_lib.read_manifest(root)
     assert manifest["format"] == store_lib.FORMAT_VERSION and manifest["embed_dim"] == sum(WIDTHS)
     assert [(m["model"], m["pretrained"], m["embed_dim"]) for m in manifest["teachers"]] == \
@@ -120,11 +126,11 @@ def _captured_first_step(monkeypatch):
     return seen
 
 
-def test_training_step_is_clip_rd_loss_of_the_members_rows(tmp_path, synth_data, built, members, monkeypatch):
+def test_training_step_is_clip_rd_loss_of_the_members_rows(tmp_path, data, built, members, monkeypatch):
     root, singles, _ = built
     seen = _captured_first_step(monkeypatch)
     teachers = [arg for model, path in members for arg in ("--teacher", model, "--teacher-pretrained", path)]
-    assert train_cli(tmp_path, synth_data, root, *teachers, "--preset", "baseline", "--hrd-weight", "1",
+    assert train_cli(tmp_path, data, root, *teachers, "--preset", "baseline", "--hrd-weight", "1",
                      "--distill-average-after-softmax", "--loss-backend", "reference", "--stop-after-steps", "2",
                      "--no-eval", name="after") is None
     batch, out, terms = seen["batch"], seen["out"], seen["terms"]
@@ -141,7 +147,7 @@ def test_training_step_is_clip_rd_loss_of_the_members_rows(tmp_path, synth_data,
     for key in ("total", "task", "hrd"):
         torch.testing.assert_close(terms[key], expected[key].detach(), rtol=1e-6, atol=0, msg=key)
     # the mean of the per-teacher losses (the default mode) trains every clip-rd term from the same store
-    assert train_cli(tmp_path, synth_data, root, "--stop-after-steps", "2", "--no-eval", name="losses") is None
+    assert train_cli(tmp_path, data, root, "--stop-after-steps", "2", "--no-eval", name="losses") is None
 
 
 def _edited_manifest(tmp_path, root, change):
@@ -153,7 +159,7 @@ def _edited_manifest(tmp_path, root, change):
     return copy
 
 
-def test_bad_inputs_refused_in_one_line_before_any_step(tmp_path, synth_data, built, members):
+def test_bad_inputs_refused_in_one_line_before_any_step(tmp_path, data, built, members):
     root, singles, _ = built
     (a, path_a), (b, path_b) = members
     refusals = {
@@ -167,19 +173,19 @@ def test_bad_inputs_refused_in_one_line_before_any_step(tmp_path, synth_data, bu
         "afd": (["--afd-weight", "1"], "--afd-weight: afd fuses the student with one teacher"),
     }
     for case, (extra, message) in refusals.items():
-        assert_refused_before_any_step(tmp_path, message, train_cli(tmp_path, synth_data, root, *extra, name=case),
+        assert_refused_before_any_step(tmp_path, message, train_cli(tmp_path, data, root, *extra, name=case),
                                        name=case)
     online = command_error(train_lib.main, [
-        "--train-data", synth_data["train"], "--logs", tmp_path / "logs", "--name", "online", "--online-teacher",
+        "--train-data", data["train"], "--logs", tmp_path / "logs", "--name", "online", "--online-teacher",
         "--teacher", a, "--teacher-pretrained", path_a, "--teacher", b, "--teacher-pretrained", path_b])
     assert_refused_before_any_step(tmp_path, "--online-teacher: runs one teacher, and 2 are given", online, "online")
     other = [(b, path_b), (a, path_a)]
-    got = command_error(precompute_cmd.main, ["--train-data", synth_data["train"], "--teacher-store", root,
+    got = command_error(precompute_cmd.main, ["--train-data", data["train"], "--teacher-store", root,
                                               *[x for m, p in other for x in ("--teacher", m, "--teacher-pretrained",
                                                                                p)]])
     assert got is not None and "store was built by other teachers: it holds the same teachers in another order" in got
     assert "--teacher-pretrained 1" in command_error(precompute_cmd.main, [
-        "--train-data", synth_data["train"], "--teacher", a, "--teacher", b, "--teacher-pretrained", path_a])
+        "--train-data", data["train"], "--teacher", a, "--teacher", b, "--teacher-pretrained", path_a])
 
     def doubled(manifest):
         manifest["teachers"][1]["logit_scale"] *= 2
@@ -190,7 +196,7 @@ def test_bad_inputs_refused_in_one_line_before_any_step(tmp_path, synth_data, bu
     for change, message in ((doubled, "teachers[1]: logit_scale 28.5714 is not its teacher's (14.2857"),
                             (infinite, "teachers[1]: logit_scale inf is not a teacher's logit scale")):
         edited = _edited_manifest(tmp_path, root, change)
-        assert_refused_before_any_step(tmp_path, message, train_cli(tmp_path, synth_data, edited, name="scale"),
+        assert_refused_before_any_step(tmp_path, message, train_cli(tmp_path, data, edited, name="scale"),
                                        name="scale")
         verified = store_lib.verify(str(edited))
         assert len(verified) == 1 and message in verified[0]
@@ -202,7 +208,7 @@ def test_verify_views_reports_each_member(tmp_path, built, capsys):
     store_cmd.main(["verify-views", str(root), "--samples", "1000"])
     lines = capsys.readouterr().out.splitlines()
     fingerprints = [m["fingerprint"] for m in store_lib.read_manifest(root)["teachers"]]
-    assert [line.split(": 192 stored view(s) replayed; worst cosine error ")[0] for line in lines] == \
+    assert [line.split(": 128 stored view(s) replayed; worst cosine error ")[0] for line in lines] == \
         [f"OK: {root}: teacher {k + 1} {fp}" for k, fp in enumerate(fingerprints)]
     # the second member's embedding of one stored view replaced by another sample's: only that member fails
     copy = tmp_path / "edited"
@@ -218,20 +224,20 @@ def test_verify_views_reports_each_member(tmp_path, built, capsys):
     with pytest.raises(SystemExit) as exc:
         store_cmd.main(["verify-views", str(copy), "--samples", "1000"])
     captured = capsys.readouterr()
-    assert exc.value.code == 2 and captured.out.startswith(f"OK: {copy}: teacher 1 {fingerprints[0]}: 192 stored")
-    assert captured.err.startswith(f"error: {copy}: teacher 2 {fingerprints[1]}: 192 stored view(s) replayed")
+    assert exc.value.code == 2 and captured.out.startswith(f"OK: {copy}: teacher 1 {fingerprints[0]}: 128 stored")
+    assert captured.err.startswith(f"error: {copy}: teacher 2 {fingerprints[1]}: 128 stored view(s) replayed")
     assert "(sample '1000010005' of shard train-00001.tar, view 1)" in captured.err
 
 
-def test_datacompdr_export_of_an_ensemble_trains_with_its_widths(tmp_path, synth_data, built, members):
+def test_datacompdr_export_of_an_ensemble_trains_with_its_widths(tmp_path, data, built, members):
     root, _, _ = built
     out = tmp_path / "dr"
     teachers = [arg for model, path in members for arg in ("--teacher", model, "--teacher-pretrained", path)]
-    argv = ["--train-data", synth_data["train"], *teachers, "--teacher-store", root, "--augmentations", "2",
+    argv = ["--train-data", data["train"], *teachers, "--teacher-store", root, "--augmentations", "2",
             "--aug-cfg", "scale=0.5,1.0", "--captions", "2", "--output-format", "datacompdr", "--output", out]
     assert command_error(precompute_cmd.main, argv) is None
     store = store_lib.TeacherStore(root)
-    source = next(iter(data_lib.read_shard(data_lib.expand_urls(synth_data["train"])[0])))
+    source = next(iter(data_lib.read_shard(data_lib.expand_urls(data["train"])[0])))
     exported = next(iter(data_lib.read_shard(str(out / "train-00000.tar"))))
     assert exported["__key__"] == source["__key__"]
     with np.load(io.BytesIO(exported["npz"])) as rows:
@@ -241,7 +247,7 @@ def test_datacompdr_export_of_an_ensemble_trains_with_its_widths(tmp_path, synth
     assert image.shape == text.shape == (2, sum(WIDTHS))  # (views, 128 + 64), (captions, 128 + 64)
     assert np.array_equal(text, np.stack([rows[1][0].float().numpy() for rows in stored]))
     assert np.array_equal(image[0], stored[0][0][0].float().numpy())
-    dr = ["--train-data", str(out / "train-{00000..00002}.tar"), "--dataset-reinforcement", "--batch-size", "16",
+    dr = ["--train-data", str(out / "train-{00000..00001}.tar"), "--dataset-reinforcement", "--batch-size", "16",
           "--epochs", "1", "--no-eval", "--stop-after-steps", "1", "--logs", str(tmp_path / "logs"), "--name", "dr",
           "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--distill-loss-weights", "1", "1",
           "--distill-teacher-dimension", *map(str, WIDTHS), "--distill-logit-scale", *map(str, store.logit_scales)]
