@@ -164,7 +164,7 @@ def test_bad_inputs_refused_in_one_line_before_any_step(tmp_path, data, built, m
     (a, path_a), (b, path_b) = members
     refusals = {
         "count": (["--teacher", a, "--teacher-pretrained", path_a, "--teacher", b],
-                  "--teacher is given 2 time(s) and --teacher-pretrained 1"),
+                  "--teacher-pretrained is given 1 time(s) for 2 teacher(s) (--teacher;"),
         "order": (["--teacher", b, "--teacher-pretrained", path_b, "--teacher", a, "--teacher-pretrained", path_a],
                   "built by other teachers than this run's: it holds the same teachers in another order"),
         "fewer": (["--teacher", a, "--teacher-pretrained", path_a], "it holds 2 teacher(s)"),
@@ -184,7 +184,7 @@ def test_bad_inputs_refused_in_one_line_before_any_step(tmp_path, data, built, m
                                               *[x for m, p in other for x in ("--teacher", m, "--teacher-pretrained",
                                                                                p)]])
     assert got is not None and "store was built by other teachers: it holds the same teachers in another order" in got
-    assert "--teacher-pretrained 1" in command_error(precompute_cmd.main, [
+    assert "--teacher-pretrained is given 1 time(s) for 2 teacher(s)" in command_error(precompute_cmd.main, [
         "--train-data", data["train"], "--teacher", a, "--teacher", b, "--teacher-pretrained", path_a])
 
     def doubled(manifest):

@@ -39,8 +39,9 @@ def pair_teachers(teachers: Sequence[str], pretrained: Sequence[str]) -> list[tu
     if len(models_) == 1 and len(pretrained) <= 1:
         return [(models_[0], pretrained[0] if pretrained else None)]
     if len(pretrained) != len(models_):
-        raise ConfigError(f"--teacher is given {len(teachers)} time(s) and --teacher-pretrained {len(pretrained)}: a "
-                          f"teacher ensemble takes one --teacher-pretrained per --teacher, paired in order")
+        raise ConfigError(f"--teacher-pretrained is given {len(pretrained)} time(s) for {len(models_)} teacher(s) "
+                          f"(--teacher; the default teacher when it is not given): a teacher ensemble takes one "
+                          f"--teacher-pretrained per --teacher, paired in order")
     return list(zip(models_, pretrained))
 
 
