@@ -44,8 +44,8 @@ def _key(i: int) -> str:
 
 def write_store(root: Path, samples: int, dim: int, part_size: int) -> None:
     """A complete store of random unit rows, part by part (memory: one part)."""
-    manifest = store_lib.begin(root, {"model": "random", "pretrained": "none", "fingerprint": "random:bench"},
-                               100.0, dim)
+    manifest = store_lib.begin(root, [{"model": "random", "pretrained": "none", "fingerprint": "random:bench",
+                                       "logit_scale": 100.0, "logit_bias": None, "embed_dim": dim}])
     rng = np.random.default_rng(0)
     for start in range(0, samples, part_size):
         stop = min(start + part_size, samples)

@@ -1,4 +1,5 @@
-"""``python -m engine.precompute``: run the teacher once over the shards and write its embedding store.
+"""``python -m engine.precompute``: run the teacher (or each teacher of an ensemble) once over the shards and write
+its embedding store.
 
 Resumable: shards already in the store are skipped (each part is written atomically); a part that is damaged or
 was built from other data is refused. The store's layout is engine.teachers.store's.
@@ -26,11 +27,16 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     p.add_argument("--train-data", default=None,
                    help="webdataset shards, brace-expandable, '::'-separated (default: the embedded dataset)")
-    p.add_argument("--teacher", default=default_teacher.DEFAULT_TEACHER, help="teacher open_clip model name")
-    p.add_argument("--teacher-pretrained", default=None,
-                   help="open_clip pretrained tag or checkpoint file (default: the shipped default teacher)")
+    p.add_argument("--teacher", action="append", default=None, metavar="MODEL",
+                   help="teacher open_clip model name; repeat it for a teacher ensemble (one --teacher-pretrained "
+                   "per --teacher, in the same order): the store holds every member's L2-normalised rows side by "
+                   f"side, and each member runs once per view and caption (default: {default_teacher.DEFAULT_TEACHER})")
+    p.add_argument("--teacher-pretrained", action="append", default=None, metavar="TAG_OR_FILE",
+                   help="open_clip pretrained tag or checkpoint file, once per --teacher for an ensemble (default: "
+                   "the shipped default teacher's)")
     p.add_argument("--teacher-store", default=None,
-                   help="output directory (default: <cache>/stores/<teacher fingerprint>-<data id>)")
+                   help="output directory (default: <cache>/stores/<teacher fingerprint, or for an ensemble the "
+                   "member count and a hash of every member's fingerprint>-<data id>)")
     p.add_argument("--batch-size", type=int, default=500, help="images per teacher forward pass")
     p.add_argument("--augmentations", type=int, default=0, metavar="K",
                    help="stored views per sample (MobileCLIP's dataset reinforcement): view 0 is the evaluation "
@@ -46,8 +52,9 @@ def parser() -> argparse.ArgumentParser:
                    "its syn.json synthetic captions")
     p.add_argument("--output-format", default="store", choices=("store", "datacompdr"),
                    help="'store': the teacher store alone; 'datacompdr': also DataCompDR shards in --output, each "
-                   "sample with its views (paug.json), its teacher embeddings (npz), syn.json and json (uid, "
-                   "sha256), for engine.train --dataset-reinforcement (needs --augmentations K >= 1)")
+                   "sample with its views (paug.json), its teachers' embeddings (npz; an ensemble's members side by "
+                   "side, for --distill-teacher-dimension D1 D2 ...), syn.json and json (uid, sha256), for "
+                   "engine.train --dataset-reinforcement (needs --augmentations K >= 1)")
     p.add_argument("--output", default=None, help="with --output-format datacompdr: the folder of the shards")
     p.add_argument("--cache-dir", default=None,
                    help="cache of the embedded dataset and default stores (default: $CLIP_RD_CACHE or "
@@ -67,23 +74,22 @@ def precompute(argv=None) -> None:
                           "pass --augmentations K >= 1 and --captions C >= 2")
     if args.output is not None:
         check_writable_folder(Path(args.output), "--output")
+    # (model, weights) per teacher, paired and checked before any data is prepared
+    teachers = [(model, default_teacher.teacher_weights(model, pretrained)) for model, pretrained in
+                default_teacher.pair_teachers(args.teacher or [], args.teacher_pretrained or [])]
     cache = cache_root(args.cache_dir)
     try:
         train = args.train_data or ensure_default_data(cache)["train"]
     except (ValueError, OSError) as exc:  # a --cache-dir that is a file or read-only, or holds other data
         raise UserError(f"--cache-dir {cache}: cannot prepare the embedded dataset there: {exc}") from exc
-    pretrained = args.teacher_pretrained
-    if pretrained is None:
-        if args.teacher != default_teacher.DEFAULT_TEACHER:
-            raise ConfigError(f"--teacher {args.teacher}: pass --teacher-pretrained (open_clip tag or checkpoint file)")
-        pretrained = str(default_teacher.default_teacher_path())
-    fingerprint = store_lib.teacher_fingerprint(args.teacher, pretrained)
-    root = args.teacher_store or default_teacher.default_store_dir(cache, fingerprint, train, settings)
+    fingerprints = [store_lib.teacher_fingerprint(model, pretrained) for model, pretrained in teachers]
+    root = args.teacher_store or default_teacher.default_store_dir(cache, fingerprints, train, settings)
     start = time.time()
-    build_store(train, args.teacher, pretrained, root, args.batch_size, settings=settings)
+    build_store(train, teachers, root, args.batch_size, settings=settings)
     manifest = store_lib.read_manifest(root)
     print(f"teacher store {root}: {manifest['count']} samples, width {manifest['embed_dim']}, "
-          f"teacher {manifest['teacher']['fingerprint']}, {settings.describe()} ({time.time() - start:.1f} s)")
+          f"{'teacher' if len(fingerprints) == 1 else 'teachers'} {', '.join(fingerprints)}, {settings.describe()} "
+          f"({time.time() - start:.1f} s)")
     if args.output_format == "datacompdr":
         sizes = export_datacompdr(train, Path(root), Path(args.output))
         print(f"DataCompDR shards {args.output}: {len(sizes)} shard(s), {sum(sizes.values())} samples")

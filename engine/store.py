@@ -13,7 +13,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.store", description="Inspect or verify a teacher "
                                 "embedding store built by engine.precompute.", formatter_class=HelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
-    about_info = "Print the manifest: teacher, logit scale, width, parts."
+    about_info = "Print the manifest: each teacher (fingerprint, width, logit scale), the rows' width, parts."
     info = commands.add_parser("info", help=about_info, description=about_info, formatter_class=HelpFormatter)
     info.add_argument("store", help="store directory")
     about_verify = ("Check everything training checks (manifest fields and logit scale, dtypes, shapes, checksums, "
@@ -24,8 +24,9 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--train-data", default=None,
                        help="webdataset shards (brace-expandable, '::'-separated) to check sample by sample")
     about_views = ("Replay random stored views of a reinforced store from their parameters, embed them again with "
-                   "the store's teacher and compare with the stored embeddings; exit status 2 when the worst cosine "
-                   f"error (1 - cosine) exceeds {VIEW_TOLERANCE:.3g} (fp16 rounding gives at most 1.2e-07).")
+                   "each of the store's teachers and compare with its stored embeddings; one line per teacher of an "
+                   "ensemble; exit status 2 when a teacher's worst cosine error (1 - cosine) exceeds "
+                   f"{VIEW_TOLERANCE:.3g} (fp16 rounding gives at most 1.2e-07).")
     views = commands.add_parser("verify-views", help=about_views, description=about_views,
                                 formatter_class=HelpFormatter)
     views.add_argument("store", help="store directory")
@@ -43,12 +44,13 @@ def inspect_store(argv=None) -> None:
         print(describe(args.store))
         return
     if args.command == "verify-views":
-        check = verify_views(args.store, args.samples, args.train_data, args.seed)
-        verdict = "OK" if check.ok else "error"  # an error on stderr, as verify's
-        print(f"{verdict}: {args.store}: {check.checked} stored view(s) replayed; worst cosine error "
-              f"{check.worst:.3g} ({check.where}); tolerance {VIEW_TOLERANCE:.3g}",
-              file=sys.stdout if check.ok else sys.stderr)
-        if not check.ok:
+        checks = verify_views(args.store, args.samples, args.train_data, args.seed)
+        for k, check in enumerate(checks):  # one line per teacher; an error on stderr, as verify's
+            member = f"teacher {k + 1} {check.teacher}: " if len(checks) > 1 else ""
+            print(f"{'OK' if check.ok else 'error'}: {args.store}: {member}{check.checked} stored view(s) replayed; "
+                  f"worst cosine error {check.worst:.3g} ({check.where}); tolerance {VIEW_TOLERANCE:.3g}",
+                  file=sys.stdout if check.ok else sys.stderr)
+        if not all(check.ok for check in checks):
             raise SystemExit(USER_ERROR_STATUS)
         return
     problems = verify(args.store, args.train_data)
@@ -57,8 +59,9 @@ def inspect_store(argv=None) -> None:
         raise SystemExit(USER_ERROR_STATUS)
     manifest = read_manifest(args.store)
     checked = f"; every sample of {args.train_data} matches" if args.train_data else ""
-    print(f"OK: {args.store}: {manifest['count']} samples in {len(manifest['parts'])} part(s), teacher "
-          f"{manifest['teacher']['fingerprint']}{checked}")
+    teachers = [member["fingerprint"] for member in manifest["teachers"]]
+    print(f"OK: {args.store}: {manifest['count']} samples in {len(manifest['parts'])} part(s), "
+          f"{'teacher' if len(teachers) == 1 else 'teachers'} {', '.join(teachers)}{checked}")
 
 
 def main(argv=None) -> None:

@@ -27,6 +27,7 @@ from .training.config import (
     MAX_LR,
     MAX_STEPS,
     PRECISIONS,
+    REPEATED_FLAGS,
     TrainConfig,
 )
 from .training.datacompdr import resolve_datacompdr
@@ -82,14 +83,18 @@ def parser() -> argparse.ArgumentParser:
     a("--lock-text-freeze-layer-norm", action="store_true",
       help="with --lock-text: freeze the LayerNorms of the locked layers too (open_clip's CLIP text towers "
       "support only this)")
-    a("--teacher", "--distill-model", dest="teacher", default=d.teacher,
-      help="teacher open_clip model name (open_clip_train's --distill-model)")
-    a("--teacher-pretrained", "--distill-pretrained", dest="teacher_pretrained", default=None,
-      help="teacher weights: open_clip pretrained tag or checkpoint file (default: the shipped default teacher; "
-      "open_clip_train's --distill-pretrained)")
-    a("--teacher-store", default=None, help="teacher embedding store directory built by engine.precompute "
-      "(default: the cache's store for this teacher and data, built when missing)")
-    a("--online-teacher", action="store_true", help="run the teacher on every batch instead of reading a store")
+    a("--teacher", "--distill-model", dest="teacher", action="append", default=None, metavar="MODEL",
+      help=f"teacher open_clip model name (open_clip_train's --distill-model); repeat it for a teacher ensemble, one "
+      f"--teacher-pretrained per --teacher in the same order: its store holds every member's rows side by side "
+      f"(default: {d.teacher})")
+    a("--teacher-pretrained", "--distill-pretrained", dest="teacher_pretrained", action="append", default=None,
+      metavar="TAG_OR_FILE",
+      help="teacher weights: open_clip pretrained tag or checkpoint file (open_clip_train's --distill-pretrained); "
+      "once per --teacher for an ensemble (default: the shipped default teacher's)")
+    a("--teacher-store", default=None, help="teacher embedding store directory built by engine.precompute, of one "
+      "teacher or an ensemble (default: the cache's store for these teachers and data, built when missing)")
+    a("--online-teacher", action="store_true", help="run the teacher on every batch instead of reading a store "
+      "(one teacher only: an ensemble is refused, its rows come from a store)")
     add_reinforcement_flags(a, d)
     add_dataset_reinforcement_flags(p)
     a("--preset", default=d.preset, choices=sorted(PRESETS),
@@ -225,13 +230,19 @@ def add_dataset_reinforcement_flags(p: argparse.ArgumentParser) -> None:
       help="the ensemble members' widths, in their stored order; they must sum to the stored width (default: one "
       "teacher)")
     a("--distill-average-after-softmax", action="store_true",
-      help="an ensemble's softmax terms against the mean of the teachers' softmaxes (default: the mean of the "
+      help="a teacher ensemble's (these shards' members, or a store's several --teacher) softmax terms against the "
+      "mean of the teachers' softmaxes, MobileCLIP's mode: hrd and intra only, terms that compare embeddings "
+      "(fd, icl, vrd, xrd, gd, cross_kd) are refused; no effect with one teacher (default: the mean of the "
       "per-teacher losses)")
 
 
 def parse_args(argv=None) -> TrainConfig:
     args = vars(parser().parse_args(argv))
     weights = {key: args.pop(f"{key}_weight") for key in WEIGHT_KEYS}
+    for name in REPEATED_FLAGS:  # not given: the default; once: that value; repeated: the list (an ensemble)
+        given = args.pop(name)
+        if given is not None:
+            args[name] = given[0] if len(given) == 1 else given
     args["aug_cfg"] = parse_pairs(args["aug_cfg"])
     names = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in args.items() if k in names},

@@ -30,4 +30,5 @@ def store_dir(tmp_path_factory, synth_data, teacher_ckpt):
     from engine.teachers.precompute import build_store
 
     root = tmp_path_factory.mktemp("store") / "store"
-    return build_store(synth_data["train"], "tiny-vit-teacher", str(teacher_ckpt), root, batch_size=40, progress=False)
+    return build_store(synth_data["train"], [("tiny-vit-teacher", str(teacher_ckpt))], root, batch_size=40,
+                       progress=False)

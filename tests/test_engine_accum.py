@@ -21,7 +21,7 @@ def data_256(tmp_path_factory, teacher_ckpt):
     root = tmp_path_factory.mktemp("accum")
     patterns = synthetic.build(root / "data", synthetic.SyntheticSpec(train_samples=256, val_samples=8,
                                                                      shard_size=128, seed=5), progress=False)
-    store = build_store(patterns["train"], "tiny-vit-teacher", str(teacher_ckpt), root / "store", progress=False)
+    store = build_store(patterns["train"], [("tiny-vit-teacher", str(teacher_ckpt))], root / "store", progress=False)
     return {"train": patterns["train"], "store": str(store)}
 
 

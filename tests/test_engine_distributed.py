@@ -53,7 +53,7 @@ def interleaved(tmp_path_factory, synth_data, store_dir):
                     for member, payload in group:
                         tar.addfile(member, io.BytesIO(payload))
     source = store_lib.TeacherStore(store_dir, expand_urls(two))
-    manifest = store_lib.begin(root / "store", source.teacher, source.logit_scale, source.embed_dim)
+    manifest = store_lib.begin(root / "store", source.teachers)
     digests = [sample_digest(raw) for raw in read_shard(str(one))]  # the same bytes as in the two shards
     writer = store_lib.PartWriter(root / "store", manifest, str(one), len(keys))
     writer.append(keys, digests, *source.lookup(keys, digests, [str(one)] * len(keys)))

@@ -394,7 +394,7 @@ def test_store_built_from_pipe_shards(tmp_path, synth_data, teacher_ckpt, store_
     from engine.teachers.store import TeacherStore
 
     pipe = _cat_pipe(synth_data["train"])
-    built = build_store(pipe, "tiny-vit-teacher", str(teacher_ckpt), tmp_path / "store", batch_size=40,
+    built = build_store(pipe, [("tiny-vit-teacher", str(teacher_ckpt))], tmp_path / "store", batch_size=40,
                         progress=False)
     reference = TeacherStore(store_dir)
     urls = [f"pipe:cat {synth_data['root']}/train-0000{i}.tar" for i in range(3)]

@@ -62,9 +62,9 @@ def test_store_folder_follows_a_moved_cache(tmp_path):
     its store, while other data (outside the cache, or remote) gets a store of its own."""
     default_store_dir = defaults.default_store_dir
     first, moved = tmp_path / "cache", tmp_path / "elsewhere" / "cache"
-    name = default_store_dir(first, "teacher", f"{first}/data/train-{{00000..00015}}.tar").name
-    assert default_store_dir(moved, "teacher", f"{moved}/data/train-{{00000..00015}}.tar").name == name
-    assert default_store_dir(moved, "teacher", f"{first}/data/train-{{00000..00015}}.tar").name != name
-    assert default_store_dir(first, "teacher", f"{first}/data/train-{{00000..00014}}.tar").name != name
-    assert default_store_dir(first, "other-teacher", f"{first}/data/train-{{00000..00015}}.tar").name != name
-    assert default_store_dir(first, "teacher", "pipe:cat data/train-{00000..00015}.tar").name != name
+    name = default_store_dir(first, ["teacher"], f"{first}/data/train-{{00000..00015}}.tar").name
+    assert default_store_dir(moved, ["teacher"], f"{moved}/data/train-{{00000..00015}}.tar").name == name
+    assert default_store_dir(moved, ["teacher"], f"{first}/data/train-{{00000..00015}}.tar").name != name
+    assert default_store_dir(first, ["teacher"], f"{first}/data/train-{{00000..00014}}.tar").name != name
+    assert default_store_dir(first, ["other-teacher"], f"{first}/data/train-{{00000..00015}}.tar").name != name
+    assert default_store_dir(first, ["teacher"], "pipe:cat data/train-{00000..00015}.tar").name != name

@@ -29,10 +29,11 @@ def _part(store, shard):
 def test_store_matches_teacher_embeddings(synth_data, teacher_ckpt, store_dir):
     urls = data_lib.expand_urls(synth_data["train"])
     fingerprint = store_lib.teacher_fingerprint("tiny-vit-teacher", str(teacher_ckpt))
-    store = store_lib.TeacherStore(store_dir, urls, fingerprint)
+    store = store_lib.TeacherStore(store_dir, urls, [fingerprint])
     manifest = store.manifest
     assert manifest["complete"] and manifest["count"] == 96 and manifest["embed_dim"] == 128
-    assert manifest["teacher"]["model"] == "tiny-vit-teacher" and manifest["dtype"] == "float16"
+    assert [member["model"] for member in manifest["teachers"]] == ["tiny-vit-teacher"]
+    assert manifest["teachers"][0]["embed_dim"] == 128 and manifest["dtype"] == "float16"
     assert "augmentation" in manifest and len(manifest["parts"]) == 3
     # independent recomputation for the first samples of shard 1
     teacher = models.create_teacher("tiny-vit-teacher", str(teacher_ckpt))
@@ -46,7 +47,7 @@ def test_store_matches_teacher_embeddings(synth_data, teacher_ckpt, store_dir):
     assert image.dtype == torch.float16 and image.shape == (5, 128)
     torch.testing.assert_close(image.float(), F.normalize(out["image_features"], dim=-1), atol=2e-3, rtol=0)
     torch.testing.assert_close(text.float(), F.normalize(out["text_features"], dim=-1), atol=2e-3, rtol=0)
-    assert abs(store.logit_scale - teacher.logit_scale.exp().item()) < 1e-5
+    assert abs(store.logit_scales[0] - teacher.logit_scale.exp().item()) < 1e-5
 
 
 def test_store_resumes_only_missing_parts(tmp_path, synth_data, teacher_ckpt, store_dir):
@@ -64,7 +65,7 @@ def test_store_resumes_only_missing_parts(tmp_path, synth_data, teacher_ckpt, st
     kept = {p: os.stat(copy / "parts" / p / "image.npy").st_mtime_ns for p in names[:2]}
     with pytest.raises(store_lib.StoreError, match=r"no part for 1 training shard.*train-00002.tar.*'1000020000'"):
         store_lib.TeacherStore(copy, urls)
-    build_store(synth_data["train"], "tiny-vit-teacher", str(teacher_ckpt), copy, progress=False)
+    build_store(synth_data["train"], [("tiny-vit-teacher", str(teacher_ckpt))], copy, progress=False)
     assert {p: os.stat(copy / "parts" / p / "image.npy").st_mtime_ns for p in kept} == kept
     for part in names:
         for array in store_lib.PART_ARRAYS:
@@ -77,10 +78,11 @@ def test_store_from_another_teacher_refused(tmp_path, synth_data, store_dir):
     urls = data_lib.expand_urls(synth_data["train"])
     other = tmp_path / "other.pt"
     torch.save({"state_dict": models.create_model("tiny-vit-teacher").state_dict()}, other)
-    with pytest.raises(store_lib.StoreError, match="store was built by teacher tiny-vit-teacher:sha256="):
-        store_lib.TeacherStore(store_dir, urls, store_lib.teacher_fingerprint("tiny-vit-teacher", str(other)))
-    with pytest.raises(store_lib.StoreError, match="store was built by teacher"):
-        build_store(synth_data["train"], "tiny-vit-teacher", str(other), store_dir, progress=False)
+    with pytest.raises(store_lib.StoreError, match="store was built by other teachers than this run's: its teacher 1 "
+                                                   "is tiny-vit-teacher:sha256="):
+        store_lib.TeacherStore(store_dir, urls, [store_lib.teacher_fingerprint("tiny-vit-teacher", str(other))])
+    with pytest.raises(store_lib.StoreError, match="store was built by other teachers: its teacher 1 is"):
+        build_store(synth_data["train"], [("tiny-vit-teacher", str(other))], store_dir, progress=False)
 
 
 def test_corrupt_part_and_missing_store(tmp_path, synth_data, store_dir):
@@ -177,11 +179,11 @@ def test_repeated_key_refused_by_precompute_and_by_the_index(tmp_path, synth_dat
             tar_out.addfile(member, io.BytesIO(payload))
     with pytest.raises(store_lib.StoreError, match=rf"key '{keys0[7]}' appears in shards .*train-00000.tar and "
                                                    rf".*train-00001.tar"):
-        build_store(_train_pattern(data), "tiny-vit-teacher", str(teacher_ckpt), tmp_path / "new", progress=False)
+        build_store(_train_pattern(data), [("tiny-vit-teacher", str(teacher_ckpt))], tmp_path / "new", progress=False)
     # a store whose parts repeat a key (built by hand) is refused at load: the index never overwrites an entry
     source = store_lib.TeacherStore(store_dir)
     root = tmp_path / "dup"
-    manifest = store_lib.begin(root, source.teacher, source.logit_scale, source.embed_dim)
+    manifest = store_lib.begin(root, source.teachers)
     for url in (synth_data["root"] / "train-00000.tar", data / "train-00001.tar"):
         raws = list(data_lib.read_shard(str(url)))
         keys = [r["__key__"] for r in raws]
@@ -201,7 +203,7 @@ def test_manifest_edit_refused(tmp_path, synth_data, store_dir, tamper):
     path = copy / "manifest.json"
     if tamper == "logit_scale":
         manifest = json.loads(path.read_text())
-        manifest["logit_scale"] += 80
+        manifest["teachers"][0]["logit_scale"] += 80
         path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
         expected = "content does not match its digest"
     else:
@@ -224,7 +226,7 @@ def test_non_finite_rows_refused_at_precompute_and_at_load(tmp_path, synth_data,
 
     monkeypatch.setattr(models, "create_teacher", nan_teacher)
     with pytest.raises(store_lib.StoreError, match=r"non-finite embeddings for 32 sample\(s\), keys \['1000000000'"):
-        build_store(synth_data["train"], "tiny-vit-teacher", str(teacher_ckpt), tmp_path / "nan", progress=False)
+        build_store(synth_data["train"], [("tiny-vit-teacher", str(teacher_ckpt))], tmp_path / "nan", progress=False)
     assert not list((tmp_path / "nan" / "parts").iterdir())  # nothing half-written is left behind
     monkeypatch.undo()
     # a part damaged after the build (NaN row, checksum and manifest made consistent) is refused when loading
@@ -265,7 +267,7 @@ def _peak_rss_of_precompute(tmp_path, train_samples: int) -> int:
         "from engine.teachers.precompute import build_store\n"
         "path = sys.argv[3] + '/teacher.pt'\n"
         "torch.save({'state_dict': models.create_model('tiny-vit-teacher').state_dict()}, path)\n"
-        "build_store(sys.argv[1], 'tiny-vit-teacher', path, sys.argv[2], batch_size=128, progress=False)\n"
+        "build_store(sys.argv[1], [('tiny-vit-teacher', path)], sys.argv[2], batch_size=128, progress=False)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
     )
     out = subprocess.run([sys.executable, "-c", script, data["train"], str(tmp_path / f"store{train_samples}"),

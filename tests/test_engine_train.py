@@ -117,7 +117,7 @@ def test_bad_inputs_have_clear_errors(tmp_path, synth_data, teacher_ckpt, store_
         run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, batch_size=200))
     other = tmp_path / "other.pt"
     torch.save({"state_dict": {k: v + 1 for k, v in torch.load(teacher_ckpt)["state_dict"].items()}}, other)
-    with pytest.raises(StoreError, match="store was built by teacher"):
+    with pytest.raises(StoreError, match="store was built by other teachers than this run's"):
         run(_cfg(tmp_path, synth_data, teacher_ckpt, store_dir, teacher_pretrained=str(other)))
     with pytest.raises(ValueError, match="unknown term"):
         TrainConfig(weights={"xyz": 1.0}).validate()

@@ -47,7 +47,7 @@ def built(tmp_path_factory, synth_data, teacher_ckpt):
     root = tmp_path_factory.mktemp("reinforced") / "store"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(models, "create_teacher", counting_teacher)
-        build_store(synth_data["train"], "tiny-vit-teacher", str(teacher_ckpt), root, batch_size=48, progress=False,
+        build_store(synth_data["train"], [("tiny-vit-teacher", str(teacher_ckpt))], root, batch_size=48, progress=False,
                     settings=SETTINGS)
     return root, calls
 
@@ -185,9 +185,9 @@ def test_bad_inputs_refused_in_one_line_before_any_step(tmp_path, built, synth_d
     manifest = json.loads((root / "manifest.json").read_text())
     old = tmp_path / "old"
     shutil.copytree(root, old)
-    store_lib.write_manifest(old, {**manifest, "format": 3})
-    assert_refused_before_any_step(tmp_path, "store format 3 is not 4 (a store of an older version or a foreign one)",
-                                   train_cli(tmp_path, synth_data, old))
+    store_lib.write_manifest(old, {**manifest, "format": 4})  # one teacher's fields at the top level, before 5
+    assert_refused_before_any_step(tmp_path, f"store format 4 is not {store_lib.FORMAT_VERSION} (a store of an older "
+                                   "version or a foreign one)", train_cli(tmp_path, synth_data, old))
 
 
 def test_non_finite_view_refused_when_written(tmp_path, built):

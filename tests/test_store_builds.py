@@ -34,7 +34,7 @@ def _build(data, teacher, store, seconds_per_part, log):
     append = parts_lib.PartWriter.append
     parts_lib.PartWriter.append = lambda self, *a: (time.sleep(seconds_per_part), append(self, *a))[1]
     patterns = synthetic.build(data, synthetic.SyntheticSpec(**SPEC), progress=False)
-    build_store(patterns["train"], "tiny-vit-teacher", str(teacher), store, batch_size=40, progress=False)
+    build_store(patterns["train"], [("tiny-vit-teacher", str(teacher))], store, batch_size=40, progress=False)
 
 
 def _start(*args):
@@ -144,7 +144,7 @@ def test_a_killed_build_leaves_temporaries_that_the_next_build_sweeps(tmp_path, 
     (data / f".train-00001.tar.tmp{dead_pid()}").write_bytes(b"half a shard")
     (data / "dataset.json").rename(data / "building.json")  # as if the data build had been killed too
     synthetic.build(data, synthetic.SyntheticSpec(**SPEC), progress=False)
-    build_store(str(data / "train-{00000..00002}.tar"), "tiny-vit-teacher", str(teacher_ckpt), store, batch_size=40,
+    build_store(str(data / "train-{00000..00002}.tar"), [("tiny-vit-teacher", str(teacher_ckpt))], store, batch_size=40,
                 progress=False)
     assert sorted(p.name for p in (store / "parts").iterdir() if ".tmp" in p.name) == [live.name]
     assert not [p for p in data.iterdir() if ".tmp" in p.name]

@@ -49,11 +49,13 @@ def _fix_sums(store, shards):
 
 def _scale(factor=None, value=None):
     def change(manifest):
-        manifest["logit_scale"] = value if factor is None else manifest["logit_scale"] * factor
+        member = manifest["teachers"][0]
+        member["logit_scale"] = value if factor is None else member["logit_scale"] * factor
     return change
 
 
 def _double_width(manifest):
+    manifest["teachers"][0]["embed_dim"] *= 2
     manifest["embed_dim"] *= 2
 
 

@@ -3,9 +3,10 @@
 Each source shard becomes one shard of the same name under the output folder, written atomically (a temporary
 name, then a rename), so an interrupted export resumes with the shards not yet written. A sample keeps its image,
 ``txt`` and other members and gains ``paug.json`` (its K stored views as MobileCLIP's ``param_aug``), ``syn.json``
-(the synthetic captions the store embedded, under ``syn_text``), ``npz`` (fp32 ``image_emb`` (K, D), ``text_emb``
-(C, D)) and ``json`` (its ``uid``, kept if it had one, else its key, and the image's ``sha256``). ``sizes.json``
-records each shard's sample count.
+(the synthetic captions the store embedded, under ``syn_text``), ``npz`` (fp32 ``image_emb`` (K, W), ``text_emb``
+(C, W): the store's rows as they are, a teacher ensemble's members side by side, DataCompDR's own layout, which
+``--distill-teacher-dimension D1 D2 ...`` splits again) and ``json`` (its ``uid``, kept if it had one, else its
+key, and the image's ``sha256``). ``sizes.json`` records each shard's sample count.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def sample_members(raw: dict, store: TeacherStore) -> dict:
     """The DataCompDR members of one source sample: its own, with views, captions, embeddings and json."""
     settings, key, digest, url = store.reinforcement, raw["__key__"], sample_digest(raw), raw.get("__url__")
     views = [View.from_row(row).to_param_aug(settings.aug) for row in store.view_rows(key, digest, url)]
-    # (K, D) image rows, one lookup per view; (C, D) text rows, one per caption
+    # (K, W) image rows, one lookup per view; (C, W) text rows, one per caption (W: every teacher's width, summed)
     image = np.stack([store.lookup([key], [digest], [url], [k], [0])[0][0].float().numpy()
                       for k in range(settings.views)])
     text = np.stack([store.lookup([key], [digest], [url], [0], [c])[1][0].float().numpy()

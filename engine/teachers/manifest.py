@@ -7,8 +7,15 @@ A training shard is matched to the part built from the same path, else (the data
 
 The manifest's ``digest`` detects accidents, not edits: a manifest edited and re-digested is still checked for
 what can be checked: every field's type, a logit scale a CLIP model can have, part names that are their shards',
-counts that add up, and (``teacher_scale_problem``) the logit scale of the teacher checkpoint when that file is
+counts that add up, and (``teacher_scale_problem``) the logit scale of each teacher checkpoint when that file is
 still there.
+
+A store holds one teacher or an ensemble of several (format 5): ``teachers`` lists the members in order, each with
+its model, pretrained weights, fingerprint, logit scale, logit bias and width, and every row holds the members'
+embeddings side by side (width = the sum of theirs, each member's slice L2-normalised on its own). That is
+DataCompDR's layout of ``image_emb``/``text_emb``, so one lookup serves every member (one index, one key and digest
+check, one read of adjacent bytes per sample), a DataCompDR export writes the rows as they are, and a single-teacher
+store is simply the one-member case of the same format.
 """
 from __future__ import annotations
 
@@ -29,8 +36,10 @@ from ..data.shards import is_remote
 from . import reinforced
 
 # 3: parts named by the shard's full path (2 named them by file name alone); 4: (count, V, D) images and (count, C, D)
-# texts, and a reinforced store's views (engine.teachers.reinforced)
-FORMAT_VERSION = 4
+# texts, and a reinforced store's views (engine.teachers.reinforced); 5: ``teachers``, a list of members whose rows
+# lie side by side along the last axis (a teacher ensemble; one member for one teacher)
+FORMAT_VERSION = 5
+MEMBER_FIELDS = ("model", "pretrained", "fingerprint", "logit_scale", "logit_bias", "embed_dim")
 PART_ARRAYS = ("keys", "key_hashes", "digests", "image", "text")
 # CLIP clamps its learned logit scale at 100; SigLIP does not (its trained scales are about 110-120), so a teacher's
 # scale is sane up to well above that, and an edited one (doubled, negative, NaN) is caught by the other checks
@@ -153,21 +162,36 @@ def _count(value) -> bool:
     return type(value) is int and value >= 0
 
 
+def member_problem(index: int, member) -> Optional[str]:
+    """What a ``teachers`` entry holds that no build writes, else None (``index`` counts from 0)."""
+    where = f"teachers[{index}]"
+    if not isinstance(member, dict) or set(member) != set(MEMBER_FIELDS):
+        return f"{where} {member!r} is not a record of {', '.join(MEMBER_FIELDS)}"
+    if not all(isinstance(member[k], str) for k in ("model", "pretrained", "fingerprint")):
+        return f"{where}: model, pretrained and fingerprint are not strings"
+    scale = member["logit_scale"]
+    if type(scale) not in (int, float) or not 0 < scale <= MAX_LOGIT_SCALE:  # NaN fails both comparisons
+        return (f"{where}: logit_scale {scale!r} is not a teacher's logit scale (a finite number in "
+                f"(0, {MAX_LOGIT_SCALE:g}])")
+    bias = member["logit_bias"]
+    if bias is not None and (type(bias) not in (int, float) or not math.isfinite(bias)):
+        return f"{where}: logit_bias {bias!r} is not a SigLIP teacher's logit bias (a finite number, or null)"
+    if not _count(member["embed_dim"]) or member["embed_dim"] == 0:
+        return f"{where}: embed_dim {member['embed_dim']!r} is not a positive integer"
+    return None
+
+
 def manifest_problem(manifest: dict) -> Optional[str]:
     """What a manifest holds that no build writes, else None."""
-    teacher = manifest.get("teacher")
-    if not isinstance(teacher, dict) or not all(isinstance(teacher.get(k), str) for k in
-                                                ("model", "pretrained", "fingerprint")):
-        return f"teacher {teacher!r} is not a record of model, pretrained and fingerprint"
-    scale = manifest.get("logit_scale")
-    if type(scale) not in (int, float) or not 0 < scale <= MAX_LOGIT_SCALE:  # NaN fails both comparisons
-        return f"logit_scale {scale!r} is not a teacher's logit scale (a finite number in (0, {MAX_LOGIT_SCALE:g}])"
-    bias = manifest.get("logit_bias")
-    if bias is not None and (type(bias) not in (int, float) or not math.isfinite(bias)):
-        return f"logit_bias {bias!r} is not a SigLIP teacher's logit bias (a finite number, or null)"
+    members = manifest.get("teachers")
+    if not isinstance(members, list) or not members:
+        return f"teachers {members!r} is not a non-empty list of teacher records"
+    problem = next(filter(None, (member_problem(i, member) for i, member in enumerate(members))), None)
+    if problem:
+        return problem
     width = manifest.get("embed_dim")
-    if not _count(width) or width == 0:
-        return f"embed_dim {width!r} is not a positive integer"
+    if not _count(width) or width != sum(member["embed_dim"] for member in members):
+        return f"embed_dim {width!r} is not the sum of its teachers' widths {member_dims(manifest)}"
     if (manifest.get("dtype"), manifest.get("normalized")) != ("float16", True):
         return "the embeddings are not recorded as L2-normalised float16"
     problem = reinforced.record_problem(manifest.get("augmentation"))
@@ -213,14 +237,37 @@ def checkpoint_logit_scale(path: str) -> Optional[float]:
     return float(value.float().exp()) if torch.is_tensor(value) else None
 
 
+def member_dims(manifest: dict) -> list[int]:
+    """The members' widths, in their order along the rows' last axis."""
+    return [member["embed_dim"] for member in manifest["teachers"]]
+
+
+def member_fingerprints(manifest: dict) -> list[str]:
+    return [member["fingerprint"] for member in manifest["teachers"]]
+
+
+def teachers_mismatch(stored: list[str], wanted: list[str]) -> Optional[str]:
+    """What differs between the teachers a store was built by and the ones a run asks for (fingerprints in order):
+    their count, their order, or the first member that differs; None when they are the same."""
+    if stored == wanted:
+        return None
+    if len(stored) != len(wanted):
+        return f"it holds {len(stored)} teacher(s) {stored}, this run asks for {len(wanted)} {wanted}"
+    if sorted(stored) == sorted(wanted):
+        return f"it holds the same teachers in another order ({stored}; this run asks for {wanted})"
+    k = next(i for i, (a, b) in enumerate(zip(stored, wanted)) if a != b)
+    return f"its teacher {k + 1} is {stored[k]}, this run's is {wanted[k]}"
+
+
 def teacher_scale_problem(manifest: dict) -> Optional[str]:
-    """The manifest's logit scale against its teacher's, when the checkpoint the store was built from is still at
-    its recorded path (same sha256); None when they agree or the file is not there to compare."""
-    teacher = manifest["teacher"]
-    path = teacher["pretrained"]
-    if not os.path.isfile(path) or teacher_fingerprint(teacher["model"], path) != teacher["fingerprint"]:
-        return None
-    scale = checkpoint_logit_scale(path)
-    if scale is None or math.isclose(scale, manifest["logit_scale"], rel_tol=1e-6):
-        return None
-    return f"logit_scale {manifest['logit_scale']:g} is not its teacher's ({scale:g}, from {path})"
+    """Each member's logit scale in the manifest against its checkpoint's, where the checkpoint the store was built
+    from is still at its recorded path (same sha256); None when they agree or no file is there to compare."""
+    for index, member in enumerate(manifest["teachers"]):
+        path = member["pretrained"]
+        if not os.path.isfile(path) or teacher_fingerprint(member["model"], path) != member["fingerprint"]:
+            continue
+        scale = checkpoint_logit_scale(path)
+        if scale is not None and not math.isclose(scale, member["logit_scale"], rel_tol=1e-6):
+            return (f"teachers[{index}]: logit_scale {member['logit_scale']:g} is not its teacher's ({scale:g}, "
+                    f"from {path})")
+    return None

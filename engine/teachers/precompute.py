@@ -1,4 +1,5 @@
-"""Building a teacher store: the teacher run once over the shards, batch by batch, part by part.
+"""Building a teacher store: each teacher (one, or an ensemble's members) run once over the shards, batch by batch,
+part by part.
 
 Resumable: shards already in the store are skipped (each part is written atomically); a part that is damaged or
 was built from other data is refused. One process builds a store at a time (engine.core.lock).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,25 +43,26 @@ def check_unique_keys(urls: list[str]) -> dict[str, int]:
     return counts
 
 
-def build_store(pattern: str, teacher_name: str, pretrained: str, root: str | Path, batch_size: int = 500,
+def build_store(pattern: str, teachers: Sequence[tuple[str, str]], root: str | Path, batch_size: int = 500,
                 progress: bool = True, device: str | torch.device | None = None,
                 timeout: float = DEFAULT_TIMEOUT, settings: reinforced.Reinforcement = reinforced.Reinforcement()
                 ) -> Path:
-    """Run the teacher over every shard without a part yet, batch by batch as samples stream (memory independent of
-    shard size): per sample one image forward per stored view (``settings.views``, at least one) and one text
-    forward per caption (``settings.captions``), about ``batch_size`` images per forward. One process builds a store
-    at a time: another waits (at most ``timeout`` seconds) and then finds it built; the temporaries of killed builds
-    are swept first."""
+    """Run the ``teachers`` ((open_clip model, pretrained tag or checkpoint file) per member, in order) over every
+    shard without a part yet, batch by batch as samples stream (memory independent of shard size): per sample and
+    member one image forward per stored view (``settings.views``, at least one) and one text forward per caption
+    (``settings.captions``), about ``batch_size`` images per forward. The members' rows are stored side by side
+    along the last axis. One process builds a store at a time: another waits (at most ``timeout`` seconds) and then
+    finds it built; the temporaries of killed builds are swept first."""
     root = Path(root)
     urls = data_lib.expand_urls(pattern)
     counts = check_unique_keys(urls)
     sizes = {url: counts[url] if size is None else size for url, size in data_lib.shard_sizes(urls).items()}
-    fingerprint = store_lib.teacher_fingerprint(teacher_name, pretrained)
+    fingerprints = [store_lib.teacher_fingerprint(name, pretrained) for name, pretrained in teachers]
     store_lib.create_root(root)
     with building(root, f"teacher store {root}", timeout):
         sweep_temporaries(root)
         sweep_temporaries(root / "parts")
-        previous = store_lib.reopen(root, fingerprint)  # the output is checked before the teacher is loaded
+        previous = store_lib.reopen(root, fingerprints)  # the output is checked before the teachers are loaded
         if previous:
             reinforced.check_settings(f"--teacher-store {root}", previous, settings, "pass its --augmentations, "
                                       "--aug-cfg and --captions, another --teacher-store, or delete it to rebuild it")
@@ -68,24 +71,33 @@ def build_store(pattern: str, teacher_name: str, pretrained: str, root: str | Pa
             if not previous["complete"]:
                 store_lib.finish(root, previous)
             return root
-        teacher = models.create_teacher(teacher_name, pretrained,
-                                        device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        recorded = os.path.abspath(pretrained) if os.path.isfile(pretrained) else str(pretrained)
-        bias = None if teacher.logit_bias is None else teacher.logit_bias.item()  # a SigLIP teacher's
-        inputs = reinforced.TeacherInputs(teacher, models.get_tokenizer(teacher_name), settings)
-        manifest = previous or store_lib.begin(root, {"model": teacher_name, "pretrained": recorded,
-                                                      "fingerprint": fingerprint},
-                                               teacher.logit_scale.exp().item(), models.embed_dim(teacher_name), bias,
-                                               settings.record(inputs.reference_hw, inputs.resize_mode), pattern)
-        _build_parts(root, manifest, todo, sizes, teacher, inputs, batch_size, progress)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        members = [models.create_teacher(name, pretrained, device=device) for name, pretrained in teachers]
+        first = reinforced.TeacherInputs(members[0], models.get_tokenizer(teachers[0][0]), settings)
+        inputs = reinforced.StoreInputs([first] + [
+            reinforced.TeacherInputs(model, models.get_tokenizer(name), settings, first.image_hw)
+            for model, (name, _) in zip(members[1:], teachers[1:])])
+        records = [member_record(name, pretrained, fingerprint, model)
+                   for (name, pretrained), fingerprint, model in zip(teachers, fingerprints, members)]
+        manifest = previous or store_lib.begin(root, records, settings.record(inputs.reference_hw, inputs.resize_mode),
+                                               pattern)
+        _build_parts(root, manifest, todo, sizes, members, inputs, batch_size, progress)
         store_lib.finish(root, manifest)
     return root
 
 
+def member_record(name: str, pretrained: str, fingerprint: str, teacher) -> dict:
+    """A member's entry of the manifest's ``teachers`` (engine.teachers.manifest.MEMBER_FIELDS)."""
+    return {"model": name, "pretrained": os.path.abspath(pretrained) if os.path.isfile(pretrained) else str(pretrained),
+            "fingerprint": fingerprint, "logit_scale": teacher.logit_scale.exp().item(),
+            "logit_bias": None if teacher.logit_bias is None else teacher.logit_bias.item(),  # a SigLIP teacher's
+            "embed_dim": models.embed_dim(name)}
+
+
 @torch.no_grad()
-def _build_parts(root: Path, manifest: dict, todo: list[str], sizes: dict[str, int], teacher,
-                 inputs: reinforced.TeacherInputs, batch_size: int, progress: bool) -> None:
-    device = next(teacher.parameters()).device
+def _build_parts(root: Path, manifest: dict, todo: list[str], sizes: dict[str, int], members: list,
+                 inputs: reinforced.StoreInputs, batch_size: int, progress: bool) -> None:
+    device = next(members[0].parameters()).device
     views = inputs.settings.views
     samples_per_batch = max(1, batch_size // max(views, 1))  # about batch_size images per forward
     # closed (its line cleared) however the loop ends, so that an error is printed on a line of its own
@@ -95,7 +107,10 @@ def _build_parts(root: Path, manifest: dict, todo: list[str], sizes: dict[str, i
             try:
                 decoded = (inputs(raw) for raw in data_lib.read_shard(url, sizes[url]))
                 for batch in data_lib.batched(decoded, samples_per_batch):
-                    image, text = embed(teacher, inputs, batch, device)
+                    rows = [embed(teacher, member, batch[f"images_{k}"], batch[f"tokens_{k}"], device)
+                            for k, (teacher, member) in enumerate(zip(members, inputs.members))]
+                    # the members side by side: (B, V, sum D_k), (B, C, sum D_k)
+                    image, text = (torch.cat([member[i] for member in rows], dim=-1) for i in (0, 1))
                     writer.append(batch["key"], batch["digest"].tolist(), image, text,
                                   np.stack(batch["views"]) if views else None, np.stack(batch["source_hw"]))
                     bar.update(len(batch["key"]))
@@ -105,9 +120,10 @@ def _build_parts(root: Path, manifest: dict, todo: list[str], sizes: dict[str, i
                 raise
 
 
-def embed(teacher, inputs: reinforced.TeacherInputs, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's L2-normalised embeddings of a batch's views (B, V, D) and captions (B, C, D), on the CPU."""
-    images, tokens = batch["images"], batch["tokens"]  # (B, V, 3, H, W) uint8, (B, C, L)
+def embed(teacher, inputs: reinforced.TeacherInputs, images: torch.Tensor, tokens: torch.Tensor, device
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One teacher's L2-normalised embeddings of a batch's views, images uint8 (B, V, 3, H, W) -> (B, V, D), and
+    captions, tokens (B, C, L) -> (B, C, D), on the CPU."""
     image = teacher.encode_image(inputs.pixels(images.flatten(0, 1)).to(device), normalize=True)
     text = teacher.encode_text(tokens.flatten(0, 1).to(device), normalize=True)
     return (F.normalize(image.float(), dim=-1).cpu().unflatten(0, images.shape[:2]),

@@ -185,33 +185,52 @@ def record_problem(record) -> Optional[str]:
 
 
 class TeacherInputs:
-    """A raw sample as the teacher's inputs under ``settings``: its V = max(K, 1) images (uint8, the teacher's size:
-    the stored views replayed, or its evaluation transform's image) and its C captions, tokenised."""
+    """One teacher's view of a sample: its image transform (the evaluation transform, or stored views replayed at its
+    size), its normalisation and its tokenizer. ``reference_hw`` is the image size the stored views' translations were
+    drawn for: this teacher's own, or an ensemble's first member's (engine.teachers.reinforced.StoreInputs)."""
 
-    def __init__(self, teacher, tokenizer, settings: Reinforcement):
+    def __init__(self, teacher, tokenizer, settings: Reinforcement, reference_hw: Optional[tuple[int, int]] = None):
         self.per_image, normalisation = split_transform(models.get_preprocess(teacher))
         self.mean, self.std = normalisation
         self.tokenizer, self.settings = tokenizer, settings
-        self.reference_hw = image_hw(teacher)
+        self.image_hw = image_hw(teacher)
+        self.reference_hw = reference_hw or self.image_hw
         self.resize_mode = teacher.visual.preprocess_cfg.get("resize_mode", "shortest")
 
-    def __call__(self, raw: dict) -> dict:
-        image, key = decode_image(raw), raw["__key__"]
-        out = {"key": key, "digest": sample_digest(raw), "source_hw": np.array([image.height, image.width])}
-        if self.settings.views:
-            rows = draw_views(key, (image.height, image.width), self.settings, self.reference_hw, self.resize_mode)
-            out["views"], out["images"] = rows, self.replayed(image, rows)
-        else:
-            out["images"] = self.per_image(image)[None]
-        out["tokens"] = self.tokenizer(sample_captions(raw, self.settings.captions))
-        return out
+    def images(self, image, rows: Optional[np.ndarray]) -> torch.Tensor:
+        """uint8 (V, 3, H, W) at this teacher's size: the stored rows (K, P) replayed, or (rows None) the evaluation
+        transform's image."""
+        return self.per_image(image)[None] if rows is None else self.replayed(image, rows)
 
     def replayed(self, image, rows: np.ndarray) -> torch.Tensor:
-        """Stored rows (K', P) replayed on a PIL image at the teacher's size: uint8 (K', 3, H, W)."""
-        views = [augment.replay(image, augment.View.from_row(row), self.reference_hw, self.reference_hw)
-                 for row in rows]
+        """Stored rows (K', P) replayed on a PIL image at this teacher's size: uint8 (K', 3, H, W)."""
+        views = [augment.replay(image, augment.View.from_row(row), self.image_hw, self.reference_hw) for row in rows]
         return torch.stack([torch.from_numpy(np.array(view, dtype=np.uint8)).permute(2, 0, 1) for view in views])
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) -> the teacher's normalised floats, the evaluation transform's arithmetic."""
         return images.to(self.mean.dtype).div_(255).sub_(self.mean).div_(self.std)
+
+
+class StoreInputs:
+    """A raw sample as the inputs of every member of a store's teachers: the image decoded once and, with stored
+    views, the views drawn once, for the first member's image size and resize mode (view 0 is its evaluation view);
+    then per member k its V = max(K, 1) images (``images_k``, uint8 at its size: the views replayed, or its
+    evaluation transform's image) and its tokens of the C captions (``tokens_k``)."""
+
+    def __init__(self, members: list[TeacherInputs]):
+        self.members = members
+        self.settings = members[0].settings
+        self.reference_hw, self.resize_mode = members[0].image_hw, members[0].resize_mode
+
+    def __call__(self, raw: dict) -> dict:
+        image, key = decode_image(raw), raw["__key__"]
+        out = {"key": key, "digest": sample_digest(raw), "source_hw": np.array([image.height, image.width])}
+        rows = None
+        if self.settings.views:
+            rows = draw_views(key, (image.height, image.width), self.settings, self.reference_hw, self.resize_mode)
+            out["views"] = rows
+        captions = sample_captions(raw, self.settings.captions)
+        for k, member in enumerate(self.members):
+            out[f"images_{k}"], out[f"tokens_{k}"] = member.images(image, rows), member.tokenizer(captions)
+        return out

@@ -1,13 +1,14 @@
 """Teacher sources: where a batch's teacher rows come from, behind one Protocol.
 
-``StoreTeacher`` reads the precomputed store (each sample's key and digest checked), ``OnlineTeacher`` runs the
-teacher model on the batch, ``NoTeacher`` gives none (plain CLIP training). A new source (another store format, a
-teacher ensemble) implements ``TeacherSource``; the training task never branches on the kind.
+``StoreTeacher`` reads the precomputed store (each sample's key and digest checked; a store of a teacher ensemble
+gives each member's rows, as engine.teachers.datacompdr's ``DataCompDRTeacher`` does), ``OnlineTeacher`` runs the
+teacher model on the batch, ``NoTeacher`` gives none (plain CLIP training). A new source (another store format)
+implements ``TeacherSource``; the training task never branches on the kind.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Union
 
 import torch
 from torch import nn
@@ -15,17 +16,20 @@ from torch import nn
 import models
 
 from ..data.augment import ViewDraw
+from ..data.datacompdr import split_members
 from .store import TeacherStore
 
-Rows = tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
+Member = Union[None, torch.Tensor, list]  # one teacher's (B, D) rows, an ensemble's list of (B, D_k), or None
+Rows = tuple[Member, Member]
 
 
 class TeacherSource(Protocol):
-    """What the training task needs from a teacher."""
+    """What the training task needs from a teacher (an ensemble: one entry per member in ``scale``, ``embed_dim``, a
+    list ``bias`` where every member has one, and lists of rows)."""
 
-    scale: float  # the teacher's (exponentiated) logit scale
-    bias: Optional[float]  # a SigLIP teacher's logit bias (None: a CLIP teacher, or no teacher)
-    embed_dim: Optional[int]  # width of its embeddings (None: no teacher)
+    scale: Union[float, list[float]]  # the teacher's (exponentiated) logit scale
+    bias: Union[None, float, list[float]]  # a SigLIP teacher's logit bias (None: a CLIP teacher, or no teacher)
+    embed_dim: Union[None, int, list[int]]  # width of its embeddings (None: no teacher)
     # extra inputs a batch must carry for this teacher: batch key -> image transform / tokenizer
     images: dict[str, Callable]
     texts: dict[str, Callable]
@@ -34,7 +38,8 @@ class TeacherSource(Protocol):
     views: Optional[ViewDraw]
 
     def rows(self, batch: dict, device: torch.device) -> Rows:
-        """(image, text) teacher embeddings of the batch's samples, (B, D) each, or (None, None)."""
+        """(image, text) teacher embeddings of the batch's samples, (B, D) each (an ensemble: lists of (B, D_k)), or
+        (None, None)."""
 
 
 @dataclass
@@ -55,7 +60,9 @@ class NoTeacher:
 @dataclass
 class StoreTeacher:
     """Teacher rows from a verified store: every lookup checks the sample's key and digest. From a reinforced store,
-    the rows of the view and caption each sample was decoded as (the batch's ``view_index``, ``caption_index``)."""
+    the rows of the view and caption each sample was decoded as (the batch's ``view_index``, ``caption_index``).
+    From a store of a teacher ensemble: a list of each member's (B, D_k) rows, its scales as a list, its biases as a
+    list where every member has one (else None)."""
 
     store: TeacherStore
     images: dict = field(default_factory=dict)
@@ -63,12 +70,18 @@ class StoreTeacher:
     views: Optional[ViewDraw] = None
 
     def __post_init__(self):
-        self.scale, self.bias, self.embed_dim = self.store.logit_scale, self.store.logit_bias, self.store.embed_dim
+        store = self.store
+        self.dims = store.member_dims if len(store.member_dims) > 1 else None  # None: one teacher
+        if self.dims is None:
+            self.scale, self.bias, self.embed_dim = store.logit_scales[0], store.logit_biases[0], store.embed_dim
+        else:
+            self.scale, self.embed_dim = list(store.logit_scales), list(self.dims)
+            self.bias = None if None in store.logit_biases else list(store.logit_biases)
 
     def rows(self, batch: dict, device: torch.device) -> Rows:
         image, text = self.store.lookup(batch["key"], batch["digest"].tolist(), batch["url"],
                                         batch.get("view_index"), batch.get("caption_index"))
-        return image.to(device), text.to(device)
+        return split_members(image.to(device), self.dims), split_members(text.to(device), self.dims)
 
 
 class OnlineTeacher:

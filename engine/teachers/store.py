@@ -2,9 +2,10 @@
 
 Layout of a store directory (specification in the README, section "Teacher store")::
 
-    manifest.json              format, teacher (model, pretrained, fingerprint), logit_scale, logit_bias (a SigLIP
-                               teacher's; null for CLIP ones), embed_dim, count, parts (per part: the shard's path
-                               or URL, count, its size, each file's sha256),
+    manifest.json              format, teachers (per member, in order: model, pretrained, fingerprint, logit_scale,
+                               logit_bias (a SigLIP teacher's; null for CLIP ones), embed_dim), embed_dim (the
+                               rows' width: the members' summed), count, parts (per part: the shard's path or URL,
+                               count, its size, each file's sha256),
                                complete, and "digest": the sha256 of everything else in the file
     parts/<file name>-<hash>/  one shard's keys, key hashes, sample digests, image and text rows, and a reinforced
                                store's view parameters (engine.teachers.parts); the hash is of the shard's full path
@@ -22,6 +23,10 @@ sample's content digest.
 
 The part arrays are memory-mapped: the processes of a machine share one copy in the page cache, and a process's
 private memory holds only the index (16 bytes per sample).
+
+A teacher ensemble (several ``--teacher``): every row holds the members' embeddings side by side, each member's
+slice L2-normalised on its own (engine.teachers.manifest says why); ``lookup`` returns the whole rows and
+``StoreTeacher`` (engine.teachers.sources) splits them into the members.
 
 Augmentation (engine.teachers.reinforced, the manifest's ``augmentation``): a plain store holds one embedding per
 sample of the teacher's deterministic evaluation view (V = 1), and the student trains on the same deterministic
@@ -48,12 +53,15 @@ from .manifest import (
     PART_ARRAYS,
     REBUILD,
     match_parts,
+    member_dims,
+    member_fingerprints,
     part_name,
     read_manifest,
     sha256_file,
     shard_source,
     teacher_fingerprint,
     teacher_scale_problem,
+    teachers_mismatch,
     write_manifest,
 )
 from .parts import PartWriter, open_part, part_damage, shard_change
@@ -79,15 +87,17 @@ def create_root(root: Path) -> None:
             from exc
 
 
-def reopen(root: Path, fingerprint: str) -> Optional[dict]:
+def reopen(root: Path, fingerprints: list[str]) -> Optional[dict]:
     """The manifest of a store begun earlier, None for a new one (its directory must exist: create_root); refuses a
-    store that another teacher began. Needs no teacher: a build checks its output first."""
+    store that other teachers began (other members, order or count). Needs no teacher: a build checks its output
+    first."""
     if not (root / "manifest.json").exists():
         return None
     manifest = read_manifest(root)
-    if manifest["teacher"]["fingerprint"] != fingerprint:
-        raise StoreError(f"{root}: store was built by teacher {manifest['teacher']['fingerprint']}, "
-                         f"not {fingerprint}; use another --teacher-store directory")
+    mismatch = teachers_mismatch(member_fingerprints(manifest), fingerprints)
+    if mismatch:
+        raise StoreError(f"{root}: store was built by other teachers: {mismatch}; use another --teacher-store "
+                         f"directory")
     return manifest
 
 
@@ -123,19 +133,19 @@ def _first_sample_change(root: Path, name: str, url: str) -> Optional[str]:
     return f"shard {url} does not begin with the sample its part was built from (key or content differs)"
 
 
-def begin(root: Path, teacher: dict, logit_scale: float, embed_dim: int, logit_bias: Optional[float] = None,
-          augmentation: Optional[dict] = None, train_data: Optional[str] = None) -> dict:
-    """Create or reopen a store for resuming; refuses a store begun by another teacher. ``augmentation``: the views
-    and captions it holds (engine.teachers.reinforced's record; None: a plain store); ``train_data``: the shards it
-    is built from, as given (verify-views reads them)."""
+def begin(root: Path, teachers: list[dict], augmentation: Optional[dict] = None,
+          train_data: Optional[str] = None) -> dict:
+    """Create or reopen a store for resuming; refuses a store begun by other teachers. ``teachers``: one record per
+    member, in order (engine.teachers.manifest.MEMBER_FIELDS); ``augmentation``: the views and captions it holds
+    (engine.teachers.reinforced's record; None: a plain store); ``train_data``: the shards it is built from, as
+    given (verify-views reads them)."""
     root = Path(root)
     create_root(root)
-    manifest = reopen(root, teacher["fingerprint"])
+    manifest = reopen(root, [member["fingerprint"] for member in teachers])
     if manifest is not None:
         return manifest
-    manifest = {"format": FORMAT_VERSION, "teacher": teacher, "logit_scale": float(logit_scale),
-                "logit_bias": None if logit_bias is None else float(logit_bias), "embed_dim": int(embed_dim),
-                "dtype": "float16", "normalized": True,
+    manifest = {"format": FORMAT_VERSION, "teachers": teachers,
+                "embed_dim": sum(member["embed_dim"] for member in teachers), "dtype": "float16", "normalized": True,
                 "augmentation": augmentation or reinforced.Reinforcement().record(), "train_data": train_data,
                 "sample_digest": "blake2b-64 over the sample's raw members (name, size, bytes) in name order",
                 "count": 0, "parts": {}, "complete": False}
@@ -152,28 +162,31 @@ def finish(root: Path, manifest: dict) -> None:
 
 
 class TeacherStore:
-    """A verified, memory-mapped store: ``lookup(keys, digests, urls) -> (image (B, D), text (B, D))`` fp16.
+    """A verified, memory-mapped store: ``lookup(keys, digests, urls) -> (image (B, W), text (B, W))`` fp16, W the
+    members' widths side by side (one member: its width).
 
     ``urls``: the training shards; each must have a part built from an identical shard. None: every part.
+    ``expected_teachers``: the fingerprints of the teachers the run asks for, in order (None: the store's own).
     """
 
     def __init__(self, root: str | os.PathLike, urls: Optional[list[str]] = None,
-                 expected_teacher: Optional[str] = None):
+                 expected_teachers: Optional[list[str]] = None):
         self.root = Path(root)
         manifest = read_manifest(self.root)
         self.manifest = manifest
-        fingerprint = manifest["teacher"]["fingerprint"]
-        if expected_teacher is not None and fingerprint != expected_teacher:
-            raise StoreError(f"{root}: store was built by teacher {fingerprint}, but this run's teacher is "
-                             f"{expected_teacher}; rebuild it with engine.precompute or pass the matching teacher")
+        mismatch = expected_teachers and teachers_mismatch(member_fingerprints(manifest), list(expected_teachers))
+        if mismatch:
+            raise StoreError(f"{root}: store was built by other teachers than this run's: {mismatch}; rebuild it "
+                             f"with engine.precompute or pass the teachers it was built by, in its order")
         problem = teacher_scale_problem(manifest)
         if problem:
             raise StoreError(f"{self.root / 'manifest.json'}: {problem} (the file was edited); {REBUILD}")
-        self.logit_scale = float(manifest["logit_scale"])
-        # a SigLIP teacher's logit bias (None for a CLIP teacher, and in stores written before it was recorded)
-        self.logit_bias = manifest.get("logit_bias")
+        self.teachers = manifest["teachers"]  # one record per member, in the rows' order
+        self.member_dims = member_dims(manifest)
+        self.logit_scales = [float(member["logit_scale"]) for member in self.teachers]
+        # a SigLIP teacher's logit bias (None for a CLIP teacher)
+        self.logit_biases = [member["logit_bias"] for member in self.teachers]
         self.embed_dim = int(manifest["embed_dim"])
-        self.teacher = manifest["teacher"]
         self.reinforcement = reinforced.of_manifest(manifest)
         matched = list(manifest["parts"]) if urls is None else match_parts(manifest["parts"], urls)
         self.part_names = [name for name in matched if name is not None]
@@ -299,8 +312,9 @@ class TeacherStore:
 
     def lookup(self, keys: Sequence[str], digests: Sequence[int], urls: Sequence[Optional[str]],
                views: Optional[Sequence[int]] = None, captions: Optional[Sequence[int]] = None):
-        """Teacher rows (B, D) of these samples: the image embedding of stored view ``views[b]`` and the text
-        embedding of caption ``captions[b]`` (None: view and caption 0); key and sample digest are checked."""
+        """Teacher rows (B, W) of these samples: the image embedding of stored view ``views[b]`` and the text
+        embedding of caption ``captions[b]`` (None: view and caption 0), every member's side by side; key and sample
+        digest are checked."""
         chosen = [np.zeros(len(keys), np.int64) if index is None else np.asarray(index, dtype=np.int64)
                   for index in (views, captions)]
         image = np.empty((len(keys), self.embed_dim), dtype=np.float16)
@@ -356,17 +370,23 @@ def verify(root: str, train_data: Optional[str] = None) -> list[str]:
 
 
 def deep_problem(store: TeacherStore) -> Optional[str]:
-    """What only reading every row finds: key hashes that are not their keys', rows that are not unit-norm."""
+    """What only reading every row finds: key hashes that are not their keys', member slices of rows that are not
+    unit-norm."""
+    bounds = np.cumsum([0] + store.member_dims)  # member k's slice of a row: bounds[k]:bounds[k + 1]
     for name, part in zip(store.part_names, store.parts):
         folder = store.root / "parts" / name
         hashes = np.fromiter((key_hash(str(key)) for key in part["keys"]), dtype=np.int64, count=len(part["keys"]))
         if not np.array_equal(hashes, part["key_hashes"]):
             return f"{folder / 'key_hashes.npy'} does not hold the hashes of its keys (the file was edited)"
         for array in ("image", "text"):
-            off = sum(int((np.abs(np.einsum("ij,ij->i", rows, rows) - 1) > UNIT_NORM_TOLERANCE).sum())
-                      for rows in _row_blocks(part[array]))
-            if off:
-                return f"{folder / f'{array}.npy'}: {off} row(s) are not unit-norm (the embeddings were edited)"
+            off = np.zeros(len(store.member_dims), dtype=np.int64)  # rows off unit norm, per member
+            for rows in _row_blocks(part[array]):
+                squares = np.add.reduceat(rows * rows, bounds[:-1], axis=1)  # (n, members) squared norms
+                off += (np.abs(squares - 1) > UNIT_NORM_TOLERANCE).sum(axis=0)
+            for k in np.flatnonzero(off)[:1]:
+                member = f" of teacher {k + 1}" if len(store.member_dims) > 1 else ""
+                return (f"{folder / f'{array}.npy'}: {off[k]} row(s){member} are not unit-norm (the embeddings were "
+                        f"edited)")
     return None
 
 
@@ -378,13 +398,18 @@ def _row_blocks(rows: np.ndarray, size: int = 1 << 16):
 
 def describe(root: str) -> str:
     manifest = read_manifest(root)
-    lines = [f"teacher store {root}",
-             f"  teacher      {manifest['teacher']['fingerprint']} ({manifest['teacher']['pretrained']})",
-             f"  logit scale  {manifest['logit_scale']:.4f}",
-             f"  width        {manifest['embed_dim']} ({manifest['dtype']}, L2-normalised)",
-             f"  samples      {manifest['count']} in {len(manifest['parts'])} part(s); "
-             f"{'complete' if manifest['complete'] else 'INCOMPLETE build'}",
-             f"  augmentation {reinforced.of_manifest(manifest).describe()}"]
+    members = manifest["teachers"]
+    lines = [f"teacher store {root}"]
+    for k, member in enumerate(members):
+        label = f"teacher {k + 1}" if len(members) > 1 else "teacher"
+        bias = "" if member["logit_bias"] is None else f", logit bias {member['logit_bias']:.4f}"
+        lines.append(f"  {label:<12} {member['fingerprint']} ({member['pretrained']}): width {member['embed_dim']}, "
+                     f"logit scale {member['logit_scale']:.4f}{bias}")
+    lines += [f"  width        {manifest['embed_dim']} ({manifest['dtype']}, L2-normalised"
+              + (f" per teacher, side by side: {member_dims(manifest)})" if len(members) > 1 else ")"),
+              f"  samples      {manifest['count']} in {len(manifest['parts'])} part(s); "
+              f"{'complete' if manifest['complete'] else 'INCOMPLETE build'}",
+              f"  augmentation {reinforced.of_manifest(manifest).describe()}"]
     lines += [f"  part {name}: {part['count']} samples, shard {part['shard']} ({part['shard_bytes']} bytes)"
               for name, part in sorted(manifest["parts"].items())]
     return "\n".join(lines)

@@ -1,8 +1,10 @@
 """Checking a reinforced store's views: stored views replayed from their parameters and embedded again by the store's
-teacher must give the stored embeddings, to within fp16 rounding.
+teachers must give the stored embeddings, to within fp16 rounding.
 
 The check reads only the shards of the chosen samples, and each chosen sample must still be the one the store was
-built from (key and content digest). ``python -m engine.store verify-views`` is its command.
+built from (key and content digest). A store of a teacher ensemble is checked member by member: each member replays
+the chosen views at its own image size and is compared with its own slice of the stored rows, and the worst error is
+reported per member. ``python -m engine.store verify-views`` is its command.
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ VIEW_TOLERANCE = 2.0 ** -20
 
 @dataclass
 class ViewCheck:
-    """The outcome: how many views were replayed, the worst cosine error, and which view that was."""
+    """One teacher's outcome: its fingerprint, how many views were replayed, the worst cosine error, which view."""
 
+    teacher: str
     checked: int
     worst: float
     where: str
@@ -54,9 +57,10 @@ def chosen_views(store: TeacherStore, samples: int, seed: int) -> dict[int, dict
     return chosen
 
 
-def store_teacher(store: TeacherStore, device) -> torch.nn.Module:
-    """The teacher the store was built by, from the file or tag its manifest names (which must still be that one)."""
-    record = store.teacher
+def store_teacher(store: TeacherStore, member: int, device) -> torch.nn.Module:
+    """Member ``member`` of the store's teachers, from the file or tag its manifest names (which must still be that
+    one)."""
+    record = store.teachers[member]
     if teacher_fingerprint(record["model"], record["pretrained"]) != record["fingerprint"]:
         raise StoreError(f"{store.root}: its teacher {record['pretrained']} is no longer the one it was built by "
                          f"({record['fingerprint']}); the views cannot be checked against it")
@@ -74,36 +78,42 @@ def shard_urls(store: TeacherStore, train_data: Optional[str]) -> dict[str, str]
 
 @torch.no_grad()
 def verify_views(root: str | os.PathLike, samples: int, train_data: Optional[str] = None, seed: int = 0,
-                 device: str = "cpu", batch_size: int = 256) -> ViewCheck:
+                 device: str = "cpu", batch_size: int = 256) -> list[ViewCheck]:
     """Replay ``samples`` random stored views (every one, with ``samples`` >= the store's views) from their stored
-    parameters, embed them with the store's teacher and compare with the stored embeddings."""
+    parameters, embed them with each of the store's teachers and compare with that teacher's stored embeddings; one
+    ViewCheck per teacher, in the store's order."""
     if samples < 1:
         raise UserError(f"--samples: must be >= 1, got {samples}")
     store = TeacherStore(root)
     if not store.reinforcement.views:
         raise StoreError(f"{root}: the store holds no stored views (built without --augmentations), nothing to replay")
     urls = shard_urls(store, train_data)
-    teacher = store_teacher(store, device)
-    inputs = reinforced.TeacherInputs(teacher, models.get_tokenizer(store.teacher["model"]), store.reinforcement)
-    images, stored, names = [], [], []
-    for part, rows in chosen_views(store, samples, seed).items():
-        for name, pixels, embeddings in replayed_part(store, part, rows, urls, inputs):
-            images.append(pixels)
-            stored.append(embeddings)
-            names += name
-    images, stored = torch.cat(images), torch.cat(stored)
-    fresh = torch.cat([teacher.encode_image(inputs.pixels(chunk).to(device), normalize=True).float().cpu()
-                       for chunk in images.split(batch_size)])
-    fresh, stored = (F.normalize(x.double(), dim=-1) for x in (fresh, stored))  # the cosine, not its float32 ulp
-    errors = 1 - (fresh * stored).sum(dim=-1)
-    worst = int(errors.argmax())
-    return ViewCheck(len(names), float(errors[worst]), names[worst])
+    chosen = [sample for part, rows in chosen_views(store, samples, seed).items()
+              for sample in chosen_samples(store, part, rows, urls)]
+    names = [name for sample_names, _, _, _ in chosen for name in sample_names]
+    stored = torch.cat([rows for _, _, _, rows in chosen])  # (views checked, W): every member side by side
+    reference_hw = tuple(store.manifest["augmentation"]["reference_hw"])  # the size the views were drawn for
+    checks, start = [], 0
+    for member, width in enumerate(store.member_dims):
+        teacher = store_teacher(store, member, device)
+        inputs = reinforced.TeacherInputs(teacher, models.get_tokenizer(store.teachers[member]["model"]),
+                                          store.reinforcement, reference_hw)
+        images = torch.cat([inputs.replayed(image, views) for _, image, views, _ in chosen])
+        fresh = torch.cat([teacher.encode_image(inputs.pixels(chunk).to(device), normalize=True).float().cpu()
+                           for chunk in images.split(batch_size)])
+        mine = stored[:, start:start + width]
+        fresh, mine = (F.normalize(x.double(), dim=-1) for x in (fresh, mine))  # the cosine, not its float32 ulp
+        errors = 1 - (fresh * mine).sum(dim=-1)
+        worst = int(errors.argmax())
+        checks.append(ViewCheck(store.teachers[member]["fingerprint"], len(names), float(errors[worst]),
+                                names[worst]))
+        start += width
+    return checks
 
 
-def replayed_part(store: TeacherStore, part: int, rows: dict[int, list[int]], urls: dict[str, str],
-                  inputs: reinforced.TeacherInputs):
-    """Per chosen sample of one part: (names of its chosen views, their pixels uint8 (k, 3, H, W), their stored
-    embeddings (k, D)); the sample must be the one the store was built from."""
+def chosen_samples(store: TeacherStore, part: int, rows: dict[int, list[int]], urls: dict[str, str]):
+    """Per chosen sample of one part: (names of its chosen views, its decoded image, their stored parameters
+    (k, P), their stored embeddings (k, W)); the sample must be the one the store was built from."""
     arrays, shard = store.parts[part], store.parts[part]["shard"]
     if arrays["name"] not in urls:
         raise UserError(f"--train-data: has no shard {shard}, which the store was built from")
@@ -117,8 +127,7 @@ def replayed_part(store: TeacherStore, part: int, rows: dict[int, list[int]], ur
             raise StoreError(f"{store.root}: sample {raw['__key__']!r} of shard {url} is not the sample the store was "
                              f"built from (content digest differs)")
         views = rows[row]
-        pixels = inputs.replayed(decode_image(raw), np.asarray(arrays["views"][row])[views])
-        yield [f"sample {raw['__key__']!r} of shard {Path(url).name}, view {v}" for v in views], pixels, \
-            torch.from_numpy(np.asarray(arrays["image"][row])[views])
+        yield ([f"sample {raw['__key__']!r} of shard {Path(url).name}, view {v}" for v in views], decode_image(raw),
+               np.asarray(arrays["views"][row])[views], torch.from_numpy(np.asarray(arrays["image"][row])[views]))
     if wanted:
         raise UserError(f"--train-data: shard {url} lacks samples the store holds, e.g. {sorted(wanted)[:3]}")

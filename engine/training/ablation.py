@@ -252,14 +252,15 @@ def teacher_metrics(settings: AblationSettings, log: logging.Logger) -> Optional
     log.info("resolving data, teacher and teacher store (built once into the cache when absent: on 2 idle cores "
              "the embedded data take ~10 s, the teacher store ~30 s)")
     sources = resolve(cfg, progress=cfg.progress)  # before any run, so that no run builds them
-    if sources.teacher_pretrained is None or sources.val is None:
+    if len(sources.teachers) != 1 or sources.val is None:  # engine.ablate takes one --teacher
         return None
+    model, pretrained, _ = sources.teachers[0]
     if sources.teacher_metrics is not None:  # the shipped default teacher's recorded evaluation
         metrics = sources.teacher_metrics
     else:
-        teacher = models.create_teacher(cfg.teacher, sources.teacher_pretrained)
-        metrics = evaluate(teacher, models.get_preprocess(teacher), models.get_tokenizer(cfg.teacher), sources.val)
-    record = {"model": cfg.teacher, "pretrained": sources.teacher_pretrained, "metrics": metrics}
+        teacher = models.create_teacher(model, pretrained)
+        metrics = evaluate(teacher, models.get_preprocess(teacher), models.get_tokenizer(model), sources.val)
+    record = {"model": model, "pretrained": pretrained, "metrics": metrics}
     cache_file.write_text(json.dumps(record, indent=1))
     return record
 

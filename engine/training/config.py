@@ -6,12 +6,14 @@ import math
 import os
 import shlex
 from dataclasses import dataclass, field, fields
-from typing import Optional
+from typing import Optional, Union
 
 from kernels import PRESETS, WEIGHT_KEYS
+from kernels.spec import AVERAGE_AFTER_SOFTMAX, EMBEDDING_TEACHER_TERMS
 
 from ..core.errors import ConfigError
 from ..data.augment import SAMPLINGS, AugmentCfg
+from ..teachers.default import pair_teachers
 from ..teachers.reinforced import Reinforcement
 
 # open_clip_train's choices and meanings
@@ -31,7 +33,7 @@ DATASET_REINFORCEMENT_ONLY = ("dataset_reinforcement_config", "dataset_reinforce
                               "dataset_reinforcement_mix_synthetic_ratio", "dataset_reinforcement_sample_sequential",
                               "dataset_reinforcement_syn_text_key_regex", "dataset_reinforcement_verify_sha256",
                               "dataset_reinforcement_drop_mismatched", "distill_logit_scale",
-                              "distill_teacher_dimension", "distill_average_after_softmax")
+                              "distill_teacher_dimension")
 # kernels' backends: auto = triton on a CUDA device (chunked where it cannot run), else chunked
 LOSS_BACKENDS = ("auto", "chunked", "triton", "reference")
 # Bounds no real run reaches, so that a typo (--lr 1e30, --epochs 100000000) is refused at start instead of
@@ -62,9 +64,11 @@ class TrainConfig:
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0
     lock_text_freeze_layer_norm: bool = False
-    teacher: str = "tiny-vit-teacher"
-    teacher_pretrained: Optional[str] = None  # open_clip tag or checkpoint file; None: the shipped default teacher
-    teacher_store: Optional[str] = None  # None: the cache's store for (teacher, data)
+    # the teacher: open_clip model, and its open_clip tag or checkpoint file (None: the shipped default teacher); a
+    # teacher ensemble: a list of each, paired in order (--teacher and --teacher-pretrained repeated)
+    teacher: Union[str, list] = "tiny-vit-teacher"
+    teacher_pretrained: Union[None, str, list] = None
+    teacher_store: Optional[str] = None  # None: the cache's store for (teachers, data)
     online_teacher: bool = False
     # the reinforced store (engine.teachers.reinforced): stored views and captions per sample; None / {}: a given
     # --teacher-store's own, and for the cache's store the defaults below
@@ -86,7 +90,8 @@ class TrainConfig:
     distill_logit_scale: Optional[list] = None  # per teacher (or one for all); None: 100
     distill_loss_weights: Optional[list] = None  # MobileCLIP's [contrastive, distillation] = the task and hrd weights
     distill_teacher_dimension: Optional[list] = None  # the ensemble members' widths, in their stored order
-    distill_average_after_softmax: bool = False  # the kernels' ensemble mode (else average-losses)
+    # the kernels' ensemble mode (else average-losses), for DataCompDR's members and a store's teacher ensemble
+    distill_average_after_softmax: bool = False
     # loss
     preset: str = "clip-rd"
     weights: dict = field(default_factory=dict)  # per-term overrides of the preset
@@ -175,12 +180,42 @@ class TrainConfig:
         if self.teacher_store is not None and self.online_teacher:
             raise ConfigError("--teacher-store and --online-teacher exclude each other: "
                               "the online teacher needs no store")
+        members = self.teacher_members()  # --teacher and --teacher-pretrained paired: one line when they are not
+        if self.online_teacher and len(members) > 1:
+            raise ConfigError(f"--online-teacher: runs one teacher, and {len(members)} are given; a teacher "
+                              f"ensemble's rows come from its store (leave out --online-teacher)")
+        if not self.dataset_reinforcement:
+            self.check_ensemble(len(members), "--teacher")
         self._validate_reinforcement()
         self._validate_dataset_reinforcement()
+
+    def teacher_members(self) -> list[tuple[str, Optional[str]]]:
+        """(open_clip model, pretrained or None) per teacher, in order; a ConfigError when --teacher and
+        --teacher-pretrained do not pair up."""
+        return pair_teachers(as_list(self.teacher), as_list(self.teacher_pretrained))
 
     def ensemble(self) -> str:
         """The kernels' ensemble mode of --distill-average-after-softmax."""
         return "average-after-softmax" if self.distill_average_after_softmax else "average-losses"
+
+    def check_ensemble(self, members: int, where: str) -> None:
+        """Refuse, in one line, loss weights that an ensemble of ``members`` teachers (given by ``where``) cannot
+        feed in this run's mode: afd (its fusion layers are one teacher's), and under --distill-average-after-softmax
+        every term that puts teacher and student embeddings side by side (kernels/README.md, "Teacher
+        ensembles"). One teacher feeds every term."""
+        if members < 2:
+            return
+        weights = self.loss_weights()
+        if weights.get("afd", 0):
+            raise ConfigError(f"--afd-weight: afd fuses the student with one teacher, and {where} gives an ensemble "
+                              f"of {members}; set --afd-weight 0 or train from one teacher")
+        embedding = [key for key in EMBEDDING_TEACHER_TERMS if weights.get(key, 0)]
+        if self.ensemble() == AVERAGE_AFTER_SOFTMAX and embedding:
+            flags = " ".join(f"--{key.replace('_', '-')}-weight 0" for key in embedding)
+            raise ConfigError(f"--distill-average-after-softmax: the terms {embedding} of this run put teacher and "
+                              f"student embeddings side by side, so the {members} teachers of {where} have no "
+                              f"softmax to average for them; leave out --distill-average-after-softmax (the mean of "
+                              f"the per-teacher losses) or pass {flags} (e.g. --preset baseline --hrd-weight 1)")
 
     def _validate_dataset_reinforcement(self) -> None:
         default = TrainConfig()
@@ -199,6 +234,8 @@ class TrainConfig:
         if scales is not None and (any(not s > 0 for s in scales) or len(scales) not in (1, len(dims or [0]))):
             raise ConfigError(f"--distill-logit-scale {scales}: one positive scale, or one per teacher "
                               f"({len(dims or [0])} by --distill-teacher-dimension)")
+        if self.dataset_reinforcement and dims:
+            self.check_ensemble(len(dims), "--distill-teacher-dimension")
         if self.distill_loss_weights is not None and len(self.distill_loss_weights) != 2:
             raise ConfigError(f"--distill-loss-weights: two weights (contrastive, distillation), got "
                               f"{self.distill_loss_weights}")
@@ -276,6 +313,11 @@ class TrainConfig:
         report_to(self.report_to)
 
 
+def as_list(value) -> list:
+    """A flag's value that may be repeated: None -> [], one value -> [it], a list as it is."""
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def require(flag: str, value, expected: str, ok: bool) -> None:
     if not ok:
         raise ConfigError(f"{flag}: must be {expected}, got {value}")
@@ -294,6 +336,8 @@ def report_to(value: Optional[str]) -> set:
     return backends
 
 
+# Flags given once per teacher of an ensemble (argparse's action="append").
+REPEATED_FLAGS = ("teacher", "teacher_pretrained")
 # Switches whose flag turns the field off (--no-eval) rather than on.
 NEGATED_SWITCHES = {"eval": "--no-eval", "progress": "--no-progress"}
 
@@ -316,6 +360,8 @@ def command_line(cfg: TrainConfig) -> str:
             words.append(f"--{f.name.replace('_', '-')}")
         elif f.name == "loss_backend" and value == "auto":
             words.append("--fused")
+        elif f.name in REPEATED_FLAGS:  # one flag per member: --teacher A --teacher B
+            words += [word for item in as_list(value) for word in (f"--{f.name.replace('_', '-')}", str(item))]
         elif isinstance(value, list):  # nargs="+" flags (--distill-teacher-dimension 768 768)
             words += [f"--{f.name.replace('_', '-')}", *(str(item) for item in value)]
         else:

@@ -82,7 +82,7 @@ def resolve_datacompdr(cfg: TrainConfig) -> Sources:
     if cfg.val_data is not None and cfg.eval:
         _check_val_data(cfg.val_data, cfg.val_num_samples)
     check_shards(cfg.train_data, dr_settings(cfg))
-    return Sources(cfg.train_data, cfg.val_data, None, None, None)
+    return Sources(cfg.train_data, cfg.val_data, (), None)
 
 
 def stored_width(train: str) -> int:

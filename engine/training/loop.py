@@ -125,21 +125,30 @@ def train_run(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.de
 
 def teacher_metrics(cfg: TrainConfig, sources: Sources, run_dir: Path, log, device: torch.device) -> Optional[dict]:
     """The teacher's scores on the run's own validation data, to compare the student with: the shipped teacher's
-    record where that is the data it was recorded on, else evaluated once (kept in teacher_metrics.json)."""
+    record where that is the data it was recorded on, else evaluated once (kept in teacher_metrics.json). An
+    ensemble has no one model to score: each member is scored, its metrics named ``teacher<k>/<metric>``."""
     if sources.teacher_metrics is not None:
         return sources.teacher_metrics
-    if not (cfg.eval and sources.val and sources.teacher_pretrained):
+    if not (cfg.eval and sources.val and sources.teachers):
         return None
+    weights = [teacher.pretrained for teacher in sources.teachers]
     cached = run_dir / "teacher_metrics.json"
     if cached.exists():
         record = json.loads(cached.read_text())
-        if record.get("val") == sources.val and record.get("teacher") == sources.teacher_pretrained:
+        if record.get("val") == sources.val and record.get("teacher") == (weights[0] if len(weights) == 1 else
+                                                                         weights):
             return record["metrics"]
-    log.info(f"evaluating the teacher {cfg.teacher} on --val-data {sources.val} once, to compare the student with")
-    teacher = models.create_teacher(cfg.teacher, sources.teacher_pretrained, device=device)
-    scores = evaluate(teacher, models.get_preprocess(teacher), models.get_tokenizer(cfg.teacher), sources.val,
-                      device=device, num_samples=cfg.val_num_samples)
-    atomic_write_json(cached, {"val": sources.val, "teacher": sources.teacher_pretrained, "metrics": scores})
+    scores = {}
+    for k, (model, pretrained, _) in enumerate(sources.teachers):
+        log.info(f"evaluating the teacher {model} ({pretrained}) on --val-data {sources.val} once, to compare the "
+                 f"student with")
+        teacher = models.create_teacher(model, pretrained, device=device)
+        member = evaluate(teacher, models.get_preprocess(teacher), models.get_tokenizer(model), sources.val,
+                          device=device, num_samples=cfg.val_num_samples)
+        scores.update(member if len(sources.teachers) == 1 else
+                      {f"teacher{k + 1}/{name}": value for name, value in member.items()})
+    atomic_write_json(cached, {"val": sources.val, "teacher": weights[0] if len(weights) == 1 else weights,
+                               "metrics": scores})
     return scores
 
 

@@ -14,11 +14,11 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch.distributed as dist
 
-from ..core.errors import ConfigError, ShardError, StoreError, UserError
+from ..core.errors import ShardError, StoreError, UserError
 from ..data.embedded import cache_root, ensure_default_data
 from ..data.shards import expand_urls, require_sizes, shard_sizes
 from ..evaluation.metrics import classnames_beside, imagenet_folder
@@ -31,14 +31,23 @@ from .distributed import DistEnv
 from .logger import summary_writer_class
 
 
+class Teacher(NamedTuple):
+    """One teacher of a run, resolved: its open_clip model, its weights (a tag or a file) and its fingerprint."""
+
+    model: str
+    pretrained: str
+    fingerprint: str
+
+
 @dataclass
 class Sources:
     """Everything a run reads besides its configuration, resolved to explicit paths."""
 
     train: str
     val: Optional[str]
-    teacher_pretrained: Optional[str]
-    teacher_fingerprint: Optional[str]
+    # the run's teachers in order (several: an ensemble); empty without a teacher, and for a given --teacher-store
+    # without --teacher-pretrained (the store names its own)
+    teachers: tuple[Teacher, ...]
     store_dir: Optional[Path]
     # the shipped default teacher's recorded evaluation, where ``val`` is the data it was recorded on (the embedded
     # validation split); otherwise the run evaluates its teacher on ``val`` itself
@@ -49,25 +58,9 @@ def needs_teacher(cfg) -> bool:
     return any(v != 0 for k, v in cfg.loss_weights().items() if k != "task")
 
 
-def _teacher_weights(cfg) -> str:
-    pretrained = cfg.teacher_pretrained
-    if pretrained in (None, defaults.DEFAULT_TEACHER_TAG):
-        if cfg.teacher != defaults.DEFAULT_TEACHER:
-            raise ConfigError(f"--teacher {cfg.teacher}: pass --teacher-pretrained (open_clip tag or checkpoint file)")
-        return str(defaults.default_teacher_path())
-    if _looks_like_file(pretrained):
-        if not os.path.isfile(pretrained):
-            raise UserError(f"--teacher-pretrained: checkpoint file {pretrained} does not exist")
-    return pretrained
-
-
-def _looks_like_file(pretrained: str) -> bool:
-    return os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
-
-
 def check_student_inputs(cfg) -> None:
     """The student's --pretrained file, --imagenet-val and --report-to, checked before anything is built."""
-    if cfg.pretrained and _looks_like_file(cfg.pretrained) and not os.path.isfile(cfg.pretrained):
+    if cfg.pretrained and defaults.looks_like_file(cfg.pretrained) and not os.path.isfile(cfg.pretrained):
         raise UserError(f"--pretrained: checkpoint file {cfg.pretrained} does not exist")
     if cfg.imagenet_val is not None:
         imagenet_folder(cfg.imagenet_val)
@@ -103,6 +96,16 @@ def store_settings(cfg, manifest: Optional[dict]) -> Reinforcement:
     return settings
 
 
+def resolve_teachers(cfg) -> tuple[Teacher, ...]:
+    """The run's teachers in order, their weights resolved (the shipped default teacher's when none are given) and
+    fingerprinted; a missing checkpoint file is refused in one line."""
+    teachers = []
+    for model, pretrained in cfg.teacher_members():
+        weights = defaults.teacher_weights(model, pretrained)
+        teachers.append(Teacher(model, weights, teacher_fingerprint(model, weights)))
+    return tuple(teachers)
+
+
 def resolve(cfg, progress: bool = True) -> Sources:
     """Resolve (and build when needed) the inputs of ``cfg``; every bad one is a one-line error."""
     check_student_inputs(cfg)
@@ -115,25 +118,27 @@ def resolve(cfg, progress: bool = True) -> Sources:
     if val is not None and cfg.eval:
         _check_val_data(val, cfg.val_num_samples)
     if not needs_teacher(cfg):
-        return Sources(train, val, None, None, None)
+        return Sources(train, val, (), None)
     given = None
     if cfg.teacher_store is not None and not cfg.online_teacher:
         given = read_manifest(cfg.teacher_store)  # a file, a missing or damaged store: refused here, before any step
+        cfg.check_ensemble(len(given["teachers"]), f"--teacher-store {cfg.teacher_store}")
     settings = store_settings(cfg, given)
     if cfg.teacher_store is not None and not cfg.online_teacher and cfg.teacher_pretrained is None:
-        return Sources(train, val, None, None, Path(cfg.teacher_store))  # a given store names its own teacher
-    pretrained = _teacher_weights(cfg)
-    fingerprint = teacher_fingerprint(cfg.teacher, pretrained)
-    recorded = pretrained == str(defaults.SHIPPED_TEACHER) and cfg.train_data is None and cfg.val_data is None
+        return Sources(train, val, (), Path(cfg.teacher_store))  # a given store names its own teachers
+    teachers = resolve_teachers(cfg)
+    fingerprints = [teacher.fingerprint for teacher in teachers]
+    recorded = [teacher.pretrained for teacher in teachers] == [str(defaults.SHIPPED_TEACHER)] and \
+        cfg.train_data is None and cfg.val_data is None
     metrics = defaults.default_teacher_record()["metrics"] if recorded else None
     if cfg.online_teacher:
-        return Sources(train, val, pretrained, fingerprint, None, metrics)
+        return Sources(train, val, teachers, None, metrics)
     store_dir = Path(cfg.teacher_store) if cfg.teacher_store else \
-        defaults.default_store_dir(cache, fingerprint, train, settings)
+        defaults.default_store_dir(cache, fingerprints, train, settings)
     if not ((store_dir / "manifest.json").exists() and read_manifest(store_dir).get("complete")):
-        build_store(train, cfg.teacher, pretrained, store_dir, progress=progress, timeout=cfg.prepare_timeout,
-                    settings=settings)
-    return Sources(train, val, pretrained, fingerprint, store_dir, metrics)
+        build_store(train, [(teacher.model, teacher.pretrained) for teacher in teachers], store_dir,
+                    progress=progress, timeout=cfg.prepare_timeout, settings=settings)
+    return Sources(train, val, teachers, store_dir, metrics)
 
 
 def prepare(cfg, env: DistEnv) -> Sources:

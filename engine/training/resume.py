@@ -16,7 +16,7 @@ from .state import TrainState
 
 # Settings a resumed run must share with its checkpoint (else --allow-config-change).
 RESUME_INVARIANTS = ("model", "teacher", "teacher_pretrained", "teacher_store", "online_teacher", "train_data",
-                     "preset", "weights", "siglip", "distill_logit_bias",
+                     "preset", "weights", "siglip", "distill_logit_bias", "distill_average_after_softmax",
                      "augmentations", "aug_cfg", "captions", "view_sampling", "mix_synthetic_ratio",
                      "batch_size", "accum_freq", "seed",
                      "mfd_mask_ratio", "local_loss",

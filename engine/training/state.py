@@ -127,17 +127,19 @@ def teacher_source(cfg: TrainConfig, sources: Sources, student: nn.Module, devic
         return NoTeacher()
     if cfg.dataset_reinforcement:  # the shards carry the teachers' rows
         return datacompdr_teacher(cfg, sources.train)
-    if cfg.online_teacher:
-        teacher = OnlineTeacher(cfg.teacher, sources.teacher_pretrained, student, cfg.model, device,
-                                autocast_dtype(cfg))
-    else:
-        store = TeacherStore(sources.store_dir, expand_urls(sources.train), sources.teacher_fingerprint)
+    if cfg.online_teacher:  # one teacher (TrainConfig refuses an ensemble)
+        model, pretrained, _ = sources.teachers[0]
+        teacher = OnlineTeacher(model, pretrained, student, cfg.model, device, autocast_dtype(cfg))
+    else:  # the run's teachers, in order, must be the store's (a given store without --teacher-pretrained: its own)
+        store = TeacherStore(sources.store_dir, expand_urls(sources.train),
+                             [teacher.fingerprint for teacher in sources.teachers] or None)
         teacher = StoreTeacher(store, views=view_draw(cfg, store, student))
     if cfg.distill_logit_bias is not None:
         teacher.bias = cfg.distill_logit_bias
     if cfg.loss_weights().get("sigmoid_kd", 0) and teacher.bias is None:
         raise ConfigError(f"--sigmoid-kd-weight: the teacher {cfg.teacher} has no logit bias (a CLIP teacher, not a "
-                          f"SigLIP one): pass --distill-logit-bias B, the bias of its sigmoid targets")
+                          f"SigLIP one; in an ensemble, every member needs one): pass --distill-logit-bias B, the "
+                          f"bias of its sigmoid targets")
     return teacher
 
 
