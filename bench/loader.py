@@ -5,8 +5,9 @@ its inputs are resolved as ``engine.train`` resolves them (``prepare``, which bu
 teacher stores when missing, or ``resolve_datacompdr``), the student, teacher source, loss, optimizer and data
 stream come from ``build_state``, the loader from ``make_loader`` and the step is ``train_step``. Per configuration:
 
-- ``loader``: the loader alone (``--workers`` worker processes, nothing training), samples/s between its first and
-  last batch of ``--loader-batches``;
+- ``loader``: the loader alone (``--workers`` worker processes, nothing training), samples/s over
+  ``--loader-batches`` batches, from the one after each worker's first (their first batches arrive together) to the
+  last;
 - ``step``: ``train_step`` alone on batches the loader made beforehand (held in memory, the workers stopped), after
   ``--warmup-steps``: samples/s of the step with its teacher-row lookup, forward, loss, backward and optimizer;
 - ``loop`` (section ``default`` only): the loader feeding the step as the training loop does, over ``--loop-steps``
@@ -25,8 +26,9 @@ Sections (``--sections``):
   replay of the drawn view, the 224-pixel student transform, MobileCLIP's two captions per sample) by a randomly
   initialised ``--dr-student`` at ``--dr-batch-size``. Target: the loader's samples/s at least the step's.
 
-The 1-minute load average is read before and after every measurement; one at or above ``--max-load`` marks the
-measurement as taken under load. Results in ``--out`` (default ``bench/results/loader/``): ``loader.json``,
+The 1-minute load average is read before and after every measurement (before it, after waiting up to
+``--wait-quiet-s`` for it to fall below ``--max-load``); one at or above ``--max-load`` marks the measurement as taken
+under load. Results in ``--out`` (default ``bench/results/loader/``): ``loader.json``,
 ``loader.md`` and, with matplotlib, ``loader.png``.
 """
 from __future__ import annotations
@@ -60,13 +62,19 @@ def load_1m() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def measured(what: str, fn, max_load: float) -> dict:
-    """``fn()``'s result dict with the 1-minute load average before and after it and whether either reached
-    ``max_load`` (the figure is then not a quiet machine's)."""
-    before = load_1m()
+def measured(what: str, fn, args: argparse.Namespace) -> dict:
+    """``fn()``'s result dict, run once the 1-minute load average is below ``--max-load`` (waiting at most
+    ``--wait-quiet-s``), with the load before and after it and whether either reached ``--max-load`` (the figure is
+    then not a quiet machine's)."""
+    from .peer import wait_for_quiet
+
+    start = time.perf_counter()
+    before = wait_for_quiet(args.max_load, args.wait_quiet_s)
+    waited = time.perf_counter() - start
     result = fn()
     after = load_1m()
-    result.update(load_1m_before=before, load_1m_after=after, under_load=max(before, after) >= max_load)
+    result.update(load_1m_before=before, load_1m_after=after, under_load=max(before, after) >= args.max_load,
+                  waited_for_quiet_s=round(waited, 1))
     label = " (UNDER LOAD)" if result["under_load"] else ""
     print(f"  {what}: {result['samples_per_s']:.1f} samples/s, load {before} -> {after}{label}", flush=True)
     return result
@@ -125,9 +133,12 @@ class Configuration:
             if len(stamps) == loader_batches:
                 break
         del batches  # stops the worker processes before the step is timed
-        # rate between the first and the last batch: the workers' start and first batch are apart
+        # the rate from the batch after each worker's first to the last: the workers start together, so their first
+        # batches arrive in a burst (and the first one after the workers' start and the shuffle buffer's filling)
+        first = min(self.cfg.workers, len(stamps) - 2)
         loader = {"batches": len(stamps), "batch_size": self.batch_size, "first_batch_s": stamps[0] - start,
-                  "samples_per_s": (len(stamps) - 1) * self.batch_size / (stamps[-1] - stamps[0])}
+                  "timed_batches": len(stamps) - 1 - first,
+                  "samples_per_s": (len(stamps) - 1 - first) * self.batch_size / (stamps[-1] - stamps[first])}
         step_s = []
         for batch in kept:
             t0 = time.perf_counter()
@@ -197,14 +208,14 @@ def section_default(args: argparse.Namespace) -> dict:
                                                                       args.steps)
             return holder["loader"]
 
-        run["loader"] = measured("loader alone", loader_alone, args.max_load)
+        run["loader"] = measured("loader alone", loader_alone, args)
         # the step ran right after the loader, within the same load readings
         run["step"] = {**holder["step"], **{k: run["loader"][k] for k in ("load_1m_before", "load_1m_after",
                                                                          "under_load")}}
         print(f"  step alone: {run['step']['samples_per_s']:.1f} samples/s", flush=True)
         if args.loop_steps:
             run["loop"] = measured("loader feeding the step", lambda: config.loop(args.warmup_steps, args.loop_steps),
-                                   args.max_load)
+                                   args)
         out["runs"][key] = run
     out["replay"] = replay_cost(out["runs"])
     return out
@@ -275,7 +286,7 @@ def section_datacompdr(args: argparse.Namespace, work: Path) -> dict:
                                                                   args.dr_steps)
         return holder["loader"]
 
-    run["loader"] = measured("loader alone", loader_alone, args.max_load)
+    run["loader"] = measured("loader alone", loader_alone, args)
     run["step"] = {**holder["step"], **{k: run["loader"][k] for k in ("load_1m_before", "load_1m_after",
                                                                      "under_load")}}
     print(f"  step alone: {run['step']['samples_per_s']:.2f} samples/s", flush=True)
@@ -370,7 +381,7 @@ def plot(results: dict, path: Path) -> Optional[Path]:
     fig, ax = plt.subplots(figsize=(9, 1.2 + 1.1 * len(found)))
     positions = np.arange(len(found))
     for offset, (what, colour) in enumerate((("loader", "tab:blue"), ("step", "tab:orange"), ("loop", "tab:green"))):
-        values = [run[what]["samples_per_s"] if what in run else 0 for *_, run in found]
+        values = [run[what]["samples_per_s"] if what in run else np.nan for *_, run in found]  # nan: no bar
         ax.barh(positions + (offset - 1) * 0.27, values, height=0.27, color=colour,
                 label={"loader": "loader alone", "step": "step alone", "loop": "loader feeding the step"}[what])
     ax.set_yticks(positions, [name for _, _, name, _ in found])
@@ -428,6 +439,8 @@ def parser() -> argparse.ArgumentParser:
       "default)")
     a("--max-load", type=float, default=1.5, help="a 1-minute load average at or above this, before or after a "
       "measurement, marks it as measured under load")
+    a("--wait-quiet-s", type=float, default=0, help="before each measurement, wait up to this long for the load "
+      "to fall below --max-load")
     a("--work-dir", default=None, help="where the DataCompDR shards, weights and store go (default: a temporary "
       "folder, removed at the end unless --keep)")
     a("--keep", action="store_true", help="keep the work folder")
@@ -443,8 +456,9 @@ def main(argv=None) -> None:
     for name in ("workers", "loader_batches", "steps", "dr_steps", "dr_batch_size", "dr_shards", "dr_per_shard"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
-    if args.loader_batches < 2:
-        raise SystemExit("error: --loader-batches: at least 2 (the rate is taken between the first and the last)")
+    if args.loader_batches < args.workers + 2:
+        raise SystemExit(f"error: --loader-batches: at least --workers + 2 ({args.workers + 2}): the rate is taken "
+                         f"from the batch after each worker's first to the last")
     started = time.perf_counter()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="clip-rd-loader-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
