@@ -50,6 +50,7 @@ import torch
 from engine.cli import HelpFormatter
 
 from .machine import describe
+from .peer import cpu_s, wait_for_quiet
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "loader"
@@ -66,8 +67,6 @@ def measured(what: str, fn, args: argparse.Namespace) -> dict:
     """``fn()``'s result dict, run once the 1-minute load average is below ``--max-load`` (waiting at most
     ``--wait-quiet-s``), with the load before and after it and whether either reached ``--max-load`` (the figure is
     then not a quiet machine's)."""
-    from .peer import wait_for_quiet
-
     start = time.perf_counter()
     before = wait_for_quiet(args.max_load, args.wait_quiet_s)
     waited = time.perf_counter() - start
@@ -124,29 +123,37 @@ class Configuration:
             raise SystemExit(f"error: {self.name}: --loader-batches {loader_batches} is more than the "
                              f"{available} batches of an epoch")
         kept_count = warmup_steps + steps
+        # the rate from the batch after each worker's first to the last: the workers start together, so their first
+        # batches arrive in a burst (and the first one after the workers' start and the shuffle buffer's filling)
+        first = min(self.cfg.workers, loader_batches - 2)
         stream.set_epoch(0, 0)
         batches = iter(make_loader(stream))
-        start, stamps, kept = time.perf_counter(), [], []
+        pids = [worker.pid for worker in getattr(batches, "_workers", [])]  # the DataLoader's worker processes
+        start, stamps, kept, worker_cpu = time.perf_counter(), [], [], []
         for batch in batches:
             stamps.append(time.perf_counter())
+            if len(stamps) in (first + 1, loader_batches):  # the workers' CPU seconds at both ends of the timing
+                worker_cpu.append(sum(cpu_s(pid) for pid in pids))
             kept = (kept + [batch])[-kept_count:]
             if len(stamps) == loader_batches:
                 break
         del batches  # stops the worker processes before the step is timed
-        # the rate from the batch after each worker's first to the last: the workers start together, so their first
-        # batches arrive in a burst (and the first one after the workers' start and the shuffle buffer's filling)
-        first = min(self.cfg.workers, len(stamps) - 2)
+        timed = (len(stamps) - 1 - first) * self.batch_size
         loader = {"batches": len(stamps), "batch_size": self.batch_size, "first_batch_s": stamps[0] - start,
-                  "timed_batches": len(stamps) - 1 - first,
-                  "samples_per_s": (len(stamps) - 1 - first) * self.batch_size / (stamps[-1] - stamps[first])}
-        step_s = []
+                  "timed_batches": len(stamps) - 1 - first, "samples_per_s": timed / (stamps[-1] - stamps[first]),
+                  # CPU seconds the workers spent per sample: hardly changed by other processes sharing the cores
+                  "cpu_s_per_sample": (worker_cpu[-1] - worker_cpu[0]) / timed if pids else None}
+        step_s, step_cpu_s = [], []
         for batch in kept:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             train_step(state, batch)
             step_s.append(time.perf_counter() - t0)
-        measured_s = step_s[warmup_steps:]
+            step_cpu_s.append(time.process_time() - c0)  # every thread of this process
+        measured_s, measured_cpu = step_s[warmup_steps:], step_cpu_s[warmup_steps:]
         step = {"warmup_steps": warmup_steps, "steps": len(measured_s), "batch_size": self.batch_size,
-                "step_s": step_s, "samples_per_s": len(measured_s) * self.batch_size / sum(measured_s)}
+                "step_s": step_s, "step_cpu_s": step_cpu_s, "torch_threads": torch.get_num_threads(),
+                "samples_per_s": len(measured_s) * self.batch_size / sum(measured_s),
+                "cpu_s_per_sample": sum(measured_cpu) / (len(measured_cpu) * self.batch_size)}
         return loader, step
 
     def loop(self, warmup_steps: int, steps: int) -> dict:
@@ -231,6 +238,10 @@ def replay_cost(runs: dict) -> Optional[dict]:
     extra = 1 / reinforced["loader"]["samples_per_s"] - 1 / plain["loader"]["samples_per_s"]
     cost = {"loader_extra_s_per_sample": extra, "step_s_per_sample": step_per_sample,
             "share_of_step": extra / step_per_sample}
+    if plain["loader"]["cpu_s_per_sample"] is not None and reinforced["loader"]["cpu_s_per_sample"] is not None:
+        cpu_extra = reinforced["loader"]["cpu_s_per_sample"] - plain["loader"]["cpu_s_per_sample"]
+        cost.update(loader_extra_cpu_s_per_sample=cpu_extra, step_cpu_s_per_sample=plain["step"]["cpu_s_per_sample"],
+                    cpu_share_of_step=cpu_extra / plain["step"]["cpu_s_per_sample"])
     if "loop" in plain and "loop" in reinforced:
         loop_extra = 1 / reinforced["loop"]["samples_per_s"] - 1 / plain["loop"]["samples_per_s"]
         cost.update(loop_extra_s_per_sample=loop_extra,
@@ -302,9 +313,13 @@ def targets(results: dict) -> list[dict]:
     replay = results["sections"].get("default", {}).get("replay")
     if replay:
         out.append({"name": f"view replay costs at most {REPLAY_TARGET:.0%} of a training step in the default run "
-                            "(loader's extra time per sample over the step's)",
+                            "(loader's extra wall time per sample over the step's)",
                     "value": replay["share_of_step"], "goal": REPLAY_TARGET,
                     "met": replay["share_of_step"] <= REPLAY_TARGET})
+        if "cpu_share_of_step" in replay:
+            out.append({"name": "the same in CPU time (loader's extra CPU seconds per sample over the step's)",
+                        "value": replay["cpu_share_of_step"], "goal": REPLAY_TARGET,
+                        "met": replay["cpu_share_of_step"] <= REPLAY_TARGET})
     dr = results["sections"].get("datacompdr", {}).get("runs", {}).get("datacompdr")
     if dr:
         out.append({"name": "reading DataCompDR shards keeps up with the student's step (loader / step samples/s)",
@@ -329,14 +344,19 @@ def fmt(value: Optional[float], digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def cpu_us(measurement: dict) -> str:
+    value = measurement.get("cpu_s_per_sample")
+    return "-" if value is None else f"{value * 1e6:,.0f} us"
+
+
 def markdown(results: dict) -> str:
     machine = results["machine"]
     lines = ["# Data loader against the training step", "",
              f"Machine: {machine['cpu_model']}, {machine['cpu_cores']} cores, {machine['memory_gib']} GiB; torch "
              f"{machine['torch']}. Command: `{results['command']}`; {results['seconds']:.0f} s in all.", "",
              "| configuration | batch | loader alone, samples/s | step alone, samples/s | loader / step | "
-             "loader feeding the step, samples/s | load (1 min) before -> after |", "| --- | --- | --- | --- | --- | "
-             "--- | --- |"]
+             "loader feeding the step, samples/s | CPU per sample: loader's workers, step | load (1 min) before -> "
+             "after |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for section, key, name, run in rows(results):
         loader, step, loop = run["loader"], run["step"], run.get("loop")
         load = f"{loader['load_1m_before']} -> {(loop or loader)['load_1m_after']}"
@@ -345,7 +365,7 @@ def markdown(results: dict) -> str:
         small = 2 if step["samples_per_s"] < 10 else 1
         lines.append(f"| {name} | {loader['batch_size']} | {fmt(loader['samples_per_s'])} | "
                      f"{fmt(step['samples_per_s'], small)} | {loader['samples_per_s'] / step['samples_per_s']:,.1f}x "
-                     f"| {fmt(loop['samples_per_s']) if loop else '-'} | {load} |")
+                     f"| {fmt(loop['samples_per_s']) if loop else '-'} | {cpu_us(loader)}, {cpu_us(step)} | {load} |")
     lines += ["", "Commands (each a configuration of `engine.train`, measured in this process):", ""]
     for section, key, name, run in rows(results):
         lines.append(f"- {name}: `{run['command']}`" + (f"; shards written by `{run['precompute_command']}` "
@@ -360,6 +380,12 @@ def markdown(results: dict) -> str:
         if "loop_share_of_step" in replay:
             text += (f"; fed by the loader, the step takes {replay['loop_share_of_step']:.1%} more time per sample "
                      f"with the reinforced store")
+        if "cpu_share_of_step" in replay:
+            threads = results["sections"]["default"]["runs"]["plain"]["step"]["torch_threads"]
+            text += (f". In CPU time, which other processes sharing the cores hardly change: the loader's workers take "
+                     f"{replay['loader_extra_cpu_s_per_sample'] * 1e6:,.0f} us more per sample with the reinforced "
+                     f"store, against the step's {replay['step_cpu_s_per_sample'] * 1e6:,.0f} us of CPU per sample "
+                     f"(its {threads} threads): {replay['cpu_share_of_step']:.1%}")
         lines += ["", text + "."]
     lines += ["", "| target | measured | met |", "| --- | --- | --- |"]
     for t in results["targets"]:
