@@ -415,8 +415,8 @@ def plot(results: dict, path: Path) -> Optional[Path]:
     ax.set_xscale("log")
     ax.set_xlabel("samples/s (log scale)")
     ax.legend(fontsize=8)
-    under = any(run["loader"]["under_load"] for *_, run in found)
-    ax.set_title("data loader against the training step" + (" (measured under load)" if under else ""))
+    under = sum(run[what]["under_load"] for *_, run in found for what in ("loader", "loop") if what in run)
+    ax.set_title("data loader against the training step" + (f" ({under} measurement(s) under load)" if under else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -438,6 +438,8 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     a = p.add_argument
     a("--out", default=str(DEFAULT_OUT), help="results folder (loader.json, loader.md, loader.png)")
+    a("--render", default=None, metavar="LOADER_JSON", help="measure nothing: write --out's Markdown and plot again "
+      "from this loader.json (targets recomputed)")
     a("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {','.join(SECTIONS)}")
     a("--workers", type=int, default=2, help="engine.train --workers: DataLoader worker processes")
     a("--loader-batches", type=int, default=24, help="batches the loader-alone measurement reads")
@@ -475,6 +477,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+        results["targets"] = targets(results)
+        write(results, Path(args.out))
+        print(markdown(results))
+        return
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
