@@ -236,25 +236,33 @@ def tail(path: Path, lines: int = 3) -> str:
 # ------------------------------------------------------------------------------------------------ data and weights
 
 
-def write_shards(root: Path, split: str, shards: int, per_shard: int, size: int, seed: int) -> str:
+def write_shards(root: Path, split: str, shards: int, per_shard: int, size: int, seed: int,
+                 synthetic_captions: bool = False) -> str:
     """img2dataset-layout shards of procedural samples: ``{key}.jpg`` (``size`` pixels, JPEG quality 90),
-    ``{key}.txt`` and ``{key}.json``; a ``sizes.json``. Returns the brace pattern."""
-    from engine.data.synthetic import make_sample
+    ``{key}.txt`` and ``{key}.json``, with ``synthetic_captions`` also DataCompDR's ``{key}.syn.json`` (the embedded
+    dataset's synthetic captions, from a generator of their own: the images are the same either way); a
+    ``sizes.json``. Returns the brace pattern."""
+    from engine.data import synthetic
 
     root.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for shard in range(shards):
         rng = np.random.default_rng([seed, shard])
+        syn_rng = np.random.default_rng([seed, shard, 1])
         name = f"{split}-{shard:05d}.tar"
         with tarfile.open(root / name, "w") as tar:
             for index in range(per_shard):
-                image, meta = make_sample(rng, size)
+                image, meta = synthetic.make_sample(rng, size)
                 key = f"{shard:05d}{index:04d}"
                 buffer = io.BytesIO()
                 image.save(buffer, format="JPEG", quality=90)
                 meta = {"key": key, "width": size, "height": size, **meta}
-                for ext, payload in (("jpg", buffer.getvalue()), ("txt", meta["caption"].encode()),
-                                     ("json", json.dumps(meta).encode())):
+                members = [("jpg", buffer.getvalue()), ("txt", meta["caption"].encode()),
+                           ("json", json.dumps(meta).encode())]
+                if synthetic_captions:
+                    captions = {"syn_text": synthetic.synthetic_captions(meta, syn_rng)}
+                    members.append(("syn.json", json.dumps(captions).encode()))
+                for ext, payload in members:
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size, info.mtime, info.mode = len(payload), 0, 0o644
                     tar.addfile(info, io.BytesIO(payload))

@@ -9,7 +9,7 @@ import pytest
 
 COMMANDS = ["engine.train", "engine.eval", "engine.export", "engine.precompute", "engine.teacher", "engine.synthetic",
             "engine.ablate", "engine.store", "bench.report", "bench.profile_chunked", "bench.store_lookup",
-            "bench.accum_memory", "bench.distributed_memory"]
+            "bench.loader", "bench.accum_memory", "bench.distributed_memory"]
 
 
 def _help(module: str, argv: list[str], monkeypatch, capsys) -> str:
