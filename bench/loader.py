@@ -208,24 +208,28 @@ def section_default(args: argparse.Namespace) -> dict:
               flush=True)
         config = Configuration(f"bench-loader-{key}", default_argv(args, views, captions))
         run = config.record()
-        holder = {}
-
-        def loader_alone():
-            holder["loader"], holder["step"] = config.loader_and_step(args.loader_batches, args.warmup_steps,
-                                                                      args.steps)
-            return holder["loader"]
-
-        run["loader"] = measured("loader alone", loader_alone, args)
-        # the step ran right after the loader, within the same load readings
-        run["step"] = {**holder["step"], **{k: run["loader"][k] for k in ("load_1m_before", "load_1m_after",
-                                                                         "under_load")}}
-        print(f"  step alone: {run['step']['samples_per_s']:.1f} samples/s", flush=True)
+        run["loader"], run["step"] = loader_then_step(config, args, args.steps)
         if args.loop_steps:
             run["loop"] = measured("loader feeding the step", lambda: config.loop(args.warmup_steps, args.loop_steps),
                                    args)
         out["runs"][key] = run
     out["replay"] = replay_cost(out["runs"])
     return out
+
+
+def loader_then_step(config: Configuration, args: argparse.Namespace, steps: int) -> tuple[dict, dict]:
+    """The loader alone, then ``steps`` steps alone on batches held in memory, as one measurement: the step ran right
+    after the loader, so it carries the loader's load readings."""
+    holder = {}
+
+    def loader_alone():
+        holder["loader"], holder["step"] = config.loader_and_step(args.loader_batches, args.warmup_steps, steps)
+        return holder["loader"]
+
+    loader = measured("loader alone", loader_alone, args)
+    step = {**holder["step"], **{k: loader[k] for k in ("load_1m_before", "load_1m_after", "under_load")}}
+    print(f"  step alone: {step['samples_per_s']:.3g} samples/s", flush=True)
+    return loader, step
 
 
 def replay_cost(runs: dict) -> Optional[dict]:
@@ -290,17 +294,7 @@ def section_datacompdr(args: argparse.Namespace, work: Path) -> dict:
                shard_bytes=sum(f.stat().st_size for f in (work / "datacompdr").glob("*.tar")),
                write_images_s=images_s, precompute_s=precompute_s,
                precompute_command="python -m engine.precompute " + " ".join(precompute_argv))
-    holder = {}
-
-    def loader_alone():
-        holder["loader"], holder["step"] = config.loader_and_step(args.loader_batches, args.warmup_steps,
-                                                                  args.dr_steps)
-        return holder["loader"]
-
-    run["loader"] = measured("loader alone", loader_alone, args)
-    run["step"] = {**holder["step"], **{k: run["loader"][k] for k in ("load_1m_before", "load_1m_after",
-                                                                     "under_load")}}
-    print(f"  step alone: {run['step']['samples_per_s']:.2f} samples/s", flush=True)
+    run["loader"], run["step"] = loader_then_step(config, args, args.dr_steps)
     run["loader_over_step"] = run["loader"]["samples_per_s"] / run["step"]["samples_per_s"]
     return {"runs": {"datacompdr": run}}
 

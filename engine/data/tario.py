@@ -71,8 +71,9 @@ def regular_member_names(stream: BinaryIO) -> Iterator[str]:
 
 def _walk(stream: BinaryIO, read_data: bool) -> Iterator[tuple[str, Optional[bytes]]]:
     """``(name, bytes)`` of each regular member, or ``(name, None)`` with the data skipped by seeking."""
-    end = None if read_data else stream.seek(0, io.SEEK_END)  # the file's size: a skipped member must fit in it
+    end = None  # with the data skipped, the file's size: a skipped member must fit in it
     if not read_data:
+        end = stream.seek(0, io.SEEK_END)
         stream.seek(0)
     offset, pending = 0, {}  # pending: name/size overrides from a pax or GNU long-name member for the next one
     while True:
