@@ -1,4 +1,6 @@
 """The streamed chunked backend against the reference: values and gradients."""
+import re
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -103,3 +105,12 @@ def test_block_bytes_reaches_every_streamed_loop(weights):
         return mode.count
 
     assert products(block_bytes=1) == 3 * products()
+
+
+@pytest.mark.parametrize("options,error", [({"block_bytes": 0}, "block_bytes: expected a positive int, got 0"),
+                                           ({"block_bytes": 2.5}, "block_bytes: expected a positive int, got 2.5"),
+                                           ({"block_bytes": True}, "block_bytes: expected a positive int, got True")])
+def test_bad_block_bytes_refused(options, error):
+    embeddings, scalars = make_inputs(5, 8)
+    with pytest.raises(ValueError, match=re.escape(error)):
+        run("chunked", embeddings, scalars, "clip-rd", **options)

@@ -218,6 +218,11 @@ def test_unsupported_width_and_dtype_raise():
         triton_fused.triton_relational_loss(inputs, scales, resolve_weights("clip-rd"), 0, 3)
 
 
+def test_tiles_of_another_type_refused_before_any_launch():
+    inputs, scales = _backend_inputs()
+    with pytest.raises(TypeError, match="tiles: expected a kernels.triton_config.BlockConfig, got dict"):
+        triton_fused.triton_relational_loss(inputs, scales, resolve_weights("clip-rd"), 0, 3, tiles={"block_m": 16})
+
 def test_block_config_depends_on_width_and_dtype_only():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for width in (1, 8, 130, 1024):
