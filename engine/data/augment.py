@@ -257,6 +257,28 @@ def replay(image: Image.Image, view: View, out_hw: tuple[int, int], reference_hw
     return image
 
 
+@dataclass(frozen=True)
+class FreshViews:
+    """A new view of every sample at every epoch (``--online-augment``): no store, so the teacher that runs on the
+    batch sees the same view as the student. Drawn like a store's views (the crop box in source pixels, the
+    operations for the ``reference_hw`` image) from a generator seeded by (seed, epoch, key), so the draw is the same
+    in any worker, rank or order and after a resume; then replayed at each image output's own size."""
+
+    cfg: AugmentCfg
+    reference_hw: tuple[int, int]  # the image size the operations are drawn for (the teacher's, else the student's)
+    out_hw: tuple[tuple[str, tuple[int, int]], ...]  # (image output name, its (height, width)), e.g. ("image", (32, 32))
+    seed: int = 0
+
+    def draw(self, key: str, epoch: int, source_hw: tuple[int, int]) -> View:
+        digest = hashlib.blake2b(f"fresh/{self.seed}/{epoch}/{key}".encode(), digest_size=8).digest()
+        return sample_view(self.cfg, source_hw, self.reference_hw, np.random.default_rng(int.from_bytes(digest, "little")))
+
+    def images(self, image: Image.Image, key: str, epoch: int) -> dict[str, Image.Image]:
+        """Output name -> this epoch's view of ``image`` at that output's size."""
+        view = self.draw(key, epoch, (image.height, image.width))
+        return {name: replay(image, view, hw, self.reference_hw) for name, hw in self.out_hw}
+
+
 SAMPLINGS = ("random", "sequential")  # MobileCLIP's: a random stored view per step, or epoch modulo K
 
 

@@ -242,17 +242,21 @@ class Codec:
     collated. With ``views`` (a reinforced store's, engine.data.augment.ViewDraw) each sample is decoded as the
     stored view and the caption drawn for it in ``epoch``: ``image`` is that view replayed at the student's size (a
     store without views: the evaluation transform's image), ``text`` that caption, and the sample carries their
-    indices (``view_index``, ``caption_index``).
+    indices (``view_index``, ``caption_index``). With ``fresh`` (``--online-augment``, engine.data.augment.FreshViews)
+    every image output is instead a new view drawn for the sample in ``epoch``, the same region at each output's size.
     """
 
     images: dict[str, Callable]
     texts: dict[str, Callable]
     views: Optional[Any] = None  # engine.data.augment.ViewDraw
+    fresh: Optional[Any] = None  # engine.data.augment.FreshViews: a new view per sample and epoch, every image output
 
     def __post_init__(self):
         self._split = {name: split_transform(transform) for name, transform in self.images.items()}
         if self.views is not None and self._split["image"][1] is None:
             raise ConfigError("a reinforced store's views need an open_clip image transform (to-tensor, normalise)")
+        if self.fresh is not None and any(norm is None for _, norm in self._split.values()):
+            raise ConfigError("--online-augment needs open_clip image transforms (to-tensor, normalise)")
 
     def __call__(self, raw: dict, epoch: int = 0) -> dict:
         key, url = raw["__key__"], raw.get("__url__")
@@ -260,7 +264,11 @@ class Codec:
         view, caption = self.views.choose(key, epoch) if self.views is not None else (None, 0)
         text = sample_captions(raw, caption + 1)[caption]
         out = {"key": key, "url": url, "digest": sample_digest(raw), "caption": text}
+        fresh = self.fresh.images(image, key, epoch) if self.fresh is not None else {}
         for name, (per_image, _) in self._split.items():
+            if name in fresh:
+                out[name] = _uint8_chw(fresh[name])
+                continue
             replayed = view is not None and name == "image"
             out[name] = _uint8_chw(self.views.replay(image, raw, view)) if replayed else per_image(image)
         for name, tokenizer in self.texts.items():

@@ -70,6 +70,7 @@ class TrainConfig:
     teacher_pretrained: Union[None, str, list] = None
     teacher_store: Optional[str] = None  # None: the cache's store for (teachers, data)
     online_teacher: bool = False
+    online_augment: bool = False  # a new view per sample and epoch under --aug-cfg (no store: online teacher or none)
     # the reinforced store (engine.teachers.reinforced): stored views and captions per sample; None / {}: a given
     # --teacher-store's own, and for the cache's store the defaults below
     augmentations: Optional[int] = None
@@ -251,11 +252,16 @@ class TrainConfig:
             raise ConfigError(f"--view-sampling: {self.view_sampling!r} is not one of {SAMPLINGS}")
         if not 0.0 <= self.mix_synthetic_ratio <= 1.0:
             raise ConfigError(f"--mix-synthetic-ratio: must be in [0, 1], got {self.mix_synthetic_ratio}")
-        asked = [flag for flag, value in (("--augmentations", self.augmentations), ("--aug-cfg", self.aug_cfg),
-                                          ("--captions", self.captions)) if value]
+        asked = [flag for flag, value in (("--augmentations", self.augmentations), ("--captions", self.captions),
+                                          ("--aug-cfg", self.aug_cfg and not self.online_augment)) if value]
         if self.online_teacher and asked:
             raise ConfigError(f"{asked[0]}: stored views and captions come from a teacher store; --online-teacher "
-                              f"runs the teacher on the evaluation view and the .txt caption")
+                              f"runs the teacher on the .txt caption and on the evaluation view (with "
+                              f"--online-augment: on a new view under --aug-cfg at every epoch)")
+        distils = any(v != 0 for k, v in self.loss_weights().items() if k != "task")
+        if self.online_augment and (self.dataset_reinforcement or (distils and not self.online_teacher)):
+            raise ConfigError("--online-augment: a new view per step needs the teacher run on the batch "
+                              "(--online-teacher) or no teacher term; a store's views are --augmentations K")
         # K < 0, C < 1, unknown --aug-cfg keys, bad values: one line each (the store's own fill in what is not given)
         Reinforcement.from_flags(self.augmentations, self.aug_cfg if self.augmentations is not None else {},
                                  self.captions)

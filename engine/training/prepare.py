@@ -123,7 +123,7 @@ def resolve(cfg, progress: bool = True) -> Sources:
     if cfg.teacher_store is not None and not cfg.online_teacher:
         given = read_manifest(cfg.teacher_store)  # a file, a missing or damaged store: refused here, before any step
         cfg.check_ensemble(len(given["teachers"]), f"--teacher-store {cfg.teacher_store}")
-    settings = store_settings(cfg, given)
+    settings = None if cfg.online_teacher else store_settings(cfg, given)  # the online teacher reads no store
     if cfg.teacher_store is not None and not cfg.online_teacher and cfg.teacher_pretrained is None:
         return Sources(train, val, (), Path(cfg.teacher_store))  # a given store names its own teachers
     teachers = resolve_teachers(cfg)

@@ -15,7 +15,8 @@ from .config import TrainConfig
 from .state import TrainState
 
 # Settings a resumed run must share with its checkpoint (else --allow-config-change).
-RESUME_INVARIANTS = ("model", "teacher", "teacher_pretrained", "teacher_store", "online_teacher", "train_data",
+RESUME_INVARIANTS = ("model", "teacher", "teacher_pretrained", "teacher_store", "online_teacher", "online_augment",
+                     "train_data",
                      "preset", "weights", "siglip", "distill_logit_bias", "distill_average_after_softmax",
                      "augmentations", "aug_cfg", "captions", "view_sampling", "mix_synthetic_ratio",
                      "batch_size", "accum_freq", "seed",

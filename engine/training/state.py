@@ -18,7 +18,7 @@ from kernels import ClipRDLoss
 from models.factory import load_failure, one_line
 
 from ..core.errors import ConfigError
-from ..data.augment import ViewDraw
+from ..data.augment import AugmentCfg, FreshViews, ViewDraw
 from ..data.shards import Codec, ShardStream, expand_urls
 from ..teachers.reinforced import Reinforcement, image_hw
 from ..teachers.sources import NoTeacher, OnlineTeacher, StoreTeacher, TeacherSource
@@ -155,6 +155,19 @@ def view_draw(cfg: TrainConfig, store: TeacherStore, student: nn.Module) -> Opti
                     cfg.view_sampling, cfg.mix_synthetic_ratio)
 
 
+def fresh_views(cfg: TrainConfig, student: nn.Module, teacher: TeacherSource) -> Optional[FreshViews]:
+    """--online-augment's draw: operations drawn for the online teacher's image size (the student's without one),
+    the view replayed at the student's size and, where its preprocessing differs, at the teacher's."""
+    if not cfg.online_augment:
+        return None
+    teacher_model = getattr(teacher, "model", None)
+    sizes = {"image": image_hw(student)}
+    if "teacher_image" in teacher.images:
+        sizes["teacher_image"] = image_hw(teacher_model)
+    reference_hw = image_hw(teacher_model) if teacher_model is not None else image_hw(student)
+    return FreshViews(AugmentCfg.from_dict(cfg.aug_cfg), reference_hw, tuple(sizes.items()), cfg.seed)
+
+
 def build_state(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.device
                 ) -> tuple[TrainState, ShardStream]:
     """Student, teacher source, loss, optimizer and the data stream of a run (nothing trained yet)."""
@@ -168,7 +181,8 @@ def build_state(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.
     teacher = teacher_source(cfg, sources, student, device)
     codec = datacompdr_codec(cfg, student) if cfg.dataset_reinforcement else \
         Codec({"image": models.get_preprocess(student), **teacher.images},
-              {"text": models.get_tokenizer(cfg.model), **teacher.texts}, teacher.views)
+              {"text": models.get_tokenizer(cfg.model), **teacher.texts}, teacher.views,
+              fresh_views(cfg, student, teacher))
     # a step's batch holds its --accum-freq micro-batches: the same samples as one batch of batch-size x accum-freq
     stream = ShardStream(sources.train, codec, cfg.batch_size * cfg.accum_freq, cfg.seed, env.rank, env.world_size,
                          cfg.workers, shuffle_buffer=cfg.shuffle_buffer, num_samples=cfg.train_num_samples)
