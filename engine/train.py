@@ -188,7 +188,8 @@ def add_reinforcement_flags(a, d: TrainConfig) -> None:
       "view 0 is the evaluation view; 0: the evaluation view alone, not replayed (default: a given --teacher-store's "
       f"own; the cache's store: {DEFAULT_AUGMENTATIONS})")
     a("--aug-cfg", nargs="*", default=[], metavar="KEY=VALUE",
-      help="how the store's views (and --online-augment's) are drawn: open_clip_train's --aug-cfg keys scale and ratio (RandomResizedCrop), "
+      help="how the store's views (and --online-augment's) are drawn: open_clip_train's --aug-cfg keys scale and "
+      "ratio (RandomResizedCrop), "
       "hflip (the flip's probability), and torchvision's RandAugment num_ops (0: none) and magnitude (of 31 bins) "
       "(default: a given --teacher-store's own; else scale=0.9,1.0 ratio=0.75,1.333 hflip=0 num_ops=2 magnitude=9"
       + (f" with the cache's store's {DEFAULT_AUG_CFG}" if DEFAULT_AUG_CFG else "") + ")")

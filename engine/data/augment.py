@@ -266,12 +266,13 @@ class FreshViews:
 
     cfg: AugmentCfg
     reference_hw: tuple[int, int]  # the image size the operations are drawn for (the teacher's, else the student's)
-    out_hw: tuple[tuple[str, tuple[int, int]], ...]  # (image output name, its (height, width)), e.g. ("image", (32, 32))
+    out_hw: tuple[tuple[str, tuple[int, int]], ...]  # (image output name, its (height, width)) pairs
     seed: int = 0
 
     def draw(self, key: str, epoch: int, source_hw: tuple[int, int]) -> View:
         digest = hashlib.blake2b(f"fresh/{self.seed}/{epoch}/{key}".encode(), digest_size=8).digest()
-        return sample_view(self.cfg, source_hw, self.reference_hw, np.random.default_rng(int.from_bytes(digest, "little")))
+        rng = np.random.default_rng(int.from_bytes(digest, "little"))
+        return sample_view(self.cfg, source_hw, self.reference_hw, rng)
 
     def images(self, image: Image.Image, key: str, epoch: int) -> dict[str, Image.Image]:
         """Output name -> this epoch's view of ``image`` at that output's size."""
