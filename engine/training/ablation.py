@@ -1,21 +1,27 @@
-"""The ablation (``python -m engine.ablate``): does relational distillation help? One student under each loss
-preset, several seeds.
+"""The ablation (``python -m engine.ablate``), one of two studies, several seeds each:
 
-Every (preset, seed) is one ``engine.train`` run with the fused backend (``--fused``) on the same data, teacher store
-and schedule; only the loss weights and the seed differ (the seed sets the student's initialisation and the sample
-order). Outputs under ``logs/<name>/``::
+- ``losses``: does relational distillation help? One student under each loss preset. Every (preset, seed) is one
+  ``engine.train`` run with the fused backend (``--fused``) on the same data, teacher store and schedule; only the
+  loss weights and the seed differ (the seed sets the student's initialisation and the sample order).
+- ``reinforcement``: does MobileCLIP's dataset reinforcement help? The clip-rd student trained from a store of the
+  evaluation view alone, from reinforced stores of K in {4, 16} views, from the online teacher with a new view of
+  the same augmentation every epoch, and from a store of K = 4 views of a second teacher and of the two teachers'
+  ensemble, on a subset small enough that every sample is seen at least 16 times.
 
-    ablation.json          the settings shared by every run (a rerun with other settings is refused)
-    runs.jsonl             one line per finished run: preset, seed, weights, steps, wall time, metrics
+Outputs under ``logs/<name>/``::
+
+    ablation.json          the study and the settings shared by every run (a rerun with other settings is refused)
+    runs.jsonl             one line per finished run: preset (the variant), seed, weights, steps, wall time, metrics
     runs/<preset>-seed<k>/ the engine's run layout (out.log, metrics.jsonl, checkpoints/, results.json)
-    table.md, table.csv    mean and standard deviation over seeds per preset, the teacher's own metrics, comparisons
+    stores.json            reinforcement: each variant's store (bytes per sample, build time), built before any run
+    table.md, table.csv    mean and standard deviation over seeds per preset, the teachers' own metrics, comparisons
     ablation.png           bar chart of the table
-    equivalence/           fused vs reference backend, same seed: per-step loss curves (equivalence.png, .json)
+    equivalence/           losses: fused vs reference backend, same seed, per-step loss curves (equivalence.png, .json)
     ablate.log             one line per run
 
 A rerun skips finished (preset, seed) runs and resumes an interrupted one from its ``epoch_latest.pt``.
-``--quick`` is the CI-sized variant: a small procedural dataset and a briefly trained teacher in the cache,
-2 presets x 1 seed, batch 32.
+``--quick`` is the CI-sized variant: a small procedural dataset and briefly trained teachers in the cache, 1 seed,
+batch 32 (the losses study: 2 presets).
 """
 from __future__ import annotations
 
@@ -40,10 +46,13 @@ from ..core.checkpoint import resumable
 from ..core.errors import ConfigError, ShardError, UserError
 from ..core.io import atomic_write_json
 from ..data import synthetic
-from ..data.embedded import cache_root
+from ..data.embedded import cache_root, data_dir
 from ..data.shards import expand_urls, shard_sizes, steps_per_epoch
 from ..evaluation.metrics import evaluate
+from ..teachers import default as defaults
+from ..teachers.manifest import read_manifest
 from .config import TrainConfig
+from .default_teacher import teacher_config
 from .logger import pyplot
 from .loop import run
 from .prepare import resolve
@@ -60,6 +69,25 @@ ABLATION_PRESETS: dict[str, tuple[str, dict, dict]] = {
     "intra-kd": ("intra-kd", {}, {}),
     "siglip+sigmoid-kd": ("baseline", {"sigmoid_kd": 1.0}, {"siglip": True, "distill_logit_bias": -10.0}),
 }
+# The reinforcement study: where the clip-rd student's targets come from (TrainConfig overrides, "teachers" aside).
+# Teacher "a" is the study's --teacher-pretrained (the shipped default teacher), "b" a second teacher of the same
+# model and recipe trained with another seed, "a+b" the two as an ensemble (the mean of the per-teacher losses).
+# Stored views: view 0 is the evaluation view, the other K - 1 drawn under the engine's default --aug-cfg, which the
+# online teacher's fresh views (--online-augment) use too.
+REINFORCEMENT_VARIANTS: dict[str, tuple[str, dict, dict]] = {
+    "no-aug": ("clip-rd", {}, {"augmentations": 0}),
+    "store-k4": ("clip-rd", {}, {"augmentations": 4}),
+    "store-k16": ("clip-rd", {}, {"augmentations": 16}),
+    "online-aug": ("clip-rd", {}, {"online_teacher": True, "online_augment": True}),
+    "store-k4-teacher-b": ("clip-rd", {}, {"augmentations": 4, "teachers": "b"}),
+    "store-k4-ensemble": ("clip-rd", {}, {"augmentations": 4, "teachers": "a+b"}),
+}
+STUDIES = {"losses": ABLATION_PRESETS, "reinforcement": REINFORCEMENT_VARIANTS}
+# reinforcement: the first shards of the embedded training data (4 of 16: 4 000 samples), seen 16 times each
+REINFORCEMENT_SHARDS = 4
+REINFORCEMENT_EPOCHS = 16
+REINFORCEMENT_VAL_FREQUENCY = 4  # evaluations after epochs 4, 8, 12, 16 (each a pass over the validation data)
+SECOND_TEACHER_SEED = 1
 TABLE_METRICS = ("acc1", "acc5", "image_retrieval_recall@1", "image_retrieval_recall@5",
                  "text_retrieval_recall@1", "text_retrieval_recall@5")
 SHORT_NAMES = {"acc1": "acc1", "acc5": "acc5", "image_retrieval_recall@1": "image R@1",
@@ -83,6 +111,8 @@ QUICK_TEACHER = dict(epochs=2, batch_size=64, lr=2e-3, warmup=4)
 @dataclass
 class AblationSettings:
     base: TrainConfig  # the shared run configuration (data, models, schedule); preset/seed/name set per run
+    study: str = "losses"  # a key of STUDIES: what the runs vary
+    second_teacher: Optional[str] = None  # reinforcement: teacher "b"'s checkpoint (None: trained into the cache)
     presets: list[str] = field(default_factory=lambda: list(ABLATION_PRESETS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     logs: str = "./logs"
@@ -94,6 +124,10 @@ class AblationSettings:
     def out_dir(self) -> Path:
         return Path(self.logs) / self.name
 
+    @property
+    def variants(self) -> dict[str, tuple[str, dict, dict]]:
+        return STUDIES[self.study]
+
 
 def run_id(preset: str, seed: int) -> str:
     return f"{preset}-seed{seed}"
@@ -101,23 +135,43 @@ def run_id(preset: str, seed: int) -> str:
 
 def run_config(settings: AblationSettings, preset: str, seed: int) -> TrainConfig:
     """The engine config of one (preset, seed) run: fused backend, resumable, no per-step bar."""
-    if preset not in ABLATION_PRESETS:
-        raise ConfigError(f"--presets: unknown ablation preset {preset!r}; expected some of {list(ABLATION_PRESETS)}")
-    engine_preset, extra, settings_of_preset = ABLATION_PRESETS[preset]
+    if preset not in settings.variants:
+        raise ConfigError(f"--presets: unknown {settings.study} preset {preset!r}; expected some of "
+                          f"{list(settings.variants)}")
+    engine_preset, extra, settings_of_preset = settings.variants[preset]
+    settings_of_preset = dict(settings_of_preset)
+    teachers = teacher_fields(settings, settings_of_preset.pop("teachers", "a"))
     logs, name = str(settings.out_dir / "runs"), run_id(preset, seed)
     return replace(settings.base, preset=engine_preset, weights={**settings.base.weights, **extra}, seed=seed,
                    loss_backend="auto", logs=logs, name=name, resume=resumable(logs, name), progress=settings.verbose,
-                   **settings_of_preset)
+                   **settings_of_preset, **teachers)
 
 
-def shared_settings(base: TrainConfig) -> dict:
-    return {k: v for k, v in asdict(base).items() if k not in PER_RUN_FIELDS}
+def teacher_fields(settings: AblationSettings, teachers: str) -> dict:
+    """The --teacher / --teacher-pretrained of teacher "a" (the base's), "b" (the second) or their ensemble "a+b"."""
+    if teachers == "a":
+        return {}
+    if settings.second_teacher is None:
+        raise ConfigError("the reinforcement study's second teacher is not prepared (--second-teacher-pretrained)")
+    if teachers == "b":
+        return {"teacher_pretrained": settings.second_teacher}
+    base = settings.base
+    return {"teacher": [base.teacher, base.teacher],
+            "teacher_pretrained": [defaults.teacher_weights(base.teacher, base.teacher_pretrained),
+                                   settings.second_teacher]}
+
+
+def shared_settings(settings: AblationSettings) -> dict:
+    shared = {k: v for k, v in asdict(settings.base).items() if k not in PER_RUN_FIELDS}
+    if settings.study != "losses":  # (the losses study's records predate the studies: their keys stay as they were)
+        shared.update(study=settings.study, second_teacher=settings.second_teacher)
+    return shared
 
 
 def check_settings(settings: AblationSettings) -> None:
     """Write ablation.json, or refuse to mix runs made with different shared settings into one table."""
     path = settings.out_dir / "ablation.json"
-    shared = shared_settings(settings.base)
+    shared = shared_settings(settings)
     if path.exists():
         try:
             found = json.loads(path.read_text())["shared"]
@@ -132,7 +186,7 @@ def check_settings(settings: AblationSettings) -> None:
                               "pass another --name or delete it")
         return
     settings.out_dir.mkdir(parents=True, exist_ok=True)
-    record = {"shared": shared, "presets": {p: ABLATION_PRESETS[p] for p in ABLATION_PRESETS}}
+    record = {"shared": shared, "presets": dict(settings.variants)}
     atomic_write_json(path, record)
 
 
@@ -228,27 +282,107 @@ def prepare_quick(base: TrainConfig, log: logging.Logger, verbose: bool = False)
     patterns = synthetic.build(root / "data", synthetic.SyntheticSpec(**QUICK_DATA), progress=False)
     base = replace(base, train_data=patterns["train"], val_data=patterns["val"])
     if base.teacher_pretrained is None and base.teacher_store is None:
-        teacher_cfg = replace(base, model=base.teacher, preset="baseline", weights={}, loss_backend="auto",
-                              logs=str(root / "teacher"), name=base.teacher,
-                              resume=resumable(str(root / "teacher"), base.teacher), progress=False, **QUICK_TEACHER)
-        teacher_dir = Path(teacher_cfg.logs) / teacher_cfg.name
-        if not (teacher_dir / "results.json").exists():
-            log.info(f"--quick: training a small teacher ({QUICK_TEACHER['epochs']} epochs) in {teacher_dir}")
-            with _quiet(verbose):
-                run(teacher_cfg, resolve(teacher_cfg, progress=False))
-        base = replace(base, teacher_pretrained=str(teacher_dir / "checkpoints" / "epoch_latest.pt"))
+        base = replace(base, teacher_pretrained=quick_teacher(base, 0, log, verbose))
     return base
+
+
+def quick_teacher(base: TrainConfig, seed: int, log: logging.Logger, verbose: bool) -> str:
+    """--quick's teacher of this seed (trained once, briefly, on base's data into the cache): its checkpoint."""
+    logs, name = str(cache_root(base.cache_dir) / "ablation-quick" / "teacher"), base.teacher + (f"-seed{seed}"
+                                                                                                 if seed else "")
+    cfg = replace(base, model=base.teacher, teacher_pretrained=None, preset="baseline", weights={},
+                  loss_backend="auto", logs=logs, name=name, resume=resumable(logs, name), progress=False, seed=seed,
+                  **QUICK_TEACHER)
+    return train_teacher(cfg, f"--quick: training a small teacher ({QUICK_TEACHER['epochs']} epochs, seed {seed})",
+                         log, verbose)
+
+
+def second_teacher(settings: AblationSettings, quick: bool, log: logging.Logger) -> str:
+    """The reinforcement study's teacher "b": the first teacher's recipe with seed SECOND_TEACHER_SEED (--quick's,
+    or the shipped default teacher's on the embedded data), trained once into the cache; its checkpoint."""
+    if quick:
+        return quick_teacher(settings.base, SECOND_TEACHER_SEED, log, settings.verbose)
+    cache = cache_root(settings.base.cache_dir)
+    recipe = teacher_config(cache, progress=False)
+    logs, name = str(cache / "teachers" / "runs"), f"{recipe.name}-seed{SECOND_TEACHER_SEED}"
+    cfg = replace(recipe, seed=SECOND_TEACHER_SEED, logs=logs, name=name, resume=resumable(logs, name))
+    return train_teacher(cfg, f"training the second teacher ({cfg.model}, the default teacher's recipe, "
+                              f"{cfg.epochs} epochs, seed {SECOND_TEACHER_SEED}; ~5 minutes on 2 idle cores)",
+                         log, settings.verbose)
+
+
+def train_teacher(cfg: TrainConfig, message: str, log: logging.Logger, verbose: bool) -> str:
+    """Train (or resume, or find finished) the teacher run ``cfg``; its final checkpoint."""
+    run_dir = Path(cfg.logs) / cfg.name
+    if not (run_dir / "results.json").exists():
+        log.info(f"{message} in {run_dir}")
+        with _quiet(verbose):
+            run(cfg, resolve(cfg, progress=False))
+    return str(run_dir / "checkpoints" / "epoch_latest.pt")
+
+
+def reinforcement_data(base: TrainConfig) -> TrainConfig:
+    """The reinforcement study's default data: the first REINFORCEMENT_SHARDS shards of the embedded training data
+    and its validation split (a given --train-data / --val-data is kept)."""
+    if base.train_data is not None:
+        return base
+    patterns = synthetic.build(data_dir(cache_root(base.cache_dir)), synthetic.SyntheticSpec(), progress=True)
+    urls = expand_urls(patterns["train"])[:REINFORCEMENT_SHARDS]
+    folder, names = Path(urls[0]).parent, [Path(u).stem for u in urls]
+    subset = str(folder / f"train-{{{names[0].split('-')[-1]}..{names[-1].split('-')[-1]}}}.tar")
+    if expand_urls(subset) != urls:
+        raise ShardError(f"the embedded training shards {urls} are not one numbered range")
+    return replace(base, train_data=subset, val_data=base.val_data or patterns["val"])
+
+
+def prepare_stores(settings: AblationSettings, log: logging.Logger) -> dict:
+    """Each variant's teacher store, built before any run (so that no run's time includes one): per variant its
+    folder, bytes per sample and build seconds (None: found in the cache). Written to stores.json."""
+    path = settings.out_dir / "stores.json"
+    found = json.loads(path.read_text()) if path.exists() else {}
+    for preset in settings.presets:
+        cfg = run_config(settings, preset, settings.seeds[0])
+        if cfg.online_teacher:
+            continue
+        start, clock = time.perf_counter(), time.time()
+        sources = resolve(replace(cfg, progress=True), progress=True)
+        seconds = time.perf_counter() - start
+        built_now = (sources.store_dir / "manifest.json").stat().st_mtime >= clock  # else found in the cache
+        manifest = read_manifest(sources.store_dir)
+        samples = sum(part["count"] for part in manifest["parts"].values())
+        size = sum(f.stat().st_size for f in sources.store_dir.rglob("*") if f.is_file())
+        built = round(seconds, 1) if built_now else found.get(preset, {}).get("build_s")
+        found[preset] = {"store": str(sources.store_dir), "views": manifest["augmentation"]["views"],
+                         "teachers": len(manifest["teachers"]), "samples": samples,
+                         "bytes_per_sample": round(size / samples), "build_s": built}
+        log.info(f"{preset}: store {sources.store_dir.name}, {found[preset]['bytes_per_sample']} bytes per sample"
+                 + (f", built in {built:.0f} s" if built else ", from the cache"))
+    atomic_write_json(path, found)
+    return found
 
 
 # --- teacher reference row ----------------------------------------------------------------------------------------
 
 
-def teacher_metrics(settings: AblationSettings, log: logging.Logger) -> Optional[dict]:
-    """The teacher's own metrics on the validation data (its cached *_metrics.json, else evaluated once)."""
-    cache_file = settings.out_dir / "teacher.json"
+def teacher_records(settings: AblationSettings, log: logging.Logger) -> list[dict]:
+    """The reference rows of the table: the teacher (and the reinforcement study's second teacher) with its own
+    metrics on the validation data."""
+    if settings.study == "losses":
+        rows = [("teacher", "clip-kd", "teacher.json")]
+    else:
+        rows = [("teacher", "no-aug", "teacher.json"), ("teacher-b", "store-k4-teacher-b", "teacher-b.json")]
+    records = [teacher_metrics(settings, log, *row) for row in rows]
+    return [record for record in records if record is not None]
+
+
+def teacher_metrics(settings: AblationSettings, log: logging.Logger, row: str, preset: str,
+                    file_name: str) -> Optional[dict]:
+    """One teacher's own metrics on the validation data (cached in ``file_name``, else its recorded evaluation or
+    evaluated once), as the table row ``row``."""
+    cache_file = settings.out_dir / file_name
     if cache_file.exists():
-        return json.loads(cache_file.read_text())
-    cfg = replace(run_config(settings, "clip-kd", settings.seeds[0]), progress=True)
+        return {"row": row, **json.loads(cache_file.read_text())}
+    cfg = replace(run_config(settings, preset, settings.seeds[0]), progress=True)
     log.info("resolving data, teacher and teacher store (built once into the cache when absent: on 2 idle cores "
              "the embedded data take ~10 s, the teacher store ~30 s)")
     sources = resolve(cfg, progress=cfg.progress)  # before any run, so that no run builds them
@@ -262,7 +396,7 @@ def teacher_metrics(settings: AblationSettings, log: logging.Logger) -> Optional
         metrics = evaluate(teacher, models.get_preprocess(teacher), models.get_tokenizer(model), sources.val)
     record = {"model": model, "pretrained": pretrained, "metrics": metrics}
     cache_file.write_text(json.dumps(record, indent=1))
-    return record
+    return {"row": row, **record}
 
 
 # --- table, comparisons, chart ------------------------------------------------------------------------------------
@@ -300,9 +434,19 @@ def compare(table: dict, better: str, worse: str, metric: str) -> Optional[dict]
             "beyond_2_std": m1 - m2 > 2 * spread and table[better]["n"] > 1 and table[worse]["n"] > 1}
 
 
-def comparisons(table: dict) -> list[dict]:
-    pairs = [(p, "baseline") for p in table if p != "baseline"] + [("clip-rd", "clip-kd"), ("clip-kd+vrd", "clip-kd"),
-                                                                     ("clip-kd+xrd", "clip-kd")]
+# reinforcement: (A, B) pairs of the table, A - B
+REINFORCEMENT_COMPARISONS = (("store-k4", "no-aug"), ("store-k16", "no-aug"), ("store-k16", "store-k4"),
+                             ("online-aug", "no-aug"), ("store-k4", "online-aug"), ("store-k16", "online-aug"),
+                             ("store-k4-ensemble", "store-k4"), ("store-k4-ensemble", "store-k4-teacher-b"))
+
+
+def comparisons(table: dict, study: str = "losses") -> list[dict]:
+    if study == "reinforcement":
+        pairs = list(REINFORCEMENT_COMPARISONS)
+    else:
+        pairs = [(p, "baseline") for p in table if p != "baseline"] + [("clip-rd", "clip-kd"),
+                                                                       ("clip-kd+vrd", "clip-kd"),
+                                                                       ("clip-kd+xrd", "clip-kd")]
     out = [compare(table, a, b, m) for a, b in pairs for m in TABLE_METRICS]
     return [c for c in out if c is not None]
 
@@ -311,12 +455,12 @@ def _cell(value: tuple[float, float]) -> str:
     return f"{value[0]:.3f} ± {value[1]:.3f}"
 
 
-def write_table(out_dir: Path, table: dict, teacher: Optional[dict], comps: list[dict]) -> tuple[Path, Path]:
+def write_table(out_dir: Path, table: dict, teachers: list[dict], comps: list[dict]) -> tuple[Path, Path]:
     header = "| preset | seeds | " + " | ".join(SHORT_NAMES[m] for m in TABLE_METRICS) + " |"
     lines = [header, "|" + " --- |" * (len(TABLE_METRICS) + 2)]
-    if teacher is not None:
+    for teacher in teachers:
         t = teacher["metrics"]
-        lines.append(f"| teacher `{teacher['model']}` (reference) | - | "
+        lines.append(f"| {teacher['row']} `{teacher['model']}` (reference) | - | "
                      + " | ".join(f"{t[m]:.3f}" if m in t else "-" for m in TABLE_METRICS) + " |")
     for preset, row in table.items():
         lines.append(f"| {preset} | {row['n']} | " + " | ".join(_cell(row[m]) if m in row else "-"
@@ -345,16 +489,16 @@ def write_table(out_dir: Path, table: dict, teacher: Optional[dict], comps: list
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["preset", "seeds"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std")])
-        if teacher is not None:
-            writer.writerow(["teacher", ""] + [v for m in metrics for v in (teacher["metrics"].get(m, ""), "")])
+        for teacher in teachers:
+            writer.writerow([teacher["row"], ""] + [v for m in metrics for v in (teacher["metrics"].get(m, ""), "")])
         for preset, row in table.items():
             writer.writerow([preset, row["n"]] + [f"{v:.6f}" if m in row else "" for m in metrics
                                                   for v in (row[m] if m in row else ("", ""))])
     return md, path
 
 
-def plot_table(path: Path, table: dict, teacher: Optional[dict]) -> Path:
-    """Grouped bars: one group per metric, one bar per preset (mean, std as error bar), teacher as a dashed line."""
+def plot_table(path: Path, table: dict, teachers: list[dict], title: str) -> Path:
+    """Grouped bars: one group per metric, one bar per preset (mean, std as error bar), each teacher a line."""
     plt = pyplot()
     if plt is None:
         return None
@@ -367,15 +511,15 @@ def plot_table(path: Path, table: dict, teacher: Optional[dict]) -> Path:
         means = [table[preset].get(m, (float("nan"), 0))[0] for m in TABLE_METRICS]
         stds = [table[preset].get(m, (0, 0))[1] for m in TABLE_METRICS]
         ax.bar(xs, means, width, yerr=stds, capsize=2, label=f"{preset} (n={table[preset]['n']})")
-    if teacher is not None:
+    for teacher, style in zip(teachers, ("dashed", "dotted")):
         for j, m in enumerate(TABLE_METRICS):
             if m in teacher["metrics"]:
-                ax.hlines(teacher["metrics"][m], j - 0.45, j + 0.45, colors="black", linestyles="dashed",
-                          label="teacher" if j == 0 else None)
+                ax.hlines(teacher["metrics"][m], j - 0.45, j + 0.45, colors="black", linestyles=style,
+                          label=teacher["row"] if j == 0 else None)
     ax.set_xticks(range(len(TABLE_METRICS)), [SHORT_NAMES[m] for m in TABLE_METRICS])
     ax.set_ylim(0, 1.18)
-    ax.set_title("student under each loss preset: mean ± std over seeds (dashed: teacher)")
-    ax.legend(fontsize=8, ncol=len(presets) + 1, loc="upper center")
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=min(len(presets) + len(teachers), 5), loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -482,9 +626,16 @@ def plot_equivalence(path: Path, fused: list[dict], reference: list[dict], diffs
 
 def validate(settings: AblationSettings) -> None:
     """Every flag and input, checked before anything is written or built: one line naming the flag."""
-    unknown = [p for p in settings.presets if p not in ABLATION_PRESETS]
+    if settings.study not in STUDIES:
+        raise ConfigError(f"--study: {settings.study!r} is not one of {list(STUDIES)}")
+    unknown = [p for p in settings.presets if p not in settings.variants]
     if unknown:
-        raise ConfigError(f"--presets: unknown ablation preset(s) {unknown}; expected some of {list(ABLATION_PRESETS)}")
+        raise ConfigError(f"--presets: unknown {settings.study} preset(s) {unknown}; expected some of "
+                          f"{list(settings.variants)}")
+    if settings.study == "reinforcement" and settings.equivalence_steps:
+        raise ConfigError("--equivalence-steps: the fused-vs-reference check belongs to the losses study; pass 0")
+    if settings.second_teacher is not None and not Path(settings.second_teacher).is_file():
+        raise ConfigError(f"--second-teacher-pretrained: checkpoint file {settings.second_teacher} does not exist")
     if settings.equivalence_steps < 0:
         raise ConfigError(f"--equivalence-steps: must be >= 0 (0 skips the check), got {settings.equivalence_steps}")
     settings.base.validate()
@@ -511,18 +662,28 @@ def ablate(settings: AblationSettings, quick: bool = False) -> dict:
     start = time.perf_counter()
     if quick:
         settings = replace(settings, base=prepare_quick(settings.base, log, settings.verbose))
+    stores = None
+    if settings.study == "reinforcement":
+        settings = replace(settings, base=reinforcement_data(settings.base))
+        if settings.second_teacher is None:
+            settings = replace(settings, second_teacher=second_teacher(settings, quick, log))
     check_settings(settings)
-    log.info(f"ablation {settings.out_dir}: presets {settings.presets}, seeds {settings.seeds}, "
-             f"{settings.base.epochs} epochs, batch {settings.base.batch_size}, fused backend; "
-             f"shared settings {shared_settings(settings.base)}")
-    teacher = teacher_metrics(settings, log)
+    log.info(f"ablation {settings.out_dir}: {settings.study} study, presets {settings.presets}, seeds "
+             f"{settings.seeds}, {settings.base.epochs} epochs, batch {settings.base.batch_size}, fused backend; "
+             f"shared settings {shared_settings(settings)}")
+    if settings.study == "reinforcement":
+        stores = prepare_stores(settings, log)
+    teachers = teacher_records(settings, log)
     records = run_all(settings, log)
     table = summarise(records, settings.presets)
-    comps = comparisons(table)
-    md, csv_path = write_table(settings.out_dir, table, teacher, comps)
-    chart = plot_table(settings.out_dir / "ablation.png", table, teacher)
-    summary = {"table": {p: {k: v for k, v in row.items()} for p, row in table.items()},
-               "teacher": teacher, "comparisons": comps}
+    comps = comparisons(table, settings.study)
+    md, csv_path = write_table(settings.out_dir, table, teachers, comps)
+    title = {"losses": "student under each loss preset: mean ± std over seeds",
+             "reinforcement": "clip-rd student by source of the teacher's targets: mean ± std over seeds"}
+    chart = plot_table(settings.out_dir / "ablation.png", table, teachers, title[settings.study])
+    summary = {"study": settings.study, "table": {p: {k: v for k, v in row.items()} for p, row in table.items()},
+               "teacher": teachers[0] if teachers else None, "teachers": teachers, "stores": stores,
+               "comparisons": comps}
     if settings.equivalence_steps > 0:
         summary["equivalence"] = equivalence(settings, log)
     summary["wall_s"] = time.perf_counter() - start
