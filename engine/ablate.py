@@ -13,6 +13,7 @@ from .cli import HelpFormatter, run_command
 from .training.ablation import (
     REINFORCEMENT_EPOCHS,
     REINFORCEMENT_SHARDS,
+    REINFORCEMENT_VAL_FREQUENCY,
     SECOND_TEACHER_SEED,
     STUDIES,
     AblationSettings,
