@@ -6,6 +6,7 @@ import logging
 import math
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from engine import ablate as ablate_cmd
 from engine.training import ablation as ablate
 from engine.training.loop import run
 from engine.training.prepare import resolve
-from tests.helpers import command_error
+from tests.helpers import command_error, seeded_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +159,55 @@ def test_damaged_ablation_record_is_named(tmp_path, synth_data, content):
                         "--val-data", synth_data["val"], "--cache-dir", tmp_path / "cache"])
     assert f"{out / 'ablation.json'}: unreadable or damaged" in message
     assert sorted(p.name for p in out.iterdir()) == ["ablate.log", "ablation.json"]
+
+
+def test_reinforcement_study_on_small_data(tmp_path, synth_data, teacher_ckpt, tmp_path_factory):
+    """The reinforcement study's machinery at a small size: every store built and measured before the runs, the
+    variants' runs configured as named (views, online augmentation, the second teacher, the ensemble), both teachers'
+    rows in the table; a rerun with another second teacher is refused."""
+    second = seeded_checkpoint(tmp_path_factory, "tiny-vit-teacher", 321)
+    argv = ["--study", "reinforcement", "--train-data", synth_data["train"], "--val-data", synth_data["val"],
+            "--teacher-pretrained", str(teacher_ckpt), "--second-teacher-pretrained", str(second), "--epochs", "1",
+            "--batch-size", "16", "--seeds", "0", "--cache-dir", str(tmp_path / "cache"), "--logs",
+            str(tmp_path / "logs"), "--name", "r", "--presets", "no-aug", "store-k4", "online-aug",
+            "store-k4-teacher-b", "store-k4-ensemble"]
+    ablate_cmd.main(argv)
+    out = tmp_path / "logs" / "r"
+    stores = json.loads((out / "stores.json").read_text())
+    assert set(stores) == {"no-aug", "store-k4", "store-k4-teacher-b", "store-k4-ensemble"}  # online: no store
+    assert [(stores[p]["views"], stores[p]["teachers"], stores[p]["samples"]) for p in sorted(stores)] == \
+        [(0, 1, 96), (4, 1, 96), (4, 2, 96), (4, 1, 96)]
+    assert stores["no-aug"]["bytes_per_sample"] < stores["store-k4"]["bytes_per_sample"] < \
+        stores["store-k4-ensemble"]["bytes_per_sample"]
+    assert all(record["build_s"] > 0 for record in stores.values())
+    records = {r["preset"]: r for r in ablate.read_jsonl(out / "runs.jsonl")}
+    assert list(records) == ["no-aug", "store-k4", "online-aug", "store-k4-teacher-b", "store-k4-ensemble"]
+    configs = {p: torch.load(Path(r["run_dir"]) / "checkpoints" / "epoch_latest.pt", weights_only=False)["config"]
+               for p, r in records.items()}
+    assert configs["no-aug"]["augmentations"] == 0 and configs["store-k4"]["augmentations"] == 4
+    assert configs["online-aug"]["online_teacher"] and configs["online-aug"]["online_augment"]
+    assert configs["store-k4-teacher-b"]["teacher_pretrained"] == str(second)
+    assert configs["store-k4-ensemble"]["teacher_pretrained"] == [str(teacher_ckpt), str(second)]
+    assert {c["preset"] for c in configs.values()} == {"clip-rd"} and {r["steps"] for r in records.values()} == {6}
+    table = (out / "table.md").read_text()
+    assert "| teacher `tiny-vit-teacher` (reference) |" in table and "| teacher-b `tiny-vit-teacher` (reference) |" \
+        in table and "| store-k4-ensemble - store-k4-teacher-b |" in table
+    rows = [r["preset"] for r in csv.DictReader(open(out / "table.csv"))]
+    assert rows == ["teacher", "teacher-b", "no-aug", "store-k4", "online-aug", "store-k4-teacher-b",
+                    "store-k4-ensemble"]
+    assert (out / "ablation.png").exists() and not (out / "equivalence").exists()
+    other = seeded_checkpoint(tmp_path_factory, "tiny-vit-teacher", 322)
+    message = _refused([str(other) if a == str(second) else a for a in argv])
+    assert "holds runs made with other settings" in message and "second_teacher" in message
+
+
+def test_reinforcement_flags_refused(tmp_path, synth_data):
+    data = ["--train-data", synth_data["train"], "--val-data", synth_data["val"], "--logs", tmp_path / "logs",
+            "--cache-dir", tmp_path / "cache"]
+    assert "--equivalence-steps: the fused-vs-reference check belongs to the losses study" in \
+        _refused(["--study", "reinforcement", "--equivalence-steps", "5", *data])
+    assert f"--second-teacher-pretrained: checkpoint file {tmp_path / 'no.pt'} does not exist" in \
+        _refused(["--study", "reinforcement", "--second-teacher-pretrained", tmp_path / "no.pt", *data])
+    assert "--presets: unknown ablation preset(s) ['store-k4'] for --study losses" in \
+        _refused(["--presets", "store-k4", *data])
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "cache").exists()

@@ -630,8 +630,8 @@ def validate(settings: AblationSettings) -> None:
         raise ConfigError(f"--study: {settings.study!r} is not one of {list(STUDIES)}")
     unknown = [p for p in settings.presets if p not in settings.variants]
     if unknown:
-        raise ConfigError(f"--presets: unknown {settings.study} preset(s) {unknown}; expected some of "
-                          f"{list(settings.variants)}")
+        raise ConfigError(f"--presets: unknown ablation preset(s) {unknown} for --study {settings.study}; expected "
+                          f"some of {list(settings.variants)}")
     if settings.study == "reinforcement" and settings.equivalence_steps:
         raise ConfigError("--equivalence-steps: the fused-vs-reference check belongs to the losses study; pass 0")
     if settings.second_teacher is not None and not Path(settings.second_teacher).is_file():
