@@ -52,10 +52,15 @@ def parser() -> argparse.ArgumentParser:
                    "its syn.json synthetic captions")
     p.add_argument("--output-format", default="store", choices=("store", "datacompdr"),
                    help="'store': the teacher store alone; 'datacompdr': also DataCompDR shards in --output, each "
-                   "sample with its views (paug.json), its teachers' embeddings (npz; an ensemble's members side by "
-                   "side, for --distill-teacher-dimension D1 D2 ...), syn.json and json (uid, sha256), for "
+                   "sample with its views (paug.json), its teachers' embeddings (npz or pth.gz: "
+                   "--datacompdr-embeddings; an ensemble's members side by side, for --distill-teacher-dimension "
+                   "D1 D2 ...), syn.json and json (uid, sha256), for "
                    "engine.train --dataset-reinforcement (needs --augmentations K >= 1)")
     p.add_argument("--output", default=None, help="with --output-format datacompdr: the folder of the shards")
+    p.add_argument("--datacompdr-embeddings", default="npz", choices=("npz", "pth.gz"),
+                   help="with --output-format datacompdr: the embeddings' member, 'npz' (fp32 numpy archive) or "
+                   "'pth.gz' (gzip'd torch.save of bf16 tensors, DataCompDR-1B's form: 0.4 of npz's bytes at "
+                   "DataCompDR's sizes, bf16's rounding)")
     p.add_argument("--cache-dir", default=None,
                    help="cache of the embedded dataset and default stores (default: $CLIP_RD_CACHE or "
                    "~/.cache/clip_rd)")
@@ -69,6 +74,8 @@ def precompute(argv=None) -> None:
     settings = Reinforcement.from_flags(args.augmentations, parse_pairs(args.aug_cfg), args.captions)
     if (args.output_format == "datacompdr") != (args.output is not None):
         raise ConfigError("--output-format datacompdr and --output DIR go together")
+    if args.datacompdr_embeddings != "npz" and args.output_format != "datacompdr":
+        raise ConfigError("--datacompdr-embeddings only applies with --output-format datacompdr")
     if args.output_format == "datacompdr" and (settings.views < 1 or settings.captions < 2):
         raise ConfigError("--output-format datacompdr: DataCompDR samples carry their views and synthetic captions; "
                           "pass --augmentations K >= 1 and --captions C >= 2")
@@ -91,7 +98,7 @@ def precompute(argv=None) -> None:
           f"{'teacher' if len(fingerprints) == 1 else 'teachers'} {', '.join(fingerprints)}, {settings.describe()} "
           f"({time.time() - start:.1f} s)")
     if args.output_format == "datacompdr":
-        sizes = export_datacompdr(train, Path(root), Path(args.output))
+        sizes = export_datacompdr(train, Path(root), Path(args.output), embeddings=args.datacompdr_embeddings)
         print(f"DataCompDR shards {args.output}: {len(sizes)} shard(s), {sum(sizes.values())} samples")
 
 
