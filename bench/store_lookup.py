@@ -17,9 +17,9 @@ does) and look up random batches of 256 samples for ``--seconds``.
   (``TeacherStore.view_rows``, one call per sample before its view is replayed); the two are timed apart. Results:
   ``bench/results/store/lookup-views.json``.
 
-``--advise-random`` (a diagnostic, not what training does) has the lookup processes advise the kernel that the
-memory maps are read at random (madvise MADV_RANDOM), so that a page fault on a store larger than the page cache reads
-that page alone rather than a readahead window.
+The store is opened as training opens it: its row arrays' memory maps advised as read at random (madvise
+MADV_RANDOM), so that a page fault on a store larger than the page cache reads that page alone rather than a
+readahead window. ``--access normal`` (a diagnostic) leaves the kernel's default readahead, as the store did before.
 
 Each process reports its resident memory before opening, after opening and after the lookups, split as /proc
 reports it: RssAnon (private to the process: the index) and RssFile (pages of the memory-mapped parts, shared with
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import multiprocessing
 import os
 import shutil
@@ -46,6 +45,7 @@ from engine.cli import HelpFormatter
 from engine.data import augment
 from engine.teachers import reinforced
 from engine.teachers import store as store_lib
+from engine.teachers.parts import ACCESS
 
 BATCH = 256
 RESULTS = Path(__file__).parent / "results" / "store"
@@ -135,27 +135,13 @@ def write_store(root: Path, samples: int, dim: int, part_size: int, views: int =
     store_lib.finish(root, manifest)
 
 
-def advise_random(store: store_lib.TeacherStore) -> int:
-    """madvise(MADV_RANDOM) on every memory-mapped part array of an opened store: a page fault then reads that page
-    alone instead of the kernel's readahead window. A diagnostic (training maps the arrays without advice); returns
-    the number of maps advised."""
-    advised = 0
-    for part in store.parts:
-        for value in part.values():
-            mapping = getattr(value, "_mmap", None)  # numpy.memmap's mmap.mmap object (np.load with mmap_mode)
-            if mapping is not None:
-                mapping.madvise(mmap.MADV_RANDOM)
-                advised += 1
-    return advised
-
-
-def _lookup_worker(root: str, samples: int, seconds: float, seed: int, random_advice: bool, results) -> None:
+def _lookup_worker(root: str, samples: int, seconds: float, seed: int, access: str, results) -> None:
     torch.set_num_threads(1)
     before = _memory()
     start = time.perf_counter()
-    store = store_lib.TeacherStore(root)
+    store = store_lib.TeacherStore(root, access=access)
     open_s = time.perf_counter() - start
-    advised = advise_random(store) if random_advice else 0
+    advised = store.maps_advised
     opened = _memory()
     settings = store.reinforcement
     rng = np.random.default_rng(seed)
@@ -197,9 +183,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=20.0, help="lookup time per process")
     p.add_argument("--dir", default=None, help="where to write the store (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the store afterwards")
-    p.add_argument("--advise-random", action="store_true", help="diagnostic, not what training does: the lookup "
-                   "processes advise the kernel (madvise MADV_RANDOM) that the store's memory maps are read at random, "
-                   "so that a page fault reads one page instead of a readahead window")
+    p.add_argument("--access", default="random", choices=list(ACCESS),
+                   help="the madvise advice on the store's row maps: 'random' is what training does (a page fault "
+                   "reads one page instead of a readahead window); 'normal' (the kernel's readahead, what the store "
+                   "did before) and 'sequential' are diagnostics")
     p.add_argument("--out", default=None, help="JSON results file (default: bench/results/store/lookup.json for a "
                    "plain store, lookup-views.json beside it with --views or --captions)")
     return p
@@ -222,7 +209,7 @@ def main(argv=None) -> None:
         context = multiprocessing.get_context("spawn")
         results = context.Queue()
         workers = [context.Process(target=_lookup_worker, args=(str(root), args.samples, args.seconds, seed,
-                                                                     args.advise_random, results))
+                                                                     args.access, results))
                    for seed in range(args.processes)]
         for worker in workers:
             worker.start()
@@ -245,7 +232,7 @@ def main(argv=None) -> None:
     print(f"1-minute load average: {load}")
     summary = {"samples": args.samples, "dim": args.dim, "store_bytes": size, "write_s": write_s,
                "processes": records, "batch": BATCH, "torch_threads": 1, "machine_cpus": os.cpu_count(),
-               "load_average_1m": load, "advise_random": args.advise_random}
+               "load_average_1m": load, "access": args.access}
     if settings != reinforced.Reinforcement():
         summary.update(views=args.views, captions=args.captions, part_size=args.part_size, seconds=args.seconds,
                        command=" ".join(["python -m bench.store_lookup", *(sys.argv[1:] if argv is None else argv)]))

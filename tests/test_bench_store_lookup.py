@@ -30,6 +30,6 @@ def test_reinforced_store_opens_verifies_and_looks_up_the_drawn_views(tmp_path):
     assert params.shape == (views, store.reinforcement.param_width)
     assert augment.View.from_row(params[0]) == evaluation
     assert all(augment.view_problem(augment.View.from_row(row), store_lookup.SOURCE_HW) is None for row in params)
-    # the --advise-random diagnostic reaches every mapped array of every part (keys, hashes, digests, rows, views)
-    assert store_lookup.advise_random(store) == 3 * 7
+    # opened as training opens it: the row maps of every part (image, text, views) advised as read at random
+    assert store.maps_advised == 3 * 3 and store_lib.TeacherStore(root, access="normal").maps_advised == 3 * 3
     assert store.lookup([store_lookup._key(7)], [7], [None], [1], [1])[0].shape == (1, dim)

@@ -84,7 +84,7 @@ def export_datacompdr(train: str, store_root: Path, output: Path, progress: bool
     if embeddings not in EMBEDDING_FORMATS:
         raise ConfigError(f"--datacompdr-embeddings: {embeddings!r} is not one of {EMBEDDING_FORMATS}")
     urls = expand_urls(train)
-    store = TeacherStore(store_root, urls)
+    store = TeacherStore(store_root, urls, access="sequential")  # every sample, shard by shard
     if store.reinforcement.views < 1:
         raise ConfigError("--output-format datacompdr: DataCompDR samples carry their views; pass --augmentations "
                           "K >= 1")

@@ -64,7 +64,7 @@ from .manifest import (
     teachers_mismatch,
     write_manifest,
 )
-from .parts import PartWriter, open_part, part_damage, shard_change
+from .parts import ACCESS, PartWriter, advise, open_part, part_damage, shard_change
 
 __all__ = ["FORMAT_VERSION", "PART_ARRAYS", "PartWriter", "StoreError", "TeacherStore", "begin", "describe",
            "finish", "part_name", "read_manifest", "reopen", "sha256_file", "shards_to_build", "teacher_fingerprint",
@@ -167,11 +167,15 @@ class TeacherStore:
 
     ``urls``: the training shards; each must have a part built from an identical shard. None: every part.
     ``expected_teachers``: the fingerprints of the teachers the run asks for, in order (None: the store's own).
+    ``access``: how the rows will be read, "random" (training's lookups), "sequential" (verify, export) or "normal"
+    (no particular order), advised to the kernel for every mapped row array.
     """
 
     def __init__(self, root: str | os.PathLike, urls: Optional[list[str]] = None,
-                 expected_teachers: Optional[list[str]] = None):
-        self.root = Path(root)
+                 expected_teachers: Optional[list[str]] = None, access: str = "random"):
+        if access not in ACCESS:
+            raise ValueError(f"access must be one of {list(ACCESS)}, got {access!r}")
+        self.root, self.access, self.maps_advised = Path(root), access, 0
         manifest = read_manifest(self.root)
         self.manifest = manifest
         mismatch = expected_teachers and teachers_mismatch(member_fingerprints(manifest), list(expected_teachers))
@@ -204,6 +208,7 @@ class TeacherStore:
             problem = reinforced.views_problem(arrays)
         if problem:
             raise StoreError(f"{self.root}: part of shard {record['shard']}: {problem}; rebuild the store")
+        self.maps_advised += advise(arrays, self.access)
         return {"name": name, "shard": record["shard"], **arrays}
 
     def _build_index(self) -> None:
@@ -343,7 +348,7 @@ def verify(root: str, train_data: Optional[str] = None) -> list[str]:
     """Everything wrong with a store (and, with ``train_data``, with its shards); empty when it is sound. Checks
     what loading it for training checks, then key hashes and unit-norm rows, and every sample's content digest."""
     try:
-        store = TeacherStore(root, None)
+        store = TeacherStore(root, None, access="sequential")
         problem = deep_problem(store)
     except (StoreError, ShardError) as exc:
         return [str(exc)]
