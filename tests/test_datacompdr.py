@@ -268,6 +268,38 @@ def test_precompute_writes_bf16_pth_gz_embeddings(tmp_path, shards, teacher_file
         "error: --datacompdr-embeddings only applies with --output-format datacompdr"
 
 
+def test_verify_views_on_shards_per_teacher_by_pipe_and_a_wrong_teacher_order(tmp_path, shards, teacher_files,
+                                                                               capsys):
+    from engine import store as store_cmd
+    from engine.teachers.store import teacher_fingerprint
+    from engine.teachers.viewcheck import BF16_VIEW_TOLERANCE
+
+    given = [word for name, path in teacher_files for word in ("--teacher", name, "--teacher-pretrained", path)]
+    fingerprints = [teacher_fingerprint(name, path) for name, path in teacher_files]
+    total = 2 * 12 * fixture.VIEWS
+    for pattern in (shards, f"pipe:cat {shards}"):  # local, and streamed as a remote shard is
+        store_cmd.main(["verify-views", pattern, *given, "--samples", "1000"])
+        lines = capsys.readouterr().out.splitlines()
+        assert [line.split(" stored view(s) replayed; worst cosine error ")[0] for line in lines] == \
+            [f"OK: {pattern}: teacher {k + 1} {fp}: {total}" for k, fp in enumerate(fingerprints)]
+        assert all(line.endswith(f"tolerance {BF16_VIEW_TOLERANCE:.3g}") for line in lines)  # shard 1 is pth.gz
+    store_cmd.main(["verify-views", shards, *given, "--samples", "5", "--seed", "3"])
+    assert ": 5 stored view(s) replayed" in capsys.readouterr().out
+    # the members named in the other order: the widths still sum to the rows' (64 + 128), the embeddings do not match
+    swapped = [word for name, path in reversed(teacher_files)
+               for word in ("--teacher", name, "--teacher-pretrained", path)]
+    with pytest.raises(SystemExit) as exc:
+        store_cmd.main(["verify-views", shards, *swapped, "--samples", "6"])
+    captured = capsys.readouterr()
+    assert exc.value.code == 2 and captured.err.count("error: ") == 2 and "teacher 2" in captured.err
+    assert command_error(store_cmd.main, ["verify-views", shards]) == \
+        f"error: {shards}: not a store directory (no manifest.json); for DataCompDR shards pass --teacher and " \
+        f"--teacher-pretrained, once per teacher in the rows' order"
+    one = ["--teacher", teacher_files[0][0], "--teacher-pretrained", teacher_files[0][1]]
+    assert "--teacher: the teachers' widths [128] sum to 128, but sample" in \
+        command_error(store_cmd.main, ["verify-views", shards, *one])
+
+
 def test_without_mix_a_step_adds_the_synthetic_captions_loss(shards):
     """MobileCLIP's DRClipLoss without mix-synthetic: loss(images, .txt) + loss(images, synthetic), term by term."""
     _, batch = decoded(shards, 0)

@@ -4,7 +4,8 @@ teachers must give the stored embeddings, to within fp16 rounding.
 The check reads only the shards of the chosen samples, and each chosen sample must still be the one the store was
 built from (key and content digest). A store of a teacher ensemble is checked member by member: each member replays
 the chosen views at its own image size and is compared with its own slice of the stored rows, and the worst error is
-reported per member. ``python -m engine.store verify-views`` is its command.
+reported per member. DataCompDR shards (``verify_shard_views``), which carry their own views and embeddings, are
+checked the same way against the teachers the user names. ``python -m engine.store verify-views`` is its command.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 import models
 
 from ..core.errors import StoreError, UserError
+from ..data import datacompdr as dr
 from ..data.shards import decode_image, expand_urls, read_shard, sample_digest
 from . import reinforced
 from .manifest import match_parts
@@ -39,10 +41,11 @@ class ViewCheck:
     checked: int
     worst: float
     where: str
+    tolerance: float = VIEW_TOLERANCE
 
     @property
     def ok(self) -> bool:
-        return self.worst <= VIEW_TOLERANCE
+        return self.worst <= self.tolerance
 
 
 def chosen_views(store: TeacherStore, samples: int, seed: int) -> dict[int, dict[int, list[int]]]:
@@ -131,3 +134,66 @@ def chosen_samples(store: TeacherStore, part: int, rows: dict[int, list[int]], u
                np.asarray(arrays["views"][row])[views], torch.from_numpy(np.asarray(arrays["image"][row])[views]))
     if wanted:
         raise UserError(f"--train-data: shard {url} lacks samples the store holds, e.g. {sorted(wanted)[:3]}")
+
+
+# DataCompDR's pth.gz rows are bf16: rounding each component of a unit vector by at most 2^-9 of it turns the vector
+# by at most 2^-9 rad, a cosine error of at most 2^-19; 2^-17 leaves the same room as VIEW_TOLERANCE does for fp16.
+BF16_VIEW_TOLERANCE = 2.0 ** -17
+
+
+@torch.no_grad()
+def verify_shard_views(pattern: str, teachers: list[tuple[str, str]], samples: int,
+                       reference_hw: Optional[tuple[int, int]] = None, seed: int = 0, device: str = "cpu",
+                       batch_size: int = 256) -> list[ViewCheck]:
+    """The same check on DataCompDR shards, which carry their views and embeddings but do not name their teachers:
+    ``teachers`` (model, weights) in the order of the rows' members, their widths summing to the stored width. The
+    views of the samples of the shards, visited in a random order (``seed``), are replayed until ``samples`` views
+    (all of them when the shards hold fewer) at each teacher's size, the operations' translations scaled from
+    ``reference_hw`` (the reinforcement config's size; None: the first teacher's), and compared with that teacher's
+    slice of ``image_emb``. One ViewCheck per teacher; its tolerance is bf16's where a checked sample's rows are
+    ``pth.gz``."""
+    if samples < 1:
+        raise UserError(f"--samples: must be >= 1, got {samples}")
+    urls = expand_urls(pattern)
+    models_ = [models.create_teacher(model, weights, device=device) for model, weights in teachers]
+    widths = [models.embed_dim(model) for model, _ in teachers]
+    inputs = [reinforced.TeacherInputs(teacher, None, reinforced.Reinforcement(),
+                                       reference_hw or reinforced.image_hw(models_[0])) for teacher in models_]
+    names, images, stored, bf16 = [], [[] for _ in models_], [], False
+    for url in np.random.default_rng(seed).permutation(urls).tolist():
+        for raw in read_shard(url):
+            views, (image_emb, _) = dr.read_views(raw), dr.read_embeddings(raw)
+            if len(views) != len(image_emb):
+                raise UserError(f"sample {raw['__key__']!r} of shard {url}: {len(views)} view(s) in paug.json but "
+                                f"{len(image_emb)} image_emb row(s)")
+            if sum(widths) != image_emb.shape[1]:
+                raise UserError(f"--teacher: the teachers' widths {widths} sum to {sum(widths)}, but sample "
+                                f"{raw['__key__']!r} of shard {url} stores rows {image_emb.shape[1]} wide")
+            image, take = decode_image(raw), min(len(views), samples - len(names))
+            dr.check_views_replayable(raw, views[:take], image)
+            rows = np.stack([view.row() for view in views[:take]])
+            for member, member_inputs in enumerate(inputs):
+                images[member].append(member_inputs.replayed(image, rows))
+            stored.append(torch.from_numpy(image_emb[:take]))
+            names += [f"sample {raw['__key__']!r} of shard {Path(url).name}, view {v}" for v in range(take)]
+            bf16 |= "pth.gz" in raw
+            if len(names) == samples:
+                break
+        if len(names) == samples:
+            break
+    if not names:
+        raise UserError(f"{pattern}: the shards hold no samples")
+    rows, checks, start = torch.cat(stored), [], 0
+    for member, (teacher, width) in enumerate(zip(models_, widths)):
+        pixels = torch.cat(images[member])
+        fresh = torch.cat([teacher.encode_image(inputs[member].pixels(chunk).to(device), normalize=True).float().cpu()
+                           for chunk in pixels.split(batch_size)])
+        mine = rows[:, start:start + width]
+        fresh, mine = (F.normalize(x.double(), dim=-1) for x in (fresh, mine))
+        errors = 1 - (fresh * mine).sum(dim=-1)
+        worst = int(errors.argmax())
+        model, weights = teachers[member]
+        checks.append(ViewCheck(teacher_fingerprint(model, weights), len(names), float(errors[worst]), names[worst],
+                                BF16_VIEW_TOLERANCE if bf16 else VIEW_TOLERANCE))
+        start += width
+    return checks
