@@ -57,6 +57,10 @@ def parser() -> argparse.ArgumentParser:
     a("--dataset-type", default="auto", choices=("webdataset", "auto"),
       help="open_clip_train's data format: this engine reads webdataset shards, so 'webdataset' and 'auto' are the "
       "same here (open_clip's csv and synthetic formats are not supported)")
+    a("--dataset-resampled", action="store_true",
+      help="open_clip_train's: each worker reads whole shards drawn at random with replacement (seeded by --seed, "
+      "the epoch, the rank and the worker: the same after --resume) instead of a permutation of the shards, and an "
+      "epoch is --train-num-samples (else the shards' sizes) over the global batch")
     a("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="samples in the shuffle buffer of each worker")
     a("--train-num-samples", type=int, default=None,
       help="samples in an epoch, spread evenly over the shards (a worker starts over its shards when they hold "
@@ -150,12 +154,18 @@ def parser() -> argparse.ArgumentParser:
     a("--local-loss", action="store_true", help="torchrun: each rank's loss over its own anchor rows against all "
       "gathered columns (N / ranks rows per rank); the whole batch's exact gradient with --gather-with-grad")
     a("--gather-with-grad", action="store_true", help="torchrun: all-gather embeddings with their gradient")
+    a("--ddp-static-graph", action="store_true", help="open_clip_train's DistributedDataParallel(static_graph=True): "
+      "always on here (the set of parameters with a gradient is the same every step), accepted so that open_clip "
+      "and MobileCLIP command lines run unchanged")
     a("--logs", default=d.logs, help="where run folders go: <logs>/<name>/")
     a("--name", default=None, help="run name (default: time, model and preset)")
     a("--resume", default=None, help="'latest' (this run's epoch_latest.pt) or a checkpoint path")
     a("--save-frequency", type=int, default=d.save_frequency,
       help="keep epoch_K.pt every this many epochs, and after the last (0: after the last only, as open_clip_train); "
            "epoch_latest.pt is always written, for --resume")
+    a("--save-most-recent", action="store_true", help="open_clip_train's: keep the most recent state in "
+      "epoch_latest.pt; always on here (--resume latest reads it), accepted so that open_clip and MobileCLIP command "
+      "lines run unchanged")
     a("--log-every-n-steps", type=int, default=d.log_every_n_steps, help="one log line and metrics row every this "
       "many steps")
     a("--no-eval", dest="eval", action="store_false", help="no evaluation: neither per epoch nor at the end")

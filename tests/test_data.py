@@ -13,10 +13,10 @@ from engine.data import synthetic
 from models.tokenizer import WORDS
 
 
-def _stream(pattern, batch_size=16, workers=0, seed=0):
+def _stream(pattern, batch_size=16, workers=0, seed=0, **options):
     codec = data_lib.Codec(images={"image": lambda im: torch.from_numpy(np.asarray(im)[0, :4].copy())},
                            texts={"text": lambda caps: torch.zeros(len(caps), 2)})
-    return data_lib.ShardStream(pattern, codec, batch_size, seed=seed, workers=workers, shuffle_buffer=20)
+    return data_lib.ShardStream(pattern, codec, batch_size, seed=seed, workers=workers, shuffle_buffer=20, **options)
 
 
 def test_shards_layout_and_sizes(synth_data):
@@ -98,6 +98,31 @@ def test_mid_epoch_skip_equals_tail_of_full_epoch(synth_data, workers):
     stream.set_epoch(3, batches_done=3)
     tail = [b["key"] for b in data_lib.make_loader(stream)]
     assert len(full) == stream.steps_per_epoch(3) and tail == full[3:]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resampled_draws_whole_shards_with_replacement_and_resumes(synth_data, workers):
+    """open_clip's --dataset-resampled: an epoch is num_samples // batch batches of whole shards drawn with
+    replacement (a shard may come twice, another not at all), seeded, and a mid-epoch resume gives the same tail."""
+    shard_of = {key: url for url in data_lib.expand_urls(synth_data["train"])
+                for key in data_lib.shard_keys(url)}
+    stream = _stream(synth_data["train"], workers=workers, resampled=True, num_samples=80)
+    repeated = 0
+    for epoch in range(4):
+        stream.set_epoch(epoch)
+        keys = [k for b in data_lib.make_loader(stream) for k in b["key"]]
+        assert len(keys) == 80 and stream.steps_per_epoch(epoch) == 5
+        repeated += len(keys) - len(set(keys))
+        assert {shard_of[k] for k in keys} <= set(shard_of.values())
+        stream.set_epoch(epoch)
+        assert [k for b in data_lib.make_loader(stream) for k in b["key"]] == keys  # seeded
+        stream.set_epoch(epoch, batches_done=2)
+        assert [k for b in data_lib.make_loader(stream) for k in b["key"]] == keys[32:]
+    assert repeated > 0  # with replacement; without it no key repeats within an epoch
+    plain = _stream(synth_data["train"], workers=workers)
+    plain.set_epoch(0)
+    keys = [k for b in data_lib.make_loader(plain) for k in b["key"]]
+    assert len(keys) == len(set(keys)) == 96
 
 
 def test_batch_larger_than_dataset(synth_data):

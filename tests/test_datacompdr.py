@@ -300,6 +300,30 @@ def test_verify_views_on_shards_per_teacher_by_pipe_and_a_wrong_teacher_order(tm
         command_error(store_cmd.main, ["verify-views", shards, *one])
 
 
+def test_mobileclips_published_command_line_trains(tmp_path, shards):
+    """Every flag of MobileCLIP's run_datacompdr12m.sh (apple/ml-mobileclip, training/configs), unchanged, with the
+    sizes scaled to the fixture (data, model, batch, samples, widths, workers) and without the two that name other
+    services (--report-to wandb, --wandb-project-name) or data this machine lacks (--imagenet-val)."""
+    config = tmp_path / "datacompdr12m.json"
+    config.write_text(json.dumps({"reinforce": {"image_augmentation": {"random_resized_crop": {"size": 32}}}}))
+    script = ["--save-frequency", "1", "--ddp-static-graph", "--local-loss", "--gather-with-grad",
+              "--grad-checkpointing", "--train-data", shards, "--train-num-samples", "24", "--warmup", "2",
+              "--dataset-type", "webdataset", "--precision", "amp", "--workers", "1", "--model", "tiny-vit-student",
+              "--batch-size", "8", "--epochs", "2", "--lr", "1.e-3", "--name", "mobileclip", "--seed", "0",
+              "--accum-freq", "1", "--log-every-n-steps", "1", "--beta2", "0.95", "--wd", "0.2",
+              "--dataset-resampled", "--save-most-recent", "--grad-clip-norm", "1.0", "--zeroshot-frequency", "1",
+              "--dataset-reinforcement", "--dataset-reinforcement-config", str(config), "--distill-logit-scale",
+              "100", "--distill-loss-weights", "0.0", "1.0", "--distill-teacher-dimension", *WIDTHS,
+              "--distill-average-after-softmax"]
+    ours = ["--logs", str(tmp_path / "logs"), "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--no-eval"]
+    assert command_error(train_lib.main, script + ours) is None
+    saved = torch.load(tmp_path / "logs" / "mobileclip" / "checkpoints" / "epoch_latest.pt", weights_only=False)
+    assert saved["step"] == 6 and saved["config"]["dataset_resampled"]
+    assert saved["config"]["distill_teacher_dimension"] == [128, 64] and saved["config"]["precision"] == "amp"
+    rows = steps_logged(tmp_path, "mobileclip")
+    assert len(rows) == 6 and all(row["total"] == row["hrd"] and math.isfinite(row["hrd"]) for row in rows)
+
+
 def test_without_mix_a_step_adds_the_synthetic_captions_loss(shards):
     """MobileCLIP's DRClipLoss without mix-synthetic: loss(images, .txt) + loss(images, synthetic), term by term."""
     _, batch = decoded(shards, 0)

@@ -404,9 +404,12 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, pattern: str, codec: Codec, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, workers: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
-                 num_samples: Optional[int] = None):
-        """``num_samples``: the samples in an epoch, spread evenly over the shards (None: the shards' sizes)."""
+                 num_samples: Optional[int] = None, resampled: bool = False):
+        """``num_samples``: the samples in an epoch, spread evenly over the shards (None: the shards' sizes).
+        ``resampled`` (open_clip's --dataset-resampled): each worker reads shards drawn at random with replacement,
+        seeded by (seed, epoch, rank, worker), until the epoch's batches, num_samples // (batch x ranks) per rank."""
         self.urls = expand_urls(pattern)
+        self.resampled = resampled
         self.sizes = epoch_sizes(self.urls, num_samples)
         self.exact = num_samples is None  # the sizes are the shards' own: a short read is a corrupt shard
         self.codec, self.batch_size, self.seed = codec, batch_size, seed
@@ -423,8 +426,17 @@ class ShardStream(torch.utils.data.IterableDataset):
                               "use a smaller --batch-size or fewer --workers")
 
     def steps_per_epoch(self, epoch: int) -> int:
+        if self.resampled:
+            return sum(self.sizes.values()) // (self.batch_size * self.world_size)
         return steps_per_epoch(self.urls, self.sizes, self.batch_size, self.seed if self.shuffle else 0,
                                epoch if self.shuffle else 0, self.world_size, self.workers)
+
+    def worker_counts(self, workers: int) -> list[int]:
+        """Full batches each of ``workers`` DataLoader workers of this rank yields in the current epoch."""
+        if self.resampled:  # the epoch's batches dealt evenly
+            batches = self.steps_per_epoch(self.epoch)
+            return [batches // workers + (w < batches % workers) for w in range(workers)]
+        return [sum(self.sizes[u] for u in self._order()[w::workers]) // self.batch_size for w in range(workers)]
 
     def set_epoch(self, epoch: int, batches_done: int = 0) -> None:
         self.epoch, self.batches_done = epoch, batches_done
@@ -439,14 +451,13 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         loader_worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        counts = [sum(self.sizes[u] for u in self._order()[w::workers]) // self.batch_size for w in range(workers)]
+        counts = self.worker_counts(workers)
         # a new DataLoader starts its round-robin at worker 0: rotate roles so that it is the one due next
         worker = (loader_worker + next_worker(counts, self.batches_done)) % workers
-        shards = self._order()[worker::workers]
         skip = worker_skips(counts, self.batches_done)[worker] * self.batch_size
         limit = self.steps_per_epoch(self.epoch)  # equal step counts on every rank
         budget = worker_skips(counts, limit)[worker] * self.batch_size  # samples this worker may emit in total
-        raw = self._raw_samples(shards, worker)
+        raw = self._resampled(worker) if self.resampled else self._raw_samples(self._order()[worker::workers], worker)
         batch = []
         for index, sample in enumerate(raw):
             if index >= budget:
@@ -478,6 +489,19 @@ class ShardStream(torch.utils.data.IterableDataset):
                 return
             if count == 0:
                 raise ShardError(f"shards {shards[:3]}{' ...' if len(shards) > 3 else ''} hold no samples")
+
+
+    def _resampled(self, worker: int) -> Iterator[dict]:
+        """This worker's raw samples with --dataset-resampled: whole shards drawn with replacement from a generator
+        seeded by (seed, epoch, rank, worker role), through the seeded shuffle buffer; endless (the budget stops it)."""
+        seed = f"{self.seed}-{self.epoch}-{self.rank}-{worker}"
+        draw = random.Random(f"{seed}-resampled")
+
+        def samples():
+            while True:
+                yield from read_shard(draw.choice(self.urls))
+
+        return _shuffled(samples(), self.shuffle_buffer, random.Random(seed))
 
 
 def _shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:

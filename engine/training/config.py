@@ -53,6 +53,7 @@ class TrainConfig:
     workers: int = 0
     shuffle_buffer: int = 1000
     train_num_samples: Optional[int] = None  # samples in an epoch (open_clip); needed for remote shards
+    dataset_resampled: bool = False  # open_clip's: shards drawn with replacement, num_samples per epoch
     val_num_samples: Optional[int] = None  # samples in the validation data (open_clip); checked when read
     imagenet_val: Optional[str] = None  # ImageFolder of ImageNet's 1000 classes for zero-shot evaluation
     # models

@@ -22,7 +22,8 @@ RESUME_INVARIANTS = ("model", "teacher", "teacher_pretrained", "teacher_store", 
                      "batch_size", "accum_freq", "seed",
                      "mfd_mask_ratio", "local_loss",
                      "pretrained", "lock_image", "lock_image_unlocked_groups", "lock_image_freeze_bn_stats",
-                     "lock_text", "lock_text_unlocked_layers", "lock_text_freeze_layer_norm", "train_num_samples")
+                     "lock_text", "lock_text_unlocked_layers", "lock_text_freeze_layer_norm", "train_num_samples",
+                     "dataset_resampled")
 
 
 def changed_settings(path: Path, saved_config: dict, cfg: TrainConfig) -> list[str]:

@@ -185,7 +185,8 @@ def build_state(cfg: TrainConfig, sources: Sources, env: DistEnv, device: torch.
               fresh_views(cfg, student, teacher))
     # a step's batch holds its --accum-freq micro-batches: the same samples as one batch of batch-size x accum-freq
     stream = ShardStream(sources.train, codec, cfg.batch_size * cfg.accum_freq, cfg.seed, env.rank, env.world_size,
-                         cfg.workers, shuffle_buffer=cfg.shuffle_buffer, num_samples=cfg.train_num_samples)
+                         cfg.workers, shuffle_buffer=cfg.shuffle_buffer, num_samples=cfg.train_num_samples,
+                         resampled=cfg.dataset_resampled)
     total_steps = sum(stream.steps_per_epoch(e) for e in range(cfg.epochs))  # --epochs is bounded: seconds at most
     cfg.check_total_steps(total_steps)
     return build_optimizer_state(cfg, student, teacher, device, total_steps, env), stream
