@@ -324,6 +324,36 @@ def test_mobileclips_published_command_line_trains(tmp_path, shards):
     assert len(rows) == 6 and all(row["total"] == row["hrd"] and math.isfinite(row["hrd"]) for row in rows)
 
 
+def test_exported_shards_train_as_the_store_they_were_written_from(tmp_path, synth_data, teacher_ckpt):
+    """A reinforced store and the DataCompDR shards exported from it, trained with the same settings (the view and
+    caption drawn per sample and epoch, the teacher's logit scale, contrastive + logit distillation): the same
+    losses at every step and the same final weights, to the bit."""
+    from engine.teachers.store import TeacherStore
+
+    store, out = tmp_path / "store", tmp_path / "dr"
+    assert command_error(precompute, ["--train-data", synth_data["train"], "--teacher-pretrained", str(teacher_ckpt),
+                                      "--teacher-store", store, "--augmentations", "3", "--captions", "3",
+                                      "--output-format", "datacompdr", "--output", out]) is None
+    scale = repr(TeacherStore(store).logit_scales[0])
+    common = ["--batch-size", "16", "--epochs", "2", "--no-eval", "--logs", str(tmp_path / "logs"), "--no-progress",
+              "--log-every-n-steps", "1", "--cache-dir", str(tmp_path / "cache"), "--seed", "5"]
+    from_store = ["--train-data", synth_data["train"], "--teacher-store", str(store), "--preset", "baseline",
+                  "--hrd-weight", "1", "--mix-synthetic-ratio", "0.5", "--name", "store"]
+    from_shards = ["--train-data", str(out / "train-{00000..00002}.tar"), "--dataset-reinforcement",
+                   "--distill-loss-weights", "1", "1", "--distill-logit-scale", scale,
+                   "--dataset-reinforcement-mix-synthetic", "--dataset-reinforcement-mix-synthetic-ratio", "0.5",
+                   "--name", "shards"]
+    for argv in (from_store, from_shards):
+        assert command_error(train_lib.main, common + argv) is None
+    store_rows, shard_rows = steps_logged(tmp_path, "store"), steps_logged(tmp_path, "shards")
+    assert len(store_rows) == 12
+    assert [(r["task"], r["hrd"]) for r in store_rows] == [(r["task"], r["hrd"]) for r in shard_rows]
+    a, b = (torch.load(tmp_path / "logs" / name / "checkpoints" / "epoch_latest.pt", weights_only=False)
+            for name in ("store", "shards"))
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+
+
 def test_without_mix_a_step_adds_the_synthetic_captions_loss(shards):
     """MobileCLIP's DRClipLoss without mix-synthetic: loss(images, .txt) + loss(images, synthetic), term by term."""
     _, batch = decoded(shards, 0)
