@@ -354,6 +354,17 @@ def test_exported_shards_train_as_the_store_they_were_written_from(tmp_path, syn
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
 
 
+def test_shards_through_pipe_train_like_local_ones(tmp_path, shards):
+    """The same shards read through ``pipe:cat`` (as ``pipe:aws s3 cp ... -`` or ``http(s)://`` would stream them,
+    sizes unknown: --train-num-samples) give the same steps as the local files."""
+    flags = ("--train-num-samples", "24", "--dataset-reinforcement-mix-synthetic", "--distill-teacher-dimension",
+             *WIDTHS)
+    assert train(tmp_path, shards, *flags, name="local") is None
+    assert train(tmp_path, f"pipe:cat {shards}", *flags, name="piped") is None
+    local, piped = steps_logged(tmp_path, "local"), steps_logged(tmp_path, "piped")
+    assert len(local) == 3 and [(r["task"], r["hrd"]) for r in local] == [(r["task"], r["hrd"]) for r in piped]
+
+
 def test_without_mix_a_step_adds_the_synthetic_captions_loss(shards):
     """MobileCLIP's DRClipLoss without mix-synthetic: loss(images, .txt) + loss(images, synthetic), term by term."""
     _, batch = decoded(shards, 0)
