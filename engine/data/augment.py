@@ -311,10 +311,12 @@ class ViewDraw:
             return view, 0
         return view, 1 + (epoch % synthetic if sequential else int(u[2] * synthetic))
 
-    def replay(self, image: Image.Image, raw: dict, view: int) -> Image.Image:
-        """Stored view ``view`` of the sample ``raw`` (its key and content digest checked) replayed on ``image``."""
+    def replay(self, image: Image.Image, raw: dict, view: int, digest: Optional[int] = None) -> Image.Image:
+        """Stored view ``view`` of the sample ``raw`` (its key and content ``digest``, computed when not given,
+        checked) replayed on ``image``."""
         key = raw["__key__"]
-        stored = View.from_row(self.rows(key, sample_digest(raw), raw.get("__url__"))[view])
+        digest = sample_digest(raw) if digest is None else digest
+        stored = View.from_row(self.rows(key, digest, raw.get("__url__"))[view])
         problem = view_problem(stored, (image.height, image.width))
         if problem:
             raise UserError(f"sample {key!r} of shard {raw.get('__url__')}: stored view {view}: {problem}")

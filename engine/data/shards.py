@@ -270,7 +270,8 @@ class Codec:
                 out[name] = _uint8_chw(fresh[name])
                 continue
             replayed = view is not None and name == "image"
-            out[name] = _uint8_chw(self.views.replay(image, raw, view)) if replayed else per_image(image)
+            out[name] = _uint8_chw(self.views.replay(image, raw, view, out["digest"])) if replayed \
+                else per_image(image)
         for name, tokenizer in self.texts.items():
             out[name] = tokenizer([text])[0]
         if self.views is not None:  # view None: a store of the evaluation view alone, its row 0
