@@ -192,6 +192,7 @@ def test_reinforcement_study_on_small_data(tmp_path, synth_data, teacher_ckpt, t
     table = (out / "table.md").read_text()
     assert "| teacher `tiny-vit-teacher` (reference) |" in table and "| teacher-b `tiny-vit-teacher` (reference) |" \
         in table and "| store-k4-ensemble - store-k4-teacher-b |" in table
+    assert f"| store-k4 | 4 | 1 | 96 | {stores['store-k4']['bytes_per_sample']} | " in table
     rows = [r["preset"] for r in csv.DictReader(open(out / "table.csv"))]
     assert rows == ["teacher", "teacher-b", "no-aug", "store-k4", "online-aug", "store-k4-teacher-b",
                     "store-k4-ensemble"]

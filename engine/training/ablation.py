@@ -455,7 +455,8 @@ def _cell(value: tuple[float, float]) -> str:
     return f"{value[0]:.3f} ± {value[1]:.3f}"
 
 
-def write_table(out_dir: Path, table: dict, teachers: list[dict], comps: list[dict]) -> tuple[Path, Path]:
+def write_table(out_dir: Path, table: dict, teachers: list[dict], comps: list[dict],
+                stores: Optional[dict] = None) -> tuple[Path, Path]:
     header = "| preset | seeds | " + " | ".join(SHORT_NAMES[m] for m in TABLE_METRICS) + " |"
     lines = [header, "|" + " --- |" * (len(TABLE_METRICS) + 2)]
     for teacher in teachers:
@@ -481,6 +482,14 @@ def write_table(out_dir: Path, table: dict, teachers: list[dict], comps: list[di
             cell = "-" if c is None else f"{c['delta']:+.3f} ({sigmas})"
             text.append(f"**{cell}**" if c is not None and c["beyond_2_std"] else cell)
         lines.append(f"| {a} - {b} | " + " | ".join(text) + " |")
+    if stores:  # the reinforcement study: what each store costs
+        lines += ["", "Teacher stores, built before the runs (bytes per sample: the store folder over its samples; "
+                  "build time: wall seconds on this machine, blank when the store came from the cache):", "",
+                  "| variant | views | teachers | samples | bytes per sample | build s |", "|" + " --- |" * 6]
+        for preset, record in stores.items():
+            built = "" if record["build_s"] is None else f"{record['build_s']:.0f}"
+            lines.append(f"| {preset} | {record['views']} | {record['teachers']} | {record['samples']} | "
+                         f"{record['bytes_per_sample']} | {built} |")
     md = out_dir / "table.md"
     md.write_text("\n".join(lines) + "\n")
     metrics = sorted({m for row in table.values() for m in row if m not in ("n", "seeds")},
@@ -677,7 +686,7 @@ def ablate(settings: AblationSettings, quick: bool = False) -> dict:
     records = run_all(settings, log)
     table = summarise(records, settings.presets)
     comps = comparisons(table, settings.study)
-    md, csv_path = write_table(settings.out_dir, table, teachers, comps)
+    md, csv_path = write_table(settings.out_dir, table, teachers, comps, stores)
     title = {"losses": "student under each loss preset: mean ± std over seeds",
              "reinforcement": "clip-rd student by source of the teacher's targets: mean ± std over seeds"}
     chart = plot_table(settings.out_dir / "ablation.png", table, teachers, title[settings.study])
