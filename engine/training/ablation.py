@@ -46,7 +46,7 @@ from ..core.checkpoint import resumable
 from ..core.errors import ConfigError, ShardError, UserError
 from ..core.io import atomic_write_json
 from ..data import synthetic
-from ..data.embedded import cache_root, data_dir
+from ..data.embedded import cache_root, ensure_default_data
 from ..data.shards import expand_urls, shard_sizes, steps_per_epoch
 from ..evaluation.metrics import evaluate
 from ..teachers import default as defaults
@@ -136,8 +136,8 @@ def run_id(preset: str, seed: int) -> str:
 def run_config(settings: AblationSettings, preset: str, seed: int) -> TrainConfig:
     """The engine config of one (preset, seed) run: fused backend, resumable, no per-step bar."""
     if preset not in settings.variants:
-        raise ConfigError(f"--presets: unknown {settings.study} preset {preset!r}; expected some of "
-                          f"{list(settings.variants)}")
+        raise ConfigError(f"--presets: unknown ablation preset {preset!r} for --study {settings.study}; expected "
+                          f"some of {list(settings.variants)}")
     engine_preset, extra, settings_of_preset = settings.variants[preset]
     settings_of_preset = dict(settings_of_preset)
     teachers = teacher_fields(settings, settings_of_preset.pop("teachers", "a"))
@@ -326,7 +326,7 @@ def reinforcement_data(base: TrainConfig) -> TrainConfig:
     and its validation split (a given --train-data / --val-data is kept)."""
     if base.train_data is not None:
         return base
-    patterns = synthetic.build(data_dir(cache_root(base.cache_dir)), synthetic.SyntheticSpec(), progress=True)
+    patterns = ensure_default_data(cache_root(base.cache_dir))
     urls = expand_urls(patterns["train"])[:REINFORCEMENT_SHARDS]
     folder, names = Path(urls[0]).parent, [Path(u).stem for u in urls]
     subset = str(folder / f"train-{{{names[0].split('-')[-1]}..{names[-1].split('-')[-1]}}}.tar")
