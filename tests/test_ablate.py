@@ -212,3 +212,17 @@ def test_reinforcement_flags_refused(tmp_path, synth_data):
     assert "--presets: unknown ablation preset(s) ['store-k4'] for --study losses" in \
         _refused(["--presets", "store-k4", *data])
     assert not (tmp_path / "logs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_setting_added_after_the_record_counts_as_its_default(tmp_path):
+    """An ablation folder written before the engine gained a setting: rerunning with that setting at its default is
+    the same ablation; at another value it is refused."""
+    settings = ablate.AblationSettings(base=ablate.TrainConfig(), logs=str(tmp_path), name="old")
+    ablate.check_settings(settings)
+    record = json.loads((settings.out_dir / "ablation.json").read_text())
+    del record["shared"]["dataset_resampled"]
+    (settings.out_dir / "ablation.json").write_text(json.dumps(record))
+    ablate.check_settings(settings)  # accepted
+    changed = replace(settings, base=replace(settings.base, dataset_resampled=True))
+    with pytest.raises(ablate.ConfigError, match=r"'dataset_resampled': \(False, True\)"):
+        ablate.check_settings(changed)

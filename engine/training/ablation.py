@@ -180,7 +180,9 @@ def check_settings(settings: AblationSettings) -> None:
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path}: unreadable or damaged ({type(exc).__name__}: {exc}); "
                               "pass another --name or delete the folder") from exc
-        diff = {k: (found.get(k), v) for k, v in shared.items() if found.get(k) != v}
+        # a setting the record lacks was added to the engine after it was written: it ran with that setting's default
+        defaults = asdict(TrainConfig())
+        diff = {k: (found.get(k, defaults.get(k)), v) for k, v in shared.items() if found.get(k, defaults.get(k)) != v}
         if diff:
             raise ConfigError(f"{settings.out_dir} holds runs made with other settings (was, now): {diff}; "
                               "pass another --name or delete it")
