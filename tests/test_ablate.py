@@ -170,32 +170,35 @@ def test_reinforcement_study_on_small_data(tmp_path, synth_data, teacher_ckpt, t
             "--teacher-pretrained", str(teacher_ckpt), "--second-teacher-pretrained", str(second), "--epochs", "1",
             "--batch-size", "16", "--seeds", "0", "--cache-dir", str(tmp_path / "cache"), "--logs",
             str(tmp_path / "logs"), "--name", "r", "--presets", "no-aug", "store-k4", "online-aug",
-            "store-k4-teacher-b", "store-k4-ensemble"]
+            "store-k4-ensemble"]
     ablate_cmd.main(argv)
     out = tmp_path / "logs" / "r"
     stores = json.loads((out / "stores.json").read_text())
-    assert set(stores) == {"no-aug", "store-k4", "store-k4-teacher-b", "store-k4-ensemble"}  # online: no store
+    assert set(stores) == {"no-aug", "store-k4", "store-k4-ensemble"}  # online: no store
     assert [(stores[p]["views"], stores[p]["teachers"], stores[p]["samples"]) for p in sorted(stores)] == \
-        [(0, 1, 96), (4, 1, 96), (4, 2, 96), (4, 1, 96)]
+        [(0, 1, 96), (4, 1, 96), (4, 2, 96)]
     assert stores["no-aug"]["bytes_per_sample"] < stores["store-k4"]["bytes_per_sample"] < \
         stores["store-k4-ensemble"]["bytes_per_sample"]
     assert all(record["build_s"] > 0 for record in stores.values())
     records = {r["preset"]: r for r in ablate.read_jsonl(out / "runs.jsonl")}
-    assert list(records) == ["no-aug", "store-k4", "online-aug", "store-k4-teacher-b", "store-k4-ensemble"]
+    assert list(records) == ["no-aug", "store-k4", "online-aug", "store-k4-ensemble"]
     configs = {p: torch.load(Path(r["run_dir"]) / "checkpoints" / "epoch_latest.pt", weights_only=False)["config"]
                for p, r in records.items()}
     assert configs["no-aug"]["augmentations"] == 0 and configs["store-k4"]["augmentations"] == 4
     assert configs["online-aug"]["online_teacher"] and configs["online-aug"]["online_augment"]
-    assert configs["store-k4-teacher-b"]["teacher_pretrained"] == str(second)
+    assert ablate.run_config(ablate.AblationSettings(
+        base=ablate.TrainConfig(teacher_pretrained=str(teacher_ckpt)), study="reinforcement",
+        second_teacher=str(second)), "store-k4-teacher-b", 0).teacher_pretrained == str(second)
     assert configs["store-k4-ensemble"]["teacher_pretrained"] == [str(teacher_ckpt), str(second)]
     assert {c["preset"] for c in configs.values()} == {"clip-rd"} and {r["steps"] for r in records.values()} == {6}
     table = (out / "table.md").read_text()
     assert "| teacher `tiny-vit-teacher` (reference) |" in table and "| teacher-b `tiny-vit-teacher` (reference) |" \
-        in table and "| store-k4-ensemble - store-k4-teacher-b |" in table
+        in table and "| store-k4-ensemble - store-k4 |" in table
     assert f"| store-k4 | 4 | 1 | 96 | {stores['store-k4']['bytes_per_sample']} | " in table
     rows = [r["preset"] for r in csv.DictReader(open(out / "table.csv"))]
-    assert rows == ["teacher", "teacher-b", "no-aug", "store-k4", "online-aug", "store-k4-teacher-b",
-                    "store-k4-ensemble"]
+    assert rows == ["teacher", "teacher-b", "no-aug", "store-k4", "online-aug", "store-k4-ensemble"]
+    assert not any("k4c1" in p.name and "ensemble" not in p.name and str(second) in (p / "manifest.json").read_text()
+                   for p in (tmp_path / "cache" / "stores").iterdir())  # teacher b's own row built no store
     assert (out / "ablation.png").exists() and not (out / "equivalence").exists()
     other = seeded_checkpoint(tmp_path_factory, "tiny-vit-teacher", 322)
     message = _refused([str(other) if a == str(second) else a for a in argv])

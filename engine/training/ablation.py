@@ -385,6 +385,8 @@ def teacher_metrics(settings: AblationSettings, log: logging.Logger, row: str, p
     if cache_file.exists():
         return {"row": row, **json.loads(cache_file.read_text())}
     cfg = replace(run_config(settings, preset, settings.seeds[0]), progress=True)
+    if settings.study == "reinforcement":  # its stores are built by prepare_stores: the teacher and the data alone
+        cfg = replace(cfg, online_teacher=True, online_augment=False, augmentations=None)
     log.info("resolving data, teacher and teacher store (built once into the cache when absent: on 2 idle cores "
              "the embedded data take ~10 s, the teacher store ~30 s)")
     sources = resolve(cfg, progress=cfg.progress)  # before any run, so that no run builds them
