@@ -14,6 +14,7 @@ from .cli import HelpFormatter, run_command
 from .core.errors import ConfigError, UserError
 from .core.io import check_writable_folder
 from .data.augment import parse_pairs
+from .data.datacompdr import EMBEDDING_MEMBERS
 from .data.embedded import cache_root, ensure_default_data
 from .teachers import default as default_teacher
 from .teachers import store as store_lib
@@ -57,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
                    "D1 D2 ...), syn.json and json (uid, sha256), for "
                    "engine.train --dataset-reinforcement (needs --augmentations K >= 1)")
     p.add_argument("--output", default=None, help="with --output-format datacompdr: the folder of the shards")
-    p.add_argument("--datacompdr-embeddings", default="npz", choices=("npz", "pth.gz"),
+    p.add_argument("--datacompdr-embeddings", default="npz", choices=EMBEDDING_MEMBERS,
                    help="with --output-format datacompdr: the embeddings' member, 'npz' (fp32 numpy archive) or "
                    "'pth.gz' (gzip'd torch.save of bf16 tensors, DataCompDR-1B's form: 0.4 of npz's bytes at "
                    "DataCompDR's sizes, bf16's rounding)")

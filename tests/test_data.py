@@ -250,7 +250,7 @@ def test_synthetic_captions_keep_images_and_captions_and_decode_by_index(synth_d
         def choose(self, key, epoch):
             return 0, epoch
 
-        def replay(self, image, raw, view, digest=None):
+        def replay(self, image, raw, view, digest):
             return image
 
     codec = data_lib.Codec({"image": models.get_preprocess(models.create_model("tiny-vit-student"))}, {},

@@ -33,7 +33,6 @@ from torchvision.transforms import functional as F
 from torchvision.transforms.autoaugment import _apply_op
 
 from ..core.errors import ConfigError, UserError
-from .shards import sample_digest
 
 # torchvision's RandAugment operations, in the order of its augmentation space (MobileCLIP's op indices)
 OP_NAMES = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
@@ -311,11 +310,10 @@ class ViewDraw:
             return view, 0
         return view, 1 + (epoch % synthetic if sequential else int(u[2] * synthetic))
 
-    def replay(self, image: Image.Image, raw: dict, view: int, digest: Optional[int] = None) -> Image.Image:
-        """Stored view ``view`` of the sample ``raw`` (its key and content ``digest``, computed when not given,
-        checked) replayed on ``image``."""
+    def replay(self, image: Image.Image, raw: dict, view: int, digest: int) -> Image.Image:
+        """Stored view ``view`` of the sample ``raw`` replayed on ``image``; its key and content ``digest`` (the
+        codec's ``sample_digest``) are checked against the store."""
         key = raw["__key__"]
-        digest = sample_digest(raw) if digest is None else digest
         stored = View.from_row(self.rows(key, digest, raw.get("__url__"))[view])
         problem = view_problem(stored, (image.height, image.width))
         if problem:

@@ -171,11 +171,17 @@ def sha256_mismatch(raw: dict) -> Optional[str]:
     return None if actual == str(recorded).lower() else f"image sha256 {actual} is not its json's {recorded}"
 
 
-def read_sample(raw: dict, settings: DRSettings, pattern: re.Pattern) -> DRSample:
-    """Everything a DataCompDR sample carries besides its pixels, checked: one line per problem."""
+def read_views_and_embeddings(raw: dict) -> tuple[list[View], np.ndarray, np.ndarray]:
+    """The sample's views and its (K, W) image and (1 + S, W) text embeddings, one image row per view."""
     views, (image_emb, text_emb) = read_views(raw), read_embeddings(raw)
     if len(views) != len(image_emb):
         raise _bad(raw, f"has {len(views)} view(s) in paug.json but {len(image_emb)} image_emb row(s)")
+    return views, image_emb, text_emb
+
+
+def read_sample(raw: dict, settings: DRSettings, pattern: re.Pattern) -> DRSample:
+    """Everything a DataCompDR sample carries besides its pixels, checked: one line per problem."""
+    views, image_emb, text_emb = read_views_and_embeddings(raw)
     dims = settings.teacher_dims
     if dims is not None and sum(dims) != image_emb.shape[1]:
         raise ConfigError(f"--distill-teacher-dimension {' '.join(map(str, dims))}: sums to {sum(dims)}, but sample "

@@ -491,7 +491,6 @@ class ShardStream(torch.utils.data.IterableDataset):
             if count == 0:
                 raise ShardError(f"shards {shards[:3]}{' ...' if len(shards) > 3 else ''} hold no samples")
 
-
     def _resampled(self, worker: int) -> Iterator[dict]:
         """This worker's raw samples with --dataset-resampled: whole shards drawn with replacement from a generator
         seeded by (seed, epoch, rank, worker role), through the seeded shuffle buffer; endless (the budget stops it)."""

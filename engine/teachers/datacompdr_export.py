@@ -27,11 +27,11 @@ import torch
 from ..core.errors import ConfigError
 from ..core.io import atomic_write, atomic_write_json
 from ..data.augment import View
+from ..data.datacompdr import EMBEDDING_MEMBERS
 from ..data.shards import IMAGE_EXTENSIONS, expand_urls, read_shard, read_sizes_file, sample_captions, sample_digest
 from .store import TeacherStore
 
-REPLACED = ("paug.json", "syn.json", "npz", "pth.gz", "json")  # members the export writes itself
-EMBEDDING_FORMATS = ("npz", "pth.gz")
+REPLACED = ("paug.json", "syn.json", *EMBEDDING_MEMBERS, "json")  # members the export writes itself
 
 
 def embedding_member(image: np.ndarray, text: np.ndarray, embeddings: str) -> bytes:
@@ -81,8 +81,8 @@ def export_datacompdr(train: str, store_root: Path, output: Path, progress: bool
     """DataCompDR shards of ``train`` under ``output`` from the reinforced store at ``store_root`` (K >= 1 views),
     their embeddings as ``embeddings`` (npz or pth.gz); shards already there are kept. Returns shard name -> samples
     (also written to ``sizes.json``)."""
-    if embeddings not in EMBEDDING_FORMATS:
-        raise ConfigError(f"--datacompdr-embeddings: {embeddings!r} is not one of {EMBEDDING_FORMATS}")
+    if embeddings not in EMBEDDING_MEMBERS:
+        raise ConfigError(f"--datacompdr-embeddings: {embeddings!r} is not one of {EMBEDDING_MEMBERS}")
     urls = expand_urls(train)
     store = TeacherStore(store_root, urls, access="sequential")  # every sample, shard by shard
     if store.reinforcement.views < 1:

@@ -102,16 +102,23 @@ def verify_views(root: str | os.PathLike, samples: int, train_data: Optional[str
         inputs = reinforced.TeacherInputs(teacher, models.get_tokenizer(store.teachers[member]["model"]),
                                           store.reinforcement, reference_hw)
         images = torch.cat([inputs.replayed(image, views) for _, image, views, _ in chosen])
-        fresh = torch.cat([teacher.encode_image(inputs.pixels(chunk).to(device), normalize=True).float().cpu()
-                           for chunk in images.split(batch_size)])
-        mine = stored[:, start:start + width]
-        fresh, mine = (F.normalize(x.double(), dim=-1) for x in (fresh, mine))  # the cosine, not its float32 ulp
-        errors = 1 - (fresh * mine).sum(dim=-1)
-        worst = int(errors.argmax())
-        checks.append(ViewCheck(store.teachers[member]["fingerprint"], len(names), float(errors[worst]),
-                                names[worst]))
+        checks.append(member_check(teacher, inputs, images, stored[:, start:start + width], names,
+                                   store.teachers[member]["fingerprint"], device, batch_size))
         start += width
     return checks
+
+
+def member_check(teacher: torch.nn.Module, inputs: reinforced.TeacherInputs, images: torch.Tensor,
+                 stored: torch.Tensor, names: list[str], fingerprint: str, device, batch_size: int,
+                 tolerance: float = VIEW_TOLERANCE) -> ViewCheck:
+    """One teacher's embeddings of the replayed views, uint8 (N, 3, H, W) at its size, against its stored rows (N, D):
+    the worst cosine error and the view it belongs to (``names``, one per view)."""
+    fresh = torch.cat([teacher.encode_image(inputs.pixels(chunk).to(device), normalize=True).float().cpu()
+                       for chunk in images.split(batch_size)])
+    fresh, stored = (F.normalize(x.double(), dim=-1) for x in (fresh, stored))  # the cosine, not its float32 ulp
+    errors = 1 - (fresh * stored).sum(dim=-1)
+    worst = int(errors.argmax())
+    return ViewCheck(fingerprint, len(names), float(errors[worst]), names[worst], tolerance)
 
 
 def chosen_samples(store: TeacherStore, part: int, rows: dict[int, list[int]], urls: dict[str, str]):
@@ -160,40 +167,29 @@ def verify_shard_views(pattern: str, teachers: list[tuple[str, str]], samples: i
     inputs = [reinforced.TeacherInputs(teacher, None, reinforced.Reinforcement(),
                                        reference_hw or reinforced.image_hw(models_[0])) for teacher in models_]
     names, images, stored, bf16 = [], [[] for _ in models_], [], False
-    for url in np.random.default_rng(seed).permutation(urls).tolist():
-        for raw in read_shard(url):
-            views, (image_emb, _) = dr.read_views(raw), dr.read_embeddings(raw)
-            if len(views) != len(image_emb):
-                raise UserError(f"sample {raw['__key__']!r} of shard {url}: {len(views)} view(s) in paug.json but "
-                                f"{len(image_emb)} image_emb row(s)")
-            if sum(widths) != image_emb.shape[1]:
-                raise UserError(f"--teacher: the teachers' widths {widths} sum to {sum(widths)}, but sample "
-                                f"{raw['__key__']!r} of shard {url} stores rows {image_emb.shape[1]} wide")
-            image, take = decode_image(raw), min(len(views), samples - len(names))
-            dr.check_views_replayable(raw, views[:take], image)
-            rows = np.stack([view.row() for view in views[:take]])
-            for member, member_inputs in enumerate(inputs):
-                images[member].append(member_inputs.replayed(image, rows))
-            stored.append(torch.from_numpy(image_emb[:take]))
-            names += [f"sample {raw['__key__']!r} of shard {Path(url).name}, view {v}" for v in range(take)]
-            bf16 |= "pth.gz" in raw
-            if len(names) == samples:
-                break
+    order = np.random.default_rng(seed).permutation(urls).tolist()
+    for raw in (raw for url in order for raw in read_shard(url)):
+        views, image_emb, _ = dr.read_views_and_embeddings(raw)
+        if sum(widths) != image_emb.shape[1]:
+            raise UserError(f"--teacher: the teachers' widths {widths} sum to {sum(widths)}, but sample "
+                            f"{raw['__key__']!r} of shard {raw['__url__']} stores rows {image_emb.shape[1]} wide")
+        image, take = decode_image(raw), min(len(views), samples - len(names))
+        dr.check_views_replayable(raw, views[:take], image)
+        rows = np.stack([view.row() for view in views[:take]])
+        for member, member_inputs in enumerate(inputs):
+            images[member].append(member_inputs.replayed(image, rows))
+        stored.append(torch.from_numpy(image_emb[:take]))
+        names += [f"sample {raw['__key__']!r} of shard {Path(raw['__url__']).name}, view {v}" for v in range(take)]
+        bf16 |= "pth.gz" in raw
         if len(names) == samples:
             break
     if not names:
         raise UserError(f"{pattern}: the shards hold no samples")
     rows, checks, start = torch.cat(stored), [], 0
     for member, (teacher, width) in enumerate(zip(models_, widths)):
-        pixels = torch.cat(images[member])
-        fresh = torch.cat([teacher.encode_image(inputs[member].pixels(chunk).to(device), normalize=True).float().cpu()
-                           for chunk in pixels.split(batch_size)])
-        mine = rows[:, start:start + width]
-        fresh, mine = (F.normalize(x.double(), dim=-1) for x in (fresh, mine))
-        errors = 1 - (fresh * mine).sum(dim=-1)
-        worst = int(errors.argmax())
         model, weights = teachers[member]
-        checks.append(ViewCheck(teacher_fingerprint(model, weights), len(names), float(errors[worst]), names[worst],
-                                BF16_VIEW_TOLERANCE if bf16 else VIEW_TOLERANCE))
+        checks.append(member_check(teacher, inputs[member], torch.cat(images[member]), rows[:, start:start + width],
+                                   names, teacher_fingerprint(model, weights), device, batch_size,
+                                   BF16_VIEW_TOLERANCE if bf16 else VIEW_TOLERANCE))
         start += width
     return checks
