@@ -298,6 +298,20 @@ def test_verify_views_on_shards_per_teacher_by_pipe_and_a_wrong_teacher_order(tm
     one = ["--teacher", teacher_files[0][0], "--teacher-pretrained", teacher_files[0][1]]
     assert "--teacher: the teachers' widths [128] sum to 128, but sample" in \
         command_error(store_cmd.main, ["verify-views", shards, *one])
+    # one stored view's crop a pixel shorter than the one the teachers embedded: both teachers see the difference
+    shifted = edited(tmp_path, shards, "shifted", shorter_first_crop, shard=0)
+    with pytest.raises(SystemExit) as exc:
+        store_cmd.main(["verify-views", shifted, *given, "--samples", "1000"])
+    captured = capsys.readouterr()
+    assert exc.value.code == 2 and captured.err.count("error: ") == 2
+    assert captured.err.count("(sample '000000' of shard 00000.tar, view 0)") == 2, captured.err
+
+
+def shorter_first_crop(sample):
+    entries = json.loads(sample["paug.json"])["param_aug"]
+    entries = json.loads(entries) if isinstance(entries, str) else entries
+    entries[0][0][2] -= 1  # [i, j, h, w]: h one pixel less
+    return {**sample, "paug.json": json.dumps({"param_aug": entries}).encode()}
 
 
 def test_mobileclips_published_command_line_trains(tmp_path, shards):
