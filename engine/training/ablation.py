@@ -290,8 +290,8 @@ def prepare_quick(base: TrainConfig, log: logging.Logger, verbose: bool = False)
 
 def quick_teacher(base: TrainConfig, seed: int, log: logging.Logger, verbose: bool) -> str:
     """--quick's teacher of this seed (trained once, briefly, on base's data into the cache): its checkpoint."""
-    logs, name = str(cache_root(base.cache_dir) / "ablation-quick" / "teacher"), base.teacher + (f"-seed{seed}"
-                                                                                                 if seed else "")
+    logs = str(cache_root(base.cache_dir) / "ablation-quick" / "teacher")
+    name = base.teacher + (f"-seed{seed}" if seed else "")  # seed 0: the name the quick teacher always had
     cfg = replace(base, model=base.teacher, teacher_pretrained=None, preset="baseline", weights={},
                   loss_backend="auto", logs=logs, name=name, resume=resumable(logs, name), progress=False, seed=seed,
                   **QUICK_TEACHER)
@@ -304,10 +304,9 @@ def second_teacher(settings: AblationSettings, quick: bool, log: logging.Logger)
     or the shipped default teacher's on the embedded data), trained once into the cache; its checkpoint."""
     if quick:
         return quick_teacher(settings.base, SECOND_TEACHER_SEED, log, settings.verbose)
-    cache = cache_root(settings.base.cache_dir)
-    recipe = teacher_config(cache, progress=False)
-    logs, name = str(cache / "teachers" / "runs"), f"{recipe.name}-seed{SECOND_TEACHER_SEED}"
-    cfg = replace(recipe, seed=SECOND_TEACHER_SEED, logs=logs, name=name, resume=resumable(logs, name))
+    recipe = teacher_config(cache_root(settings.base.cache_dir), progress=False)
+    name = f"{recipe.name}-seed{SECOND_TEACHER_SEED}"  # beside the default teacher's run
+    cfg = replace(recipe, seed=SECOND_TEACHER_SEED, name=name, resume=resumable(recipe.logs, name))
     return train_teacher(cfg, f"training the second teacher ({cfg.model}, the default teacher's recipe, "
                               f"{cfg.epochs} epochs, seed {SECOND_TEACHER_SEED}; ~5 minutes on 2 idle cores)",
                          log, settings.verbose)
@@ -351,7 +350,7 @@ def prepare_stores(settings: AblationSettings, log: logging.Logger) -> dict:
         seconds = time.perf_counter() - start
         built_now = (sources.store_dir / "manifest.json").stat().st_mtime >= clock  # else found in the cache
         manifest = read_manifest(sources.store_dir)
-        samples = sum(part["count"] for part in manifest["parts"].values())
+        samples = manifest["count"]
         size = sum(f.stat().st_size for f in sources.store_dir.rglob("*") if f.is_file())
         built = round(seconds, 1) if built_now else found.get(preset, {}).get("build_s")
         found[preset] = {"store": str(sources.store_dir), "views": manifest["augmentation"]["views"],
