@@ -258,3 +258,15 @@ def compare_with_reference(run, backend: str, inputs: dict, dtype, grads, **kwar
     for key in grads:
         assert_close(got[key], want_grads[key], tol, f"grad {key}")
         assert got[key].dtype == (dtype if key.startswith("s_") else torch.float32), f"grad {key}: {got[key].dtype}"
+
+
+def shard_captions(pattern: str, count: int) -> list[list[list[str]]]:
+    """Per shard of ``pattern``, per sample, its first ``count`` captions (.txt, then syn.json's)."""
+    from engine.data import shards as data_lib
+    return [[data_lib.sample_captions(raw, count) for raw in data_lib.read_shard(url)]
+            for url in data_lib.expand_urls(pattern)]
+
+
+def distinct_per_shard(shards: list[list[list[str]]]) -> int:
+    """The captions distinct within their shard, summed over the shards: a store build's text rows embedded."""
+    return sum(len({caption for captions in shard for caption in captions}) for shard in shards)

@@ -21,7 +21,7 @@ from engine.teachers.precompute import build_store
 from engine.teachers.viewcheck import VIEW_TOLERANCE
 from engine.training.config import TrainConfig
 from engine.training.state import view_draw
-from tests.helpers import assert_refused_before_any_step, command_error, train_cli
+from tests.helpers import assert_refused_before_any_step, command_error, distinct_per_shard, shard_captions, train_cli
 
 SETTINGS = reinforced.Reinforcement.from_flags(3, {"scale": (0.5, 1.0), "hflip": 0.5}, 3)
 
@@ -73,8 +73,13 @@ def _edited(tmp_path, root, shard, array, edit) -> Path:
 
 def test_store_holds_every_view_and_caption_with_one_forward_each(built, synth_data, teacher_ckpt, store_dir):
     root, calls = built
-    assert calls == {"image": 96 * 3, "text": 96 * 3}  # K image rows and C text rows per sample, no more
-    store = store_lib.TeacherStore(root, data_lib.expand_urls(synth_data["train"]))
+    urls = data_lib.expand_urls(synth_data["train"])
+    shards = shard_captions(synth_data["train"], 3)
+    distinct = distinct_per_shard(shards)
+    assert sum(map(len, shards)) == 96 and distinct < 96 * 3  # the small data repeats captions within a shard
+    # K image rows per sample, and one text row per caption distinct within its shard: no more
+    assert calls == {"image": 96 * 3, "text": distinct}
+    store = store_lib.TeacherStore(root, urls)
     plain = store_lib.TeacherStore(store_dir)
     part, first = ({name: np.array(value) for name, value in p.items()} for p in (store.parts[1], plain.parts[1]))
     assert part["image"].shape == (32, 3, 128) and part["text"].shape == (32, 3, 128)
@@ -97,6 +102,16 @@ def test_store_holds_every_view_and_caption_with_one_forward_each(built, synth_d
             [json.loads(raw["syn.json"])["syn_text"][1] for raw in raws]), normalize=True)
     torch.testing.assert_close(torch.from_numpy(part["text"][:4, 2]).float(), text, atol=2e-3, rtol=0)
     assert {bool(f) for f in part["views"][:, 1:, 4].ravel()} == {False, True}  # hflip=0.5 flips some views
+    # a caption repeated in the shard has one row, wherever it appears
+    where = {}
+    for row, captions in enumerate(shards[1]):
+        for c, caption in enumerate(captions):
+            where.setdefault(caption, []).append((row, c))
+    repeated = [places for places in where.values() if len(places) > 1]
+    assert repeated
+    for places in repeated:
+        rows = np.stack([part["text"][row, c] for row, c in places])
+        assert (rows == rows[0]).all()
 
 
 def test_verify_views_passes_every_view_and_fails_a_shifted_one(tmp_path, built, capsys):

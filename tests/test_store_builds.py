@@ -1,5 +1,5 @@
 """Building the embedded data and a teacher store: shards named alike in two folders, two processes building at
-once, a build killed with SIGKILL, a full disk."""
+once, a build killed with SIGKILL, a full disk, captions repeated within a shard."""
 import multiprocessing
 import os
 import shutil
@@ -21,7 +21,7 @@ from engine.data import synthetic
 from engine.data.shards import expand_urls
 from engine.teachers import parts as parts_lib
 from engine.teachers import store as store_lib
-from engine.teachers.precompute import build_store
+from engine.teachers.precompute import CaptionEmbeddings, build_store
 from tests.helpers import command_error, dead_pid, train_cli
 
 SPEC = dict(train_samples=96, val_samples=32, shard_size=32, seed=7)  # conftest's synth_data
@@ -205,3 +205,24 @@ def test_eval_and_export_on_a_full_disk_say_so(tmp_path, synth_data, teacher_ckp
     message = command_error(export_cmd.main, [checkpoint, "--output", disk / "student"])
     assert message is not None and "no space left on" in message.lower(), message
     assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+
+
+def test_a_repeated_caption_is_embedded_once_and_the_oldest_dropped_past_the_memory_budget(teacher_ckpt):
+    teacher = models.create_teacher("tiny-vit-teacher", str(teacher_ckpt))
+    tokenizer = models.get_tokenizer("tiny-vit-teacher")
+    texts = [["a red circle", "a blue square", "a red circle"], ["a blue square", "a green cross", "a red circle"]]
+    tokens = torch.stack([tokenizer(captions) for captions in texts])  # (2 samples, 3 captions, L)
+    given = []
+    encode = teacher.encode_text
+    teacher.encode_text = lambda x, **kw: (given.append(len(x)), encode(x, **kw))[1]
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(encode(tokens.flatten(0, 1), normalize=True), dim=-1)
+    row_bytes = 128 * 4 + tokens.shape[-1] * 8 + 200  # as CaptionEmbeddings counts a row
+    captions = CaptionEmbeddings(teacher, "cpu", max_bytes=2 * row_bytes)  # room for two rows
+    out = captions(tokens)
+    assert given == [3] and out.shape == (2, 3, 128)  # the three distinct captions in one forward
+    torch.testing.assert_close(out.flatten(0, 1), expected, atol=1e-6, rtol=0)
+    assert len(captions.rows) == 2  # the least recently used ("a blue square", last seen at row 3) dropped
+    again = captions(tokenizer(["a red circle", "a green cross", "a blue square"])[None])
+    assert given == [3, 1]  # only the dropped caption runs again
+    torch.testing.assert_close(again[0], expected[[0, 4, 1]], atol=1e-6, rtol=0)

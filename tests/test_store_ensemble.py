@@ -23,7 +23,14 @@ from engine.teachers.precompute import build_store
 from engine.teachers.sources import StoreTeacher
 from engine.training.task import DistillationTask
 from kernels import clip_rd_loss
-from tests.helpers import assert_refused_before_any_step, command_error, seeded_checkpoint, train_cli
+from tests.helpers import (
+    assert_refused_before_any_step,
+    command_error,
+    distinct_per_shard,
+    seeded_checkpoint,
+    shard_captions,
+    train_cli,
+)
 
 SETTINGS = reinforced.Reinforcement.from_flags(2, {"scale": (0.5, 1.0)}, 2)
 WIDTHS = [128, 64]
@@ -73,10 +80,12 @@ def built(tmp_path_factory, data, members):
     return root / "ensemble", singles, calls
 
 
-def test_each_members_rows_are_its_own_stores_rows(built, members):
+def test_each_members_rows_are_its_own_stores_rows(built, members, data):
     root, singles, calls = built
-    # per member, one image forward per view and one text forward per caption of each of the 64 samples, no more
-    assert calls == {path: {"image": 64 * 2, "text": 64 * 2} for _, path in members}
+    # per member, one image forward per view of each of the 64 samples and one text forward per caption distinct
+    # within its shard, no more
+    distinct = distinct_per_shard(shard_captions(data["train"], 2))
+    assert distinct < 64 * 2 and calls == {path: {"image": 64 * 2, "text": distinct} for _, path in members}
     manifest = store_lib.read_manifest(root)
     assert manifest["format"] == store_lib.FORMAT_VERSION and manifest["embed_dim"] == sum(WIDTHS)
     assert [(m["model"], m["pretrained"], m["embed_dim"]) for m in manifest["teachers"]] == \
